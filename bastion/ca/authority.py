@@ -1,0 +1,209 @@
+"""The certificate authority: signing policy applied to records, then recorded.
+
+A certificate leaves this module only after its serial and its audit event are
+committed together (one transaction), so a crash can never hand out a certificate
+nobody recorded, and a full or read-only disk makes issuance fail closed.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.serialization import ssh
+
+from bastion import audit, rbac
+from bastion.ca.certs import (
+    BACKDATE_SECONDS,
+    PublicKey,
+    sign_host_cert,
+    sign_user_cert,
+    user_cert_spec,
+)
+from bastion.ca.keys import fingerprint
+from bastion.errors import AccessDenied, CertificateError, DeviceNotTrusted, StateError
+from bastion.storage import Store
+from bastion.storage.records import Device, IssuedCert, User
+
+_SERIAL_ATTEMPTS = 8
+
+
+def new_serial() -> int:
+    """Random, non-zero 63-bit serial; uniqueness is enforced by the database."""
+    return secrets.randbits(63) or 1
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    certificate: ssh.SSHCertificate
+    record: IssuedCert
+
+    @property
+    def openssh(self) -> str:
+        return self.certificate.public_bytes().decode()
+
+
+class CertificateAuthority:
+    def __init__(
+        self,
+        store: Store,
+        user_ca: ed25519.Ed25519PrivateKey,
+        host_ca: ed25519.Ed25519PrivateKey,
+    ) -> None:
+        self.store = store
+        self.user_ca = user_ca
+        self.host_ca = host_ca
+        self.user_ca_fingerprint = fingerprint(user_ca.public_key())
+        self.host_ca_fingerprint = fingerprint(host_ca.public_key())
+
+    # -- checks shared with the bastion ------------------------------------------------------
+
+    def check_user(self, name: str, now: float) -> User:
+        user = self.store.find_user(name)
+        if user is None:
+            raise AccessDenied(f'user "{name}" does not exist')
+        lock = self.store.active_lock("user", name, now)
+        if lock is not None:
+            raise AccessDenied(
+                f'user "{name}" is locked' + (f": {lock.message}" if lock.message else "")
+            )
+        return user
+
+    def check_device(self, device: Device, user: str, now: float) -> None:
+        if not device.enrolled:
+            raise DeviceNotTrusted(f'device "{device.asset_tag}" is not enrolled')
+        if device.owner != user:
+            raise DeviceNotTrusted(f'device "{device.asset_tag}" belongs to another user')
+        lock = self.store.active_lock("device", device.asset_tag, now)
+        if lock is not None:
+            raise DeviceNotTrusted(f'device "{device.asset_tag}" is locked')
+
+    def permissions(self, user: User) -> rbac.Permissions:
+        roles = []
+        for role_name in user.roles:
+            role = self.store.find_role(role_name)
+            if role is None:
+                raise StateError(f'user "{user.name}" has unknown role "{role_name}"')
+            roles.append(role)
+        return rbac.permissions(user, roles, self.store.get_setting("device_trust_mode"))
+
+    # -- signing -----------------------------------------------------------------------------
+
+    def sign_user(
+        self,
+        user_name: str,
+        public_key: PublicKey,
+        *,
+        ttl: int | None = None,
+        device: Device | None = None,
+        remote_addr: str | None = None,
+        actor: str | None = None,
+        now: float | None = None,
+    ) -> Issued:
+        now = time.time() if now is None else now
+        try:
+            user = self.check_user(user_name, now)
+            if device is not None:
+                self.check_device(device, user_name, now)
+            perms = self.permissions(user)
+        except (AccessDenied, StateError) as exc:
+            audit.record(
+                self.store,
+                "cert.create",
+                success=False,
+                message=exc.message,
+                user=user_name,
+                device=device.asset_tag if device else None,
+                remote_addr=remote_addr,
+                actor=actor,
+            )
+            raise
+        for _ in range(_SERIAL_ATTEMPTS):
+            spec = user_cert_spec(
+                user=user_name,
+                perms=perms,
+                serial=new_serial(),
+                now=int(now),
+                ttl=ttl,
+                device=device,
+            )
+            cert = sign_user_cert(self.user_ca, public_key, spec)
+            record = IssuedCert(
+                serial=spec.serial,
+                key_id=spec.key_id,
+                user=user_name,
+                cert_type="user",
+                principals=spec.principals,
+                valid_after=spec.valid_after,
+                valid_before=spec.valid_before,
+                public_key_fingerprint=fingerprint(public_key),
+                device_id=device.id if device else None,
+                issued=now,
+            )
+            with self.store.transaction(bump=False):
+                if not self.store.record_cert(record):
+                    continue
+                audit.record(
+                    self.store,
+                    "cert.create",
+                    user=user_name,
+                    device=device.asset_tag if device else None,
+                    remote_addr=remote_addr,
+                    message=f"user certificate serial {spec.serial}",
+                    serial=str(spec.serial),
+                    principals=list(spec.principals),
+                    valid_before=spec.valid_before,
+                    actor=actor,
+                    now=now,
+                )
+            return Issued(cert, record)
+        raise CertificateError("could not allocate a unique certificate serial")
+
+    def sign_host(
+        self,
+        public_key: PublicKey,
+        principals: tuple[str, ...],
+        *,
+        ttl: int = 365 * 86400,
+        actor: str | None = None,
+        now: float | None = None,
+    ) -> Issued:
+        now = time.time() if now is None else now
+        for _ in range(_SERIAL_ATTEMPTS):
+            serial = new_serial()
+            key_id = f"host-{principals[0] if principals else 'none'}-{serial}"
+            cert = sign_host_cert(
+                self.host_ca,
+                public_key,
+                principals=principals,
+                serial=serial,
+                key_id=key_id,
+                valid_after=int(now) - BACKDATE_SECONDS,
+                valid_before=int(now) + ttl,
+            )
+            record = IssuedCert(
+                serial=serial,
+                key_id=key_id,
+                user="",
+                cert_type="host",
+                principals=principals,
+                valid_after=int(now) - BACKDATE_SECONDS,
+                valid_before=int(now) + ttl,
+                public_key_fingerprint=fingerprint(public_key),
+                issued=now,
+            )
+            with self.store.transaction(bump=False):
+                if not self.store.record_cert(record):
+                    continue
+                audit.record(
+                    self.store,
+                    "host_cert.create",
+                    message=f"host certificate serial {serial}",
+                    principals=list(principals),
+                    actor=actor,
+                    now=now,
+                )
+            return Issued(cert, record)
+        raise CertificateError("could not allocate a unique certificate serial")

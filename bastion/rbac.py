@@ -1,0 +1,162 @@
+"""Users, roles and what they grant: pure decisions over records, no I/O.
+
+The preset roles mirror the seed's. ``effective_trust_mode`` is the one place that
+decides whether a trusted device is needed; anything it cannot read means
+``required`` (DESIGN.md, Security rules: never fall back to ``off``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from bastion.errors import UsageError
+from bastion.storage.records import LOGIN_RE, NAME_RE, TRUST_MODES, Node, Role, Rule, User
+
+INTERNAL_LOGINS = "{{internal.logins}}"
+# A principal no Unix account can have: the bastion trusts the user CA only for it,
+# so the SSH user name a client presents to the bastion does not matter.
+JUMP_PRINCIPAL = "-dt-jump"
+
+_ALL_VERBS = ("list", "read", "create", "update", "delete")
+
+PRESET_ROLES: tuple[Role, ...] = (
+    Role(
+        name="access",
+        logins=(INTERNAL_LOGINS,),
+        node_labels={"*": ("*",)},
+        description="SSH to every node with the logins from the user's traits",
+        preset=True,
+    ),
+    Role(
+        name="auditor",
+        rules=(Rule(("audit",), ("list", "read")),),
+        description="Read the audit log",
+        preset=True,
+    ),
+    Role(
+        name="editor",
+        rules=(
+            Rule(("user", "role", "node", "lock", "cluster"), _ALL_VERBS),
+            Rule(("device",), ("enroll",)),
+        ),
+        description="Manage users, roles and nodes; may enroll their own devices",
+        preset=True,
+    ),
+    Role(
+        name="device-admin",
+        rules=(Rule(("device", "device_token", "trust_root"), (*_ALL_VERBS, "enroll")),),
+        description="Manage devices and enrollment tokens; may enroll their own devices",
+        preset=True,
+    ),
+    Role(
+        name="require-trusted-device",
+        device_trust_mode="required",
+        description="Grants nothing; requires a trusted device for all access",
+        preset=True,
+    ),
+)
+
+_STRICTNESS = {mode: i for i, mode in enumerate(TRUST_MODES)}
+
+
+def check_name(kind: str, name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise UsageError(
+            f"invalid {kind} name {name!r}: use 1-128 letters, digits, '.', '_', '@' or '-'"
+        )
+    return name
+
+
+def check_logins(logins: Iterable[str]) -> tuple[str, ...]:
+    out = []
+    for login in logins:
+        if not isinstance(login, str) or not LOGIN_RE.match(login):
+            raise UsageError(f"invalid login {login!r}: not a valid Unix user name")
+        out.append(login)
+    return tuple(dict.fromkeys(out))
+
+
+def check_trust_mode(mode: object) -> str:
+    if mode not in TRUST_MODES:
+        raise UsageError(f"invalid device trust mode {mode!r}: use one of {', '.join(TRUST_MODES)}")
+    return str(mode)
+
+
+def stricter(a: str, b: str) -> str:
+    return a if _STRICTNESS[a] >= _STRICTNESS[b] else b
+
+
+def effective_trust_mode(cluster_mode: object, roles: Iterable[Role]) -> str:
+    """The strictest of the cluster's mode and every role's; unknown means required."""
+    mode = cluster_mode if cluster_mode in _STRICTNESS else "required"
+    for role in roles:
+        if role.device_trust_mode is None:
+            continue
+        role_mode = role.device_trust_mode if role.device_trust_mode in _STRICTNESS else "required"
+        mode = stricter(str(mode), role_mode)
+    return str(mode)
+
+
+def user_logins(user: User, roles: Iterable[Role]) -> tuple[str, ...]:
+    """The Unix logins a user's certificate carries, expanding ``{{internal.logins}}``."""
+    out: list[str] = []
+    for role in roles:
+        for login in role.logins:
+            out.extend(user.logins if login == INTERNAL_LOGINS else (login,))
+    return tuple(dict.fromkeys(out))
+
+
+def max_ttl(roles: Iterable[Role], default: int = 12 * 3600) -> int:
+    """The shortest ``max_session_ttl`` of the user's roles (every role must allow it)."""
+    ttls = [r.max_session_ttl for r in roles if r.max_session_ttl > 0]
+    return min(ttls) if ttls else default
+
+
+def allows(roles: Iterable[Role], resource: str, verb: str) -> bool:
+    return any(role.allows(resource, verb) for role in roles)
+
+
+def _labels_match(wanted: Mapping[str, tuple[str, ...]], labels: Mapping[str, str]) -> bool:
+    if not wanted:
+        return False
+    for key, values in wanted.items():
+        if key == "*":
+            if "*" not in values:
+                return False
+            continue
+        if key not in labels or not ("*" in values or labels[key] in values):
+            return False
+    return True
+
+
+def node_allowed(roles: Iterable[Role], node: Node) -> bool:
+    """True if any role's ``node_labels`` selects this node (all its keys must match)."""
+    return any(_labels_match(role.node_labels, node.labels) for role in roles)
+
+
+@dataclass(frozen=True, slots=True)
+class Permissions:
+    """Everything a certificate may say about a user, computed once from the roles."""
+
+    logins: tuple[str, ...]
+    max_ttl: int
+    trust_mode: str
+    permit_port_forwarding: bool
+    permit_pty: bool
+    permit_agent_forwarding: bool
+    permit_x11_forwarding: bool
+    permit_user_rc: bool
+
+
+def permissions(user: User, roles: list[Role], cluster_mode: object) -> Permissions:
+    return Permissions(
+        logins=user_logins(user, roles),
+        max_ttl=max_ttl(roles),
+        trust_mode=effective_trust_mode(cluster_mode, roles),
+        permit_port_forwarding=any(r.permit_port_forwarding for r in roles),
+        permit_pty=any(r.permit_pty for r in roles),
+        permit_agent_forwarding=any(r.permit_agent_forwarding for r in roles),
+        permit_x11_forwarding=any(r.permit_x11_forwarding for r in roles),
+        permit_user_rc=any(r.permit_user_rc for r in roles),
+    )

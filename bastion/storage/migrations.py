@@ -1,0 +1,144 @@
+"""Schema migrations, as a registry of numbered steps each run in one transaction.
+
+A step is never edited once released; a change to the schema is a new step. The
+applied steps are recorded in ``_migrations`` so a bastion can tell a database made
+by a newer release (and refuse it) from one it can bring up to date.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import sqlite_utils
+
+Migration = Callable[[sqlite_utils.Database], None]
+MIGRATIONS: list[tuple[int, str, Migration]] = []
+
+
+def migration(version: int, name: str) -> Callable[[Migration], Migration]:
+    def register(fn: Migration) -> Migration:
+        assert not MIGRATIONS or MIGRATIONS[-1][0] == version - 1, "migrations must be sequential"
+        MIGRATIONS.append((version, name, fn))
+        return fn
+
+    return register
+
+
+@migration(1, "initial schema")
+def _initial(db: sqlite_utils.Database) -> None:
+    db["settings"].create({"key": str, "value": str}, pk="key")
+    db["users"].create(
+        {
+            "name": str,
+            "roles": str,
+            "logins": str,
+            "password_hash": str,
+            "totp_secret": str,
+            "totp_last_step": int,
+            "created": float,
+            "updated": float,
+            "created_by": str,
+        },
+        pk="name",
+        not_null={"roles", "logins"},
+    )
+    db["roles"].create(
+        {"name": str, "spec": str, "preset": int, "created": float, "updated": float},
+        pk="name",
+        not_null={"spec"},
+    )
+    db["devices"].create(
+        {
+            "id": str,
+            "asset_tag": str,
+            "os_type": str,
+            "enroll_status": str,
+            "owner": str,
+            "credential": str,
+            "collected_data": str,
+            "profile": str,
+            "ek_pub_hash": str,
+            "created": float,
+            "updated": float,
+        },
+        pk="id",
+        not_null={"asset_tag", "os_type", "enroll_status"},
+    )
+    db["devices"].create_index(["asset_tag"], unique=True)
+    db["tokens"].create(
+        {
+            "token_hash": str,
+            "kind": str,
+            "subject": str,
+            "expires": float,
+            "created": float,
+            "created_by": str,
+            "consumed": float,
+            "consumed_by": str,
+        },
+        pk="token_hash",
+        not_null={"kind", "subject", "expires"},
+    )
+    db["nodes"].create(
+        {"name": str, "host": str, "port": int, "labels": str, "created": float},
+        pk="name",
+        not_null={"host", "port"},
+    )
+    db["nodes"].create_index(["host", "port"], unique=True)
+    db["locks"].create(
+        {
+            "id": str,
+            "target_kind": str,
+            "target": str,
+            "message": str,
+            "expires": float,
+            "created": float,
+            "created_by": str,
+        },
+        pk="id",
+        not_null={"target_kind", "target"},
+    )
+    db["locks"].create_index(["target_kind", "target"])
+    db["issued_certs"].create(
+        {
+            "serial": int,
+            "key_id": str,
+            "user": str,
+            "cert_type": str,
+            "principals": str,
+            "valid_after": int,
+            "valid_before": int,
+            "fingerprint": str,
+            "device_id": str,
+            "issued": float,
+            "revoked": float,
+        },
+        pk="serial",
+        not_null={"key_id", "cert_type", "valid_after", "valid_before"},
+    )
+    db["issued_certs"].create_index(["user"])
+    db["audit"].create(
+        {
+            "id": int,
+            "time": float,
+            "code": str,
+            "type": str,
+            "success": int,
+            "message": str,
+            "user": str,
+            "device": str,
+            "remote_addr": str,
+            "fields": str,
+        },
+        pk="id",
+        not_null={"time", "code", "type", "success"},
+    )
+    db["audit"].create_index(["time"])
+    db["audit"].create_index(["type"])
+    db["trust_roots"].create(
+        {"fingerprint": str, "subject": str, "pem": str, "added": float},
+        pk="fingerprint",
+        not_null={"pem"},
+    )
+    db["login_failures"].create({"user": str, "time": float, "remote_addr": str})
+    db["login_failures"].create_index(["user", "time"])
