@@ -1,0 +1,153 @@
+"""``dt-node-principals``: sshd's AuthorizedPrincipalsCommand for device trust on nodes.
+
+A node reachable without the bastion must not accept a certificate lacking device
+extensions when device trust is required. sshd runs us as::
+
+    AuthorizedPrincipalsCommand /usr/local/bin/dt-node-principals \
+        --ca /etc/ssh/dt_user_ca.pub %u %t %k
+    AuthorizedPrincipalsCommandUser nobody
+
+and accepts the certificate only if we print a principal it carries. We print the
+login (``%u``) when, and only when, every check passes; on any doubt we print nothing
+and exit 0, which sshd takes as "no principals": access denied. The reason goes to
+stderr, which sshd logs.
+
+With ``--state DIR`` (the node can read the cluster state, e.g. on the bastion host)
+the device must also be enrolled *now*, owned by the certificate's user and unlocked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bastion.ca.certs import EXT_ASSET_TAG, EXT_DEVICE_ID, ParsedCert, parse_cert
+from bastion.ca.keys import fingerprint
+from bastion.errors import CertificateError, DTError
+from bastion.storage import Store
+
+CERT_TYPES = (
+    "ssh-ed25519-cert-v01@openssh.com",
+    "ecdsa-sha2-nistp256-cert-v01@openssh.com",
+    "ecdsa-sha2-nistp384-cert-v01@openssh.com",
+    "ecdsa-sha2-nistp521-cert-v01@openssh.com",
+    "rsa-sha2-256-cert-v01@openssh.com",
+    "rsa-sha2-512-cert-v01@openssh.com",
+    "ssh-rsa-cert-v01@openssh.com",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    principals: tuple[str, ...]
+    reason: str
+
+
+def decide(
+    login: str,
+    cert: ParsedCert,
+    *,
+    ca_fingerprints: set[str],
+    require_device: bool,
+    store: Store | None = None,
+    now: float | None = None,
+) -> Decision:
+    """Which principals to print for this login and certificate (pure given a store)."""
+    now = time.time() if now is None else now
+    if cert.cert_type != "user":
+        return Decision((), "not a user certificate")
+    if cert.ca_fingerprint not in ca_fingerprints:
+        return Decision((), f"certificate signed by an untrusted CA {cert.ca_fingerprint}")
+    if not cert.valid_at(now):
+        return Decision((), "certificate is not valid now")
+    if login not in cert.principals:
+        return Decision((), f"login {login!r} is not a principal of the certificate")
+    devices = cert.device_extensions
+    if require_device and devices is None:
+        return Decision((), "device trust is required and the certificate has no device extensions")
+    if store is not None:
+        reason = _check_state(cert, store, now, require_device)
+        if reason:
+            return Decision((), reason)
+    return Decision((login,), "ok")
+
+
+def _check_state(cert: ParsedCert, store: Store, now: float, require_device: bool) -> str | None:
+    user = cert.user
+    if not user or store.find_user(user) is None:
+        return f"certificate user {user!r} does not exist"
+    if store.active_lock("user", user, now) is not None:
+        return f'user "{user}" is locked'
+    issued = store.find_cert(cert.serial)
+    if issued is None or issued.revoked is not None:
+        return f"certificate serial {cert.serial} is unknown or revoked"
+    devices = cert.device_extensions
+    if devices is None:
+        return None
+    device = store.find_device(devices[EXT_ASSET_TAG])
+    if device is None or device.id != devices[EXT_DEVICE_ID] or not device.enrolled:
+        return f'device "{devices[EXT_ASSET_TAG]}" is not enrolled'
+    if device.owner != user:
+        return f'device "{device.asset_tag}" belongs to another user'
+    if store.active_lock("device", device.asset_tag, now) is not None:
+        return f'device "{device.asset_tag}" is locked'
+    return None
+
+
+def _ca_fingerprints(path: Path) -> set[str]:
+    from bastion.ca.certs import load_public_key
+
+    out = set()
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            out.add(fingerprint(load_public_key(line.encode())))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dt-node-principals",
+        description="sshd AuthorizedPrincipalsCommand: print the login only for a "
+        "certificate that satisfies dt-bastion's device trust.",
+    )
+    parser.add_argument("--ca", required=True, type=Path, help="the cluster's user CA public key")
+    parser.add_argument(
+        "--allow-untrusted-device",
+        action="store_true",
+        help="accept certificates without device extensions (device trust optional)",
+    )
+    parser.add_argument("--state", type=Path, help="cluster state dir, to check the device now")
+    parser.add_argument("login", help="%%u: the account being logged into")
+    parser.add_argument("key_type", help="%%t: the certificate's key type")
+    parser.add_argument("key", help="%%k: the base64 certificate blob")
+    args = parser.parse_args(argv)
+    try:
+        if args.key_type not in CERT_TYPES:
+            raise CertificateError(f"{args.key_type} is not a certificate type")
+        base64.b64decode(args.key, validate=True)
+        cert = parse_cert(f"{args.key_type} {args.key}".encode())
+        store = Store.open(args.state) if args.state else None
+        decision = decide(
+            args.login,
+            cert,
+            ca_fingerprints=_ca_fingerprints(args.ca),
+            require_device=not args.allow_untrusted_device,
+            store=store,
+        )
+    except (DTError, OSError, ValueError) as exc:
+        print(f"dt-node-principals: denied: {exc}", file=sys.stderr)
+        return 0
+    for principal in decision.principals:
+        print(principal)
+    if not decision.principals:
+        print(f"dt-node-principals: denied: {decision.reason}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
