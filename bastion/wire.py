@@ -1,0 +1,414 @@
+"""dt-api wire messages, shared by bastion and client: JSON lines, strictly decoded.
+
+Each message is a frozen dataclass registered under its ``type``. ``encode`` gives
+one compact line; ``decode`` refuses anything that is not exactly a known message:
+non-UTF-8, non-JSON, unknown types or fields, missing fields, wrong types (a bool is
+not an int; no floats; NaN refused), over-long strings, deep nesting, lines over
+64 KiB. Bytes travel as standard base64, one encoding only. Every refusal is a
+:class:`ProtocolError` with a message for people — never another exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, TypeVar, Union
+
+from bastion.errors import DTError, ProtocolError, from_code
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE = 64 * 1024
+MAX_STRING = 16 * 1024
+MAX_DEPTH = 6
+MAX_ITEMS = 256
+
+T = TypeVar("T")
+REGISTRY: dict[str, type] = {}
+_TYPE_NAMES: dict[type, str] = {}
+
+
+def message(name: str) -> Callable[[type[T]], type[T]]:
+    """Register a frozen dataclass as the wire message ``name``."""
+
+    def register(cls: type[T]) -> type[T]:
+        cls = dataclasses.dataclass(frozen=True, slots=True)(cls)
+        if name in REGISTRY:
+            raise TypeError(f"dt-api message {name!r} registered twice")
+        REGISTRY[name] = cls
+        _TYPE_NAMES[cls] = name
+        return cls
+
+    return register
+
+
+def type_name(msg: Any) -> str:
+    return _TYPE_NAMES.get(type(msg), type(msg).__name__)
+
+
+# -- encoding -----------------------------------------------------------------------------
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, list | tuple):
+        return [_to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_json(v) for k, v in value.items()}
+    return value
+
+
+def encode(msg: Any) -> bytes:
+    name = _TYPE_NAMES.get(type(msg))
+    if name is None:
+        raise TypeError(f"{type(msg).__name__} is not a dt-api message")
+    body = {f.name: _to_json(getattr(msg, f.name)) for f in dataclasses.fields(msg)}
+    body["type"] = name
+    line = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    if len(line) + 1 > MAX_MESSAGE:
+        raise ProtocolError(f"dt-api: message {name} is larger than {MAX_MESSAGE} bytes")
+    return line + b"\n"
+
+
+# -- strict decoding ------------------------------------------------------------------------
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _depth(value: Any, level: int = 0) -> None:
+    if level > MAX_DEPTH:
+        raise ProtocolError("dt-api: message is nested too deeply")
+    if isinstance(value, dict):
+        if len(value) > MAX_ITEMS:
+            raise ProtocolError("dt-api: object has too many fields")
+        for v in value.values():
+            _depth(v, level + 1)
+    elif isinstance(value, list):
+        if len(value) > MAX_ITEMS:
+            raise ProtocolError("dt-api: list has too many items")
+        for v in value:
+            _depth(v, level + 1)
+    elif isinstance(value, float):
+        raise ProtocolError("dt-api: numbers must be integers")
+    elif isinstance(value, str) and len(value) > MAX_STRING:
+        raise ProtocolError("dt-api: a string is too long")
+
+
+def _check(field: str, hint: Any, value: Any) -> Any:
+    """Check one value against a type annotation; return it converted (bytes)."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check(field, inner, value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ProtocolError(f'dt-api: field "{field}" must be true or false')
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int) or abs(value) > 2**63:
+            raise ProtocolError(f'dt-api: field "{field}" must be an integer')
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ProtocolError(f'dt-api: field "{field}" must be a string')
+        return value
+    if hint is bytes:
+        if not isinstance(value, str):
+            raise ProtocolError(f'dt-api: field "{field}" must be base64 bytes')
+        try:
+            return base64.b64decode(value.encode("ascii"), validate=True)
+        except (binascii.Error, ValueError, UnicodeEncodeError):
+            raise ProtocolError(f'dt-api: field "{field}" must be base64 bytes') from None
+    if origin is list:
+        if not isinstance(value, list):
+            raise ProtocolError(f'dt-api: field "{field}" must be a list')
+        (inner,) = typing.get_args(hint)
+        return [_check(f"{field}[]", inner, v) for v in value]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ProtocolError(f'dt-api: field "{field}" must be an object')
+        args = typing.get_args(hint)
+        if args and args[1] is str and not all(isinstance(v, str) for v in value.values()):
+            raise ProtocolError(f'dt-api: field "{field}" must map strings to strings')
+        return value
+    raise TypeError(f"unsupported annotation {hint!r} on {field}")  # a bug in this module
+
+
+def decode(line: bytes) -> Any:
+    """Decode one line (with or without its newline) into a message, strictly."""
+    if len(line) > MAX_MESSAGE:
+        raise ProtocolError(f"dt-api: message is larger than {MAX_MESSAGE} bytes")
+    try:
+        text = line.decode("utf-8")
+        body = json.loads(text, parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ProtocolError("dt-api: message is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("dt-api: message must be a JSON object")
+    _depth(body)
+    name = body.pop("type", None)
+    cls = REGISTRY.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ProtocolError(f"dt-api: unknown message type {str(name)[:64]!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(body) - set(fields)
+    if unknown:
+        raise ProtocolError(f'dt-api: {name} has unknown field "{sorted(unknown)[0][:64]}"')
+    kwargs = {}
+    for fname, f in fields.items():
+        if fname not in body:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ProtocolError(f'dt-api: {name} is missing field "{fname}"')
+            continue
+        kwargs[fname] = _check(fname, hints[fname], body[fname])
+    return cls(**kwargs)
+
+
+# -- framing --------------------------------------------------------------------------------
+
+
+class LineBuffer:
+    """Splits a byte stream into lines, never holding more than MAX_MESSAGE bytes."""
+
+    def __init__(self) -> None:
+        self._partial = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buf = self._partial + data
+        *lines, self._partial = buf.split(b"\n")
+        if len(self._partial) > MAX_MESSAGE or any(len(x) > MAX_MESSAGE for x in lines):
+            self._partial = b""
+            raise ProtocolError(f"dt-api: message is larger than {MAX_MESSAGE} bytes")
+        return lines
+
+
+class LineReader:
+    """Bounded ``readline`` over any reader with ``read(n)``.
+
+    asyncssh's own ``readline`` buffers without limit, so a peer could make us hold an
+    endless line; this one refuses a line once it passes MAX_MESSAGE.
+    """
+
+    def __init__(self, reader: Any) -> None:
+        self._reader = reader
+        self._buffer = LineBuffer()
+        self._lines: list[bytes] = []
+        self._eof = False
+
+    async def readline(self) -> bytes:
+        while not self._lines and not self._eof:
+            data = await self._reader.read(8192)
+            if isinstance(data, str):
+                data = data.encode("utf-8", "surrogateescape")
+            if not data:
+                self._eof = True
+                break
+            self._lines.extend(self._buffer.feed(data))
+        if self._lines:
+            return self._lines.pop(0) + b"\n"
+        return b""  # EOF (a partial last line is dropped: the peer went away mid-message)
+
+
+async def read_line(reader: Any, timeout: float) -> bytes:
+    """One line from an asyncio or asyncssh reader (binary mode), bounded in size and time."""
+    try:
+        line = await asyncio.wait_for(reader.readline(), timeout)
+    except TimeoutError:
+        raise ProtocolError(f"dt-api: timed out after {timeout:g}s waiting for a message") from None
+    except (ValueError, asyncio.LimitOverrunError):
+        raise ProtocolError(f"dt-api: message is larger than {MAX_MESSAGE} bytes") from None
+    if isinstance(line, str):  # a reader opened in text mode by mistake
+        line = line.encode("utf-8", "surrogateescape")
+    if not line:
+        raise EOFError
+    if not line.endswith(b"\n"):
+        if len(line) > MAX_MESSAGE:
+            raise ProtocolError(f"dt-api: message is larger than {MAX_MESSAGE} bytes")
+        raise EOFError  # a truncated last line: the peer went away mid-message
+    return line[:-1]
+
+
+async def read_message(reader: Any, timeout: float) -> Any:
+    return decode(await read_line(reader, timeout))
+
+
+async def write_message(writer: Any, msg: Any) -> None:
+    writer.write(encode(msg))
+    drain = getattr(writer, "drain", None)
+    if drain is not None:
+        await drain()
+
+
+# -- messages ---------------------------------------------------------------------------------
+
+
+@message("hello")
+class Hello:
+    """First message from the client: its protocol version and name."""
+
+    version: int
+    client: str
+
+
+@message("welcome")
+class Welcome:
+    """The bastion's answer to hello: cluster name, who you are, how you authenticated."""
+
+    version: int
+    cluster: str
+    server: str
+    auth: str
+    user: str | None = None
+
+
+@message("error")
+class Error:
+    """A refusal: ``code`` is stable (bastion.errors), ``message`` is for people."""
+
+    code: str
+    message: str
+
+
+@message("ok")
+class Ok:
+    pass
+
+
+@message("cert_request")
+class CertRequest:
+    """Sign ``public_key`` (OpenSSH one-line form); ``device`` asks for device auth first."""
+
+    public_key: str
+    device: bool = False
+    ttl_seconds: int | None = None
+
+
+@message("device_challenge")
+class DeviceChallenge:
+    nonce: bytes
+
+
+@message("device_response")
+class DeviceResponse:
+    """A quote by the device's AK over sha256(nonce || user public key blob)."""
+
+    asset_tag: str
+    credential_id: str
+    attest: bytes
+    signature: bytes
+    pcr_select: list[int]
+    pcr_values: list[bytes]
+
+
+@message("cert_issued")
+class CertIssued:
+    certificate: str
+    host_ca_keys: list[str]
+    cluster: str
+    roles: list[str]
+    logins: list[str]
+    device_warning: str | None = None
+
+
+@message("list_nodes")
+class ListNodes:
+    pass
+
+
+@message("nodes")
+class Nodes:
+    """Each node: {name, addr, port, labels}."""
+
+    nodes: list[dict[str, Any]]
+
+
+@message("whoami")
+class Whoami:
+    pass
+
+
+@message("identity")
+class Identity:
+    user: str
+    roles: list[str]
+    logins: list[str]
+    device_trust_mode: str
+    device: dict[str, Any] | None = None
+
+
+@message("signup_begin")
+class SignupBegin:
+    token: str
+
+
+@message("signup_info")
+class SignupInfo:
+    user: str
+    totp_uri: str
+    min_password_length: int
+
+
+@message("signup_finish")
+class SignupFinish:
+    token: str
+    password: str
+    totp_code: str
+
+
+@message("enroll_begin")
+class EnrollBegin:
+    """Step 1 of enrollment: proof of right (token or current_device), EK, AK."""
+
+    device_data: dict[str, Any]
+    ek_public: bytes
+    ek_public_der: bytes
+    ak_public: bytes
+    token: str | None = None
+    current_device: bool = False
+    ek_cert_der: bytes | None = None
+
+
+@message("enroll_challenge")
+class EnrollChallenge:
+    credential_blob: bytes
+    encrypted_secret: bytes
+    nonce: bytes
+
+
+@message("enroll_finish")
+class EnrollFinish:
+    """Step 2: the activated secret and a quote by the AK over the nonce."""
+
+    secret: bytes
+    attest: bytes
+    signature: bytes
+    pcr_select: list[int]
+    pcr_values: list[bytes]
+
+
+@message("enrolled")
+class Enrolled:
+    device: dict[str, Any]
+
+
+def error_from(exc: DTError) -> Error:
+    return Error(code=exc.code, message=exc.message)
+
+
+def raise_if_error(msg: Any) -> None:
+    if isinstance(msg, Error):
+        raise from_code(msg.code, msg.message)

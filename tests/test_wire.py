@@ -1,0 +1,166 @@
+"""dt-api wire messages: round trips, strict refusals, bounded framing."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import typing
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bastion import wire
+from bastion.errors import AccessDenied, ProtocolError
+
+_TEXT = st.text(max_size=40)
+_SCALARS = {
+    int: st.integers(min_value=-(2**62), max_value=2**62),
+    str: _TEXT,
+    bool: st.booleans(),
+    bytes: st.binary(max_size=64),
+}
+
+
+def _strategy(hint):
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, __import__("types").UnionType):
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return st.none() | _strategy(inner)
+    if hint in _SCALARS:
+        return _SCALARS[hint]
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        if inner is dict or typing.get_origin(inner) is dict:
+            return st.lists(st.dictionaries(_TEXT, _TEXT, max_size=3), max_size=3)
+        return st.lists(_strategy(inner), max_size=4)
+    if origin is dict or hint is dict:
+        return st.dictionaries(_TEXT, _TEXT | st.integers(0, 99), max_size=4)
+    raise AssertionError(hint)
+
+
+def _message_strategy(cls):
+    hints = typing.get_type_hints(cls)
+    return st.builds(cls, **{f.name: _strategy(hints[f.name]) for f in dataclasses.fields(cls)})
+
+
+ALL_MESSAGES = st.one_of([_message_strategy(cls) for cls in wire.REGISTRY.values()])
+
+
+@settings(max_examples=300, deadline=None)
+@given(ALL_MESSAGES)
+def test_every_message_round_trips(msg):
+    line = wire.encode(msg)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert wire.decode(line[:-1]) == msg
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_random_bytes_only_raise_protocol_error(data):
+    try:
+        wire.decode(data)
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+        lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+        max_leaves=20,
+    )
+)
+def test_random_json_only_raises_protocol_error(value):
+    for body in (value, {"type": "hello", "version": value, "client": value}):
+        try:
+            wire.decode(json.dumps(body).encode())
+        except ProtocolError:
+            pass
+
+
+def test_every_truncation_is_refused():
+    line = wire.encode(wire.DeviceChallenge(nonce=b"\x01" * 32))[:-1]
+    for cut in range(len(line)):
+        with pytest.raises(ProtocolError):
+            wire.decode(line[:cut])
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        ({"type": "hello", "version": True, "client": "x"}, "integer"),
+        ({"type": "hello", "version": 1.0, "client": "x"}, "integers"),
+        ({"type": "hello", "version": 1, "client": 5}, "string"),
+        ({"type": "hello", "version": 1}, "missing"),
+        ({"type": "hello", "version": 1, "client": "x", "extra": 1}, "unknown field"),
+        ({"type": "nope"}, "unknown message type"),
+        ({"version": 1}, "unknown message type"),
+        ({"type": "device_challenge", "nonce": "aGk"}, "base64"),  # unpadded
+        ({"type": "device_challenge", "nonce": "aGk=\n"}, "base64"),
+        ({"type": "nodes", "nodes": "x"}, "list"),
+        ({"type": "hello", "version": 1, "client": "x" * (wire.MAX_STRING + 1)}, "too long"),
+    ],
+)
+def test_strict_refusals_name_the_problem(body, why):
+    with pytest.raises(ProtocolError, match=why):
+        wire.decode(json.dumps(body).encode())
+
+
+def test_nan_and_deep_nesting_refused():
+    with pytest.raises(ProtocolError):
+        wire.decode(b'{"type":"hello","version":NaN,"client":"x"}')
+    deep = {"type": "enrolled", "device": {}}
+    node = deep["device"]
+    for _ in range(20):
+        node["x"] = {}
+        node = node["x"]
+    with pytest.raises(ProtocolError, match="nested"):
+        wire.decode(json.dumps(deep).encode())
+
+
+def test_oversized_messages_refused_both_ways():
+    with pytest.raises(ProtocolError, match="larger"):
+        wire.decode(b"x" * (wire.MAX_MESSAGE + 1))
+    with pytest.raises(ProtocolError, match="larger"):
+        wire.encode(wire.Nodes(nodes=[{"n": "x" * 1000}] * 100))
+
+
+def test_line_buffer_is_bounded():
+    buf = wire.LineBuffer()
+    assert buf.feed(b"a\nb") == [b"a"]
+    assert buf.feed(b"c\n") == [b"bc"]
+    with pytest.raises(ProtocolError):
+        for _ in range(100):
+            buf.feed(b"x" * 4096)
+
+
+def test_errors_travel_as_their_class():
+    msg = wire.error_from(AccessDenied("no"))
+    with pytest.raises(AccessDenied, match="no"):
+        wire.raise_if_error(wire.decode(wire.encode(msg)))
+
+
+def test_line_reader_over_a_stream():
+    async def go():
+        reader = asyncio.StreamReader()
+        reader.feed_data(wire.encode(wire.Ok()) + wire.encode(wire.Whoami()) + b'{"type"')
+        reader.feed_eof()
+        lines = wire.LineReader(reader)
+        assert isinstance(await wire.read_message(lines, 1), wire.Ok)
+        assert isinstance(await wire.read_message(lines, 1), wire.Whoami)
+        with pytest.raises(EOFError):
+            await wire.read_message(lines, 1)
+
+        endless = asyncio.StreamReader()
+        endless.feed_data(b"x" * (wire.MAX_MESSAGE + 10))
+        with pytest.raises(ProtocolError, match="larger"):
+            await wire.read_message(wire.LineReader(endless), 1)
+
+        silent = asyncio.StreamReader()
+        with pytest.raises(ProtocolError, match="timed out"):
+            await wire.read_message(wire.LineReader(silent), 0.05)
+
+    asyncio.run(go())
