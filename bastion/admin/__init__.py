@@ -1,0 +1,64 @@
+"""``dtadmin``: the admin CLI, run on the bastion host against the cluster state.
+
+One module per noun, joined here. Every change records an audit event; every
+failure ends as one line and an exit code (bastion.console.run_cli).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bastion import console
+from bastion.admin import (
+    audit_cmd,
+    ca,
+    cluster_cmd,
+    devices,
+    locks,
+    nodes,
+    resources_cmd,
+    roles,
+    users,
+)
+
+app = typer.Typer(
+    help="Administer a dt-bastion cluster: users, roles, nodes, devices, tokens, locks, audit.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    state: Annotated[
+        Path | None,
+        typer.Option(
+            "--state", help="Cluster state directory (default: $DT_STATE or /var/lib/dt-bastion)."
+        ),
+    ] = None,
+) -> None:
+    ctx.obj = {"state": str(state) if state else None}
+
+
+app.command("init")(ca.init)
+app.command("get")(resources_cmd.get)
+app.command("edit")(resources_cmd.edit)
+app.add_typer(users.app, name="users")
+app.add_typer(roles.app, name="roles")
+app.add_typer(nodes.app, name="nodes")
+app.add_typer(devices.app, name="device")
+app.add_typer(locks.app, name="lock")
+app.add_typer(ca.ca_app, name="ca")
+app.add_typer(ca.auth_app, name="auth")
+app.add_typer(ca.host_app, name="host")
+app.add_typer(audit_cmd.app, name="audit")
+app.add_typer(cluster_cmd.app, name="cluster")
+
+
+def main() -> None:
+    console.run_cli(app, "dtadmin")

@@ -1,0 +1,161 @@
+"""dtadmin init, ca export/krl, auth sign, host sign: the CA's admin surface."""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bastion import console
+from bastion.admin.common import StateOpt, actor, new_app, open_cluster, state_dir
+from bastion.ca.certs import load_public_key
+from bastion.ca.keys import atomic_write, fingerprint, public_line
+from bastion.cluster import init_cluster
+from bastion.console import Format
+from bastion.durations import parse_duration
+from bastion.errors import StateError, UsageError
+
+ca_app = new_app("Export the cluster's CA keys and revocation list for nodes.")
+auth_app = new_app("Sign user certificates by hand (for bots and tests).")
+host_app = new_app("Sign host certificates for the bastion and nodes.")
+
+
+def init(
+    ctx: typer.Context,
+    cluster: Annotated[str, typer.Option("--cluster", help="Cluster name, e.g. example.com.")],
+    state: StateOpt = None,
+) -> None:
+    """Create a cluster: user CA, host CA, preset roles and the database.
+
+    Example: dtadmin init --cluster example.com --state /var/lib/dt-bastion
+    """
+    directory = state_dir(ctx, state)
+    created = init_cluster(directory, cluster, actor=actor())
+    try:
+        console.say(f'Cluster "{cluster}" created in {directory}')
+        console.say(f"  user CA {created.ca.user_ca_fingerprint}")
+        console.say(f"  host CA {created.ca.host_ca_fingerprint}")
+        console.say(
+            "Next: dtadmin users add NAME --roles access --logins root; "
+            "dtadmin ca export --type user (for nodes)"
+        )
+    finally:
+        created.close()
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+
+
+@ca_app.command("export")
+def export(
+    ctx: typer.Context,
+    type: Annotated[str, typer.Option("--type", help="user or host.")] = "user",
+    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.text,
+    state: StateOpt = None,
+) -> None:
+    """Print the CA public key as nodes (user) or clients (host) need it.
+
+    --type user: the line for sshd's TrustedUserCAKeys file.
+    --type host: the @cert-authority line for known_hosts, and the fingerprint that
+    `dtclient login --ca-pin` takes.
+    """
+    if type not in ("user", "host"):
+        raise UsageError("--type must be user or host")
+    cluster = open_cluster(ctx, state)
+    key = (cluster.ca.user_ca if type == "user" else cluster.ca.host_ca).public_key()
+    line = public_line(key, f"{type}-ca@{cluster.name}")
+    fp = fingerprint(key)
+    if fmt is Format.json:
+        console.print_json(
+            {"type": type, "public_key": line, "fingerprint": fp, "cluster": cluster.name}
+        )
+        return
+    console.say(f"# {type} CA of cluster {cluster.name}, fingerprint {fp}")
+    console.say(line if type == "user" else f"@cert-authority * {line}")
+
+
+@ca_app.command("krl")
+def krl(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option("--out", help="Where to write the KRL (binary).")],
+    state: StateOpt = None,
+) -> None:
+    """Write an OpenSSH KRL of revoked certificate serials, for nodes' RevokedKeys."""
+    cluster = open_cluster(ctx, state)
+    serials = [c.serial for c in cluster.store.list_certs(revoked=True) if c.cert_type == "user"]
+    ca_pub = cluster.state_dir / "ca" / "user_ca.pub"
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = Path(tmp) / "spec"
+        spec.write_text("".join(f"serial: {s}\n" for s in serials))
+        target = Path(tmp) / "krl"
+        # ssh-keygen writes the KRL format itself: no hand-written encoder to get wrong.
+        proc = subprocess.run(
+            ["ssh-keygen", "-q", "-k", "-f", str(target), "-s", str(ca_pub), str(spec)],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            raise StateError(f"ssh-keygen could not write the KRL: {proc.stderr.strip()}")
+        atomic_write(out, target.read_bytes(), 0o644)
+    console.say(f"wrote {out}: {len(serials)} revoked serial(s)")
+
+
+@auth_app.command("sign")
+def sign(
+    ctx: typer.Context,
+    user: Annotated[str, typer.Option("--user", help="The user to sign for.")],
+    pubkey: Annotated[Path, typer.Option("--pubkey", help="The user's OpenSSH public key file.")],
+    ttl: Annotated[str, typer.Option("--ttl", help="Lifetime, capped by the user's roles.")] = "1h",
+    out: Annotated[Path | None, typer.Option("--out", help="Default: KEY-cert.pub.")] = None,
+    state: StateOpt = None,
+) -> None:
+    """Sign a user certificate, like the seed's `tctl auth sign`.
+
+    Example: dtadmin auth sign --user alice --pubkey id_ed25519.pub --ttl 1h
+    """
+    key = load_public_key(_read(pubkey))
+    cluster = open_cluster(ctx, state)
+    issued = cluster.ca.sign_user(user, key, ttl=parse_duration(ttl), actor=actor())
+    target = out or _cert_path(pubkey)
+    atomic_write(target, (issued.openssh + "\n").encode(), 0o644)
+    console.say(
+        f"certificate for {user} (serial {issued.record.serial}, principals "
+        f"{','.join(issued.record.principals)}) written to {target}"
+    )
+
+
+@host_app.command("sign")
+def host_sign(
+    ctx: typer.Context,
+    pubkey: Annotated[Path, typer.Argument(help="The host's public key file.")],
+    principals: Annotated[
+        str, typer.Option("--principals", help="Host names, e.g. node-1,10.0.0.5.")
+    ],
+    ttl: Annotated[str, typer.Option("--ttl", help="Lifetime.")] = "52w",
+    out: Annotated[Path | None, typer.Option("--out", help="Default: KEY-cert.pub.")] = None,
+    state: StateOpt = None,
+) -> None:
+    """Sign a host certificate so clients trusting the host CA need no TOFU prompt."""
+    from bastion.admin.common import split_csv
+
+    names = tuple(split_csv(principals))
+    if not names:
+        raise UsageError("give at least one host name with --principals")
+    key = load_public_key(_read(pubkey))
+    cluster = open_cluster(ctx, state)
+    issued = cluster.ca.sign_host(key, names, ttl=parse_duration(ttl), actor=actor())
+    target = out or _cert_path(pubkey)
+    atomic_write(target, (issued.openssh + "\n").encode(), 0o644)
+    console.say(f"host certificate for {','.join(names)} written to {target}")
+
+
+def _cert_path(pubkey: Path) -> Path:
+    name = pubkey.name[:-4] if pubkey.name.endswith(".pub") else pubkey.name
+    return pubkey.with_name(name + "-cert.pub")

@@ -1,0 +1,74 @@
+"""dtadmin cluster: cluster-wide settings."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from bastion import audit, console
+from bastion.admin.common import StateOpt, actor, new_app, open_cluster
+from bastion.console import Format
+from bastion.errors import UsageError
+from bastion.rbac import check_trust_mode
+
+app = new_app("Cluster-wide settings.")
+
+SETTINGS = {
+    "device-trust-mode": ("device_trust_mode", check_trust_mode),
+    "auto-enroll": ("auto_enroll", lambda v: {"on": True, "off": False}[v]),
+}
+
+
+@app.command("set")
+def set_(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="device-trust-mode or auto-enroll.")],
+    value: Annotated[str, typer.Argument(help="off|optional|required, or on|off.")],
+    state: StateOpt = None,
+) -> None:
+    """Change a setting. Example: dtadmin cluster set device-trust-mode required"""
+    if name not in SETTINGS:
+        raise UsageError(f"unknown setting {name!r}: use one of {', '.join(SETTINGS)}")
+    key, check = SETTINGS[name]
+    try:
+        parsed = check(value)
+    except KeyError:
+        raise UsageError(f"invalid value {value!r} for {name}: use on or off") from None
+    store = open_cluster(ctx, state).store
+    with store.transaction():
+        store.set_setting(key, parsed)
+        audit.record(
+            store,
+            "cluster.setting",
+            message=f"{name} set to {value}",
+            actor=actor(),
+            setting=name,
+            value=value,
+        )
+    console.say(f"{name} is now {value}")
+
+
+@app.command("show")
+def show(
+    ctx: typer.Context,
+    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.text,
+    state: StateOpt = None,
+) -> None:
+    """Show the cluster's name, CAs and settings."""
+    cluster = open_cluster(ctx, state)
+    store = cluster.store
+    data = {
+        "cluster": cluster.name,
+        "state": str(cluster.state_dir),
+        "user_ca": cluster.ca.user_ca_fingerprint,
+        "host_ca": cluster.ca.host_ca_fingerprint,
+        "device_trust_mode": store.get_setting("device_trust_mode"),
+        "auto_enroll": bool(store.get_setting("auto_enroll", False)),
+        "schema_version": store.schema_version(),
+        "revision": store.revision(),
+    }
+    if fmt is Format.json:
+        console.print_json(data)
+    else:
+        console.print_table(["Setting", "Value"], sorted(data.items()))

@@ -1,0 +1,234 @@
+"""dtadmin device: the device inventory, enrollment tokens and EK trust roots."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bastion import audit, console
+from bastion.admin.common import StateOpt, actor, new_app, open_cluster
+from bastion.console import Format
+from bastion.durations import parse_duration
+from bastion.errors import UsageError
+from bastion.rbac import check_name
+from bastion.storage import Store
+from bastion.storage.records import Device
+
+app = new_app("Manage the device inventory, enrollment tokens and EK trust roots.")
+roots_app = new_app("EK CA roots that make a TPM attestation 'tpm_ekcert_trusted'.")
+app.add_typer(roots_app, name="trust-root")
+
+OS_TYPES = ("linux", "macos", "windows")
+
+
+def unenroll(store: Store, tag: str, who: str, reason: str = "") -> bool:
+    """Mark a device not enrolled and drop its credential; False if it already was."""
+    device = store.get_device(tag)
+    if device.enroll_status == "not_enrolled" and device.credential is None:
+        return False
+    with store.transaction():
+        store.update_device(replace(device, enroll_status="not_enrolled", credential=None))
+        audit.record(
+            store,
+            "device.unenroll",
+            message=f'Device "{tag}" unenrolled{reason}',
+            device=tag,
+            user=device.owner or None,
+            actor=who,
+        )
+    return True
+
+
+def _print_token(tag: str, token: str, ttl: str) -> None:
+    console.say(f'Enrollment token for device "{tag}" (single use, expires in {ttl}):')
+    console.say(f"  {token}")
+    console.say("On the device, run:")
+    console.say(f"  dtclient device enroll --token {token}")
+
+
+@app.command("add")
+def add(
+    ctx: typer.Context,
+    asset_tag: Annotated[str, typer.Option("--asset-tag", help="Serial number or asset tag.")],
+    os: Annotated[str, typer.Option("--os", help="linux, macos or windows.")] = "linux",
+    owner: Annotated[str | None, typer.Option("--owner", help="User the device is for.")] = None,
+    enroll: Annotated[
+        bool, typer.Option("--enroll", help="Also print an enrollment token.")
+    ] = False,
+    ttl: Annotated[str, typer.Option("--ttl", help="Token lifetime with --enroll.")] = "1h",
+    state: StateOpt = None,
+) -> None:
+    """Register a device in the inventory (and optionally make an enrollment token).
+
+    Example: dtadmin device add --asset-tag PF2ABCDE --os linux --enroll
+    """
+    from bastion.enroll.tokens import issue_enroll_token
+
+    check_name("asset tag", asset_tag)
+    if os not in OS_TYPES:
+        raise UsageError(f"invalid --os {os!r}: use one of {', '.join(OS_TYPES)}")
+    store = open_cluster(ctx, state).store
+    if owner:
+        store.get_user(owner)
+    who = actor()
+    with store.transaction():
+        store.add_device(Device("", asset_tag, os, owner=owner or ""))
+        audit.record(
+            store,
+            "device.create",
+            message=f'Device "{asset_tag}"/{os} registered',
+            device=asset_tag,
+            actor=who,
+        )
+    console.say(f'Device "{asset_tag}"/{os} added to the inventory')
+    if enroll:
+        _print_token(
+            asset_tag, issue_enroll_token(store, asset_tag, ttl=parse_duration(ttl), actor=who), ttl
+        )
+
+
+@app.command("enroll-token")
+def enroll_token(
+    ctx: typer.Context,
+    asset_tag: Annotated[str, typer.Argument(help="The device's asset tag.")],
+    ttl: Annotated[str, typer.Option("--ttl", help="Token lifetime.")] = "1h",
+    state: StateOpt = None,
+) -> None:
+    """Make a single-use enrollment token bound to one device."""
+    from bastion.enroll.tokens import issue_enroll_token
+
+    store = open_cluster(ctx, state).store
+    _print_token(
+        asset_tag, issue_enroll_token(store, asset_tag, ttl=parse_duration(ttl), actor=actor()), ttl
+    )
+
+
+@app.command("ls")
+def ls(
+    ctx: typer.Context,
+    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.text,
+    state: StateOpt = None,
+) -> None:
+    """List devices."""
+    from bastion.resources import device_doc
+
+    devices = open_cluster(ctx, state).store.list_devices()
+    if fmt is Format.json:
+        console.print_json([device_doc(d) for d in devices])
+        return
+    console.print_table(
+        ["Asset tag", "OS", "Enroll status", "Owner", "Attestation", "Device ID"],
+        [
+            (
+                d.asset_tag,
+                d.os_type,
+                d.enroll_status,
+                d.owner,
+                d.credential.attestation_type if d.credential else "",
+                d.id,
+            )
+            for d in devices
+        ],
+        empty="(no devices)",
+    )
+
+
+@app.command("unenroll")
+def unenroll_cmd(
+    ctx: typer.Context,
+    asset_tag: Annotated[str, typer.Argument(help="The device to unenroll.")],
+    state: StateOpt = None,
+) -> None:
+    """Unenroll a device: its certificates stop working at once, live sessions are cut."""
+    store = open_cluster(ctx, state).store
+    if unenroll(store, asset_tag, actor()):
+        console.say(f'Device "{asset_tag}" unenrolled')
+    else:
+        console.note(f'Device "{asset_tag}" was not enrolled; nothing changed')
+
+
+@app.command("rm")
+def rm(
+    ctx: typer.Context,
+    asset_tag: Annotated[str, typer.Argument(help="The device to remove.")],
+    state: StateOpt = None,
+) -> None:
+    """Remove a device from the inventory (and with it its enrollment)."""
+    store = open_cluster(ctx, state).store
+    with store.transaction():
+        store.remove_device(asset_tag)
+        audit.record(
+            store,
+            "device.delete",
+            message=f'Device "{asset_tag}" removed',
+            device=asset_tag,
+            actor=actor(),
+        )
+    console.say(f'Device "{asset_tag}" removed')
+
+
+@roots_app.command("add")
+def root_add(
+    ctx: typer.Context,
+    pem: Annotated[Path, typer.Argument(help="PEM file with one EK CA certificate.")],
+    state: StateOpt = None,
+) -> None:
+    """Trust an EK CA root (e.g. your TPM vendor's); with any root set, untrusted EKs are refused."""
+    from cryptography.hazmat.primitives import hashes
+
+    from bastion.enroll.attest import parse_trust_root
+
+    try:
+        data = pem.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {pem}: {exc.strerror}") from None
+    cert = parse_trust_root(data)
+    fp = cert.fingerprint(hashes.SHA256()).hex()
+    store = open_cluster(ctx, state).store
+    with store.transaction():
+        store.add_trust_root(fp, cert.subject.rfc4514_string(), data.decode())
+        audit.record(
+            store, "device.trust_root", message="EK trust root added", actor=actor(), fingerprint=fp
+        )
+    console.say(f"trust root added: {cert.subject.rfc4514_string()} (sha256 {fp[:16]}...)")
+
+
+@roots_app.command("ls")
+def root_ls(
+    ctx: typer.Context,
+    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.text,
+    state: StateOpt = None,
+) -> None:
+    """List EK trust roots."""
+    roots = open_cluster(ctx, state).store.list_trust_roots()
+    if fmt is Format.json:
+        console.print_json([{k: r[k] for k in ("fingerprint", "subject")} for r in roots])
+        return
+    console.print_table(
+        ["SHA-256", "Subject"],
+        [(r["fingerprint"], r["subject"]) for r in roots],
+        empty="(no trust roots: EKs are accepted as tpm_ekpub / tpm_ekcert)",
+    )
+
+
+@roots_app.command("rm")
+def root_rm(
+    ctx: typer.Context,
+    fingerprint: Annotated[str, typer.Argument(help="SHA-256 fingerprint from `trust-root ls`.")],
+    state: StateOpt = None,
+) -> None:
+    """Stop trusting an EK CA root."""
+    store = open_cluster(ctx, state).store
+    with store.transaction():
+        store.remove_trust_root(fingerprint)
+        audit.record(
+            store,
+            "device.trust_root",
+            message="EK trust root removed",
+            actor=actor(),
+            fingerprint=fingerprint,
+        )
+    console.say("trust root removed")

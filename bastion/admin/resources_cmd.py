@@ -1,0 +1,163 @@
+"""dtadmin get / edit: resources as YAML, edited in $EDITOR like the seed's tctl."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bastion import audit, console, resources
+from bastion.admin.common import StateOpt, actor, open_cluster
+from bastion.admin.devices import unenroll
+from bastion.console import Format
+from bastion.errors import DTError, UsageError
+from bastion.storage import Store
+from bastion.storage.records import Device
+
+KINDS = {
+    "users": "user",
+    "user": "user",
+    "roles": "role",
+    "role": "role",
+    "device": "device",
+    "devices": "device",
+    "nodes": "node",
+    "node": "node",
+}
+
+RefArg = Annotated[str, typer.Argument(help="KIND/NAME: users/alice, roles/access, device/TAG")]
+
+
+def _parse_ref(ref: str) -> tuple[str, str]:
+    kind, sep, name = ref.partition("/")
+    if not sep or kind not in KINDS or not name:
+        raise UsageError(
+            f"invalid resource {ref!r}: use users/NAME, roles/NAME, device/TAG or nodes/NAME"
+        )
+    return KINDS[kind], name
+
+
+def _document(store: Store, kind: str, name: str) -> dict:
+    if kind == "user":
+        locked = store.active_lock("user", name, time.time()) is not None
+        return resources.user_doc(store.get_user(name), locked)
+    if kind == "role":
+        return resources.role_doc(store.get_role(name))
+    if kind == "device":
+        return resources.device_doc(store.get_device(name))
+    node = store.find_node(name)
+    if node is None:
+        from bastion.errors import NotFound
+
+        raise NotFound(f'node "{name}" not found')
+    return resources.node_doc(node)
+
+
+def get(
+    ctx: typer.Context,
+    ref: RefArg,
+    fmt: Annotated[Format, typer.Option("--format", help="yaml (text) or json.")] = Format.text,
+    state: StateOpt = None,
+) -> None:
+    """Print a resource as YAML. Example: dtadmin get users/alice"""
+    kind, name = _parse_ref(ref)
+    doc = _document(open_cluster(ctx, state).store, kind, name)
+    if fmt is Format.json:
+        console.print_json(doc)
+    else:
+        console.say(resources.dump(doc).rstrip())
+
+
+def _run_editor(path: Path) -> None:
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+    try:
+        rc = subprocess.call([*shlex.split(editor), str(path)])
+    except OSError as exc:
+        raise UsageError(f"cannot run the editor {editor!r}: {exc.strerror}") from None
+    if rc != 0:
+        raise UsageError(f"the editor {editor!r} exited with {rc}; nothing was changed")
+
+
+def edit(ctx: typer.Context, ref: RefArg, state: StateOpt = None) -> None:
+    """Edit a resource in $EDITOR; it is applied on save if valid, else nothing changes.
+
+    Example: EDITOR=nano dtadmin edit users/alice   (add "- require-trusted-device" under roles)
+    """
+    kind, name = _parse_ref(ref)
+    if kind == "node":
+        raise UsageError("nodes are changed with `dtadmin nodes rm` and `nodes add`")
+    store = open_cluster(ctx, state).store
+    original = resources.dump(_document(store, kind, name))
+    fd, tmp = tempfile.mkstemp(prefix=f"dtadmin-{kind}-", suffix=".yaml")
+    path = Path(tmp)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(original)
+    try:
+        _run_editor(path)
+        edited = path.read_text()
+        if edited == original:
+            console.say("No changes.")
+            path.unlink()
+            return
+        _apply(store, kind, name, resources.load(edited))
+    except DTError as exc:
+        raise type(exc)(
+            f"{exc.message}; nothing was changed (your edit is kept in {path})"
+        ) from None
+    path.unlink()
+    console.say(f'{kind} "{name}" has been updated')
+
+
+def _apply(store: Store, kind: str, name: str, doc: dict) -> None:
+    who = actor()
+    if kind == "user":
+        roles = {r.name for r in store.list_roles()}
+        user = resources.user_from_doc(doc, store.get_user(name), roles)
+        with store.transaction():
+            store.update_user(user)
+            audit.record(
+                store,
+                "user.update",
+                message=f'user "{name}" edited',
+                user=name,
+                actor=who,
+                roles=list(user.roles),
+            )
+    elif kind == "role":
+        current = store.get_role(name)
+        if current.preset:
+            raise UsageError(f'role "{name}" is a preset role and cannot be edited')
+        role = resources.role_from_doc(doc, name)
+        with store.transaction():
+            store.put_role(role)
+            audit.record(store, "role.update", message=f'role "{name}" edited', actor=who)
+    else:
+        current = store.get_device(name)
+        users = {u.name for u in store.list_users()}
+        device = resources.device_from_doc(doc, current, users)
+        with store.transaction():
+            if current.enrolled and not device.enrolled:
+                unenroll(store, name, who, " (edited)")
+                current = store.get_device(name)
+            store.update_device(_merge(current, device))
+            audit.record(
+                store, "device.update", message=f'Device "{name}" edited', device=name, actor=who
+            )
+
+
+def _merge(current: Device, device: Device) -> Device:
+    """Apply the editable fields onto the record as it is now (after any unenroll)."""
+    return replace(
+        current,
+        owner=device.owner,
+        profile=device.profile,
+        enroll_status=device.enroll_status,
+        credential=device.credential,
+    )

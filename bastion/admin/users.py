@@ -1,0 +1,188 @@
+"""dtadmin users: add, ls, rm, update, reset."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from bastion import audit, console
+from bastion.admin.common import StateOpt, actor, new_app, open_cluster, split_csv
+from bastion.console import Format
+from bastion.errors import NotFound, UsageError
+from bastion.rbac import check_logins, check_name
+from bastion.storage import Store
+from bastion.storage.records import User
+
+app = new_app("Manage users: who may log in, with which roles and Unix logins.")
+
+
+def check_roles(store: Store, roles: list[str]) -> tuple[str, ...]:
+    for role in roles:
+        if store.find_role(role) is None:
+            raise NotFound(f'role "{role}" not found (see: dtadmin roles ls)')
+    return tuple(dict.fromkeys(roles))
+
+
+@app.command("add")
+def add(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The user name.")],
+    roles: Annotated[
+        str, typer.Option("--roles", help="Comma-separated roles, e.g. access,editor.")
+    ],
+    logins: Annotated[
+        str, typer.Option("--logins", help="Comma-separated Unix logins, e.g. root,ubuntu.")
+    ] = "",
+    ttl: Annotated[str, typer.Option("--ttl", help="Lifetime of the signup token.")] = "1h",
+    state: StateOpt = None,
+) -> None:
+    """Add a user and print a one-time signup token to share with them.
+
+    Example: dtadmin users add alice --roles access,editor --logins root,ubuntu
+    """
+    from bastion.accounts import issue_signup_token
+    from bastion.durations import parse_duration
+
+    cluster = open_cluster(ctx, state)
+    store = cluster.store
+    check_name("user", name)
+    role_list = check_roles(store, split_csv(roles))
+    if not role_list:
+        raise UsageError("give at least one role with --roles")
+    who = actor()
+    ttl_seconds = parse_duration(ttl)
+    with store.transaction():
+        store.add_user(User(name, role_list, check_logins(split_csv(logins)), created_by=who))
+        audit.record(
+            store,
+            "user.create",
+            message=f'user "{name}" created',
+            user=name,
+            actor=who,
+            roles=list(role_list),
+        )
+        token = issue_signup_token(store, name, ttl=ttl_seconds, actor=who)
+    console.say(f'User "{name}" has been created with roles {", ".join(role_list)}.')
+    console.say(f"Share this command with them; the token works once and expires in {ttl}:")
+    console.say(f"  dtclient signup --proxy <bastion-host>:3022 --token {token}")
+
+
+@app.command("reset")
+def reset(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The user whose password and code to reset.")],
+    ttl: Annotated[str, typer.Option("--ttl", help="Lifetime of the signup token.")] = "1h",
+    state: StateOpt = None,
+) -> None:
+    """Clear a user's password and one-time-code app and issue a new signup token."""
+    from dataclasses import replace
+
+    from bastion.accounts import issue_signup_token
+    from bastion.durations import parse_duration
+
+    store = open_cluster(ctx, state).store
+    user = store.get_user(name)
+    who = actor()
+    with store.transaction():
+        store.update_user(replace(user, password_hash=None, totp_secret=None, totp_last_step=None))
+        token = issue_signup_token(store, name, ttl=parse_duration(ttl), actor=who)
+        audit.record(store, "user.update", message=f'user "{name}" reset', user=name, actor=who)
+    console.say(f'Password and one-time code of "{name}" cleared. Share:')
+    console.say(f"  dtclient signup --proxy <bastion-host>:3022 --token {token}")
+
+
+@app.command("ls")
+def ls(
+    ctx: typer.Context,
+    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.text,
+    state: StateOpt = None,
+) -> None:
+    """List users with their roles and logins."""
+    store = open_cluster(ctx, state).store
+    users = store.list_users()
+    if fmt is Format.json:
+        console.print_json(
+            [
+                {
+                    "name": u.name,
+                    "roles": list(u.roles),
+                    "logins": list(u.logins),
+                    "signed_up": u.signed_up,
+                }
+                for u in users
+            ]
+        )
+        return
+    console.print_table(
+        ["User", "Roles", "Logins", "Signed up"],
+        [
+            (u.name, ",".join(u.roles), ",".join(u.logins), "yes" if u.signed_up else "no")
+            for u in users
+        ],
+        empty="(no users; add one with: dtadmin users add NAME --roles access)",
+    )
+
+
+@app.command("rm")
+def rm(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The user to remove.")],
+    state: StateOpt = None,
+) -> None:
+    """Remove a user; their live sessions are closed by the bastion within a second."""
+    store = open_cluster(ctx, state).store
+    with store.transaction():
+        store.remove_user(name)
+        audit.record(
+            store, "user.delete", message=f'user "{name}" removed', user=name, actor=actor()
+        )
+    console.say(f'User "{name}" has been deleted.')
+
+
+@app.command("update")
+def update(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The user to change.")],
+    set_roles: Annotated[str | None, typer.Option("--set-roles", help="Replace all roles.")] = None,
+    add_roles: Annotated[str | None, typer.Option("--add-roles", help="Roles to add.")] = None,
+    remove_roles: Annotated[
+        str | None, typer.Option("--remove-roles", help="Roles to remove.")
+    ] = None,
+    logins: Annotated[str | None, typer.Option("--logins", help="Replace the Unix logins.")] = None,
+    state: StateOpt = None,
+) -> None:
+    """Change a user's roles or logins.
+
+    Example: dtadmin users update alice --add-roles require-trusted-device
+    """
+    from dataclasses import replace
+
+    store = open_cluster(ctx, state).store
+    user = store.get_user(name)
+    roles = list(user.roles) if set_roles is None else split_csv(set_roles)
+    roles += [r for r in split_csv(add_roles) if r not in roles]
+    roles = [r for r in roles if r not in split_csv(remove_roles)]
+    new = replace(
+        user,
+        roles=check_roles(store, roles),
+        logins=user.logins if logins is None else check_logins(split_csv(logins)),
+    )
+    if new == user:
+        console.say("No changes.")
+        return
+    with store.transaction():
+        store.update_user(new)
+        audit.record(
+            store,
+            "user.update",
+            message=f'user "{name}" updated',
+            user=name,
+            actor=actor(),
+            roles=list(new.roles),
+            logins=list(new.logins),
+        )
+    console.say(
+        f'User "{name}" has been updated: roles {",".join(new.roles)}; '
+        f"logins {','.join(new.logins) or '(none)'}."
+    )
