@@ -1,0 +1,119 @@
+"""The bastion's configuration: one frozen dataclass, loaded once, passed explicitly.
+
+Sources, later ones winning: defaults, a TOML file (``--config``), command-line
+options. An unknown key or a value of the wrong type is refused with a message that
+names it; nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bastion.errors import UsageError
+
+
+@dataclass(frozen=True, slots=True)
+class BastionConfig:
+    state_dir: Path = Path("/var/lib/dt-bastion")
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 3022
+    # Names clients use to reach the bastion: they go into its host certificate.
+    host_names: tuple[str, ...] = ()
+    # Connections not authenticated within this long are dropped.
+    login_timeout: float = 30.0
+    keepalive_interval: float = 30.0
+    keepalive_count_max: int = 3
+    max_connections: int = 20000
+    max_connections_per_source: int = 200
+    # Failed authentications one address may make per minute before it is cut off.
+    max_auth_failures_per_source: int = 30
+    # How often live sessions are re-checked against the state (revision watch).
+    revision_poll_interval: float = 0.2
+    node_connect_timeout: float = 10.0
+    api_step_timeout: float = 30.0
+    lockout_max_failures: int = 5
+    lockout_window: float = 600.0
+    lockout_duration: float = 1800.0
+    # Load balancers whose PROXY protocol headers are believed (CIDRs).
+    proxy_protocol_from: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def names(self) -> tuple[str, ...]:
+        if self.host_names:
+            return self.host_names
+        names = [socket.gethostname(), "localhost", "127.0.0.1", "::1"]
+        if self.listen_host not in ("0.0.0.0", "::", ""):
+            names.append(self.listen_host)
+        return tuple(dict.fromkeys(names))
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(BastionConfig) if f.name != "extra"}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    default = _FIELDS[name].default
+    if isinstance(default, Path):
+        if not isinstance(value, str | Path):
+            raise UsageError(f"config: {name} must be a path")
+        return Path(value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise UsageError(f"config: {name} must be true or false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UsageError(f"config: {name} must be a non-negative integer")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise UsageError(f"config: {name} must be a positive number")
+        return float(value)
+    if isinstance(default, tuple):
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise UsageError(f"config: {name} must be a list of strings")
+        return tuple(value)
+    if not isinstance(value, str):
+        raise UsageError(f"config: {name} must be a string")
+    return value
+
+
+def load_config(path: Path | None = None, **overrides: Any) -> BastionConfig:
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise UsageError(f"cannot read config {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise UsageError(f"config {path} is not valid TOML: {exc}") from None
+        section = data.get("bastion", data)
+        for key, value in section.items():
+            name = key.replace("-", "_")
+            if name not in _FIELDS:
+                raise UsageError(f"config {path}: unknown setting {key!r}")
+            values[name] = _coerce(name, value)
+    for name, value in overrides.items():
+        if value is not None:
+            values[name] = _coerce(name, value)
+    for cidr in values.get("proxy_protocol_from", ()):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise UsageError(f"config: proxy_protocol_from has a bad network {cidr!r}") from None
+    return BastionConfig(**values)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = value, "3022"
+    host = host.strip("[]") or "0.0.0.0"
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise UsageError(f"invalid --listen {value!r}: expected HOST:PORT")
+    return host, int(port)

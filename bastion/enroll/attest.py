@@ -1,0 +1,319 @@
+"""TPM 2.0 attestation checks for the bastion: pure Python over marshalled bytes.
+
+The bastion never opens a TPM (only ``client/`` does). It uses tpm2-pytss's pure
+types to unmarshal structures and ``make_credential`` to build challenges, and
+pyca/cryptography to verify signatures and certificate chains. What each check
+proves, in ceremony order:
+
+1. ``verify_ek``: the EK certificate's key is the EK the client sent, and (where
+   roots are configured) the certificate chains to a trusted TPM vendor root.
+2. ``check_ak``: the AK is a restricted signing key that cannot leave its TPM
+   (fixedTPM, fixedParent) — so it only signs TPM-generated data.
+3. ``make_activation_challenge`` / ``verify_activation``: only a TPM holding both
+   the EK and an object with the AK's *name* can recover the secret, which binds
+   the AK to the EK.
+4. ``verify_quote``: the AK signed a TPM quote whose extraData is our fresh nonce,
+   over the PCR values the client reports.
+
+Every malformed input raises MalformedTPMData (never a parser's own exception).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from tpm2_pytss.constants import TPM2_ALG, TPM2_GENERATED, TPM2_ST, TPMA_OBJECT
+from tpm2_pytss.types import TPM2B_PUBLIC, TPMS_ATTEST, TPMT_SIGNATURE
+from tpm2_pytss.utils import make_credential
+
+from bastion.errors import (
+    AKInvalid,
+    CredentialMismatch,
+    EKUntrusted,
+    MalformedTPMData,
+    NonceMismatch,
+    QuoteSignatureInvalid,
+    UsageError,
+)
+
+MAX_BLOB = 8192
+REQUIRED_AK = (
+    TPMA_OBJECT.RESTRICTED
+    | TPMA_OBJECT.SIGN_ENCRYPT
+    | TPMA_OBJECT.FIXEDTPM
+    | TPMA_OBJECT.FIXEDPARENT
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AKInfo:
+    name: bytes
+    public_der: bytes
+    public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+
+@dataclass(frozen=True, slots=True)
+class QuoteInfo:
+    pcr_digest: bytes
+    clock: int
+    reset_count: int
+    restart_count: int
+    firmware_version: int
+
+
+# -- parsing helpers ------------------------------------------------------------------------
+
+
+def _unmarshal(cls: type, data: bytes, what: str):  # type: ignore[no-untyped-def]
+    if not isinstance(data, bytes) or not data or len(data) > MAX_BLOB:
+        raise MalformedTPMData(f"{what} is empty or too large")
+    try:
+        obj, used = cls.unmarshal(data)
+    except Exception:  # the TSS raises its own errors on short or bad input
+        raise MalformedTPMData(f"{what} is not a valid TPM structure") from None
+    if used != len(data):
+        raise MalformedTPMData(f"{what} has {len(data) - used} trailing bytes")
+    return obj
+
+
+def _public_key(pub: TPM2B_PUBLIC, what: str) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
+    try:
+        key = serialization.load_pem_public_key(pub.to_pem())
+    except Exception:
+        raise MalformedTPMData(f"{what} does not hold a usable public key") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+        raise MalformedTPMData(f"{what} is neither RSA nor ECC")
+    return key
+
+
+def _der(key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def ek_pub_hash(public_der: bytes) -> str:
+    return hashlib.sha256(public_der).hexdigest()
+
+
+def login_quote_data(nonce: bytes, user_public_key_blob: bytes) -> bytes:
+    """extraData of a login quote: binds the TPM's answer to the key being certified."""
+    return hashlib.sha256(nonce + user_public_key_blob).digest()
+
+
+# -- 1. the endorsement key -----------------------------------------------------------------
+
+
+def parse_trust_root(pem: bytes) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        try:
+            return x509.load_der_x509_certificate(pem)
+        except ValueError:
+            raise UsageError("not a PEM or DER X.509 certificate") from None
+
+
+def load_trust_roots(pems: list[bytes]) -> list[x509.Certificate]:
+    return [parse_trust_root(p) for p in pems]
+
+
+def ek_public_der(ek_public: bytes) -> bytes:
+    return _der(_public_key(_unmarshal(TPM2B_PUBLIC, ek_public, "EK public"), "EK public"))
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Signature check by hand: real EK certs carry odd extensions that path builders refuse."""
+    if cert.issuer != issuer.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature, x509.UnsupportedGeneralNameType):
+        return False
+    except Exception:
+        return False
+    return True
+
+
+def _valid_now(cert: x509.Certificate, now: datetime.datetime) -> bool:
+    return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
+
+
+def _chains(cert: x509.Certificate, pool: list[x509.Certificate], now: datetime.datetime) -> bool:
+    """Walk issuer links through ``pool`` (roots and intermediates the admin trusts)."""
+    current, seen = cert, 0
+    while seen < 8:
+        issuers = [c for c in pool if _issued_by(current, c)]
+        if not issuers:
+            return False
+        issuer = issuers[0]
+        if not _valid_now(issuer, now):
+            raise EKUntrusted(
+                f"EK certificate chain has an expired or not yet valid CA: {issuer.subject.rfc4514_string()}"
+            )
+        if issuer.issuer == issuer.subject or _issued_by(issuer, issuer):
+            return True
+        if any(issuer == c for c in pool) and not any(_issued_by(issuer, c) for c in pool):
+            return True  # an intermediate the admin configured as a trust anchor
+        current, seen = issuer, seen + 1
+    return False
+
+
+def verify_ek(
+    ek_public: bytes,
+    ek_cert_der: bytes | None,
+    trust_roots: list[x509.Certificate],
+    *,
+    registered_ek_hash: str | None = None,
+    require_trusted: bool = False,
+    now: datetime.datetime | None = None,
+) -> str:
+    """Return the attestation type the EK earns: tpm_ekpub, tpm_ekcert or tpm_ekcert_trusted."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    ek_key = _public_key(_unmarshal(TPM2B_PUBLIC, ek_public, "EK public"), "EK public")
+    der = _der(ek_key)
+    if registered_ek_hash and not hmac.compare_digest(ek_pub_hash(der), registered_ek_hash):
+        raise EKUntrusted("this TPM's endorsement key is not the one registered for the device")
+    if ek_cert_der is None:
+        if require_trusted:
+            raise EKUntrusted("an EK certificate from a trusted TPM vendor is required")
+        return "tpm_ekpub"
+    try:
+        cert = x509.load_der_x509_certificate(ek_cert_der)
+        cert_key_der = _der(cert.public_key())  # type: ignore[arg-type]
+    except Exception:
+        raise MalformedTPMData("EK certificate is not a valid X.509 certificate") from None
+    if not hmac.compare_digest(cert_key_der, der):
+        raise EKUntrusted("EK certificate does not match the TPM's endorsement key")
+    if trust_roots and _chains(cert, trust_roots, now):
+        if not _valid_now(cert, now):
+            raise EKUntrusted("EK certificate has expired or is not yet valid")
+        return "tpm_ekcert_trusted"
+    if require_trusted:
+        raise EKUntrusted("EK certificate does not chain to a configured trust root")
+    return "tpm_ekcert"
+
+
+# -- 2. the attestation key -------------------------------------------------------------------
+
+
+def check_ak(ak_public: bytes) -> AKInfo:
+    pub = _unmarshal(TPM2B_PUBLIC, ak_public, "AK public")
+    attrs = pub.publicArea.objectAttributes
+    missing = [
+        name
+        for name, flag in (
+            ("restricted", TPMA_OBJECT.RESTRICTED),
+            ("sign", TPMA_OBJECT.SIGN_ENCRYPT),
+            ("fixedTPM", TPMA_OBJECT.FIXEDTPM),
+            ("fixedParent", TPMA_OBJECT.FIXEDPARENT),
+        )
+        if not attrs & flag
+    ]
+    if missing:
+        raise AKInvalid(f"attestation key is not {', '.join(missing)}: it could live outside a TPM")
+    if attrs & TPMA_OBJECT.DECRYPT:
+        raise AKInvalid("attestation key must not be a decryption key")
+    key = _public_key(pub, "AK public")
+    try:
+        name = bytes(pub.get_name().marshal())[2:]
+    except Exception:
+        raise MalformedTPMData("cannot compute the AK name") from None
+    return AKInfo(name=name, public_der=_der(key), public_key=key)
+
+
+# -- 3. credential activation -----------------------------------------------------------------
+
+
+def make_activation_challenge(
+    ek_public: bytes, ak_public: bytes, secret: bytes
+) -> tuple[bytes, bytes]:
+    ek = _unmarshal(TPM2B_PUBLIC, ek_public, "EK public")
+    ak = _unmarshal(TPM2B_PUBLIC, ak_public, "AK public")
+    try:
+        blob, encrypted = make_credential(ek, secret, ak.get_name())
+    except Exception:
+        raise MalformedTPMData("cannot build a credential challenge for this EK") from None
+    return bytes(blob.marshal()), bytes(encrypted.marshal())
+
+
+def verify_activation(expected: bytes, answer: bytes) -> None:
+    if not isinstance(answer, bytes) or not hmac.compare_digest(expected, answer):
+        raise CredentialMismatch("the TPM did not recover the challenge secret")
+
+
+# -- 4. quotes --------------------------------------------------------------------------------
+
+
+def _verify_signature(key: object, data: bytes, signature: bytes) -> None:
+    sig = _unmarshal(TPMT_SIGNATURE, signature, "quote signature")
+    try:
+        if sig.sigAlg == TPM2_ALG.ECDSA and isinstance(key, ec.EllipticCurvePublicKey):
+            if sig.signature.ecdsa.hash != TPM2_ALG.SHA256:
+                raise QuoteSignatureInvalid("quote signature must use SHA-256")
+            r = int.from_bytes(bytes(sig.signature.ecdsa.signatureR), "big")
+            s = int.from_bytes(bytes(sig.signature.ecdsa.signatureS), "big")
+            key.verify(encode_dss_signature(r, s), data, ec.ECDSA(hashes.SHA256()))
+        elif sig.sigAlg == TPM2_ALG.RSASSA and isinstance(key, rsa.RSAPublicKey):
+            if sig.signature.rsassa.hash != TPM2_ALG.SHA256:
+                raise QuoteSignatureInvalid("quote signature must use SHA-256")
+            raw = bytes(sig.signature.rsassa.sig)
+            key.verify(raw, data, padding.PKCS1v15(), hashes.SHA256())
+        else:
+            raise QuoteSignatureInvalid("quote signature algorithm does not match the AK")
+    except InvalidSignature:
+        raise QuoteSignatureInvalid("quote is not signed by the device's attestation key") from None
+
+
+def verify_quote(
+    ak_public: bytes,
+    attest: bytes,
+    signature: bytes,
+    expected_extra_data: bytes,
+    pcr_values: list[bytes],
+    pcr_select: list[int],
+) -> QuoteInfo:
+    ak = check_ak(ak_public)
+    att = _unmarshal(TPMS_ATTEST, attest, "quote")
+    if att.magic != TPM2_GENERATED.VALUE:
+        raise MalformedTPMData("quote was not generated by a TPM (bad magic)")
+    if att.type != TPM2_ST.ATTEST_QUOTE:
+        raise MalformedTPMData("attestation is not a quote")
+    _verify_signature(ak.public_key, attest, signature)
+    if not hmac.compare_digest(bytes(att.extraData), expected_extra_data):
+        raise NonceMismatch("quote is not over this challenge's nonce (stale or replayed)")
+    quote = att.attested.quote
+    selected = _selected_pcrs(quote.pcrSelect)
+    if selected != sorted(pcr_select) or len(pcr_values) != len(selected):
+        raise MalformedTPMData("reported PCRs do not match the quote's selection")
+    if any(not isinstance(v, bytes) or len(v) != 32 for v in pcr_values):
+        raise MalformedTPMData("PCR values must be SHA-256 digests")
+    digest = hashlib.sha256(b"".join(pcr_values)).digest()
+    if not hmac.compare_digest(bytes(quote.pcrDigest), digest):
+        raise MalformedTPMData("reported PCR values do not match the quoted digest")
+    return QuoteInfo(
+        pcr_digest=digest,
+        clock=int(att.clockInfo.clock),
+        reset_count=int(att.clockInfo.resetCount),
+        restart_count=int(att.clockInfo.restartCount),
+        firmware_version=int(att.firmwareVersion),
+    )
+
+
+def _selected_pcrs(selection: object) -> list[int]:
+    out: list[int] = []
+    for i in range(selection.count):  # type: ignore[attr-defined]
+        sel = selection.pcrSelections[i]  # type: ignore[attr-defined]
+        if sel.hash != TPM2_ALG.SHA256:
+            raise MalformedTPMData("only the SHA-256 PCR bank is accepted")
+        bits = bytes(sel.pcrSelect)[: sel.sizeofSelect]
+        out += [byte * 8 + bit for byte, b in enumerate(bits) for bit in range(8) if b >> bit & 1]
+    return sorted(out)

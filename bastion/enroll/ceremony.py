@@ -1,0 +1,280 @@
+"""Server side of device enrollment: a two-step state machine, no sockets, no TPM.
+
+1. ``begin``: the user's right to enroll (a token bound to this device, or the
+   self-enroll permission with ``current_device``), the EK (certificate chain to a
+   trust root, or the EK registered for the device), the AK's attributes; then a
+   credential-activation challenge for (EK, AK name) and a fresh nonce. Nothing is
+   written yet.
+2. ``finish``: within the deadline, the activation secret and a quote by the AK over
+   the nonce; then, in ONE transaction: spend the token, store the AK as the device
+   credential, mark the device enrolled and audit. A crash anywhere before the commit
+   leaves no half-enrolled device and no burnt token.
+
+Every refusal raises a DTError subclass and leaves an audit event with its reason.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from cryptography import x509
+
+from bastion import audit, rbac
+from bastion.enroll import attest
+from bastion.enroll.tokens import check_enroll_token
+from bastion.errors import (
+    AccessDenied,
+    AttestationError,
+    DTError,
+    EKUntrusted,
+    NonceExpired,
+    ProtocolError,
+    TokenInvalid,
+)
+from bastion.storage import Store
+from bastion.storage.records import Device, DeviceCredential, Token
+from bastion.wire import EnrollBegin, EnrollChallenge, EnrollFinish
+
+STEP_DEADLINE = 30.0  # real TPMs are slow: an RSA EK can take seconds
+SUPPORTED_OS = ("linux", "macos", "windows")
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollPolicy:
+    trust_roots: tuple[x509.Certificate, ...] = ()
+    # With roots configured, an EK that does not chain to one is refused.
+    require_trusted_ek: bool = False
+
+
+def load_policy(store: Store) -> EnrollPolicy:
+    pems = [row["pem"].encode() for row in store.list_trust_roots()]
+    roots = tuple(attest.load_trust_roots(pems)) if pems else ()
+    return EnrollPolicy(trust_roots=roots, require_trusted_ek=bool(roots))
+
+
+def device_view(device: Device) -> dict[str, Any]:
+    """What the client is told about its device after enrollment."""
+    return {
+        "id": device.id,
+        "asset_tag": device.asset_tag,
+        "os_type": device.os_type,
+        "enroll_status": device.enroll_status,
+        "owner": device.owner,
+        "credential_id": device.credential.id if device.credential else None,
+        "attestation_type": device.credential.attestation_type if device.credential else None,
+    }
+
+
+@dataclass
+class _Pending:
+    device: Device
+    token: Token | None
+    ek_hash: str
+    attestation_type: str
+    ak_public: bytes
+    ak_public_der: bytes
+    secret: bytes
+    nonce: bytes
+    deadline: float
+    collected: dict[str, Any] = field(default_factory=dict)
+
+
+class EnrollmentCeremony:
+    """One enrollment attempt by one authenticated user on one dt-api connection."""
+
+    def __init__(
+        self,
+        store: Store,
+        user: str,
+        *,
+        remote_addr: str | None = None,
+        policy: EnrollPolicy | None = None,
+        step_deadline: float = STEP_DEADLINE,
+    ) -> None:
+        self.store = store
+        self.user = user
+        self.remote_addr = remote_addr
+        self.policy = policy if policy is not None else load_policy(store)
+        self.step_deadline = step_deadline
+        self._pending: _Pending | None = None
+
+    # -- 1. begin -------------------------------------------------------------------------
+
+    def begin(self, msg: EnrollBegin, now: float | None = None) -> EnrollChallenge:
+        now = time.time() if now is None else now
+        tag: str | None = None
+        try:
+            tag = _asset_tag(msg.device_data)
+            if self._pending is not None:
+                raise ProtocolError("an enrollment is already in progress on this connection")
+            device, token = self._authorize(msg, tag, now)
+            ek_hash = attest.ek_pub_hash(msg.ek_public_der)
+            self._check_ek_identity(device, ek_hash)
+            attestation_type = attest.verify_ek(
+                msg.ek_public,
+                msg.ek_cert_der,
+                list(self.policy.trust_roots),
+                registered_ek_hash=device.ek_pub_hash,
+                require_trusted=self.policy.require_trusted_ek,
+            )
+            ak = attest.check_ak(msg.ak_public)
+            secret = secrets.token_bytes(32)
+            blob, encrypted = attest.make_activation_challenge(msg.ek_public, msg.ak_public, secret)
+        except DTError as exc:
+            self._deny(exc, tag, now)
+            raise
+        self._pending = _Pending(
+            device=device,
+            token=token,
+            ek_hash=ek_hash,
+            attestation_type=attestation_type,
+            ak_public=msg.ak_public,
+            ak_public_der=ak.public_der,
+            secret=secret,
+            nonce=secrets.token_bytes(32),
+            deadline=now + self.step_deadline,
+            collected=dict(msg.device_data),
+        )
+        return EnrollChallenge(
+            credential_blob=blob, encrypted_secret=encrypted, nonce=self._pending.nonce
+        )
+
+    def _authorize(self, msg: EnrollBegin, tag: str, now: float) -> tuple[Device, Token | None]:
+        os_type = str(msg.device_data.get("os_type", "linux"))
+        if msg.token:
+            token = check_enroll_token(self.store, msg.token, self.user, now)
+            if token.subject != tag:
+                raise TokenInvalid(f'enrollment token is for device "{token.subject}", not "{tag}"')
+            device = self.store.get_device(tag)
+            self._check_not_owned_by_other(device)
+            return device, token
+        if not msg.current_device:
+            raise TokenInvalid("enrollment needs a token (--token) or --current-device")
+        roles = [r for r in (self.store.find_role(n) for n in self._user_roles()) if r]
+        if not rbac.allows(roles, "device", "enroll"):
+            raise AccessDenied(
+                "enrolling your own device needs the editor or device-admin role; "
+                "ask an admin for an enrollment token"
+            )
+        device = self.store.find_device(tag)
+        if device is None:
+            device = Device(id="", asset_tag=tag, os_type=os_type, owner=self.user)
+        self._check_not_owned_by_other(device)
+        return device, None
+
+    def _user_roles(self) -> tuple[str, ...]:
+        user = self.store.find_user(self.user)
+        return user.roles if user else ()
+
+    def _check_not_owned_by_other(self, device: Device) -> None:
+        if device.enrolled and device.owner and device.owner != self.user:
+            raise AccessDenied(f'device "{device.asset_tag}" is already enrolled by another user')
+
+    def _check_ek_identity(self, device: Device, ek_hash: str) -> None:
+        known = device.ek_pub_hash or (device.credential.ek_pub_hash if device.credential else None)
+        if known and known != ek_hash:
+            raise EKUntrusted(
+                f'device "{device.asset_tag}" is registered with a different TPM '
+                "(endorsement key mismatch)"
+            )
+
+    # -- 2. finish ------------------------------------------------------------------------
+
+    def finish(self, msg: EnrollFinish, now: float | None = None) -> Device:
+        now = time.time() if now is None else now
+        pending = self._pending
+        self._pending = None  # one answer per challenge, right or wrong
+        tag = pending.device.asset_tag if pending else None
+        try:
+            if pending is None:
+                raise ProtocolError("enroll_finish without enroll_begin")
+            if now > pending.deadline:
+                raise NonceExpired("enrollment challenge expired; start again")
+            attest.verify_activation(pending.secret, msg.secret)
+            attest.verify_quote(
+                pending.ak_public,
+                msg.attest,
+                msg.signature,
+                pending.nonce,
+                list(msg.pcr_values),
+                list(msg.pcr_select),
+            )
+            device = self._commit(pending, now)
+        except DTError as exc:
+            self._deny(exc, tag, now)
+            raise
+        return device
+
+    def _commit(self, pending: _Pending, now: float) -> Device:
+        credential = DeviceCredential(
+            id=str(uuid.uuid4()),
+            public_key_der=pending.ak_public_der,
+            attestation_type=pending.attestation_type,
+            ek_pub_hash=pending.ek_hash,
+            ak_public=pending.ak_public,
+        )
+        with self.store.transaction():
+            if pending.token is not None and not self.store.consume_token(
+                pending.token.token_hash, "enroll", now=now, consumer=self.user
+            ):
+                raise TokenInvalid("enrollment token was already used or has expired")
+            current = self.store.find_device(pending.device.asset_tag)
+            if current is not None:
+                self._check_not_owned_by_other(current)
+                self._check_ek_identity(current, pending.ek_hash)
+            base = current or pending.device
+            device = replace(
+                base,
+                enroll_status="enrolled",
+                owner=self.user,
+                credential=credential,
+                ek_pub_hash=pending.ek_hash,
+                collected_data=(*base.collected_data[-9:], {**pending.collected, "time": now}),
+            )
+            device = self.store.update_device(device) if current else self.store.add_device(device)
+            audit.record(
+                self.store,
+                "device.enroll",
+                message=f'Device "{device.asset_tag}"/{device.os_type} enrolled',
+                user=self.user,
+                device=device.asset_tag,
+                remote_addr=self.remote_addr,
+                credential_id=credential.id,
+                attestation_type=credential.attestation_type,
+                token_used=pending.token is not None,
+                now=now,
+            )
+        return device
+
+    def _deny(self, exc: DTError, tag: str | None, now: float) -> None:
+        try:
+            audit.record(
+                self.store,
+                "device.enroll",
+                success=False,
+                message=exc.message,
+                user=self.user,
+                device=tag,
+                remote_addr=self.remote_addr,
+                reason=exc.code,
+                now=now,
+            )
+        except DTError:
+            pass  # the refusal stands even if it cannot be audited
+
+
+def _asset_tag(device_data: dict[str, Any]) -> str:
+    tag = device_data.get("asset_tag")
+    if not isinstance(tag, str) or not rbac.NAME_RE.match(tag):
+        raise ProtocolError("device_data.asset_tag is missing or not a valid asset tag")
+    os_type = device_data.get("os_type", "linux")
+    if os_type not in SUPPORTED_OS:
+        raise ProtocolError(f"device_data.os_type {os_type!r} is not supported")
+    return tag
+
+
+__all__ = ["EnrollmentCeremony", "EnrollPolicy", "AttestationError", "device_view", "load_policy"]

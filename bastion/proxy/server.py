@@ -1,0 +1,351 @@
+"""The SSH front of the bastion: authentication, the dt-api channel, forwarding.
+
+Who checks what:
+
+* asyncssh: the SSH protocol (strict key exchange on), the certificate's signature,
+  validity window and source-address, via a ``cert-authority,principals="-dt-jump"``
+  line for our user CA, so the SSH user name a client presents does not matter.
+* ``_CertCheckingConnection``: asyncssh does not expose certificate extensions, so
+  we wrap the connection's ``validate_public_key`` to see the raw certificate blob
+  first, parse it with cryptography and apply :func:`policy.check_certificate`
+  (serial issued here and not revoked, user exists and is unlocked).
+* :mod:`bastion.proxy.policy`: every forwarding decision, made per channel and again
+  whenever the state changes (:mod:`bastion.proxy.sessions`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections import defaultdict
+from typing import Any
+
+import asyncssh
+
+from bastion import accounts, audit
+from bastion.ca.certs import parse_cert
+from bastion.ca.keys import public_line
+from bastion.cluster import Cluster
+from bastion.config import BastionConfig
+from bastion.errors import AccessDenied, DTError
+from bastion.proxy import policy
+from bastion.proxy.api import ApiIdentity, ApiSession
+from bastion.proxy.sessions import CountingForwarder, LiveSession, Registry
+from bastion.wire import LineReader
+
+log = logging.getLogger("bastion.server")
+SIGNUP_USER = "-dt-signup"
+USAGE = (
+    "This is a dt-bastion jump host: it offers no shell.\r\n"
+    "Reach a node with:  ssh -J {host} LOGIN@NODE   (see: dtclient ls)\r\n"
+)
+
+
+class Bastion:
+    """Shared state of one running bastion: cluster, config, registry, counters."""
+
+    def __init__(self, cluster: Cluster, config: BastionConfig) -> None:
+        self.cluster = cluster
+        self.store = cluster.store
+        self.config = config
+        self.registry = Registry(cluster.store, config.revision_poll_interval)
+        self.authorized_keys = asyncssh.import_authorized_keys(
+            f'cert-authority,principals="-dt-jump" {public_line(cluster.ca.user_ca.public_key())}\n'
+        )
+        self.signup = accounts.Signup(cluster.store, cluster.name)
+        self.lockout = accounts.LockoutPolicy(
+            config.lockout_max_failures, config.lockout_window, config.lockout_duration
+        )
+        self.connections = 0
+        self.per_source: dict[str, int] = defaultdict(int)
+        self.auth_failures: dict[str, list[float]] = defaultdict(list)
+
+    def too_many_failures(self, addr: str, now: float) -> bool:
+        recent = [t for t in self.auth_failures.get(addr, ()) if t > now - 60]
+        if recent:
+            self.auth_failures[addr] = recent
+        else:
+            self.auth_failures.pop(addr, None)
+        return len(recent) >= self.config.max_auth_failures_per_source
+
+    def note_failure(self, addr: str) -> None:
+        self.auth_failures[addr].append(time.monotonic())
+
+
+class BastionServer(asyncssh.SSHServer):
+    """One per SSH connection."""
+
+    def __init__(self, bastion: Bastion) -> None:
+        self.bastion = bastion
+        self.store = bastion.store
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.remote_addr: str | None = None
+        self.identity: policy.Identity | None = None
+        self.api_identity: ApiIdentity | None = None
+        self._audited: set[str] = set()
+        self._counted = False
+
+    # -- connection lifecycle -----------------------------------------------------------------
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        peer = conn.get_extra_info("peername") or ("?", 0)
+        self.remote_addr = str(peer[0])
+        b = self.bastion
+        if b.connections >= b.config.max_connections:
+            self._refuse(conn, "the bastion is at its connection limit; try again later")
+            return
+        if b.per_source[self.remote_addr] >= b.config.max_connections_per_source:
+            self._refuse(conn, "too many connections from your address")
+            return
+        if b.too_many_failures(self.remote_addr, time.monotonic()):
+            self._refuse(conn, "too many failed logins from your address; wait a minute")
+            return
+        b.connections += 1
+        b.per_source[self.remote_addr] += 1
+        self._counted = True
+        original = conn.validate_public_key
+        conn.validate_public_key = functools.partial(self._validate_public_key, original)  # type: ignore[method-assign]
+
+    def _refuse(self, conn: asyncssh.SSHServerConnection, reason: str) -> None:
+        self._audit_once("auth.failed", reason)
+        conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS, reason)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._counted:
+            b = self.bastion
+            b.connections -= 1
+            b.per_source[self.remote_addr or "?"] -= 1
+            if b.per_source[self.remote_addr or "?"] <= 0:
+                b.per_source.pop(self.remote_addr or "?", None)
+            self._counted = False
+
+    def _audit_once(self, event: str, reason: str, user: str | None = None) -> None:
+        if reason in self._audited:
+            return
+        self._audited.add(reason)
+        try:
+            audit.record(
+                self.store,
+                event,
+                success=False,
+                message=reason,
+                user=user,
+                remote_addr=self.remote_addr,
+            )
+        except DTError:
+            log.exception("could not audit %s", event)
+
+    # -- authentication ----------------------------------------------------------------------------
+
+    def begin_auth(self, username: str) -> bool:
+        assert self.conn is not None
+        self.conn.set_authorized_keys(self.bastion.authorized_keys)
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def kbdint_auth_supported(self) -> bool:
+        return True
+
+    async def _validate_public_key(
+        self, original: Any, username: str, key_data: bytes, msg: bytes, signature: bytes
+    ) -> bool:
+        """See the certificate blob before asyncssh does (see module docstring)."""
+        try:
+            cert = parse_cert(_openssh_line(key_data))
+            identity = policy.check_certificate(
+                cert, self.store, self.bastion.cluster.ca.user_ca_fingerprint, time.time()
+            )
+        except DTError as exc:
+            if msg:
+                self.bastion.note_failure(self.remote_addr or "?")
+            self._audit_once("auth.failed", exc.message, _user_of(key_data))
+            return False
+        ok = await original(username, key_data, msg, signature)
+        if ok and msg:
+            self.identity = identity
+            self.api_identity = ApiIdentity(identity.user, "certificate", self.remote_addr)
+        elif not ok and msg:
+            self._audit_once("auth.failed", "certificate refused by the SSH layer", identity.user)
+        return bool(ok)
+
+    def get_kbdint_challenge(
+        self, username: str, lang: str, submethods: str
+    ) -> tuple[str, str, str, list[tuple[str, bool]]]:
+        if username == SIGNUP_USER:
+            return ("dt-bastion signup", "", "", [("Signup token: ", False)])
+        return ("dt-bastion login", "", "", [("Password: ", False), ("One-time code: ", True)])
+
+    async def validate_kbdint_response(self, username: str, responses: list[str]) -> bool:
+        addr = self.remote_addr or "?"
+        if self.bastion.too_many_failures(addr, time.monotonic()):
+            self._audit_once("auth.failed", "too many failed logins from this address", username)
+            return False
+        try:
+            if username == SIGNUP_USER and len(responses) == 1:
+                user = accounts.signup_token_user(self.store, responses[0].strip())
+                self.api_identity = ApiIdentity(user, "signup", addr, responses[0].strip())
+                return True
+            if len(responses) != 2:
+                return False
+            user_record = await asyncio.to_thread(
+                accounts.check_password_login,
+                self.store,
+                username,
+                responses[0],
+                responses[1],
+                remote_addr=addr,
+                policy=self.bastion.lockout,
+            )
+        except DTError as exc:
+            self.bastion.note_failure(addr)
+            if username == SIGNUP_USER:
+                self._audit_once("auth.failed", f"signup: {exc.message}")
+            return False
+        self.api_identity = ApiIdentity(user_record.name, "password", addr)
+        return True
+
+    # -- channels ------------------------------------------------------------------------------------
+
+    def session_requested(self) -> Any:
+        return self._session
+
+    async def _session(
+        self, stdin: asyncssh.SSHReader, stdout: asyncssh.SSHWriter, stderr: asyncssh.SSHWriter
+    ) -> None:
+        chan = stdout.channel
+        subsystem = chan.get_subsystem()
+        identity = self.api_identity
+        if subsystem == "dt-api" and identity is not None:
+            if self.identity is not None and self.identity.force_command is not None:
+                stderr.write(b"dt-api: certificates with force-command cannot use dt-api\r\n")
+                chan.exit(1)
+                return
+            session = ApiSession(
+                self.bastion.cluster,
+                identity,
+                step_timeout=self.bastion.config.api_step_timeout,
+                signup=self.bastion.signup,
+            )
+            try:
+                await session.run(LineReader(stdin), stdout)
+            finally:
+                chan.exit(0)
+            return
+        what = f"subsystem {subsystem!r}" if subsystem else (chan.get_command() or "a shell")
+        self._audit_once(
+            "session.denied",
+            f"{what} refused: the bastion offers no shell",
+            identity.user if identity else None,
+        )
+        host = self.bastion.config.names()[0]
+        stderr.write(USAGE.format(host=host).encode())
+        chan.exit(1)
+
+    def connection_requested(
+        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+    ) -> Any:
+        now = time.time()
+        identity = self.identity
+        try:
+            if identity is None:
+                raise AccessDenied("log in with a certificate first (dtclient login)")
+            node = policy.resolve_node(self.store, dest_host, dest_port)
+            policy.check_node_access(self.store, identity, node, now)
+        except DTError as exc:
+            audit.record(
+                self.store,
+                "session.denied",
+                success=False,
+                message=exc.message,
+                user=identity.user if identity else None,
+                device=identity.asset_tag if identity else None,
+                remote_addr=self.remote_addr,
+                target=f"{dest_host}:{dest_port}",
+            )
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, exc.message
+            ) from None
+        assert self.conn is not None
+        chan = self.conn.create_tcp_channel()
+        return chan, self._forward(chan, identity, node)
+
+    async def _forward(self, chan: Any, identity: policy.Identity, node: Any) -> CountingForwarder:
+        bastion = self.bastion
+        live = LiveSession(identity, node, self.remote_addr, chan.close)
+        loop = asyncio.get_running_loop()
+        try:
+            _, peer = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: CountingForwarder(bastion.registry, live, upstream=False),
+                    node.host,
+                    node.port,
+                ),
+                bastion.config.node_connect_timeout,
+            )
+        except (OSError, TimeoutError) as exc:
+            reason = f"node {node.name} ({node.addr}) is unreachable: {_why(exc)}"
+            audit.record(
+                self.store,
+                "session.denied",
+                success=False,
+                message=reason,
+                user=identity.user,
+                device=identity.asset_tag,
+                remote_addr=self.remote_addr,
+                node=node.name,
+            )
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, reason) from None
+        bastion.registry.add(live)
+        return CountingForwarder(bastion.registry, live, upstream=True, peer=peer)
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "no answer (timed out)"
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def _openssh_line(key_data: bytes) -> bytes:
+    import base64
+
+    name_len = int.from_bytes(key_data[:4], "big") if len(key_data) >= 4 else 0
+    name = key_data[4 : 4 + name_len]
+    return name + b" " + base64.b64encode(key_data)
+
+
+def _user_of(key_data: bytes) -> str | None:
+    try:
+        return parse_cert(_openssh_line(key_data)).user
+    except DTError:
+        return None
+
+
+async def start_server(bastion: Bastion, host_key_path: str, host_cert_path: str) -> Any:
+    """Listen; returns the asyncssh acceptor (``.close()``, ``.sockets``)."""
+    config = bastion.config
+    return await asyncssh.create_server(
+        lambda: BastionServer(bastion),
+        config.listen_host,
+        config.listen_port,
+        server_host_keys=[(host_key_path, host_cert_path)],
+        login_timeout=config.login_timeout,
+        keepalive_interval=config.keepalive_interval,
+        keepalive_count_max=config.keepalive_count_max,
+        agent_forwarding=False,
+        x11_forwarding=False,
+        allow_scp=False,
+        allow_pty=True,
+        line_editor=False,
+        encoding=None,
+        server_version="dt-bastion",
+        config=None,
+        reuse_address=True,
+    )

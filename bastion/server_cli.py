@@ -1,0 +1,104 @@
+"""``dt-bastion serve``: run the bastion until SIGTERM/SIGINT, then end sessions cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bastion import console
+from bastion.cluster import Cluster, default_state_dir
+from bastion.config import BastionConfig, load_config, parse_listen
+
+app = typer.Typer(
+    help="dt-bastion: the SSH jump host and CA endpoint of a device-trusted cluster.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+log = logging.getLogger("bastion")
+
+
+@app.callback()
+def _root() -> None:
+    """dt-bastion server."""
+
+
+@app.command()
+def serve(
+    state: Annotated[
+        Path | None, typer.Option("--state", help="Cluster state directory (default: $DT_STATE).")
+    ] = None,
+    listen: Annotated[
+        str | None, typer.Option("--listen", help="HOST:PORT to listen on (default 0.0.0.0:3022).")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="TOML file with [bastion] settings.")
+    ] = None,
+    host_name: Annotated[
+        list[str] | None,
+        typer.Option("--host-name", help="Name clients use for this bastion (repeatable)."),
+    ] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info or warning.")] = "info",
+) -> None:
+    """Serve SSH: certificate and password logins, dt-api, and ssh -J forwarding.
+
+    Example: dt-bastion serve --state /var/lib/dt-bastion --listen 0.0.0.0:3022
+    """
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    host, port = parse_listen(listen) if listen else (None, None)
+    cfg = load_config(
+        config,
+        state_dir=state or default_state_dir(),
+        listen_host=host,
+        listen_port=port,
+        host_names=tuple(host_name) if host_name else None,
+    )
+    try:
+        import uvloop  # optional: faster event loop when installed
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(_serve(cfg))
+
+
+async def _serve(cfg: BastionConfig) -> None:
+    from bastion.proxy.server import Bastion, start_server
+
+    cluster = Cluster.open(cfg.state_dir)
+    cert_path = cluster.ensure_bastion_host_cert(cfg.names())
+    bastion = Bastion(cluster, cfg)
+    acceptor = await start_server(bastion, str(cluster.bastion_host_key_path()), str(cert_path))
+    bastion.registry.start()
+    addrs = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in acceptor.sockets)
+    log.info("dt-bastion serving cluster %s on %s", cluster.name, addrs)
+    print(f"dt-bastion ready on {addrs}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("dt-bastion stopping: ending live sessions")
+    acceptor.close()
+    await bastion.registry.stop("bastion shutting down")
+    await acceptor.wait_closed()
+    cluster.close()
+
+
+def main() -> None:
+    console.run_cli(app, "dt-bastion")
+
+
+if __name__ == "__main__":
+    main()

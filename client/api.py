@@ -1,0 +1,202 @@
+"""The client end of the dt-api subsystem: one SSH connection to the bastion.
+
+Host trust comes first: the bastion presents a host certificate, and the client
+accepts it only if it is signed by a host CA it already trusts, or — on first
+contact — by a CA whose fingerprint matches ``--ca-pin`` or that the person accepts
+at a prompt. asyncssh asks us (``validate_host_ca_key``) during key exchange, before
+any password or code is sent, so a man in the middle never sees them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncssh
+
+from bastion import wire
+from bastion.ca.certs import load_public_key
+from bastion.ca.keys import fingerprint
+from bastion.errors import (
+    AuthenticationFailed,
+    ConnectionFailed,
+    DTError,
+    ProtocolError,
+    UsageError,
+)
+
+CLIENT_NAME = "dtclient/0.1"
+SUBSYSTEM = "dt-api"
+SIGNUP_USER = "-dt-signup"
+CONNECT_TIMEOUT = 15.0
+STEP_TIMEOUT = 60.0  # a real TPM can take seconds per step on the client side
+
+
+@dataclass
+class HostTrust:
+    """Which host CAs to accept, and how to decide about a new one."""
+
+    trusted: tuple[str, ...] = ()  # OpenSSH public key lines
+    pin: str | None = None  # SHA256:... of the host CA
+    # Asked on first contact without a pin: (fingerprint) -> accept?
+    confirm: Callable[[str], bool] | None = None
+    accepted: list[str] = field(default_factory=list)  # CA lines accepted this time
+    refused: str | None = None  # why a CA was refused, for the error message
+
+
+@dataclass
+class Credentials:
+    """How to authenticate: a password and TOTP code, a signup token, or a certificate."""
+
+    user: str
+    password: str | None = None
+    totp_code: str | None = None
+    signup_token: str | None = None
+    client_key: Any = None  # asyncssh private key
+    certificate: Any = None  # asyncssh certificate
+
+
+class _Client(asyncssh.SSHClient):
+    def __init__(self, trust: HostTrust, creds: Credentials) -> None:
+        self.trust = trust
+        self.creds = creds
+        self._answered = False
+
+    def validate_host_ca_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
+        line = key.export_public_key("openssh").decode().strip()
+        fp = fingerprint(load_public_key(line.encode()))
+        if self.trust.pin is not None:
+            if fp != self.trust.pin:
+                self.trust.refused = (
+                    f"the bastion's host CA is {fp}, not the pinned {self.trust.pin}: "
+                    "refusing to connect (possible man in the middle)"
+                )
+                return False
+        elif self.trust.confirm is None or not self.trust.confirm(fp):
+            self.trust.refused = f"the bastion's host CA {fp} is not trusted"
+            return False
+        self.trust.accepted.append(line)
+        return True
+
+    def kbdint_auth_requested(self) -> str | None:
+        return ""  # let the server choose its submethods
+
+    def kbdint_challenge_received(
+        self, name: str, instructions: str, lang: str, prompts: list[tuple[str, bool]]
+    ) -> list[str] | None:
+        if self._answered and not prompts:
+            return []
+        answers = []
+        for prompt, _echo in prompts:
+            answers.append(self._answer(prompt.lower()))
+        self._answered = True
+        return answers
+
+    def _answer(self, prompt: str) -> str:
+        if "token" in prompt and self.creds.signup_token is not None:
+            return self.creds.signup_token
+        if "password" in prompt and self.creds.password is not None:
+            return self.creds.password
+        if "code" in prompt and self.creds.totp_code is not None:
+            return self.creds.totp_code
+        return ""
+
+
+class ApiSession:
+    """A dt-api session: send one message, read one answer, with a deadline."""
+
+    def __init__(self, conn: asyncssh.SSHClientConnection, writer: Any, reader: Any) -> None:
+        self.conn = conn
+        self._writer = writer
+        self._reader = reader
+        self.welcome: Any = None
+
+    async def send(self, msg: Any) -> None:
+        await wire.write_message(self._writer, msg)
+
+    async def call(self, msg: Any, expect: Any, timeout: float = STEP_TIMEOUT) -> Any:
+        await self.send(msg)
+        return await self.receive(expect, timeout)
+
+    async def receive(self, expect: Any, timeout: float = STEP_TIMEOUT) -> Any:
+        """The next message, which must be of ``expect`` (a class or a tuple of them)."""
+        try:
+            answer = await wire.read_message(self._reader, timeout)
+        except (asyncssh.Error, ConnectionError, asyncio.IncompleteReadError) as exc:
+            raise ConnectionFailed(f"the bastion closed the dt-api session: {exc}") from None
+        wire.raise_if_error(answer)
+        if not isinstance(answer, expect):
+            raise ProtocolError(f"dt-api: unexpected {wire.type_name(answer)!r} from the bastion")
+        return answer
+
+    async def close(self) -> None:
+        try:
+            self._writer.write_eof()
+        except (OSError, asyncssh.Error):
+            pass
+        self.conn.close()
+        await self.conn.wait_closed()
+
+
+async def open_session(host: str, port: int, creds: Credentials, trust: HostTrust) -> ApiSession:
+    """Connect, authenticate, open the dt-api subsystem and say hello."""
+    ca_keys = [asyncssh.import_public_key(line) for line in trust.trusted]
+    options: dict[str, Any] = {
+        "username": creds.user,
+        # (trusted host keys, trusted CA keys, revoked keys): never ~/.ssh/known_hosts
+        "known_hosts": ([], ca_keys, []),
+        "agent_path": None,
+        "config": None,
+        "connect_timeout": CONNECT_TIMEOUT,
+        "password_auth": False,
+        "kbdint_auth": creds.client_key is None,
+        "public_key_auth": creds.client_key is not None,
+        "client_keys": [(creds.client_key, creds.certificate)] if creds.client_key else None,
+    }
+    try:
+        conn, _ = await asyncssh.create_connection(
+            lambda: _Client(trust, creds), host, port, **options
+        )
+    except asyncssh.HostKeyNotVerifiable as exc:
+        raise ConnectionFailed(
+            trust.refused or f"cannot verify the bastion: {exc.reason}"
+        ) from None
+    except asyncssh.PermissionDenied as exc:
+        raise AuthenticationFailed(_denied_message(exc.reason)) from None
+    except asyncssh.DisconnectError as exc:
+        raise ConnectionFailed(f"the bastion refused the connection: {exc.reason}") from None
+    except (TimeoutError, OSError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise ConnectionFailed(f"cannot reach the bastion at {host}:{port}: {reason}") from None
+    try:
+        writer, reader, _ = await conn.open_session(subsystem=SUBSYSTEM, encoding=None)
+        session = ApiSession(conn, writer, wire.LineReader(reader))
+        session.welcome = await session.call(
+            wire.Hello(version=wire.PROTOCOL_VERSION, client=CLIENT_NAME), wire.Welcome
+        )
+    except (asyncssh.Error, OSError) as exc:
+        conn.close()
+        raise ConnectionFailed(f"the bastion refused the dt-api subsystem: {exc}") from None
+    except DTError:
+        conn.close()
+        raise
+    return session
+
+
+def _denied_message(reason: str) -> str:
+    reason = (reason or "").strip()
+    if not reason or reason.lower().startswith("permission denied"):
+        return "login failed: wrong user name, password or code (or the account is locked)"
+    return f"login failed: {reason}"
+
+
+def parse_pin(pin: str | None) -> str | None:
+    if pin is None:
+        return None
+    if not pin.startswith("SHA256:") or len(pin) < 20:
+        raise UsageError(
+            f"invalid --ca-pin {pin!r}: expected SHA256:... as `dtadmin ca export` prints"
+        )
+    return pin

@@ -1,0 +1,505 @@
+"""``dtclient``: what users run — signup, login, status, ls, ssh, config, logout, device.
+
+Every prompt (password, code, host-CA trust) reads a line from standard input when it
+is not a terminal, in the order asked, so scripts and tests can drive it. Every
+failure ends in one line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Annotated, Any
+
+import asyncssh
+import typer
+
+from bastion import console, wire
+from bastion.console import Format
+from bastion.errors import ConnectionFailed, DTError, NotLoggedIn, TPMError, UsageError
+from client import ceremony
+from client.api import ApiSession, Credentials, HostTrust, open_session, parse_pin
+from client.profile import (
+    DeviceState,
+    Home,
+    Profile,
+    split_hostport,
+    ssh_config,
+    status_lines,
+    status_view,
+)
+
+app = typer.Typer(
+    help="dt-bastion client: log in, see where you can go, and SSH there from a trusted device.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+device_app = typer.Typer(
+    help="Enroll this device and show what it reports.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(device_app, name="device")
+
+ProxyOpt = Annotated[
+    str, typer.Option("--proxy", help="The bastion, HOST:PORT (port 3022 if omitted).")
+]
+PinOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ca-pin", help="Expected host CA fingerprint (SHA256:...), from `dtadmin ca export`."
+    ),
+]
+TpmOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--tpm",
+        help="TPM TCTI, e.g. swtpm:host=127.0.0.1,port=2321 (default: DT_TPM_TCTI or /dev/tpmrm0).",
+    ),
+]
+FormatOpt = Annotated[Format, typer.Option("--format", help="Output format.")]
+
+
+# -- prompts ------------------------------------------------------------------------------
+
+
+def ask(prompt: str, *, secret: bool = False) -> str:
+    """Ask a person, or read the next line of stdin when it is not a terminal."""
+    if sys.stdin.isatty():
+        return getpass.getpass(prompt) if secret else input(prompt)
+    line = sys.stdin.readline()
+    if not line:
+        raise UsageError(f"no answer on standard input for: {prompt.strip()}")
+    return line.rstrip("\r\n")
+
+
+def confirm_ca(fingerprint: str) -> bool:
+    console.note(f"The bastion's host CA is {fingerprint}.")
+    answer = ask("Trust this cluster's host CA? [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _trust(home: Home, pin: str | None) -> HostTrust:
+    return HostTrust(trusted=home.trusted_host_cas(), pin=parse_pin(pin), confirm=confirm_ca)
+
+
+def _run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+# -- signup ---------------------------------------------------------------------------------
+
+
+@app.command()
+def signup(
+    proxy: ProxyOpt,
+    token: Annotated[str, typer.Option("--token", help="The signup token your admin gave you.")],
+    ca_pin: PinOpt = None,
+) -> None:
+    """Set your password and one-time-code app, with the token from `dtadmin users add`.
+
+    Example: dtclient signup --proxy bastion.example.com:3022 --token Xy...
+    """
+    home = Home()
+    host, port = split_hostport(proxy)
+    _run(_signup(home, host, port, token.strip(), _trust(home, ca_pin)))
+
+
+async def _signup(home: Home, host: str, port: int, token: str, trust: HostTrust) -> None:
+    from bastion.credentials import check_token_format
+
+    check_token_format(token)
+    with console.spinner(f"Connecting to {host}:{port}"):
+        session = await open_session(
+            host, port, Credentials("-dt-signup", signup_token=token), trust
+        )
+    try:
+        info = await session.call(wire.SignupBegin(token=token), wire.SignupInfo)
+        console.say(f"Signing up as {info.user}.")
+        _show_totp(info.totp_uri)
+        password = ask(
+            f"New password (at least {info.min_password_length} characters): ", secret=True
+        )
+        again = ask("Repeat the password: ", secret=True)
+        if password != again:
+            raise UsageError("the two passwords differ; nothing was changed")
+        code = ask("One-time code from your app, to confirm: ")
+        await session.call(
+            wire.SignupFinish(token=token, password=password, totp_code=code.strip()), wire.Ok
+        )
+    finally:
+        await session.close()
+    home.trust_host_cas(tuple(trust.accepted) or trust.trusted, session.welcome.cluster)
+    console.say(f"Signed up. Now run: dtclient login --proxy {host}:{port} --user {info.user}")
+
+
+def _show_totp(uri: str) -> None:
+    console.say("Add this account to your authenticator app (scan the code or use the URI):")
+    console.say(uri)
+    try:
+        import qrcode
+
+        qr = qrcode.QRCode(border=1)
+        qr.add_data(uri)
+        if sys.stdout.isatty():
+            qr.print_ascii(invert=True)
+    except Exception:  # a QR code is a convenience; the URI above is enough
+        pass
+
+
+# -- login --------------------------------------------------------------------------------------
+
+
+@app.command()
+def login(
+    proxy: ProxyOpt,
+    user: Annotated[str, typer.Option("--user", help="Your dt-bastion user name.")],
+    ca_pin: PinOpt = None,
+    ttl: Annotated[
+        str | None,
+        typer.Option("--ttl", help="Certificate lifetime, e.g. 1h (capped by your roles)."),
+    ] = None,
+    tpm: TpmOpt = None,
+) -> None:
+    """Log in with password and one-time code; get a fresh key and certificate.
+
+    If this device is enrolled, the certificate also carries the device extensions
+    (your TPM answers a fresh challenge). Example:
+    dtclient login --proxy bastion.example.com:3022 --user alice
+    """
+    from bastion.durations import parse_duration
+
+    home = Home()
+    host, port = split_hostport(proxy)
+    ttl_seconds = parse_duration(ttl) if ttl else None
+    password = ask(f"Password for {user}: ", secret=True)
+    code = ask("One-time code: ")
+    creds = Credentials(user, password=password, totp_code=code.strip())
+    profile = _run(_login(home, host, port, creds, _trust(home, ca_pin), ttl_seconds, tpm))
+    _print_status(home, profile)
+
+
+async def _login(
+    home: Home,
+    host: str,
+    port: int,
+    creds: Credentials,
+    trust: HostTrust,
+    ttl: int | None,
+    tcti: str | None,
+) -> Profile:
+    with console.spinner(f"Logging in to {host}:{port}"):
+        session = await open_session(host, port, creds, trust)
+    try:
+        cluster = session.welcome.cluster
+        key = asyncssh.generate_private_key("ssh-ed25519", comment=f"{creds.user}@dt-bastion")
+        public_line = key.export_public_key("openssh").decode().strip()
+        issued = await _request_cert(session, home, cluster, public_line, ttl, tcti)
+    finally:
+        await session.close()
+    host_cas = tuple(issued.host_ca_keys)
+    profile = Profile(
+        proxy=f"{host}:{port}",
+        user=creds.user,
+        cluster=cluster,
+        roles=tuple(issued.roles),
+        logins=tuple(issued.logins),
+        host_ca_keys=host_cas,
+        ca_pin=trust.pin or "",
+        device_warning=issued.device_warning,
+    )
+    home.save_credentials(key.export_private_key("openssh"), public_line, issued.certificate)
+    home.save_profile(profile)
+    home.trust_host_cas(host_cas, cluster)
+    await _add_to_agent(home)
+    if issued.device_warning:
+        console.note(issued.device_warning)
+    return profile
+
+
+async def _request_cert(
+    session: ApiSession,
+    home: Home,
+    cluster: str,
+    public_line: str,
+    ttl: int | None,
+    tcti: str | None,
+) -> Any:
+    device = home.load_device()
+    use_device = device is not None and device.cluster == cluster
+    await session.send(wire.CertRequest(public_key=public_line, device=use_device, ttl_seconds=ttl))
+    if not use_device:
+        return await session.receive(wire.CertIssued)
+    answer = await session.receive((wire.DeviceChallenge, wire.CertIssued))
+    if isinstance(answer, wire.CertIssued):
+        return answer  # device trust is off for this cluster: no ceremony
+    assert device is not None
+    try:
+        with console.spinner("Asking this device's TPM to prove it is here"):
+            response = _device_response(device, tcti, answer.nonce, public_line, home)
+    except TPMError as exc:
+        console.note(f"device authentication skipped: {exc.message}")
+        await session.send(wire.Error(code=exc.code, message=exc.message))
+        return await session.receive(wire.CertIssued)
+    try:
+        return await session.call(response, wire.CertIssued)
+    except DTError as exc:
+        raise type(exc)(
+            f"device authentication failed: {exc.message}. If this device was unenrolled, "
+            "run `dtclient device enroll` again (or log in after `rm ~/.dt/device.json`)."
+        ) from None
+
+
+def _device_response(
+    device: DeviceState, tcti: str | None, nonce: bytes, public_line: str, home: Home
+) -> wire.DeviceResponse:
+    from client.tpm import TPM
+
+    with TPM.open(tcti or device.tpm or None) as tpm:
+        return ceremony.device_response(tpm, home.tpm_dir, nonce, public_line, device)
+
+
+async def _add_to_agent(home: Home) -> None:
+    if not os.environ.get("SSH_AUTH_SOCK"):
+        return
+    try:
+        cert = home.load_cert()
+        lifetime = max(60, int(cert.valid_before - time.time()))
+        agent = await asyncssh.connect_agent()
+        keypair = asyncssh.load_keypairs([(str(home.key_path), str(home.cert_path))])
+        await agent.add_keys(keypair, lifetime=lifetime)
+        agent.close()
+    except (OSError, asyncssh.Error, ValueError) as exc:
+        console.note(f"could not add the key to ssh-agent: {exc}")
+
+
+# -- status, ls, config, ssh, logout -----------------------------------------------------------
+
+
+def _print_status(home: Home, profile: Profile) -> None:
+    view = status_view(profile, home.load_cert())
+    for line in status_lines(view):
+        console.say(line)
+
+
+@app.command()
+def status(fmt: FormatOpt = Format.text) -> None:
+    """Show who you are logged in as, your roles and logins, and the certificate's validity."""
+    home = Home()
+    profile = home.load_profile()
+    view = status_view(profile, home.load_cert())
+    if fmt is Format.json:
+        console.print_json(view)
+    else:
+        for line in status_lines(view):
+            console.say(line)
+    if view["expired"]:
+        raise typer.Exit(1)
+
+
+@app.command(name="ls")
+def list_nodes(fmt: FormatOpt = Format.text) -> None:
+    """List the nodes you may reach through the bastion."""
+    home = Home()
+    profile = home.load_profile()
+    nodes = _run(_with_cert_session(home, profile, _ls))
+    if fmt is Format.json:
+        console.print_json(nodes)
+        return
+    rows = [
+        (
+            n["name"],
+            f"{n['addr']}:{n['port']}",
+            ",".join(f"{k}={v}" for k, v in sorted(n["labels"].items())),
+        )
+        for n in nodes
+    ]
+    console.print_table(["Node", "Address", "Labels"], rows, empty="(no nodes you may reach)")
+
+
+async def _ls(session: ApiSession) -> list[dict[str, Any]]:
+    return list((await session.call(wire.ListNodes(), wire.Nodes)).nodes)
+
+
+async def _with_cert_session(home: Home, profile: Profile, action: Any) -> Any:
+    cert = home.load_cert()
+    if not cert.valid_at(time.time()):
+        raise NotLoggedIn("your certificate has expired (run: dtclient login)")
+    key = asyncssh.read_private_key(str(home.key_path))
+    certificate = asyncssh.read_certificate(str(home.cert_path))
+    trust = HostTrust(trusted=profile.host_ca_keys)
+    with console.spinner(f"Asking {profile.proxy}"):
+        session = await open_session(
+            profile.host,
+            profile.port,
+            Credentials("dt", client_key=key, certificate=certificate),
+            trust,
+        )
+        try:
+            return await action(session)
+        finally:
+            await session.close()
+
+
+@app.command()
+def config() -> None:
+    """Print an ssh_config block so plain `ssh -J bastion login@node` works.
+
+    Example: dtclient config > ~/.ssh/dt_config; ssh -F ~/.ssh/dt_config root@node-1
+    """
+    home = Home()
+    console.say(ssh_config(home.load_profile(), home))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def ssh(
+    ctx: typer.Context,
+    target: Annotated[str, typer.Argument(help="[LOGIN@]NODE: a node name from `dtclient ls`.")],
+) -> None:
+    """Run the system ssh to NODE through the bastion; the remote exit code comes back.
+
+    Example: dtclient ssh root@node-1 uptime
+    """
+    home = Home()
+    profile = home.load_profile()
+    if shutil.which("ssh") is None:
+        raise UsageError("the OpenSSH client (ssh) is not installed")
+    config_path = home.root / "ssh_config"
+    from bastion.ca.keys import atomic_write
+
+    atomic_write(config_path, ssh_config(profile, home).encode(), 0o600)
+    login, _, node = target.rpartition("@")
+    if not login:
+        logins = [x for x in profile.logins]
+        if not logins:
+            raise UsageError("your roles grant no logins; ask an admin")
+        login = logins[0]
+    args = ["ssh", "-F", str(config_path), f"{login}@{node}", *ctx.args]
+    raise typer.Exit(subprocess.call(args))
+
+
+@app.command()
+def logout() -> None:
+    """Delete your key and certificate (and remove them from ssh-agent)."""
+    home = Home()
+    if os.environ.get("SSH_AUTH_SOCK") and home.key_path.exists():
+        _run(_remove_from_agent(home))
+    removed = home.remove_credentials()
+    console.say("Logged out." if removed else "Not logged in; nothing to remove.")
+
+
+async def _remove_from_agent(home: Home) -> None:
+    try:
+        agent = await asyncssh.connect_agent()
+        keypair = asyncssh.load_keypairs([(str(home.key_path), str(home.cert_path))])
+        await agent.remove_keys(keypair)
+        agent.close()
+    except (OSError, asyncssh.Error, ValueError):
+        pass
+
+
+# -- device ---------------------------------------------------------------------------------------
+
+
+@device_app.command("enroll")
+def device_enroll(
+    token: Annotated[
+        str | None, typer.Option("--token", help="An enrollment token from your admin.")
+    ] = None,
+    current_device: Annotated[
+        bool,
+        typer.Option(
+            "--current-device", help="Enroll this device yourself (editor or device-admin role)."
+        ),
+    ] = False,
+    tpm: TpmOpt = None,
+    asset_tag: Annotated[
+        str | None,
+        typer.Option("--asset-tag", help="Enroll under this asset tag instead of the serial."),
+    ] = None,
+) -> None:
+    """Enroll this device: its TPM proves itself to the bastion.
+
+    Log in first (dtclient login), enroll, then log in again so your certificate
+    carries the device. Example: dtclient device enroll --token Xy...
+    """
+    if bool(token) == current_device:
+        raise UsageError("give exactly one of --token or --current-device")
+    home = Home()
+    profile = home.load_profile()
+    device = _run(
+        _with_cert_session(
+            home, profile, lambda s: _enroll(s, home, tpm, token, current_device, asset_tag)
+        )
+    )
+    home.save_device(
+        DeviceState(
+            asset_tag=device["asset_tag"],
+            credential_id=device["credential_id"],
+            cluster=profile.cluster,
+            tpm=tpm or os.environ.get("DT_TPM_TCTI", ""),
+        )
+    )
+    console.say(f'Device "{device["asset_tag"]}"/{device["os_type"]} registered and enrolled')
+    console.note("Log in again (dtclient login) to get a certificate with the device extensions.")
+
+
+async def _enroll(
+    session: ApiSession,
+    home: Home,
+    tcti: str | None,
+    token: str | None,
+    current_device: bool,
+    tag: str | None,
+) -> dict[str, Any]:
+    from client.tpm import TPM
+
+    with (
+        TPM.open(tcti) as tpm,
+        console.spinner("Enrolling: the TPM answers the bastion's challenge"),
+    ):
+        return await ceremony.enroll(
+            session, tpm, home.tpm_dir, token=token, current_device=current_device, tag_override=tag
+        )
+
+
+@device_app.command("collect")
+def device_collect(tpm: TpmOpt = None, fmt: FormatOpt = Format.text) -> None:
+    """Show the data this device reports at enrollment."""
+    from client.device import collect
+    from client.tpm import TPM
+
+    with TPM.open(tpm) as t:
+        data = collect(t.endorsement().public_der)
+    if fmt is Format.json:
+        console.print_json(data)
+    else:
+        console.print_table(["Field", "Value"], sorted(data.items()))
+
+
+@device_app.command("asset-tag")
+def device_asset_tag(tpm: TpmOpt = None) -> None:
+    """Print the asset tag this device enrolls under."""
+    from client.device import asset_tag
+    from client.tpm import TPM
+
+    try:
+        console.say(asset_tag(None))
+        return
+    except ValueError:
+        pass
+    with TPM.open(tpm) as t:
+        console.say(asset_tag(t.endorsement().public_der))
+
+
+def main() -> None:
+    console.run_cli(app, "dtclient")
+
+
+__all__ = ["app", "main", "ConnectionFailed"]

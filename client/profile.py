@@ -1,0 +1,296 @@
+"""The client's state under ``~/.dt`` (``DT_HOME`` overrides).
+
+Layout (one cluster profile at a time, like the seed's current profile)::
+
+    ~/.dt/profile.json        proxy, user, cluster, roles, logins, host CA pin
+    ~/.dt/keys/id_ed25519      the session key (0600), made fresh at every login
+    ~/.dt/keys/id_ed25519-cert.pub
+    ~/.dt/known_hosts          @cert-authority lines for the cluster's host CA
+    ~/.dt/device.json          the enrolled device: asset tag, credential id
+    ~/.dt/tpm/                 the TPM-wrapped attestation key blobs
+
+Every file is written atomically; secrets with mode 0600 in a 0700 directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bastion.ca.certs import DEVICE_EXTENSIONS, ParsedCert, parse_cert
+from bastion.ca.keys import atomic_write
+from bastion.errors import CertificateError, NotLoggedIn, StateError
+
+KEY_NAME = "id_ed25519"
+
+
+def dt_home() -> Path:
+    return Path(os.environ.get("DT_HOME") or Path.home() / ".dt")
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    proxy: str  # host:port of the bastion
+    user: str
+    cluster: str
+    roles: tuple[str, ...] = ()
+    logins: tuple[str, ...] = ()
+    host_ca_keys: tuple[str, ...] = ()
+    ca_pin: str = ""
+    device_warning: str | None = None
+
+    @property
+    def host(self) -> str:
+        return split_hostport(self.proxy)[0]
+
+    @property
+    def port(self) -> int:
+        return split_hostport(self.proxy)[1]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    asset_tag: str
+    credential_id: str
+    cluster: str
+    tpm: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def split_hostport(value: str, default_port: int = 3022) -> tuple[str, int]:
+    from bastion.errors import UsageError
+
+    host, port = value, default_port
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        if rest.startswith(":"):
+            port = _port(rest[1:])
+    elif value.count(":") == 1:
+        host, port_text = value.split(":")
+        port = _port(port_text)
+    if not host:
+        raise UsageError(f"invalid address {value!r}: expected HOST:PORT")
+    return host, port
+
+
+def _port(text: str) -> int:
+    from bastion.errors import UsageError
+
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise UsageError(f"invalid port {text!r}")
+    return int(text)
+
+
+class Home:
+    """Reads and writes the files under DT_HOME."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or dt_home()
+
+    @property
+    def key_path(self) -> Path:
+        return self.root / "keys" / KEY_NAME
+
+    @property
+    def cert_path(self) -> Path:
+        return self.root / "keys" / f"{KEY_NAME}-cert.pub"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.root / "known_hosts"
+
+    @property
+    def tpm_dir(self) -> Path:
+        return self.root / "tpm"
+
+    def _ensure(self, path: Path) -> Path:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return path
+
+    # -- profile --------------------------------------------------------------------------
+
+    def save_profile(self, profile: Profile) -> None:
+        self._ensure(self.root)
+        atomic_write(self.root / "profile.json", _dump(asdict(profile)), 0o600)
+        lines = [f"@cert-authority * {key}" for key in profile.host_ca_keys]
+        atomic_write(self.known_hosts, ("\n".join(lines) + "\n").encode(), 0o644)
+
+    def load_profile(self) -> Profile:
+        data = self._load_json("profile.json")
+        if data is None:
+            raise NotLoggedIn("not logged in (run: dtclient login --proxy HOST:PORT --user NAME)")
+        try:
+            data["roles"] = tuple(data.get("roles", ()))
+            data["logins"] = tuple(data.get("logins", ()))
+            data["host_ca_keys"] = tuple(data.get("host_ca_keys", ()))
+            return Profile(**data)
+        except TypeError as exc:
+            raise StateError(f"{self.root / 'profile.json'} is corrupt: {exc}") from None
+
+    def trusted_host_cas(self) -> tuple[str, ...]:
+        """Host CA keys trusted from an earlier login (kept across logout)."""
+        data = self._load_json("trusted.json") or {}
+        return tuple(data.get("host_ca_keys", ()))
+
+    def trust_host_cas(self, keys: tuple[str, ...], cluster: str) -> None:
+        self._ensure(self.root)
+        atomic_write(
+            self.root / "trusted.json",
+            _dump({"cluster": cluster, "host_ca_keys": list(keys)}),
+            0o600,
+        )
+
+    # -- key and certificate ---------------------------------------------------------------
+
+    def save_credentials(self, private_key_pem: bytes, public_line: str, cert_line: str) -> None:
+        self._ensure(self.key_path.parent)
+        atomic_write(self.key_path, private_key_pem, 0o600)
+        atomic_write(
+            self.key_path.with_name(KEY_NAME + ".pub"), (public_line + "\n").encode(), 0o644
+        )
+        atomic_write(self.cert_path, (cert_line.strip() + "\n").encode(), 0o644)
+
+    def load_cert(self) -> ParsedCert:
+        try:
+            data = self.cert_path.read_bytes()
+        except FileNotFoundError:
+            raise NotLoggedIn("not logged in (run: dtclient login)") from None
+        try:
+            return parse_cert(data)
+        except CertificateError as exc:
+            raise StateError(f"stored certificate {self.cert_path} is unreadable: {exc}") from None
+
+    def remove_credentials(self) -> list[Path]:
+        removed = []
+        for path in (
+            self.key_path,
+            self.key_path.with_name(KEY_NAME + ".pub"),
+            self.cert_path,
+            self.root / "profile.json",
+        ):
+            if path.exists():
+                path.unlink()
+                removed.append(path)
+        return removed
+
+    # -- device -------------------------------------------------------------------------------
+
+    def save_device(self, state: DeviceState) -> None:
+        self._ensure(self.root)
+        atomic_write(self.root / "device.json", _dump(asdict(state)), 0o600)
+
+    def load_device(self) -> DeviceState | None:
+        data = self._load_json("device.json")
+        if data is None:
+            return None
+        try:
+            return DeviceState(**data)
+        except TypeError:
+            return None
+
+    def forget_device(self) -> None:
+        (self.root / "device.json").unlink(missing_ok=True)
+
+    def _load_json(self, name: str) -> dict[str, Any] | None:
+        path = self.root / name
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise StateError(f"{path} is unreadable or corrupt: {exc}") from None
+        if not isinstance(data, dict):
+            raise StateError(f"{path} is corrupt")
+        return data
+
+
+def _dump(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
+# -- what `dtclient status` and `dtclient config` print (pure) ---------------------------------
+
+
+def format_duration(seconds: float) -> str:
+    """Go-style durations as the seed prints them: 11h52m0s."""
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def status_view(profile: Profile, cert: ParsedCert, now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    remaining = cert.valid_before - now
+    return {
+        "profile_url": f"ssh://{profile.proxy}",
+        "logged_in_as": profile.user,
+        "cluster": profile.cluster,
+        "roles": list(profile.roles),
+        "logins": [p for p in cert.principals if not p.startswith("-")],
+        "valid_until": time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(cert.valid_before)),
+        "valid_for": format_duration(remaining) if remaining > 0 else None,
+        "expired": remaining <= 0,
+        "extensions": sorted(cert.extensions),
+        "device_trusted": all(name in cert.extensions for name in DEVICE_EXTENSIONS),
+        "device_asset_tag": cert.extensions.get("device-asset-tag@dt-bastion"),
+        "serial": str(cert.serial),
+    }
+
+
+def status_lines(view: dict[str, Any]) -> list[str]:
+    validity = (
+        f"[valid for {view['valid_for']}]"
+        if not view["expired"]
+        else "[EXPIRED: run dtclient login]"
+    )
+    rows = [
+        ("Profile URL", view["profile_url"]),
+        ("Logged in as", view["logged_in_as"]),
+        ("Cluster", view["cluster"]),
+        ("Roles", ", ".join(view["roles"])),
+        ("Logins", ", ".join(view["logins"])),
+        ("Valid until", f"{view['valid_until']} {validity}"),
+        ("Extensions", ", ".join(view["extensions"])),
+    ]
+    width = max(len(k) for k, _ in rows) + 1
+    lines = [f"  {k + ':':<{width}} {v}" for k, v in rows]
+    return ["> " + lines[0][2:], *lines[1:]]
+
+
+def ssh_config(profile: Profile, home: Home, *, ssh_user: str = "dt") -> str:
+    """An ssh_config block so plain `ssh -J bastion login@node` uses the dt credentials."""
+    q = shlex.quote
+    common = [
+        f"    IdentityFile {q(str(home.key_path))}",
+        f"    CertificateFile {q(str(home.cert_path))}",
+        "    IdentitiesOnly yes",
+        f"    UserKnownHostsFile {q(str(home.known_hosts))}",
+        "    StrictHostKeyChecking yes",
+    ]
+    return "\n".join(
+        [
+            f"# dt-bastion cluster {profile.cluster}: generated by `dtclient config`",
+            "Host bastion",
+            f"    HostName {profile.host}",
+            f"    Port {profile.port}",
+            f"    User {ssh_user}",
+            # The bastion's host certificate names the bastion host, not "bastion".
+            f"    HostKeyAlias {profile.host}",
+            *common,
+            "",
+            "Host * !bastion",
+            "    ProxyJump bastion",
+            *common,
+            "",
+        ]
+    )

@@ -1,0 +1,206 @@
+"""Real OpenSSH and a real dt-bastion for tests, on free loopback ports.
+
+Everything lives in the test's temp dir; every process started here is stopped by the
+context manager that started it, in reverse order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from bastion.ca.certs import load_public_key
+from bastion.ca.keys import atomic_write
+from bastion.cluster import Cluster
+
+SSHD = "/usr/sbin/sshd"
+VENV_BIN = Path(sys.executable).parent
+LOGIN = getpass.getuser()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def keygen(path: Path, comment: str = "test") -> Path:
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)], check=True
+    )
+    return path
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@dataclass
+class Node:
+    port: int
+    dir: Path
+    proc: subprocess.Popen
+
+    def log(self) -> str:
+        path = self.dir / "sshd.log"
+        return path.read_text() if path.exists() else ""
+
+
+@contextlib.contextmanager
+def sshd_node(
+    tmp: Path, cluster: Cluster, *, names: tuple[str, ...] = ("node-1",), extra: str = ""
+) -> Iterator[Node]:
+    """A stock sshd trusting the cluster's user CA, with a host certificate from its host CA."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    host_key = keygen(tmp / "ssh_host_ed25519_key", "node")
+    issued = cluster.ca.sign_host(
+        load_public_key((tmp / "ssh_host_ed25519_key.pub").read_bytes()),
+        (*names, "127.0.0.1", "localhost"),
+    )
+    atomic_write(tmp / "ssh_host_ed25519_key-cert.pub", (issued.openssh + "\n").encode(), 0o644)
+    (tmp / "user_ca.pub").write_text((cluster.state_dir / "ca" / "user_ca.pub").read_text())
+    port = free_port()
+    config = tmp / "sshd_config"
+    config.write_text(
+        f"""Port {port}
+ListenAddress 127.0.0.1
+HostKey {host_key}
+HostCertificate {tmp}/ssh_host_ed25519_key-cert.pub
+TrustedUserCAKeys {tmp}/user_ca.pub
+PidFile {tmp}/sshd.pid
+StrictModes no
+UsePAM no
+AuthorizedKeysFile none
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+MaxStartups 200
+LogLevel VERBOSE
+{extra}
+"""
+    )
+    Path("/run/sshd").mkdir(exist_ok=True)
+    proc = subprocess.Popen(
+        [SSHD, "-D", "-e", "-f", str(config), "-E", str(tmp / "sshd.log")],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, proc)
+        yield Node(port, tmp, proc)
+    finally:
+        stop(proc)
+
+
+@dataclass
+class BastionProcess:
+    port: int
+    proc: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+
+@contextlib.contextmanager
+def bastion_server(
+    state_dir: Path, *, extra_args: tuple[str, ...] = ()
+) -> Iterator[BastionProcess]:
+    """The real `dt-bastion serve` as a subprocess on a free port."""
+    port = free_port()
+    log_path = state_dir.parent / f"bastion-{port}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [
+                str(VENV_BIN / "dt-bastion"),
+                "serve",
+                "--state",
+                str(state_dir),
+                "--listen",
+                f"127.0.0.1:{port}",
+                *extra_args,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    try:
+        wait_for_port(port, proc)
+        yield BastionProcess(port, proc, log_path)
+    finally:
+        stop(proc)
+
+
+def write_ssh_config(
+    path: Path,
+    *,
+    bastion_port: int,
+    key: Path,
+    cert: Path,
+    cluster: Cluster,
+    node_port: int | None = None,
+) -> Path:
+    """An ssh_config in which `ssh -F path -J bastion LOGIN@node-1` works (no TOFU)."""
+    known = path.parent / "known_hosts"
+    host_ca = (cluster.state_dir / "ca" / "host_ca.pub").read_text().strip()
+    known.write_text(f"@cert-authority * {host_ca}\n")
+    common = f"""    IdentityFile {key}
+    CertificateFile {cert}
+    IdentitiesOnly yes
+    UserKnownHostsFile {known}
+    GlobalKnownHostsFile /dev/null
+    StrictHostKeyChecking yes
+    BatchMode yes
+    ConnectTimeout 10
+"""
+    node_port_line = f"    Port {node_port}\n" if node_port else ""
+    path.write_text(
+        f"""Host bastion
+    HostName 127.0.0.1
+    Port {bastion_port}
+    User dt
+    HostKeyAlias 127.0.0.1
+{common}
+Host * !bastion
+    ProxyJump bastion
+{node_port_line}{common}"""
+    )
+    return path
+
+
+def ssh(config: Path, target: str, *cmd: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["ssh", "-F", str(config), target, *cmd],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
