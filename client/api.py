@@ -86,13 +86,12 @@ class _Client(asyncssh.SSHClient):
     def kbdint_challenge_received(
         self, name: str, instructions: str, lang: str, prompts: list[tuple[str, bool]]
     ) -> list[str] | None:
-        if self._answered and not prompts:
+        if not prompts:
             return []
-        answers = []
-        for prompt, _echo in prompts:
-            answers.append(self._answer(prompt.lower()))
+        if self._answered:
+            return None  # the answers were refused once: do not retry them (lockout)
         self._answered = True
-        return answers
+        return [self._answer(prompt.lower()) for prompt, _echo in prompts]
 
     def _answer(self, prompt: str) -> str:
         if "token" in prompt and self.creds.signup_token is not None:

@@ -73,6 +73,8 @@ def ask(prompt: str, *, secret: bool = False) -> str:
     """Ask a person, or read the next line of stdin when it is not a terminal."""
     if sys.stdin.isatty():
         return getpass.getpass(prompt) if secret else input(prompt)
+    sys.stderr.write(prompt + "\n")
+    sys.stderr.flush()
     line = sys.stdin.readline()
     if not line:
         raise UsageError(f"no answer on standard input for: {prompt.strip()}")
@@ -86,7 +88,10 @@ def confirm_ca(fingerprint: str) -> bool:
 
 
 def _trust(home: Home, pin: str | None) -> HostTrust:
-    return HostTrust(trusted=home.trusted_host_cas(), pin=parse_pin(pin), confirm=confirm_ca)
+    """An explicit pin is always checked, even against a CA trusted before."""
+    pin = parse_pin(pin)
+    trusted = () if pin else home.trusted_host_cas()
+    return HostTrust(trusted=trusted, pin=pin, confirm=confirm_ca)
 
 
 def _run(coro: Any) -> Any:

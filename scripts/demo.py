@@ -35,6 +35,7 @@ class Demo:
         self.env["DT_STATE"] = str(self.state)
         self.env["DT_HOME"] = str(workdir / "home" / ".dt")
         self.env.pop("SSH_AUTH_SOCK", None)
+        self.env["COLUMNS"] = "120"  # Rich tables, as a person's terminal would show them
         self.step_no = 0
         self.cleanups: list[Callable[[], None]] = []
 
