@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import hmac
+import ssl
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -112,14 +113,68 @@ def login_quote_data(nonce: bytes, user_public_key_blob: bytes) -> bytes:
 # -- 1. the endorsement key -----------------------------------------------------------------
 
 
+def _der_sorted_sets(der: bytes) -> bytes:
+    """Re-order the members of every SET OF into DER order, leaving lengths unchanged.
+
+    Some vendor roots (Nuvoton's 2110 among them) encode a multi-valued name RDN in
+    BER order, which cryptography's strict DER parser refuses. A trust anchor is
+    used only for its name and key, never to check its own signature, so sorting the
+    members (which keeps every length) is safe and lets such roots load.
+    """
+
+    def walk(buf: bytes) -> bytes:
+        out, i = bytearray(), 0
+        while i < len(buf):
+            tag = buf[i]
+            first = buf[i + 1]
+            if first & 0x80:
+                n = first & 0x7F
+                length = int.from_bytes(buf[i + 2 : i + 2 + n], "big")
+                head = 2 + n
+            else:
+                length, head = first, 2
+            body = buf[i + head : i + head + length]
+            if tag & 0x20:  # constructed: normalise inside
+                body = walk(body)
+                if tag == 0x31:
+                    body = b"".join(sorted(_elements(body)))
+            out += buf[i : i + head] + body
+            i += head + length
+        return bytes(out)
+
+    return walk(der)
+
+
+def _elements(buf: bytes) -> list[bytes]:
+    items, i = [], 0
+    while i < len(buf):
+        first = buf[i + 1]
+        if first & 0x80:
+            n = first & 0x7F
+            length, head = int.from_bytes(buf[i + 2 : i + 2 + n], "big"), 2 + n
+        else:
+            length, head = first, 2
+        items.append(buf[i : i + head + length])
+        i += head + length
+    return items
+
+
 def parse_trust_root(pem: bytes) -> x509.Certificate:
+    """Load a trust root (PEM or DER), tolerating BER-ordered name sets."""
     try:
         return x509.load_pem_x509_certificate(pem)
     except ValueError:
-        try:
-            return x509.load_der_x509_certificate(pem)
-        except ValueError:
-            raise UsageError("not a PEM or DER X.509 certificate") from None
+        pass
+    try:
+        return x509.load_der_x509_certificate(pem)
+    except ValueError:
+        pass
+    try:
+        text = pem.decode("ascii").strip()
+        der = ssl.PEM_cert_to_DER_cert(text) if text.startswith("-----BEGIN") else pem
+        return x509.load_der_x509_certificate(_der_sorted_sets(der))
+    except (ValueError, IndexError, UnicodeDecodeError):
+        raise UsageError("not a PEM or DER X.509 certificate") from None
 
 
 def load_trust_roots(pems: list[bytes]) -> list[x509.Certificate]:
