@@ -171,11 +171,19 @@ def login(
         typer.Option("--ttl", help="Certificate lifetime, e.g. 1h (capped by your roles)."),
     ] = None,
     tpm: TpmOpt = None,
+    password: Annotated[
+        bool,
+        typer.Option(
+            "--password", help="Ask for password and code even if a certificate is valid."
+        ),
+    ] = False,
 ) -> None:
     """Log in with password and one-time code; get a fresh key and certificate.
 
     If this device is enrolled, the certificate also carries the device extensions
-    (your TPM answers a fresh challenge). Example:
+    (your TPM answers a fresh challenge). While your certificate is still valid,
+    login renews through it instead (never beyond its expiry), e.g. right after
+    `dtclient device enroll`. Example:
     dtclient login --proxy bastion.example.com:3022 --user alice
     """
     from bastion.durations import parse_duration
@@ -183,11 +191,32 @@ def login(
     home = Home()
     host, port = split_hostport(proxy)
     ttl_seconds = parse_duration(ttl) if ttl else None
-    password = ask(f"Password for {user}: ", secret=True)
-    code = ask("One-time code: ")
-    creds = Credentials(user, password=password, totp_code=code.strip())
-    profile = _run(_login(home, host, port, creds, _trust(home, ca_pin), ttl_seconds, tpm))
+    renewal = None if password or ca_pin else _renewal(home, f"{host}:{port}", user)
+    if renewal is not None:
+        creds, trust = renewal
+        console.note("Renewing with your current certificate (use --password to log in afresh).")
+    else:
+        secret = ask(f"Password for {user}: ", secret=True)
+        code = ask("One-time code: ")
+        creds = Credentials(user, password=secret, totp_code=code.strip())
+        trust = _trust(home, ca_pin)
+    profile = _run(_login(home, host, port, creds, trust, ttl_seconds, tpm))
     _print_status(home, profile)
+
+
+def _renewal(home: Home, proxy: str, user: str) -> tuple[Credentials, HostTrust] | None:
+    """Credentials from a certificate still valid for a minute, for the same bastion and user."""
+    try:
+        profile = home.load_profile()
+        cert = home.load_cert()
+    except DTError:
+        return None
+    if profile.proxy != proxy or profile.user != user or not cert.valid_at(time.time() + 60):
+        return None
+    key = asyncssh.read_private_key(str(home.key_path))
+    certificate = asyncssh.read_certificate(str(home.cert_path))
+    creds = Credentials("dt", client_key=key, certificate=certificate)
+    return creds, HostTrust(trusted=profile.host_ca_keys)
 
 
 async def _login(
@@ -211,12 +240,12 @@ async def _login(
     host_cas = tuple(issued.host_ca_keys)
     profile = Profile(
         proxy=f"{host}:{port}",
-        user=creds.user,
+        user=session.welcome.user or creds.user,
         cluster=cluster,
         roles=tuple(issued.roles),
         logins=tuple(issued.logins),
         host_ca_keys=host_cas,
-        ca_pin=trust.pin or "",
+        ca_pin=trust.pin or home_pin(home),
         device_warning=issued.device_warning,
     )
     home.save_credentials(key.export_private_key("openssh"), public_line, issued.certificate)
@@ -226,6 +255,13 @@ async def _login(
     if issued.device_warning:
         console.note(issued.device_warning)
     return profile
+
+
+def home_pin(home: Home) -> str:
+    try:
+        return home.load_profile().ca_pin
+    except DTError:
+        return ""
 
 
 async def _request_cert(
@@ -252,13 +288,7 @@ async def _request_cert(
         console.note(f"device authentication skipped: {exc.message}")
         await session.send(wire.Error(code=exc.code, message=exc.message))
         return await session.receive(wire.CertIssued)
-    try:
-        return await session.call(response, wire.CertIssued)
-    except DTError as exc:
-        raise type(exc)(
-            f"device authentication failed: {exc.message}. If this device was unenrolled, "
-            "run `dtclient device enroll` again (or log in after `rm ~/.dt/device.json`)."
-        ) from None
+    return await session.call(response, wire.CertIssued)
 
 
 def _device_response(

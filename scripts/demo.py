@@ -9,17 +9,25 @@ with --keep) and every process it starts is stopped at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
+sys.path.insert(0, str(ROOT))
+PASSWORD = "correct horse battery staple"
+
+from bastion.credentials import totp_now  # noqa: E402
 
 
 class DemoFailed(Exception):
@@ -38,6 +46,12 @@ class Demo:
         self.env["COLUMNS"] = "120"  # Rich tables, as a person's terminal would show them
         self.step_no = 0
         self.cleanups: list[Callable[[], None]] = []
+        self._stack = contextlib.ExitStack()
+        self.cleanups.append(self._stack.close)
+
+    def enter(self, context):  # type: ignore[no-untyped-def]
+        """Start a server for the rest of the demo; it is stopped at the end."""
+        return self._stack.enter_context(context)
 
     def heading(self, text: str) -> None:
         self.step_no += 1
@@ -51,12 +65,13 @@ class Demo:
         expect: str | None = None,
         input: str | None = None,
         show: bool = True,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         print(f"$ {shlex.join(args)}", flush=True)
         proc = subprocess.run(
             args,
             cwd=self.workdir,
-            env=self.env,
+            env={**self.env, **(env or {})},
             input=input,
             capture_output=True,
             text=True,
@@ -71,6 +86,55 @@ class Demo:
             raise DemoFailed(f"expected {expect!r} in the output of {args[0]}")
         return proc
 
+    def signup(self, proxy: str, token: str, pin: str) -> str:
+        """`dtclient signup`, answering like a person with an authenticator app."""
+        args = ["dtclient", "signup", "--proxy", proxy, "--token", token, "--ca-pin", pin]
+        print(f"$ {shlex.join(args)}", flush=True)
+        proc = subprocess.Popen(
+            args,
+            cwd=self.workdir,
+            env=self.env,
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdin and proc.stdout
+        secret = None
+        for line in proc.stdout:
+            print("  " + line.rstrip(), flush=True)
+            match = re.search(r"secret=([A-Z2-7]+)", line)
+            if match:
+                secret = match.group(1)
+                break
+        if secret is None:
+            raise DemoFailed("signup showed no otpauth:// URI")
+        proc.stdin.write(f"{PASSWORD}\n{PASSWORD}\n{totp_now(secret)}\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=60)
+        print("\n".join("  " + x for x in (out + err).strip().splitlines()), flush=True)
+        if proc.returncode != 0:
+            raise DemoFailed("signup failed")
+        return secret
+
+    def ssh(self, config: Path, *, expect_ok: bool, expect: str | None = None) -> None:
+        from tests.sshd import LOGIN
+
+        self.run(
+            [
+                "ssh",
+                "-F",
+                str(config),
+                "-o",
+                "BatchMode=yes",
+                f"{LOGIN}@node-1",
+                "echo",
+                "hello from node-1",
+            ],
+            expect_rc=0 if expect_ok else 255,
+            expect="hello from node-1" if expect_ok else expect,
+        )
+
     def close(self) -> None:
         for cleanup in reversed(self.cleanups):
             try:
@@ -80,31 +144,106 @@ class Demo:
 
 
 def story(demo: Demo) -> None:
+    from bastion.cluster import Cluster
+    from tests.sshd import LOGIN, bastion_server, sshd_node
+    from tests.swtpm import provision, run_swtpm
+
     demo.heading("Create a cluster: a user CA, a host CA and the preset roles")
-    demo.run(["dtadmin", "init", "--cluster", "demo"])
+    demo.run(["dtadmin", "init", "--cluster", "demo.local"])
+    cluster = Cluster.open(demo.state)
+    demo.cleanups.append(cluster.close)
 
-    demo.heading("Add a user with the access, auditor and editor roles")
+    demo.heading("Start the pieces: an OpenSSH node, dt-bastion, and a software TPM")
+    node = demo.enter(sshd_node(demo.workdir / "node", cluster))
+    bastion = demo.enter(bastion_server(demo.state))
+    tpm = demo.enter(run_swtpm(provision(demo.workdir / "tpm-factory"), demo.workdir))
+    proxy = f"127.0.0.1:{bastion.port}"
+    print(f"  sshd node on 127.0.0.1:{node.port}, dt-bastion on {proxy}, swtpm at {tpm.tcti}")
+    demo.env["DT_TPM_TCTI"] = tpm.tcti
     demo.run(
-        ["dtadmin", "users", "add", "alice", "--roles", "access,auditor,editor", "--logins", "root"]
+        [
+            "dtadmin",
+            "nodes",
+            "add",
+            "node-1",
+            "--addr",
+            f"127.0.0.1:{node.port}",
+            "--labels",
+            "env=demo",
+        ]
     )
-    demo.run(["dtadmin", "users", "ls"])
 
-    demo.heading("Sign a certificate for alice's key, as `tctl auth sign` would")
-    key = demo.workdir / "alice_key"
-    demo.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "alice", "-f", str(key)])
+    demo.heading("Add alice with the access, auditor and editor roles")
+    out = demo.run(
+        ["dtadmin", "users", "add", "alice", "--roles", "access,auditor,editor", "--logins", LOGIN]
+    ).stdout
+    token = out.split("--token ")[1].split()[0]
+    pin = demo.run(
+        ["dtadmin", "ca", "export", "--type", "host", "--format", "json"], show=False
+    ).stdout
+    pin = json.loads(pin)["fingerprint"]
+
+    demo.heading("alice signs up: password and an authenticator app (the demo plays the app)")
+    secret = demo.signup(proxy, token, pin)
+
+    demo.heading("alice logs in and reaches the node with plain `ssh -J`")
     demo.run(
-        ["dtadmin", "auth", "sign", "--user", "alice", "--pubkey", f"{key}.pub", "--ttl", "1h"]
+        ["dtclient", "login", "--proxy", proxy, "--user", "alice", "--ca-pin", pin],
+        input=f"{PASSWORD}\n{totp_now(secret, time.time() + 30)}\n",
+        expect="Logged in as",
+    )
+    config = demo.workdir / "ssh_config"
+    config.write_text(demo.run(["dtclient", "config"], show=False).stdout)
+    demo.ssh(config, expect_ok=True)
+
+    demo.heading("The admin requires a trusted device for alice (dtadmin edit users/alice)")
+    editor = demo.workdir / "add-role.sh"
+    editor.write_text(
+        "#!/bin/sh\nsed -i 's/^  - editor$/  - editor\\n  - require-trusted-device/' \"$1\"\n"
+    )
+    editor.chmod(0o755)
+    demo.run(["dtadmin", "edit", "users/alice"], env={"EDITOR": str(editor)})
+    demo.run(["dtadmin", "get", "users/alice"], expect="require-trusted-device")
+
+    demo.heading("After re-login, `ssh -J` is refused: no trusted device")
+    demo.run(
+        ["dtclient", "login", "--proxy", proxy, "--user", "alice"],
+        expect="device trust is required",
+    )
+    demo.ssh(config, expect_ok=False, expect="access denied")
+
+    demo.heading("alice enrolls this device: its TPM answers the bastion's challenge")
+    demo.run(
+        ["dtclient", "device", "enroll", "--current-device", "--asset-tag", "DEMO-LAPTOP-1"],
+        expect='Device "DEMO-LAPTOP-1"/linux registered and enrolled',
+    )
+    demo.run(["dtadmin", "device", "ls"], expect="enrolled")
+
+    demo.heading("Re-login: the certificate now carries the device extensions")
+    demo.run(
+        ["dtclient", "login", "--proxy", proxy, "--user", "alice"],
+        expect="device-asset-tag@dt-bastion",
+    )
+    demo.run(["dtclient", "status"], expect="device-id@dt-bastion")
+    demo.run(
+        [
+            "ssh-keygen",
+            "-L",
+            "-f",
+            str(demo.workdir / "home" / ".dt" / "keys" / "id_ed25519-cert.pub"),
+        ],
+        expect="device-credential-id@dt-bastion",
     )
 
-    demo.heading("OpenSSH reads it: principals, validity and the dt-bastion extensions")
-    demo.run(["ssh-keygen", "-L", "-f", f"{key}-cert.pub"], expect="dt-user@dt-bastion")
+    demo.heading("`ssh -J` works again")
+    demo.ssh(config, expect_ok=True)
 
-    demo.heading("What nodes need to trust the cluster")
-    demo.run(["dtadmin", "ca", "export", "--type", "user"])
-    demo.run(["dtadmin", "ca", "export", "--type", "host"])
+    demo.heading("The admin unenrolls the device: access is refused at once")
+    demo.run(["dtadmin", "device", "unenroll", "DEMO-LAPTOP-1"])
+    demo.ssh(config, expect_ok=False, expect="is not enrolled")
 
-    demo.heading("Every change left an audit event")
-    demo.run(["dtadmin", "audit", "ls"], expect="cert.create")
+    demo.heading("Every allow and deny is in the audit log")
+    demo.run(["dtadmin", "audit", "ls", "--since", "1h"], expect="session.denied")
 
 
 def main() -> int:

@@ -44,6 +44,8 @@ class ApiIdentity:
     auth: str  # "password" | "certificate" | "signup"
     remote_addr: str | None = None
     signup_token: str | None = None
+    # For certificate logins: renewals never outlive the certificate that asked.
+    valid_before: int | None = None
 
 
 class ApiSession:
@@ -158,16 +160,28 @@ class ApiSession:
         device: Device | None = None
         warning = None
         if msg.device and perms.trust_mode != "off":
-            device = await self._authenticate_device(msg, reader, writer)
-        if device is None and perms.trust_mode == "required":
+            try:
+                device = await self._authenticate_device(msg, reader, writer)
+            except ProtocolError:
+                raise
+            except DTError as exc:  # audited by the ceremony; the user gets a plain cert
+                warning = (
+                    f"device authentication failed: {exc.message}; "
+                    "this certificate carries no device extensions"
+                )
+        if device is None and perms.trust_mode == "required" and warning is None:
             warning = (
                 "device trust is required for your roles and this certificate carries no "
                 "trusted device: enroll this device (dtclient device enroll) and log in again"
             )
+        ttl = msg.ttl_seconds
+        if self.identity.valid_before is not None:  # a renewal: cap at the presenting cert
+            remaining = int(self.identity.valid_before - time.time())
+            ttl = remaining if ttl is None else min(ttl, remaining)
         issued = ca.sign_user(
             user,
             public_key,
-            ttl=msg.ttl_seconds,
+            ttl=ttl,
             device=device,
             remote_addr=self.identity.remote_addr,
         )

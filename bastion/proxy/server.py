@@ -171,7 +171,9 @@ class BastionServer(asyncssh.SSHServer):
         ok = await original(username, key_data, msg, signature)
         if ok and msg:
             self.identity = identity
-            self.api_identity = ApiIdentity(identity.user, "certificate", self.remote_addr)
+            self.api_identity = ApiIdentity(
+                identity.user, "certificate", self.remote_addr, valid_before=cert.valid_before
+            )
         elif not ok and msg:
             self._audit_once("auth.failed", "certificate refused by the SSH layer", identity.user)
         return bool(ok)
