@@ -462,10 +462,12 @@ def device_enroll(
     """Enroll this device: its TPM proves itself to the bastion.
 
     Log in first (dtclient login), enroll, then log in again so your certificate
-    carries the device. Example: dtclient device enroll --token Xy...
+    carries the device. With neither --token nor --current-device the bastion tries
+    auto-enrollment (the device must match the admin's imported inventory).
+    Example: dtclient device enroll --token Xy...
     """
-    if bool(token) == current_device:
-        raise UsageError("give exactly one of --token or --current-device")
+    if token and current_device:
+        raise UsageError("give --token or --current-device, not both")
     home = Home()
     profile = home.load_profile()
     device = _run(

@@ -41,6 +41,8 @@ from bastion.wire import EnrollBegin, EnrollChallenge, EnrollFinish
 
 STEP_DEADLINE = 30.0  # real TPMs are slow: an RSA EK can take seconds
 SUPPORTED_OS = ("linux", "macos", "windows")
+# Inventory fields that auto-enrollment compares with what the device reports.
+PROFILE_FIELDS = ("os_type", "system_serial", "board_serial", "machine_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +155,7 @@ class EnrollmentCeremony:
             self._check_not_owned_by_other(device)
             return device, token
         if not msg.current_device:
-            raise TokenInvalid("enrollment needs a token (--token) or --current-device")
+            return self._auto_enroll(msg, tag), None
         roles = [r for r in (self.store.find_role(n) for n in self._user_roles()) if r]
         if not rbac.allows(roles, "device", "enroll"):
             raise AccessDenied(
@@ -165,6 +167,28 @@ class EnrollmentCeremony:
             device = Device(id="", asset_tag=tag, os_type=os_type, owner=self.user)
         self._check_not_owned_by_other(device)
         return device, None
+
+    def _auto_enroll(self, msg: EnrollBegin, tag: str) -> Device:
+        """No token: allowed only with auto-enroll on and data matching the inventory profile."""
+        if not self.store.get_setting("auto_enroll", False):
+            raise TokenInvalid(
+                "enrollment needs a token (--token) or --current-device "
+                "(auto-enrollment is off on this cluster)"
+            )
+        device = self.store.find_device(tag)
+        if device is None or not device.profile:
+            raise AccessDenied(f'auto-enrollment: device "{tag}" is not in the imported inventory')
+        self._check_not_owned_by_other(device)
+        owner = device.profile.get("owner") or device.owner
+        if owner and owner != self.user:
+            raise AccessDenied(f'auto-enrollment: device "{tag}" is assigned to another user')
+        for name in PROFILE_FIELDS:
+            expected = device.profile.get(name)
+            if expected and msg.device_data.get(name) != expected:
+                raise AccessDenied(
+                    f"auto-enrollment: {name} reported by the device does not match the inventory"
+                )
+        return device
 
     def _user_roles(self) -> tuple[str, ...]:
         user = self.store.find_user(self.user)

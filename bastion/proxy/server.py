@@ -77,7 +77,8 @@ class Bastion:
 class BastionServer(asyncssh.SSHServer):
     """One per SSH connection."""
 
-    def __init__(self, bastion: Bastion) -> None:
+    def __init__(self, bastion: Bastion, client_addr: str | None = None) -> None:
+        self.client_addr = client_addr  # from a trusted PROXY protocol header
         self.bastion = bastion
         self.store = bastion.store
         self.conn: asyncssh.SSHServerConnection | None = None
@@ -92,7 +93,7 @@ class BastionServer(asyncssh.SSHServer):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
         peer = conn.get_extra_info("peername") or ("?", 0)
-        self.remote_addr = str(peer[0])
+        self.remote_addr = self.client_addr or str(peer[0])
         b = self.bastion
         if b.connections >= b.config.max_connections:
             self._refuse(conn, "the bastion is at its connection limit; try again later")
@@ -330,24 +331,36 @@ def _user_of(key_data: bytes) -> str | None:
         return None
 
 
-async def start_server(bastion: Bastion, host_key_path: str, host_cert_path: str) -> Any:
-    """Listen; returns the asyncssh acceptor (``.close()``, ``.sockets``)."""
+def _options(bastion: Bastion, host_key_path: str, host_cert_path: str) -> dict[str, Any]:
     config = bastion.config
+    return {
+        "server_host_keys": [(host_key_path, host_cert_path)],
+        "login_timeout": config.login_timeout,
+        "keepalive_interval": config.keepalive_interval,
+        "keepalive_count_max": config.keepalive_count_max,
+        "agent_forwarding": False,
+        "x11_forwarding": False,
+        "allow_scp": False,
+        "allow_pty": True,
+        "line_editor": False,
+        "encoding": None,
+        "server_version": "dt-bastion",
+        "config": None,
+    }
+
+
+async def start_server(bastion: Bastion, host_key_path: str, host_cert_path: str) -> Any:
+    """Listen; returns an acceptor with ``.sockets``, ``.close()`` and ``.wait_closed()``."""
+    config = bastion.config
+    options = _options(bastion, host_key_path, host_cert_path)
+    if config.proxy_protocol_from:
+        from bastion.proxy.proxied import ProxyProtocolAcceptor
+
+        return await ProxyProtocolAcceptor.start(bastion, options)
     return await asyncssh.create_server(
         lambda: BastionServer(bastion),
         config.listen_host,
         config.listen_port,
-        server_host_keys=[(host_key_path, host_cert_path)],
-        login_timeout=config.login_timeout,
-        keepalive_interval=config.keepalive_interval,
-        keepalive_count_max=config.keepalive_count_max,
-        agent_forwarding=False,
-        x11_forwarding=False,
-        allow_scp=False,
-        allow_pty=True,
-        line_editor=False,
-        encoding=None,
-        server_version="dt-bastion",
-        config=None,
         reuse_address=True,
+        **options,
     )
