@@ -47,11 +47,14 @@ class Demo:
         self.step_no = 0
         self.cleanups: list[Callable[[], None]] = []
         self._stack = contextlib.ExitStack()
+        self.pids: list[int] = []
         self.cleanups.append(self._stack.close)
 
     def enter(self, context):  # type: ignore[no-untyped-def]
         """Start a server for the rest of the demo; it is stopped at the end."""
-        return self._stack.enter_context(context)
+        server = self._stack.enter_context(context)
+        self.pids.append(server.proc.pid)
+        return server
 
     def heading(self, text: str) -> None:
         self.step_no += 1
@@ -259,19 +262,40 @@ def main() -> int:
     else:
         workdir = Path(tempfile.mkdtemp(prefix="dt-demo-"))
     demo = Demo(workdir)
+    passed = False
     try:
         story(demo)
+        passed = True
     except DemoFailed as exc:
         print(f"\n\033[1;31mdemo failed: {exc}\033[0m", file=sys.stderr)
-        return 1
     finally:
-        demo.close()
+        if not (args.keep and passed):
+            demo.close()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
+    if not passed:
+        return 1
     print("\n\033[1;32mdemo passed: every step behaved as the guide says\033[0m")
     if args.keep:
-        print(f"state kept in {workdir}; try: DT_STATE={demo.state} dtadmin audit ls")
+        print_keep_instructions(demo)
     return 0
+
+
+def print_keep_instructions(demo: Demo) -> None:
+    """--keep: the servers stay up; say how to use them by hand and how to stop them."""
+    env = demo.env
+    pids = " ".join(str(p) for p in demo.pids)
+    print(f"""
+The cluster is still running (state and logs in {demo.workdir}). In another shell:
+
+  export PATH={VENV_BIN}:$PATH DT_STATE={env["DT_STATE"]} DT_HOME={env["DT_HOME"]}
+  export DT_TPM_TCTI='{env.get("DT_TPM_TCTI", "")}'
+  dtclient status                      # alice's profile from the demo
+  dtadmin audit ls --since 1h          # everything that happened
+  ssh -F {demo.workdir / "ssh_config"} node-1     # through the bastion
+  dtclient device enroll --current-device --asset-tag DEMO-LAPTOP-1   # enroll again
+
+Stop it with:  kill {pids}""")
 
 
 if __name__ == "__main__":
