@@ -1,0 +1,96 @@
+"""`make bench`: dt-bastion against stock OpenSSH sshd as the jump host, in one run.
+
+Writes docs/benchmarks.md (figure, dt-bastion, OpenSSH, ratio, method) and
+bench/results/raw.json (every sample). Each figure alternates the two systems run by
+run and reports the median and min-max. Everything runs on 127.0.0.1.
+
+    python -m bench [--quick] [--only connect,throughput,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import figures  # noqa: E402
+from bench.lab import Lab  # noqa: E402
+
+FIGURES = ("connect", "throughput", "ca", "revocation", "login", "concurrency")
+
+
+def summarise(samples: list[float]) -> dict[str, float]:
+    return {
+        "median": statistics.median(samples),
+        "min": min(samples),
+        "max": max(samples),
+        "n": len(samples),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer runs, smaller sizes")
+    parser.add_argument("--only", default=",".join(FIGURES), help="comma-separated figures")
+    args = parser.parse_args()
+    wanted = [f for f in args.only.split(",") if f]
+    rows: list[dict] = []
+    raw: dict[str, object] = {
+        "started": time.time(),
+        "machine": platform.platform(),
+        "python": platform.python_version(),
+        "quick": args.quick,
+    }
+    with Lab(ROOT / "bench" / "results" / "lab") as lab:
+        for name in wanted:
+            print(f"== {name}", flush=True)
+            result = getattr(figures, name)(lab, quick=args.quick)
+            raw[name] = result["raw"]
+            rows.extend(result["rows"])
+            for row in result["rows"]:
+                print(
+                    f"   {row['figure']}: dt-bastion {row['dt']}  OpenSSH {row['openssh']}  "
+                    f"ratio {row['ratio']}",
+                    flush=True,
+                )
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "raw.json").write_text(json.dumps(raw, indent=2, default=str))
+    write_markdown(rows, raw)
+    return 0
+
+
+def write_markdown(rows: list[dict], raw: dict) -> None:
+    lines = [
+        "# Benchmarks: dt-bastion vs stock OpenSSH as the jump host",
+        "",
+        f"Measured with `make bench` on {raw['machine']}, Python {raw['python']}"
+        + (" (quick mode)" if raw.get("quick") else "")
+        + ". "
+        "Both systems run on 127.0.0.1 in the same run, alternating run by run; "
+        "medians with min-max. Raw samples: `bench/results/raw.json`.",
+        "",
+        "| figure | dt-bastion | OpenSSH | ratio | method |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['figure']} | {row['dt']} | {row['openssh']} | {row['ratio']} | "
+            f"{row['method']} |"
+        )
+    notes = [r for r in rows if r.get("note")]
+    if notes:
+        lines += ["", "## Notes", ""]
+        lines += [f"- **{r['figure']}**: {r['note']}" for r in notes]
+    (ROOT / "docs" / "benchmarks.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
