@@ -38,3 +38,39 @@ def swtpm(tpm_template, tmp_path):
 def attacker_swtpm(attacker_template, tmp_path):
     with run_swtpm(attacker_template, tmp_path / "attacker-tpm") as tpm:
         yield tpm
+
+
+# ---- dt-bastion with real OpenSSH (issue 3: bastion/proxy) ------------------------------
+# One cluster, one stock sshd node ("node-1" in the inventory) and one real
+# `dt-bastion serve` subprocess per test, on free loopback ports, stopped in reverse
+# order. Modules that can share them per module build them with the context managers
+# in tests/sshd.py (sshd_node, bastion_server) instead; user_client() makes a user's
+# key, certificate and ssh_config.
+
+
+@pytest.fixture
+def dt_cluster(tmp_path):
+    from bastion.cluster import init_cluster
+
+    cluster = init_cluster(tmp_path / "state", "test")
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def dt_node(dt_cluster, tmp_path):
+    from bastion.storage.records import Node
+    from tests.sshd import SSHD, sshd_node
+
+    _need(SSHD)
+    with sshd_node(tmp_path / "node", dt_cluster) as node:
+        dt_cluster.store.add_node(Node("node-1", "127.0.0.1", node.port, {"env": "test"}))
+        yield node
+
+
+@pytest.fixture
+def dt_bastion(dt_cluster):
+    from tests.sshd import bastion_server
+
+    with bastion_server(dt_cluster.state_dir) as bastion:
+        yield bastion

@@ -20,6 +20,7 @@ from pathlib import Path
 from bastion.ca.certs import load_public_key
 from bastion.ca.keys import atomic_write
 from bastion.cluster import Cluster
+from bastion.storage.records import Device
 
 SSHD = "/usr/sbin/sshd"
 VENV_BIN = Path(sys.executable).parent
@@ -159,6 +160,13 @@ def bastion_server(
         stop(proc)
 
 
+def write_known_hosts(path: Path, cluster: Cluster) -> Path:
+    """A known_hosts trusting every host certificate from the cluster's host CA."""
+    host_ca = (cluster.state_dir / "ca" / "host_ca.pub").read_text().strip()
+    path.write_text(f"@cert-authority * {host_ca}\n")
+    return path
+
+
 def write_ssh_config(
     path: Path,
     *,
@@ -169,9 +177,7 @@ def write_ssh_config(
     node_port: int | None = None,
 ) -> Path:
     """An ssh_config in which `ssh -F path -J bastion LOGIN@node-1` works (no TOFU)."""
-    known = path.parent / "known_hosts"
-    host_ca = (cluster.state_dir / "ca" / "host_ca.pub").read_text().strip()
-    known.write_text(f"@cert-authority * {host_ca}\n")
+    known = write_known_hosts(path.parent / "known_hosts", cluster)
     common = f"""    IdentityFile {key}
     CertificateFile {cert}
     IdentitiesOnly yes
@@ -194,6 +200,31 @@ Host * !bastion
 {node_port_line}{common}"""
     )
     return path
+
+
+def user_client(
+    cluster: Cluster,
+    directory: Path,
+    user: str,
+    *,
+    bastion_port: int,
+    device: Device | None = None,
+    ttl: int = 600,
+) -> Path:
+    """Key, certificate from the cluster's CA and ssh_config for an existing user."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = keygen(directory / "id", user)
+    issued = cluster.ca.sign_user(
+        user, load_public_key((directory / "id.pub").read_bytes()), ttl=ttl, device=device
+    )
+    (directory / "id-cert.pub").write_text(issued.openssh + "\n")
+    return write_ssh_config(
+        directory / "ssh_config",
+        bastion_port=bastion_port,
+        key=key,
+        cert=directory / "id-cert.pub",
+        cluster=cluster,
+    )
 
 
 def ssh(config: Path, target: str, *cmd: str, timeout: float = 30) -> subprocess.CompletedProcess:
