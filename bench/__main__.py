@@ -63,6 +63,7 @@ def main() -> int:
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "raw.json").write_text(json.dumps(raw, indent=2, default=str))
+    (ROOT / "docs" / "benchmarks-raw.json").write_text(json.dumps(raw, indent=2, default=str))
     write_markdown(rows, raw)
     return 0
 
@@ -75,7 +76,7 @@ def write_markdown(rows: list[dict], raw: dict) -> None:
         + (" (quick mode)" if raw.get("quick") else "")
         + ". "
         "Both systems run on 127.0.0.1 in the same run, alternating run by run; "
-        "medians with min-max. Raw samples: `bench/results/raw.json`.",
+        "medians with min-max. Raw samples: `docs/benchmarks-raw.json`.",
         "",
         "| figure | dt-bastion | OpenSSH | ratio | method |",
         "| --- | --- | --- | --- | --- |",
