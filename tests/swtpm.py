@@ -76,7 +76,7 @@ def run_swtpm(template: Provisioned, workdir: Path) -> Iterator[RunningTPM]:
     state = workdir / "tpmstate"
     shutil.copytree(template.state, state)
     for _ in range(5):  # a free port can be taken between probing and binding
-        port = free_port()
+        port = free_port_pair()
         ctrl = port + 1  # the swtpm TCTI always talks to its control channel on port + 1
         proc = subprocess.Popen(
             [
@@ -98,12 +98,36 @@ def run_swtpm(template: Provisioned, workdir: Path) -> Iterator[RunningTPM]:
         )
         if _wait(port, proc):
             break
+        error = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     else:
-        raise RuntimeError("swtpm did not start")
+        raise RuntimeError(f"swtpm did not start: {error.strip()[-300:]}")
     try:
         yield RunningTPM(f"swtpm:host=127.0.0.1,port={port}", port, template, proc)
     finally:
         stop(proc)
+
+
+def free_port_pair() -> int:
+    """A port P with P and P+1 both bindable, below the ephemeral range.
+
+    swtpm binds without SO_REUSEADDR, so a port that an outgoing connection (or one
+    in TIME_WAIT) uses locally makes it fail; ports from the kernel's ephemeral range
+    (what binding to port 0 returns) collide with those under load.
+    """
+    import random
+    import socket
+
+    low, _ = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for _ in range(200):
+        port = random.randrange(10000, max(10002, low - 2))
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    return free_port()
 
 
 def _wait(port: int, proc: subprocess.Popen, timeout: float = 10) -> bool:
