@@ -21,9 +21,8 @@ import base64
 from pathlib import Path
 from typing import Any
 
-from bastion.enroll.attest import login_quote_data
-
 from bastion import wire
+from bastion.enroll.attest import login_quote_data
 from client.device import collect
 from client.profile import DeviceState
 
