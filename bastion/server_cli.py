@@ -92,6 +92,7 @@ async def _serve(cfg: BastionConfig) -> None:
     log.info("dt-bastion stopping: ending live sessions")
     acceptor.close()
     await bastion.registry.stop("bastion shutting down")
+    await bastion.disconnect_all("the bastion is shutting down")
     await acceptor.wait_closed()
     cluster.close()
 

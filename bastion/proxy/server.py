@@ -5,10 +5,16 @@ Who checks what:
 * asyncssh: the SSH protocol (strict key exchange on), the certificate's signature,
   validity window and source-address, via a ``cert-authority,principals="-dt-jump"``
   line for our user CA, so the SSH user name a client presents does not matter.
-* ``_CertCheckingConnection``: asyncssh does not expose certificate extensions, so
-  we wrap the connection's ``validate_public_key`` to see the raw certificate blob
-  first, parse it with cryptography and apply :func:`policy.check_certificate`
-  (serial issued here and not revoked, user exists and is unlocked).
+* ``BastionServer._validate_public_key``: asyncssh does not expose certificate
+  extensions, and its ``SSHServer`` callbacks never see the certificate
+  (``validate_ca_key`` gets only the signing key, ``validate_public_key`` only plain
+  keys). The one place the raw blob passes is the connection's own
+  ``validate_public_key(username, key_data, msg, signature)``, called for the query and
+  for the signed request alike. ``connection_made`` wraps that bound method: the
+  wrapper parses ``key_data`` with cryptography (:func:`parse_cert`), applies
+  :func:`policy.check_certificate` (our CA, valid now, serial issued here and not
+  revoked, user exists and is unlocked), audits a refusal with its reason, and only
+  then lets asyncssh do its own checks and verify the signature.
 * :mod:`bastion.proxy.policy`: every forwarding decision, made per channel and again
   whenever the state changes (:mod:`bastion.proxy.sessions`).
 """
@@ -61,6 +67,31 @@ class Bastion:
         self.connections = 0
         self.per_source: dict[str, int] = defaultdict(int)
         self.auth_failures: dict[str, list[float]] = defaultdict(list)
+        self.open: set[asyncssh.SSHServerConnection] = set()
+        self._refusals_audited: dict[tuple[str, str], float] = {}
+
+    def should_audit_refusal(self, addr: str, now: float, kind: str = "limit") -> bool:
+        """One audit event per address per minute for each kind of pre-login refusal
+        (limits, garbage, stalls): a flood of refused connections must not become a
+        flood of audit rows (disk)."""
+        last = self._refusals_audited.get((kind, addr))
+        if last is not None and now - last < 60:
+            return False
+        if len(self._refusals_audited) > 10000:
+            self._refusals_audited.clear()
+        self._refusals_audited[(kind, addr)] = now
+        return True
+
+    async def disconnect_all(self, reason: str, timeout: float = 5.0) -> None:
+        """At shutdown, after the registry has ended the forwarded sessions: tell every
+        remaining client why it is being dropped rather than just vanishing."""
+        conns = list(self.open)
+        for conn in conns:
+            conn.disconnect(asyncssh.DISC_BY_APPLICATION, reason)
+        if conns:
+            await asyncio.wait(
+                [asyncio.ensure_future(c.wait_closed()) for c in conns], timeout=timeout
+            )
 
     def too_many_failures(self, addr: str, now: float) -> bool:
         recent = [t for t in self.auth_failures.get(addr, ()) if t > now - 60]
@@ -87,11 +118,13 @@ class BastionServer(asyncssh.SSHServer):
         self.api_identity: ApiIdentity | None = None
         self._audited: set[str] = set()
         self._counted = False
+        self._started = time.monotonic()
 
     # -- connection lifecycle -----------------------------------------------------------------
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
+        self._started = time.monotonic()
         peer = conn.get_extra_info("peername") or ("?", 0)
         self.remote_addr = self.client_addr or str(peer[0])
         b = self.bastion
@@ -106,17 +139,34 @@ class BastionServer(asyncssh.SSHServer):
             return
         b.connections += 1
         b.per_source[self.remote_addr] += 1
+        b.open.add(conn)
         self._counted = True
         original = conn.validate_public_key
         conn.validate_public_key = functools.partial(self._validate_public_key, original)  # type: ignore[method-assign]
 
+    def _audit_unauthenticated_end(self, exc: Exception | None) -> None:
+        """Garbage and stalled handshakes get an audit event (DESIGN.md, Security rules);
+        a plain connect-and-close (a port probe, a client that gave up) does not."""
+        stalled = time.monotonic() - self._started >= self.bastion.config.login_timeout
+        hung_up = exc is None or isinstance(exc, asyncssh.ConnectionLost | OSError)
+        if hung_up and not stalled:
+            return
+        kind = "stalled" if stalled else "garbage"
+        if self.bastion.should_audit_refusal(self.remote_addr or "?", time.monotonic(), kind):
+            self._audit_once("auth.failed", f"connection closed before login: {exc}")
+
     def _refuse(self, conn: asyncssh.SSHServerConnection, reason: str) -> None:
-        self._audit_once("auth.failed", reason)
+        if self.bastion.should_audit_refusal(self.remote_addr or "?", time.monotonic()):
+            self._audit_once("auth.failed", reason)
         conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS, reason)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._counted and self.api_identity is None and not self._audited:
+            self._audit_unauthenticated_end(exc)
         if self._counted:
             b = self.bastion
+            if self.conn is not None:
+                b.open.discard(self.conn)
             b.connections -= 1
             b.per_source[self.remote_addr or "?"] -= 1
             if b.per_source[self.remote_addr or "?"] <= 0:
@@ -242,7 +292,13 @@ class BastionServer(asyncssh.SSHServer):
             finally:
                 chan.exit(0)
             return
-        what = f"subsystem {subsystem!r}" if subsystem else (chan.get_command() or "a shell")
+        command = chan.get_command()
+        # repr(): client-chosen text must not be able to forge lines in logs
+        what = (
+            f"subsystem {subsystem!r}"
+            if subsystem
+            else (f"command {command!r}" if command else "a shell")
+        )
         self._audit_once(
             "session.denied",
             f"{what} refused: the bastion offers no shell",
