@@ -1,7 +1,7 @@
 """The bastion's configuration: one frozen dataclass, loaded once, passed explicitly.
 
-Sources, later ones winning: defaults, a TOML file (``--config``), command-line
-options. An unknown key or a value of the wrong type is refused with a message that
+Sources, later ones winning: defaults, a TOML file (``--config``), ``--set KEY=VALUE``
+on the command line, then the dedicated options (``--state``, ``--listen``, ...). An unknown key or a value of the wrong type is refused with a message that
 names it; nothing falls back silently.
 """
 
@@ -83,8 +83,13 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
-def load_config(path: Path | None = None, **overrides: Any) -> BastionConfig:
-    values: dict[str, Any] = {}
+def load_config(
+    path: Path | None = None, *, defaults: dict[str, Any] | None = None, **overrides: Any
+) -> BastionConfig:
+    """``defaults`` (e.g. the state dir from $DT_STATE) lose to the file and overrides."""
+    values: dict[str, Any] = {
+        name: _coerce(name, value) for name, value in (defaults or {}).items() if value is not None
+    }
     if path is not None:
         try:
             data = tomllib.loads(path.read_text())
@@ -107,6 +112,24 @@ def load_config(path: Path | None = None, **overrides: Any) -> BastionConfig:
         except ValueError:
             raise UsageError(f"config: proxy_protocol_from has a bad network {cidr!r}") from None
     return BastionConfig(**values)
+
+
+def parse_setting(item: str) -> tuple[str, Any]:
+    """One ``--set KEY=VALUE`` from the command line, checked like a TOML line.
+
+    VALUE is read as a TOML value (``5``, ``0.5``, ``true``, ``["a", "b"]``), else as a
+    plain string; :func:`load_config` then checks its type like any other source.
+    """
+    key, sep, raw = item.partition("=")
+    name = key.strip().replace("-", "_")
+    if not sep or name not in _FIELDS:
+        known = ", ".join(sorted(_FIELDS))
+        raise UsageError(f"--set {item!r}: expected KEY=VALUE, KEY one of: {known}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return name, value
 
 
 def parse_listen(value: str) -> tuple[str, int]:

@@ -13,7 +13,7 @@ import typer
 
 from bastion import console
 from bastion.cluster import Cluster, default_state_dir
-from bastion.config import BastionConfig, load_config, parse_listen
+from bastion.config import BastionConfig, load_config, parse_listen, parse_setting
 
 app = typer.Typer(
     help="dt-bastion: the SSH jump host and CA endpoint of a device-trusted cluster.",
@@ -44,6 +44,15 @@ def serve(
         list[str] | None,
         typer.Option("--host-name", help="Name clients use for this bastion (repeatable)."),
     ] = None,
+    settings: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            metavar="KEY=VALUE",
+            help="Override one config setting, e.g. --set max_connections_per_source=50 "
+            "(repeatable; see bastion/config.py for every key).",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info or warning.")] = "info",
 ) -> None:
     """Serve SSH: certificate and password logins, dt-api, and ssh -J forwarding.
@@ -57,13 +66,11 @@ def serve(
     )
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
     host, port = parse_listen(listen) if listen else (None, None)
-    cfg = load_config(
-        config,
-        state_dir=state or default_state_dir(),
-        listen_host=host,
-        listen_port=port,
-        host_names=tuple(host_name) if host_name else None,
-    )
+    overrides = dict(parse_setting(item) for item in settings or ())
+    explicit = {"state_dir": state, "listen_host": host, "listen_port": port}
+    explicit["host_names"] = tuple(host_name) if host_name else None
+    overrides.update({k: v for k, v in explicit.items() if v is not None})
+    cfg = load_config(config, defaults={"state_dir": default_state_dir()}, **overrides)
     try:
         import uvloop  # optional: faster event loop when installed
 
