@@ -32,7 +32,6 @@ from bastion.storage.records import (
 )
 
 CRED = DeviceCredential("cred-1", b"\x30", "tpm_ekcert", "ab" * 32)
-NOW = time.time()
 
 
 @pytest.fixture
@@ -53,7 +52,7 @@ def make_cert(
     ca=None,
     serial=None,
     principals=("root", JUMP_PRINCIPAL),
-    valid=(NOW - 60, NOW + 600),
+    valid=(-60, 600),
     extensions=None,
     critical=None,
     cert_type=cssh.SSHCertificateType.USER,
@@ -62,6 +61,8 @@ def make_cert(
 ):
     """A certificate as a client would present it; recorded as issued unless told not to."""
     serial = serial if serial is not None else int(time.time_ns() % 2**62)
+    now = int(time.time())
+    valid = (now + valid[0], now + valid[1])  # offsets from now, in seconds
     exts = {"permit-port-forwarding": ""} if extensions is None else dict(extensions)
     if user is not None:
         exts["dt-user@dt-bastion"] = user
@@ -99,7 +100,8 @@ def make_cert(
     return parse_cert(cert.public_bytes())
 
 
-def admit(cluster, cert, now=NOW):
+def admit(cluster, cert, now=None):
+    now = time.time() if now is None else now
     return policy.check_certificate(cert, cluster.store, cluster.ca.user_ca_fingerprint, now)
 
 
@@ -132,9 +134,9 @@ def test_a_real_certificate_from_our_ca_is_admitted(cluster):
     [
         ("another CA", {"ca": ed25519.Ed25519PrivateKey.generate()}, "unknown CA"),
         ("host cert", {"cert_type": cssh.SSHCertificateType.HOST}, "host certificate"),
-        ("expired", {"valid": (NOW - 7200, NOW - 3600)}, "expired"),
-        ("not yet valid", {"valid": (NOW + 300, NOW + 3600)}, "not yet valid"),
-        ("ends now", {"valid": (NOW - 60, NOW)}, "expired"),
+        ("expired", {"valid": (-7200, -3600)}, "expired"),
+        ("not yet valid", {"valid": (300, 3600)}, "not yet valid"),
+        ("ends now", {"valid": (-60, 0)}, "expired"),
         ("no jump principal", {"principals": ("root",)}, "not issued for this bastion"),
         ("empty principals", {"principals": ()}, "not issued for this bastion"),
         ("no dt-user", {"user": None}, "names no dt-bastion user"),
@@ -152,7 +154,7 @@ def test_certificates_refused_with_a_reason(cluster, defect, kwargs, reason):
 
 def test_revoked_serial_is_refused(cluster):
     cert = make_cert(cluster)
-    cluster.store.revoke_cert(cert.serial, NOW)
+    cluster.store.revoke_cert(cert.serial, time.time())
     with pytest.raises(AccessDenied, match="has been revoked"):
         admit(cluster, cert)
 
@@ -164,7 +166,7 @@ def test_locked_user_is_refused_with_the_lock_message(cluster):
 
 
 def test_an_expired_lock_no_longer_refuses(cluster):
-    cluster.store.add_lock(Lock("", "user", "alice", "", expires=NOW - 1))
+    cluster.store.add_lock(Lock("", "user", "alice", "", expires=time.time() - 1))
     assert admit(cluster, make_cert(cluster)).user == "alice"
 
 
@@ -212,7 +214,7 @@ def test_required_mode_without_device_extensions(cluster):
     cluster.store.set_setting("device_trust_mode", "required")
     identity = admit(cluster, make_cert(cluster))
     with pytest.raises(DeviceNotTrusted, match=r"a trusted device is required \(run: dtclient"):
-        policy.check_device(cluster.store, identity, NOW)
+        policy.check_device(cluster.store, identity, time.time())
 
 
 def test_required_mode_with_the_users_enrolled_device(cluster):
@@ -220,7 +222,7 @@ def test_required_mode_with_the_users_enrolled_device(cluster):
     device = enrolled(cluster)
     identity = admit(cluster, make_cert(cluster, extensions=device_exts(device)))
     assert identity.asset_tag == "SN1"
-    assert policy.check_device(cluster.store, identity, NOW) == "required"
+    assert policy.check_device(cluster.store, identity, time.time()) == "required"
 
 
 def _device_case(cluster, case):
@@ -251,17 +253,17 @@ def test_required_mode_refuses_a_bad_device(cluster, case):
     exts, reason = _device_case(cluster, case)
     identity = admit(cluster, make_cert(cluster, extensions=exts))
     with pytest.raises(DeviceNotTrusted, match=reason):
-        policy.check_device(cluster.store, identity, NOW)
+        policy.check_device(cluster.store, identity, time.time())
 
 
 def test_device_unenrolled_after_signing_is_refused_from_then_on(cluster):
     cluster.store.set_setting("device_trust_mode", "required")
     device = enrolled(cluster)
     identity = admit(cluster, make_cert(cluster, extensions=device_exts(device)))
-    policy.check_device(cluster.store, identity, NOW)
+    policy.check_device(cluster.store, identity, time.time())
     cluster.store.update_device(replace(device, enroll_status="not_enrolled", credential=None))
     with pytest.raises(DeviceNotTrusted, match="is not enrolled"):
-        policy.check_device(cluster.store, identity, NOW)
+        policy.check_device(cluster.store, identity, time.time())
 
 
 def test_a_locked_device_is_refused_even_when_trust_is_optional(cluster):
@@ -269,12 +271,12 @@ def test_a_locked_device_is_refused_even_when_trust_is_optional(cluster):
     identity = admit(cluster, make_cert(cluster, extensions=device_exts(device)))
     cluster.store.add_lock(Lock("", "device", "SN1"))
     with pytest.raises(DeviceNotTrusted, match='device "SN1" is locked'):
-        policy.check_device(cluster.store, identity, NOW)
+        policy.check_device(cluster.store, identity, time.time())
 
 
 def test_optional_mode_admits_without_a_device(cluster):
     identity = admit(cluster, make_cert(cluster))
-    assert policy.check_device(cluster.store, identity, NOW) == "optional"
+    assert policy.check_device(cluster.store, identity, time.time()) == "optional"
 
 
 # -- which node a direct-tcpip request means: no open relay -----------------------------------------
@@ -321,7 +323,7 @@ def test_node_access_reason_names_the_node(cluster):
     identity = admit(cluster, make_cert(cluster))
     node = cluster.store.find_node("node-1")
     with pytest.raises(AccessDenied) as info:
-        policy.check_node_access(cluster.store, identity, node, NOW)
+        policy.check_node_access(cluster.store, identity, node, time.time())
     assert info.value.message == (
         "access denied to node-1: a trusted device is required "
         "(run: dtclient device enroll, then dtclient login)"
@@ -332,15 +334,21 @@ def test_labels_decide_which_nodes(cluster):
     cluster.store.put_role(Role("dev-only", logins=("root",), node_labels={"env": ("dev",)}))
     cluster.store.update_user(replace(cluster.store.get_user("alice"), roles=("dev-only",)))
     identity = admit(cluster, make_cert(cluster))
-    policy.check_node_access(cluster.store, identity, cluster.store.find_node("node-6"), NOW)
+    policy.check_node_access(
+        cluster.store, identity, cluster.store.find_node("node-6"), time.time()
+    )
     with pytest.raises(AccessDenied, match="node-1: your roles do not allow this node"):
-        policy.check_node_access(cluster.store, identity, cluster.store.find_node("node-1"), NOW)
+        policy.check_node_access(
+            cluster.store, identity, cluster.store.find_node("node-1"), time.time()
+        )
 
 
 def test_certificate_without_permit_port_forwarding_cannot_jump(cluster):
     identity = admit(cluster, make_cert(cluster, extensions={}))
     with pytest.raises(AccessDenied, match="does not permit port forwarding"):
-        policy.check_node_access(cluster.store, identity, cluster.store.find_node("node-1"), NOW)
+        policy.check_node_access(
+            cluster.store, identity, cluster.store.find_node("node-1"), time.time()
+        )
 
 
 @pytest.mark.parametrize("change", ["lock", "remove", "revoke"])
@@ -352,9 +360,11 @@ def test_user_changes_after_login_refuse_the_next_forward(cluster, change):
     elif change == "remove":
         cluster.store.remove_user("alice")
     else:
-        cluster.store.revoke_cert(cert.serial, NOW)
+        cluster.store.revoke_cert(cert.serial, time.time())
     with pytest.raises(AccessDenied, match="access denied to node-1"):
-        policy.check_node_access(cluster.store, identity, cluster.store.find_node("node-1"), NOW)
+        policy.check_node_access(
+            cluster.store, identity, cluster.store.find_node("node-1"), time.time()
+        )
 
 
 # -- live sessions, re-decided when the state moves --------------------------------------------------
