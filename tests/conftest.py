@@ -9,6 +9,11 @@ import pytest
 from tests.swtpm import provision, run_swtpm
 
 
+def pytest_collection_modifyitems(config, items):
+    """Floods run last: the sockets they churn must not disturb other tests' servers."""
+    items.sort(key=lambda item: item.get_closest_marker("flood") is not None)
+
+
 def _need(binary: str) -> None:
     if shutil.which(binary) is None:
         pytest.skip(f"{binary} is not installed (run scripts/setup.sh)")
