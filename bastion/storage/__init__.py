@@ -190,13 +190,21 @@ class Store:
                 raise
 
     def _one(self, sql: str, params: tuple[Any, ...] = ()) -> dict[str, Any] | None:
-        with self._lock:
-            rows = list(self.db.query(sql, params))
+        rows = self._all(sql, params)
         return rows[0] if rows else None
 
     def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        """Reads go straight to the connection: they are on every login's hot path, and
+        sqlite-utils' query() parses each statement first (a third of issuance time)."""
         with self._lock:
-            return list(self.db.query(sql, params))
+            try:
+                cursor = self._conn.execute(sql, params)
+            except sqlite3.OperationalError as exc:
+                raise StorageUnavailable(f"cluster database read failed: {exc}") from exc
+            except sqlite3.DatabaseError as exc:
+                raise StateError(f"cluster database error: {exc}") from exc
+            names = [d[0] for d in cursor.description or ()]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     def _exec(self, sql: str, params: tuple[Any, ...] = ()) -> int:
         with self.transaction():
