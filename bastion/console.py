@@ -54,6 +54,22 @@ def print_table(
     out.print(table)
 
 
+def emit(
+    fmt: Format,
+    data: Any,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    title: str | None = None,
+    empty: str = "(none)",
+) -> None:
+    """What every data command does: JSON for scripts, a table for people."""
+    if fmt is Format.json:
+        print_json(data)
+    else:
+        print_table(columns, rows, title=title, empty=empty)
+
+
 def say(message: str) -> None:
     out.print(message, markup=False)
 

@@ -46,26 +46,23 @@ def ls(
     events = open_cluster(ctx, state).store.list_audit(
         type=type, user=user, since=parse_since(since) if since else None, limit=limit
     )
-    if fmt is Format.json:
-        console.print_json(
-            [
-                {
-                    "id": e.id,
-                    "time": datetime.datetime.fromtimestamp(e.time, datetime.UTC).isoformat(),
-                    "code": e.code,
-                    "event": e.type,
-                    "success": e.success,
-                    "user": e.user,
-                    "device": e.device,
-                    "addr.remote": e.remote_addr,
-                    "message": e.message,
-                    **e.fields,
-                }
-                for e in events
-            ]
-        )
-        return
-    console.print_table(
+    console.emit(
+        fmt,
+        [
+            {
+                "id": e.id,
+                "time": datetime.datetime.fromtimestamp(e.time, datetime.UTC).isoformat(),
+                "code": e.code,
+                "event": e.type,
+                "success": e.success,
+                "user": e.user,
+                "device": e.device,
+                "addr.remote": e.remote_addr,
+                "message": e.message,
+                **e.fields,
+            }
+            for e in events
+        ],
         ["Time", "Code", "Event", "User", "Device", "Remote", "Message"],
         [
             (

@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from bastion import audit, console
-from bastion.admin.common import StateOpt, actor, new_app, open_cluster
+from bastion import console
+from bastion.admin.common import StateOpt, actor, audited, new_app, open_cluster
 from bastion.console import Format
 from bastion.errors import UsageError
 from bastion.rbac import check_trust_mode
@@ -36,16 +36,15 @@ def set_(
     except KeyError:
         raise UsageError(f"invalid value {value!r} for {name}: use on or off") from None
     store = open_cluster(ctx, state).store
-    with store.transaction():
+    with audited(
+        store,
+        "cluster.setting",
+        message=f"{name} set to {value}",
+        actor=actor(),
+        setting=name,
+        value=value,
+    ):
         store.set_setting(key, parsed)
-        audit.record(
-            store,
-            "cluster.setting",
-            message=f"{name} set to {value}",
-            actor=actor(),
-            setting=name,
-            value=value,
-        )
     console.say(f"{name} is now {value}")
 
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from bastion import audit
 from bastion.cluster import Cluster, default_state_dir
+from bastion.storage import Store
 
 StateOpt = Annotated[
     Path | None,
@@ -33,6 +37,14 @@ def open_cluster(ctx: typer.Context, override: Path | None = None) -> Cluster:
     cluster = Cluster.open(state_dir(ctx, override))
     ctx.call_on_close(cluster.close)
     return cluster
+
+
+@contextlib.contextmanager
+def audited(store: Store, event: str, **fields: Any) -> Iterator[None]:
+    """A change and its audit event, committed together or not at all."""
+    with store.transaction():
+        yield
+        audit.record(store, event, **fields)
 
 
 def actor() -> str:

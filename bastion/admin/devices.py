@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from bastion import audit, console
-from bastion.admin.common import StateOpt, actor, new_app, open_cluster
+from bastion.admin.common import StateOpt, actor, audited, new_app, open_cluster
 from bastion.console import Format
 from bastion.durations import parse_duration
 from bastion.errors import UsageError
@@ -29,16 +29,15 @@ def unenroll(store: Store, tag: str, who: str, reason: str = "") -> bool:
     device = store.get_device(tag)
     if device.enroll_status == "not_enrolled" and device.credential is None:
         return False
-    with store.transaction():
+    with audited(
+        store,
+        "device.unenroll",
+        message=f'Device "{tag}" unenrolled{reason}',
+        device=tag,
+        user=device.owner or None,
+        actor=who,
+    ):
         store.update_device(replace(device, enroll_status="not_enrolled", credential=None))
-        audit.record(
-            store,
-            "device.unenroll",
-            message=f'Device "{tag}" unenrolled{reason}',
-            device=tag,
-            user=device.owner or None,
-            actor=who,
-        )
     return True
 
 
@@ -74,15 +73,14 @@ def add(
     if owner:
         store.get_user(owner)
     who = actor()
-    with store.transaction():
+    with audited(
+        store,
+        "device.create",
+        message=f'Device "{asset_tag}"/{os} registered',
+        device=asset_tag,
+        actor=who,
+    ):
         store.add_device(Device("", asset_tag, os, owner=owner or ""))
-        audit.record(
-            store,
-            "device.create",
-            message=f'Device "{asset_tag}"/{os} registered',
-            device=asset_tag,
-            actor=who,
-        )
     console.say(f'Device "{asset_tag}"/{os} added to the inventory')
     if enroll:
         _print_token(
@@ -205,10 +203,9 @@ def ls(
     from bastion.resources import device_doc
 
     devices = open_cluster(ctx, state).store.list_devices()
-    if fmt is Format.json:
-        console.print_json([device_doc(d) for d in devices])
-        return
-    console.print_table(
+    console.emit(
+        fmt,
+        [device_doc(d) for d in devices],
         ["Asset tag", "OS", "Enroll status", "Owner", "Attestation", "Device ID"],
         [
             (
@@ -247,15 +244,14 @@ def rm(
 ) -> None:
     """Remove a device from the inventory (and with it its enrollment)."""
     store = open_cluster(ctx, state).store
-    with store.transaction():
+    with audited(
+        store,
+        "device.delete",
+        message=f'Device "{asset_tag}" removed',
+        device=asset_tag,
+        actor=actor(),
+    ):
         store.remove_device(asset_tag)
-        audit.record(
-            store,
-            "device.delete",
-            message=f'Device "{asset_tag}" removed',
-            device=asset_tag,
-            actor=actor(),
-        )
     console.say(f'Device "{asset_tag}" removed')
 
 
@@ -277,11 +273,10 @@ def root_add(
     cert = parse_trust_root(data)
     fp = cert.fingerprint(hashes.SHA256()).hex()
     store = open_cluster(ctx, state).store
-    with store.transaction():
+    with audited(
+        store, "device.trust_root", message="EK trust root added", actor=actor(), fingerprint=fp
+    ):
         store.add_trust_root(fp, cert.subject.rfc4514_string(), data.decode())
-        audit.record(
-            store, "device.trust_root", message="EK trust root added", actor=actor(), fingerprint=fp
-        )
     console.say(f"trust root added: {cert.subject.rfc4514_string()} (sha256 {fp[:16]}...)")
 
 
@@ -293,10 +288,9 @@ def root_ls(
 ) -> None:
     """List EK trust roots."""
     roots = open_cluster(ctx, state).store.list_trust_roots()
-    if fmt is Format.json:
-        console.print_json([{k: r[k] for k in ("fingerprint", "subject")} for r in roots])
-        return
-    console.print_table(
+    console.emit(
+        fmt,
+        [{k: r[k] for k in ("fingerprint", "subject")} for r in roots],
         ["SHA-256", "Subject"],
         [(r["fingerprint"], r["subject"]) for r in roots],
         empty="(no trust roots: EKs are accepted as tpm_ekpub / tpm_ekcert)",
@@ -311,13 +305,12 @@ def root_rm(
 ) -> None:
     """Stop trusting an EK CA root."""
     store = open_cluster(ctx, state).store
-    with store.transaction():
+    with audited(
+        store,
+        "device.trust_root",
+        message="EK trust root removed",
+        actor=actor(),
+        fingerprint=fingerprint,
+    ):
         store.remove_trust_root(fingerprint)
-        audit.record(
-            store,
-            "device.trust_root",
-            message="EK trust root removed",
-            actor=actor(),
-            fingerprint=fingerprint,
-        )
     console.say("trust root removed")

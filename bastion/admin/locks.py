@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from bastion import audit, console
-from bastion.admin.common import StateOpt, actor, new_app, open_cluster
+from bastion.admin.common import StateOpt, actor, audited, new_app, open_cluster
 from bastion.console import Format
 from bastion.durations import parse_duration
 from bastion.errors import UsageError
@@ -63,21 +63,18 @@ def ls(
 ) -> None:
     """List locks in force."""
     locks = open_cluster(ctx, state).store.list_locks(now=time.time())
-    if fmt is Format.json:
-        console.print_json(
-            [
-                {
-                    "id": lk.id,
-                    "kind": lk.target_kind,
-                    "target": lk.target,
-                    "message": lk.message,
-                    "expires": lk.expires,
-                }
-                for lk in locks
-            ]
-        )
-        return
-    console.print_table(
+    console.emit(
+        fmt,
+        [
+            {
+                "id": lk.id,
+                "kind": lk.target_kind,
+                "target": lk.target,
+                "message": lk.message,
+                "expires": lk.expires,
+            }
+            for lk in locks
+        ],
         ["ID", "Kind", "Target", "Message", "Expires"],
         [
             (
@@ -103,7 +100,6 @@ def rm(
 ) -> None:
     """Lift a lock."""
     store = open_cluster(ctx, state).store
-    with store.transaction():
+    with audited(store, "lock.delete", message=f"lock {lock_id} removed", actor=actor()):
         store.remove_lock(lock_id)
-        audit.record(store, "lock.delete", message=f"lock {lock_id} removed", actor=actor())
     console.say(f"lock {lock_id} removed")

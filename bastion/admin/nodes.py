@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from bastion import audit, console
-from bastion.admin.common import StateOpt, actor, new_app, open_cluster, split_csv
+from bastion.admin.common import StateOpt, actor, audited, new_app, open_cluster, split_csv
 from bastion.console import Format
 from bastion.errors import NotFound, UsageError
 from bastion.rbac import check_name
@@ -111,11 +111,8 @@ def rm(
 ) -> None:
     """Remove a node; the bastion stops forwarding to it at once."""
     store = open_cluster(ctx, state).store
-    with store.transaction():
+    with audited(store, "node.delete", message=f'node "{name}" removed', actor=actor(), node=name):
         store.remove_node(name)
-        audit.record(
-            store, "node.delete", message=f'node "{name}" removed', actor=actor(), node=name
-        )
     console.say(f'node "{name}" removed')
 
 

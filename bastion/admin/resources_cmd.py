@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from bastion import audit, console, resources
-from bastion.admin.common import StateOpt, actor, open_cluster
+from bastion.admin.common import StateOpt, actor, audited, open_cluster
 from bastion.admin.devices import unenroll
 from bastion.console import Format
 from bastion.errors import DTError, UsageError
@@ -120,24 +120,22 @@ def _apply(store: Store, kind: str, name: str, doc: dict) -> None:
     if kind == "user":
         roles = {r.name for r in store.list_roles()}
         user = resources.user_from_doc(doc, store.get_user(name), roles)
-        with store.transaction():
+        with audited(
+            store,
+            "user.update",
+            message=f'user "{name}" edited',
+            user=name,
+            actor=who,
+            roles=list(user.roles),
+        ):
             store.update_user(user)
-            audit.record(
-                store,
-                "user.update",
-                message=f'user "{name}" edited',
-                user=name,
-                actor=who,
-                roles=list(user.roles),
-            )
     elif kind == "role":
         current = store.get_role(name)
         if current.preset:
             raise UsageError(f'role "{name}" is a preset role and cannot be edited')
         role = resources.role_from_doc(doc, name)
-        with store.transaction():
+        with audited(store, "role.update", message=f'role "{name}" edited', actor=who):
             store.put_role(role)
-            audit.record(store, "role.update", message=f'role "{name}" edited', actor=who)
     else:
         current = store.get_device(name)
         users = {u.name for u in store.list_users()}

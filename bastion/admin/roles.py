@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from bastion import audit, console, resources
-from bastion.admin.common import StateOpt, actor, new_app, open_cluster
+from bastion import console, resources
+from bastion.admin.common import StateOpt, actor, audited, new_app, open_cluster
 from bastion.console import Format
 from bastion.durations import format_duration
 from bastion.errors import Conflict, UsageError
@@ -24,10 +24,9 @@ def ls(
 ) -> None:
     """List roles."""
     roles = open_cluster(ctx, state).store.list_roles()
-    if fmt is Format.json:
-        console.print_json([resources.role_doc(r) for r in roles])
-        return
-    console.print_table(
+    console.emit(
+        fmt,
+        [resources.role_doc(r) for r in roles],
         ["Role", "Logins", "Node labels", "Device trust", "Max TTL", "Description"],
         [
             (
@@ -68,15 +67,14 @@ def create(
     existing = store.find_role(role.name)
     if existing is not None and existing.preset:
         raise Conflict(f'role "{role.name}" is a preset role and cannot be replaced')
-    with store.transaction():
+    with audited(
+        store,
+        "role.update" if existing else "role.create",
+        message=f'role "{role.name}" saved',
+        actor=actor(),
+        role=role.name,
+    ):
         store.put_role(role, create_only=not force)
-        audit.record(
-            store,
-            "role.update" if existing else "role.create",
-            message=f'role "{role.name}" saved',
-            actor=actor(),
-            role=role.name,
-        )
     console.say(f'role "{role.name}" has been {"updated" if existing else "created"}')
 
 
@@ -96,7 +94,6 @@ def rm(
         raise Conflict(
             f'role "{name}" is held by {", ".join(holders[:5])}; remove it from them first'
         )
-    with store.transaction():
+    with audited(store, "role.delete", message=f'role "{name}" removed', actor=actor()):
         store.remove_role(name)
-        audit.record(store, "role.delete", message=f'role "{name}" removed', actor=actor())
     console.say(f'role "{name}" has been deleted')

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from bastion import audit, console
-from bastion.admin.common import StateOpt, actor, new_app, open_cluster, split_csv
+from bastion.admin.common import StateOpt, actor, audited, new_app, open_cluster, split_csv
 from bastion.console import Format
 from bastion.errors import NotFound, UsageError
 from bastion.rbac import check_logins, check_name
@@ -52,16 +52,16 @@ def add(
         raise UsageError("give at least one role with --roles")
     who = actor()
     ttl_seconds = parse_duration(ttl)
-    with store.transaction():
-        store.add_user(User(name, role_list, check_logins(split_csv(logins)), created_by=who))
-        audit.record(
+    with store.transaction():  # the user and their signup token exist together or not at all
+        with audited(
             store,
             "user.create",
             message=f'user "{name}" created',
             user=name,
             actor=who,
             roles=list(role_list),
-        )
+        ):
+            store.add_user(User(name, role_list, check_logins(split_csv(logins)), created_by=who))
         token = issue_signup_token(store, name, ttl=ttl_seconds, actor=who)
     console.say(f'User "{name}" has been created with roles {", ".join(role_list)}.')
     console.say(f"Share this command with them; the token works once and expires in {ttl}:")
@@ -101,20 +101,17 @@ def ls(
     """List users with their roles and logins."""
     store = open_cluster(ctx, state).store
     users = store.list_users()
-    if fmt is Format.json:
-        console.print_json(
-            [
-                {
-                    "name": u.name,
-                    "roles": list(u.roles),
-                    "logins": list(u.logins),
-                    "signed_up": u.signed_up,
-                }
-                for u in users
-            ]
-        )
-        return
-    console.print_table(
+    console.emit(
+        fmt,
+        [
+            {
+                "name": u.name,
+                "roles": list(u.roles),
+                "logins": list(u.logins),
+                "signed_up": u.signed_up,
+            }
+            for u in users
+        ],
         ["User", "Roles", "Logins", "Signed up"],
         [
             (u.name, ",".join(u.roles), ",".join(u.logins), "yes" if u.signed_up else "no")
@@ -132,11 +129,8 @@ def rm(
 ) -> None:
     """Remove a user; their live sessions are closed by the bastion within a second."""
     store = open_cluster(ctx, state).store
-    with store.transaction():
+    with audited(store, "user.delete", message=f'user "{name}" removed', user=name, actor=actor()):
         store.remove_user(name)
-        audit.record(
-            store, "user.delete", message=f'user "{name}" removed', user=name, actor=actor()
-        )
     console.say(f'User "{name}" has been deleted.')
 
 
@@ -171,17 +165,16 @@ def update(
     if new == user:
         console.say("No changes.")
         return
-    with store.transaction():
+    with audited(
+        store,
+        "user.update",
+        message=f'user "{name}" updated',
+        user=name,
+        actor=actor(),
+        roles=list(new.roles),
+        logins=list(new.logins),
+    ):
         store.update_user(new)
-        audit.record(
-            store,
-            "user.update",
-            message=f'user "{name}" updated',
-            user=name,
-            actor=actor(),
-            roles=list(new.roles),
-            logins=list(new.logins),
-        )
     console.say(
         f'User "{name}" has been updated: roles {",".join(new.roles)}; '
         f"logins {','.join(new.logins) or '(none)'}."
