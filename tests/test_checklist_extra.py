@@ -6,6 +6,7 @@ import datetime
 import os
 import signal
 import sqlite3
+import subprocess
 import time
 from dataclasses import replace
 
@@ -343,4 +344,79 @@ def test_unreachable_node_fails_cleanly_without_leaking(tmp_path):
         assert len(os.listdir(f"/proc/{b.proc.pid}/fd")) <= fds_before + 2
     reasons = [e.message for e in cluster.store.list_audit(type="session.denied")]
     assert len([r for r in reasons if "is unreachable" in r]) == 4, reasons
+    cluster.close()
+
+
+@pytest.mark.integration
+def test_database_unavailable_live_sessions_go_on_new_certificates_fail_closed(tmp_path):
+    """Another process holds the write lock: reads (live-session checks) still work,
+    issuing a certificate fails with a clear error instead of handing out an
+    unrecorded one."""
+    import asyncio
+
+    import asyncssh
+
+    from bastion import wire
+    from bastion.ca.certs import load_public_key
+    from bastion.errors import StorageUnavailable
+    from bastion.storage.records import Node
+    from client.api import Credentials, HostTrust, open_session
+    from tests.sshd import LOGIN, bastion_server, keygen, sshd_node, write_ssh_config
+
+    cluster = init_cluster(tmp_path / "state", "dbdown")
+    cluster.store.add_user(User("alice", ("access",), (LOGIN,)))
+    key = keygen(tmp_path / "id")
+    issued = cluster.ca.sign_user("alice", load_public_key((tmp_path / "id.pub").read_bytes()))
+    (tmp_path / "id-cert.pub").write_text(issued.openssh + "\n")
+    with sshd_node(tmp_path / "node", cluster) as node, bastion_server(cluster.state_dir) as b:
+        cluster.store.add_node(Node("node-1", "127.0.0.1", node.port))
+        config = write_ssh_config(
+            tmp_path / "ssh_config",
+            bastion_port=b.port,
+            key=key,
+            cert=tmp_path / "id-cert.pub",
+            cluster=cluster,
+        )
+        live = subprocess.Popen(
+            ["ssh", "-F", str(config), f"{LOGIN}@node-1", "sleep 4; echo alive"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(1.5)
+        blocker = sqlite3.connect(cluster.state_dir / "cluster.db", isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+
+            async def ask_for_a_certificate():
+                session = await open_session(
+                    "127.0.0.1",
+                    b.port,
+                    Credentials(
+                        "dt",
+                        client_key=asyncssh.read_private_key(str(key)),
+                        certificate=asyncssh.read_certificate(str(tmp_path / "id-cert.pub")),
+                    ),
+                    HostTrust(
+                        trusted=((cluster.state_dir / "ca" / "host_ca.pub").read_text().strip(),)
+                    ),
+                )
+                new = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
+                try:
+                    await session.call(
+                        wire.CertRequest(public_key=new.strip()), wire.CertIssued, timeout=40
+                    )
+                finally:
+                    await session.close()
+
+            with pytest.raises(StorageUnavailable, match="busy or unwritable|write failed"):
+                asyncio.run(ask_for_a_certificate())
+            out, _ = live.communicate(timeout=30)
+            assert live.returncode == 0 and out.strip() == "alive"  # the live session went on
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+            if live.poll() is None:
+                live.kill()
+    assert len(cluster.store.list_certs(user="alice")) == 1  # nothing issued unrecorded
     cluster.close()
