@@ -33,6 +33,7 @@ EVENT_CODES: dict[str, str] = {
     "cert.create": "DT2001",
     "cert.revoke": "DT2002",
     "host_cert.create": "DT2003",
+    "ca.rotate": "DT2004",
     "auth.failed": "DT2101",
     "lock.create": "DT2201",
     "lock.delete": "DT2202",

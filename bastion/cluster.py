@@ -6,8 +6,11 @@ return a cluster whose database or keys are missing or corrupt.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +19,11 @@ from cryptography.hazmat.primitives.serialization import ssh
 
 from bastion import audit
 from bastion.ca import keys
-from bastion.ca.authority import CertificateAuthority
+from bastion.ca.authority import (
+    RETIRED_USER_CAS_SETTING,
+    USER_CA_SETTING,
+    CertificateAuthority,
+)
 from bastion.errors import AlreadyExists, StateError
 from bastion.rbac import PRESET_ROLES, check_name
 from bastion.storage import DB_NAME, Store
@@ -48,7 +55,7 @@ class Cluster:
             raise StateError(f"{state_dir / DB_NAME} is not an initialised cluster")
         kdir = keys.ca_dir(state_dir)
         try:
-            user_ca = keys.load_private_key(kdir / keys.USER_CA)
+            user_ca = _load_user_ca(kdir, store)
             host_ca = keys.load_private_key(kdir / keys.HOST_CA)
         except StateError:
             store.close()
@@ -57,6 +64,80 @@ class Cluster:
 
     def close(self) -> None:
         self.store.close()
+
+    # -- user CA rotation: revoking a whole CA ----------------------------------------------
+
+    def rotate_user_ca(self, *, actor: str) -> tuple[str, str, int]:
+        """Replace the user CA: every certificate it signed stops working at once.
+
+        The one answer to a leaked CA key. The new key is written beside the old one
+        first, then a single transaction names it the CA in force, retires the old
+        public key (nodes' KRL revokes it) and revokes every live user certificate;
+        only then are the files renamed. A crash anywhere leaves either the old CA in
+        force or the new one (``_load_user_ca`` finishes a committed rotation).
+        Returns (old fingerprint, new fingerprint, certificates revoked).
+        """
+        kdir = keys.ca_dir(self.state_dir)
+        with _rotation_lock(kdir):
+            return self._rotate_locked(kdir, actor)
+
+    def _rotate_locked(self, kdir: Path, actor: str) -> tuple[str, str, int]:
+        _discard(kdir / _NEXT)
+        new_key = keys.create_key(kdir, _NEXT, f"user-ca@{self.name}")
+        old_fp, new_fp = self.ca.user_ca_fingerprint, keys.fingerprint(new_key.public_key())
+        now = time.time()
+        try:
+            with self.store.transaction():
+                if self.store.get_setting(USER_CA_SETTING, old_fp) != old_fp:
+                    raise StateError("the user CA was rotated by someone else meanwhile")
+                retired = list(self.store.get_setting(RETIRED_USER_CAS_SETTING, []))
+                retired.append(
+                    {
+                        "fingerprint": old_fp,
+                        "public_key": keys.public_line(self.ca.user_ca.public_key()),
+                        "retired": now,
+                    }
+                )
+                self.store.set_setting(RETIRED_USER_CAS_SETTING, retired)
+                self.store.set_setting(USER_CA_SETTING, new_fp)
+                revoked = self.store.revoke_certs(now, everything=True)
+                audit.record(
+                    self.store,
+                    "ca.rotate",
+                    message=(
+                        f"user CA {old_fp} replaced by {new_fp}; "
+                        f"{len(revoked)} certificate(s) revoked"
+                    ),
+                    actor=actor,
+                    old_fingerprint=old_fp,
+                    new_fingerprint=new_fp,
+                    revoked=len(revoked),
+                )
+        except BaseException:
+            _discard(kdir / _NEXT)
+            raise
+        _install_next(kdir, now)
+        self.ca.set_user_ca(new_key)
+        return old_fp, new_fp, len(revoked)
+
+    def refresh_user_ca(self) -> bool:
+        """Load the user CA the database names, if another process rotated it.
+
+        Returns True when the CA in memory is the one in force (after loading it if
+        needed); False while a rotation's files are not in place yet (retry later).
+        """
+        wanted = self.store.get_setting(USER_CA_SETTING, self.ca.user_ca_fingerprint)
+        if wanted == self.ca.user_ca_fingerprint:
+            return True
+        try:
+            key = _load_user_ca(keys.ca_dir(self.state_dir), self.store, repair=False)
+        except StateError:
+            return False
+        self.ca.set_user_ca(key)
+        return True
+
+    def retired_user_cas(self) -> list[dict]:
+        return list(self.store.get_setting(RETIRED_USER_CAS_SETTING, []))
 
     # -- the bastion's own host key -------------------------------------------------------
 
@@ -103,9 +184,83 @@ def init_cluster(state_dir: Path | str, name: str, *, actor: str = "dtadmin") ->
     host_ca = keys.create_key(kdir, keys.HOST_CA, f"host-ca@{name}")
     with store.transaction():
         store.set_setting("cluster_name", name)
+        store.set_setting(USER_CA_SETTING, keys.fingerprint(user_ca.public_key()))
         store.set_setting("device_trust_mode", "optional")
         store.set_setting("auto_enroll", False)
         for role in PRESET_ROLES:
             store.put_role(role)
         audit.record(store, "cluster.init", message=f'cluster "{name}" created', actor=actor)
     return Cluster(state_dir, store, CertificateAuthority(store, user_ca, host_ca))
+
+
+_NEXT = keys.USER_CA + ".next"
+
+
+def _discard(key_path: Path) -> None:
+    key_path.unlink(missing_ok=True)
+    key_path.with_name(key_path.name + ".pub").unlink(missing_ok=True)
+
+
+def _install_next(kdir: Path, stamp: float) -> None:
+    """Move the old user CA into ca/retired/ and the committed next one into place."""
+    retired = kdir / "retired"
+    retired.mkdir(mode=0o700, exist_ok=True)
+    current = kdir / keys.USER_CA
+    if current.exists():
+        name = f"{keys.USER_CA}-{int(stamp)}"
+        os.replace(current, retired / name)
+        if current.with_name(current.name + ".pub").exists():
+            os.replace(current.with_name(current.name + ".pub"), retired / (name + ".pub"))
+    nxt = kdir / _NEXT
+    os.replace(nxt.with_name(nxt.name + ".pub"), current.with_name(current.name + ".pub"))
+    os.replace(nxt, current)
+    fd = os.open(kdir, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _load_user_ca(kdir: Path, store: Store, *, repair: bool = True) -> ed25519.Ed25519PrivateKey:
+    """The user CA the database names, finishing an interrupted rotation.
+
+    A key file that does not match the database's fingerprint is refused: the bastion
+    must never trust, or sign with, a CA the cluster has retired. ``repair`` (under
+    the rotation lock) completes or discards a rotation a crash left behind; without
+    it nothing on disk is changed, which is what a live bastion wants.
+    """
+    nxt = kdir / _NEXT
+    if nxt.exists():
+        if not repair:
+            wanted = store.get_setting(USER_CA_SETTING)
+            pending = keys.load_private_key(nxt)
+            if keys.fingerprint(pending.public_key()) == wanted:
+                return pending
+        else:
+            with _rotation_lock(kdir):
+                wanted = store.get_setting(USER_CA_SETTING)
+                if nxt.exists():
+                    pending = keys.load_private_key(nxt)
+                    if keys.fingerprint(pending.public_key()) == wanted:
+                        _install_next(kdir, time.time())  # committed, not yet renamed
+                        return pending
+                    _discard(nxt)  # a rotation that never committed
+    wanted = store.get_setting(USER_CA_SETTING)
+    key = keys.load_private_key(kdir / keys.USER_CA)
+    if wanted is not None and keys.fingerprint(key.public_key()) != wanted:
+        raise StateError(
+            f"user CA key {kdir / keys.USER_CA} is not the CA the cluster database names "
+            f"({wanted}); refusing to use it"
+        )
+    return key
+
+
+@contextlib.contextmanager
+def _rotation_lock(kdir: Path) -> Iterator[None]:
+    """One rotation (or crash repair) at a time per state directory."""
+    fd = os.open(kdir / ".rotate.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

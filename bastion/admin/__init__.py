@@ -15,6 +15,7 @@ from bastion import console
 from bastion.admin import (
     audit_cmd,
     ca,
+    certs,
     cluster_cmd,
     devices,
     locks,
@@ -54,6 +55,7 @@ app.add_typer(nodes.app, name="nodes")
 app.add_typer(devices.app, name="device")
 app.add_typer(locks.app, name="lock")
 app.add_typer(ca.ca_app, name="ca")
+app.add_typer(certs.app, name="cert")
 app.add_typer(ca.auth_app, name="auth")
 app.add_typer(ca.host_app, name="host")
 app.add_typer(audit_cmd.app, name="audit")

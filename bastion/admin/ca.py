@@ -87,13 +87,18 @@ def krl(
     out: Annotated[Path, typer.Option("--out", help="Where to write the KRL (binary).")],
     state: StateOpt = None,
 ) -> None:
-    """Write an OpenSSH KRL of revoked certificate serials, for nodes' RevokedKeys."""
+    """Write an OpenSSH KRL for nodes' RevokedKeys: revoked serials and key ids, and
+    every retired user CA (which revokes all it ever signed)."""
     cluster = open_cluster(ctx, state)
-    serials = [c.serial for c in cluster.store.list_certs(revoked=True) if c.cert_type == "user"]
+    revoked = [c for c in cluster.store.list_certs(revoked=True) if c.cert_type == "user"]
+    retired = cluster.retired_user_cas()
     ca_pub = cluster.state_dir / "ca" / "user_ca.pub"
+    spec_lines = [f"serial: {c.serial}\n" for c in revoked]
+    spec_lines += [f"id: {c.key_id}\n" for c in revoked]
+    spec_lines += [f"key: {r['public_key']}\n" for r in retired]
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "spec"
-        spec.write_text("".join(f"serial: {s}\n" for s in serials))
+        spec.write_text("".join(spec_lines))
         target = Path(tmp) / "krl"
         # ssh-keygen writes the KRL format itself: no hand-written encoder to get wrong.
         proc = subprocess.run(
@@ -104,7 +109,37 @@ def krl(
         if proc.returncode != 0:
             raise StateError(f"ssh-keygen could not write the KRL: {proc.stderr.strip()}")
         atomic_write(out, target.read_bytes(), 0o644)
-    console.say(f"wrote {out}: {len(serials)} revoked serial(s)")
+    console.say(
+        f"wrote {out}: {len(revoked)} revoked certificate(s), {len(retired)} retired user CA(s)"
+    )
+
+
+@ca_app.command("rotate")
+def rotate(
+    ctx: typer.Context,
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Confirm: every user certificate stops working.")
+    ] = False,
+    state: StateOpt = None,
+) -> None:
+    """Replace the user CA: revoke everything the old one signed (a leaked CA key).
+
+    Every user must log in again; nodes need the new CA (dtadmin ca export --type user)
+    and a fresh KRL (dtadmin ca krl), which revokes the old CA outright. A running
+    bastion switches to the new CA by itself.
+    """
+    if not yes:
+        raise UsageError(
+            "rotating the user CA revokes every user certificate at once; "
+            "run again with --yes to confirm"
+        )
+    cluster = open_cluster(ctx, state)
+    old_fp, new_fp, count = cluster.rotate_user_ca(actor=actor())
+    console.say(f"user CA rotated: {old_fp} -> {new_fp}; {count} certificate(s) revoked")
+    console.say(
+        "next: give nodes the new CA (dtadmin ca export --type user) and a new KRL "
+        "(dtadmin ca krl --out FILE); the old CA's private key is in ca/retired/ — shred it"
+    )
 
 
 @auth_app.command("sign")

@@ -28,6 +28,10 @@ from bastion.storage import Store
 from bastion.storage.records import Device, IssuedCert, User
 
 _SERIAL_ATTEMPTS = 8
+# The database names the one user CA in force; a process still holding a rotated-out
+# key must not sign with it (``dtadmin ca rotate``).
+USER_CA_SETTING = "user_ca_fingerprint"
+RETIRED_USER_CAS_SETTING = "retired_user_cas"
 
 
 def new_serial() -> int:
@@ -53,10 +57,14 @@ class CertificateAuthority:
         host_ca: ed25519.Ed25519PrivateKey,
     ) -> None:
         self.store = store
-        self.user_ca = user_ca
         self.host_ca = host_ca
-        self.user_ca_fingerprint = fingerprint(user_ca.public_key())
         self.host_ca_fingerprint = fingerprint(host_ca.public_key())
+        self.set_user_ca(user_ca)
+
+    def set_user_ca(self, user_ca: ed25519.Ed25519PrivateKey) -> None:
+        """Swap in the user CA a rotation installed (the bastion does this live)."""
+        self.user_ca = user_ca
+        self.user_ca_fingerprint = fingerprint(user_ca.public_key())
 
     # -- checks shared with the bastion ------------------------------------------------------
 
@@ -143,6 +151,12 @@ class CertificateAuthority:
                 issued=now,
             )
             with self.store.transaction(bump=False):
+                current = self.store.get_setting(USER_CA_SETTING, self.user_ca_fingerprint)
+                if current != self.user_ca_fingerprint:
+                    raise StateError(
+                        "the user CA was rotated and this process has not loaded the new one "
+                        "yet; try again"
+                    )
                 if not self.store.record_cert(record):
                     continue
                 audit.record(

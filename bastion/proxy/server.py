@@ -57,9 +57,9 @@ class Bastion:
         self.store = cluster.store
         self.config = config
         self.registry = Registry(cluster.store, config.revision_poll_interval)
-        self.authorized_keys = asyncssh.import_authorized_keys(
-            f'cert-authority,principals="-dt-jump" {public_line(cluster.ca.user_ca.public_key())}\n'
-        )
+        self.authorized_keys = self._trust_user_ca()
+        self._ca_retry: asyncio.TimerHandle | None = None
+        self.registry.on_revision.append(self.refresh_user_ca)
         self.signup = accounts.Signup(cluster.store, cluster.name)
         self.lockout = accounts.LockoutPolicy(
             config.lockout_max_failures, config.lockout_window, config.lockout_duration
@@ -69,6 +69,26 @@ class Bastion:
         self.auth_failures: dict[str, list[float]] = defaultdict(list)
         self.open: set[asyncssh.SSHServerConnection] = set()
         self._refusals_audited: dict[tuple[str, str], float] = {}
+
+    def _trust_user_ca(self) -> Any:
+        line = public_line(self.cluster.ca.user_ca.public_key())
+        return asyncssh.import_authorized_keys(f'cert-authority,principals="-dt-jump" {line}\n')
+
+    def refresh_user_ca(self) -> None:
+        """After ``dtadmin ca rotate``: trust (and sign with) only the new user CA.
+
+        Certificates of the old CA are already revoked in the database, so nothing is
+        admitted meanwhile; if the rotation's files are not in place yet, look again
+        shortly rather than waiting for the next change.
+        """
+        self._ca_retry = None
+        before = self.cluster.ca.user_ca_fingerprint
+        if not self.cluster.refresh_user_ca():
+            self._ca_retry = asyncio.get_running_loop().call_later(0.1, self.refresh_user_ca)
+            return
+        if self.cluster.ca.user_ca_fingerprint != before:
+            self.authorized_keys = self._trust_user_ca()
+            log.warning("user CA rotated: now trusting %s", self.cluster.ca.user_ca_fingerprint)
 
     def should_audit_refusal(self, addr: str, now: float, kind: str = "limit") -> bool:
         """One audit event per address per minute for each kind of pre-login refusal

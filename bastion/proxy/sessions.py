@@ -51,6 +51,8 @@ class Registry:
         self.live: dict[int, LiveSession] = {}
         self._task: asyncio.Task[None] | None = None
         self._revision = -1
+        # Called (before live sessions are re-checked) whenever the revision moves.
+        self.on_revision: list[Callable[[], None]] = []
 
     def add(self, session: LiveSession) -> None:
         self.live[session.id] = session
@@ -114,6 +116,11 @@ class Registry:
                 continue
             if revision != self._revision:
                 self._revision = revision
+                for listener in self.on_revision:
+                    try:
+                        listener()
+                    except DTError:
+                        log.exception("reacting to a state change failed")
                 self.recheck()
 
     def recheck(self, now: float | None = None) -> int:

@@ -645,6 +645,47 @@ class Store:
             sql += " AND revoked IS NOT NULL" if revoked else " AND revoked IS NULL"
         return [self._cert(r) for r in self._all(sql + " ORDER BY issued", tuple(params))]
 
+    def revoke_certs(
+        self,
+        now: float,
+        *,
+        serials: tuple[int, ...] = (),
+        key_id: str | None = None,
+        user: str | None = None,
+        everything: bool = False,
+    ) -> list[IssuedCert]:
+        """Revoke every unrevoked user certificate matching any selector; returns them.
+
+        One statement per selector inside the caller's transaction, so a revocation and
+        its audit row land together and the bastion's watcher sees the revision move.
+        """
+        clauses: list[str] = []
+        params: list[Any] = []
+        if serials:
+            clauses.append(f"serial IN ({','.join('?' * len(serials))})")
+            params.extend(serials)
+        if key_id is not None:
+            clauses.append("key_id = ?")
+            params.append(key_id)
+        if user is not None:
+            clauses.append("user = ?")
+            params.append(user)
+        if everything:
+            clauses.append("1=1")
+        if not clauses:
+            return []
+        where = f"cert_type = 'user' AND revoked IS NULL AND ({' OR '.join(clauses)})"
+        with self.transaction():
+            rows = self._all(f"SELECT * FROM issued_certs WHERE {where}", tuple(params))
+            self._conn.execute(f"UPDATE issued_certs SET revoked = ? WHERE {where}", (now, *params))
+        return [self._cert(r) for r in rows]
+
+    def find_certs_by_key_id(self, key_id: str) -> list[IssuedCert]:
+        return [
+            self._cert(r)
+            for r in self._all("SELECT * FROM issued_certs WHERE key_id = ?", (key_id,))
+        ]
+
     def revoke_cert(self, serial: int, now: float) -> None:
         if (
             self._exec(
