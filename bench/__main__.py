@@ -21,9 +21,21 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import figures  # noqa: E402
+from bench.interactive import interactive  # noqa: E402
 from bench.lab import Lab  # noqa: E402
 
-FIGURES = ("connect", "throughput", "ca", "revocation", "login", "concurrency")
+FIGURES = (
+    "connect",
+    "throughput",
+    "interactive",
+    "ca",
+    "revocation",
+    "login",
+    "concurrency",
+)
+
+FIGURE_FUNCTIONS = {name: getattr(figures, name, None) for name in FIGURES}
+FIGURE_FUNCTIONS["interactive"] = interactive
 
 
 def summarise(samples: list[float]) -> dict[str, float]:
@@ -41,6 +53,9 @@ def main() -> int:
     parser.add_argument("--only", default=",".join(FIGURES), help="comma-separated figures")
     args = parser.parse_args()
     wanted = [f for f in args.only.split(",") if f]
+    unknown = [f for f in wanted if f not in FIGURES]
+    if unknown:
+        parser.error(f"unknown figure(s) {', '.join(unknown)}; choose from {', '.join(FIGURES)}")
     rows: list[dict] = []
     raw: dict[str, object] = {
         "started": time.time(),
@@ -51,7 +66,7 @@ def main() -> int:
     with Lab(ROOT / "bench" / "results" / "lab") as lab:
         for name in wanted:
             print(f"== {name}", flush=True)
-            result = getattr(figures, name)(lab, quick=args.quick)
+            result = FIGURE_FUNCTIONS[name](lab, quick=args.quick)
             raw[name] = result["raw"]
             rows.extend(result["rows"])
             for row in result["rows"]:
