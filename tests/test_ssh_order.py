@@ -6,9 +6,8 @@ messages before key exchange ends, and a channel open before authentication, and
 each time that the bastion hangs up (fails closed), opens no TCP connection for the early
 channel, audits nothing that looks like a login or a session, and keeps serving.
 
-One order asyncssh does accept: userauth without a SERVICE_REQUEST for ssh-userauth. It
-gains nothing (the certificate checks still run, tested below); the strict xfail marks
-the gap and fails once asyncssh starts refusing it, so the marker can go.
+asyncssh itself would serve userauth without a SERVICE_REQUEST for ssh-userauth; the
+bastion refuses that order in ``begin_auth`` (RFC 4253 section 10), tested below.
 """
 
 from __future__ import annotations
@@ -224,17 +223,11 @@ def test_skipping_the_service_request_skips_no_check(env, monkeypatch):
     plain_key = [asyncssh.generate_private_key("ssh-ed25519")]
     with monkeypatch.context() as patch:
         patch.setattr(SSHClientConnection, "send_service_request", skip_service_request)
-        with pytest.raises(asyncssh.PermissionDenied):
+        with pytest.raises(asyncssh.DisconnectError):  # out of order, or no valid key
             asyncio.run(asyncio.wait_for(connect(env, plain_key), 20))
     assert_failed_closed(env)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,  # only "DID NOT RAISE" is the known gap
-    reason="asyncssh 2.24.1 serves USERAUTH_REQUEST without a prior ssh-userauth "
-    "SERVICE_REQUEST (RFC 4253 section 10); the certificate checks still apply",
-)
 def test_userauth_without_service_request_is_refused(env, monkeypatch):
     """RFC 4253 section 10: userauth runs only once ssh-userauth was requested and accepted.
     Here a valid certificate skips SERVICE_REQUEST and goes straight to userauth."""
@@ -246,6 +239,6 @@ def test_userauth_without_service_request_is_refused(env, monkeypatch):
 
     with monkeypatch.context() as patch:
         patch.setattr(SSHClientConnection, "send_service_request", skip_service_request)
-        with pytest.raises(asyncssh.DisconnectError):
+        with pytest.raises(asyncssh.ProtocolError, match="before the ssh-userauth service"):
             asyncio.run(asyncio.wait_for(attempt(), 20))
     assert_failed_closed(env)

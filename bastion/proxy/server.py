@@ -213,6 +213,10 @@ class BastionServer(asyncssh.SSHServer):
 
     def begin_auth(self, username: str) -> bool:
         assert self.conn is not None
+        # RFC 4253 section 10: userauth only after the client asked for the ssh-userauth
+        # service. asyncssh 2.24 does not check this itself (it tracks it, though).
+        if getattr(self.conn, "_auth_in_progress", True) is False:
+            raise asyncssh.ProtocolError("userauth request before the ssh-userauth service")
         self.conn.set_authorized_keys(self.bastion.authorized_keys)
         return True
 
