@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import socket
 import time
 from collections import defaultdict
 from typing import Any
@@ -163,6 +164,7 @@ class BastionServer(asyncssh.SSHServer):
         self._counted = True
         original = conn.validate_public_key
         conn.validate_public_key = functools.partial(self._validate_public_key, original)  # type: ignore[method-assign]
+        _ack_promptly_until_authenticated(conn)
 
     def _audit_unauthenticated_end(self, exc: Exception | None) -> None:
         """Garbage and stalled handshakes get an audit event (DESIGN.md, Security rules);
@@ -394,6 +396,34 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "no answer (timed out)"
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def _ack_promptly_until_authenticated(conn: asyncssh.SSHServerConnection) -> None:
+    """Acknowledge every handshake segment at once instead of after Linux's 40 ms
+    delayed-ACK timer.
+
+    OpenSSH's client leaves Nagle's algorithm on until it has authenticated, so each
+    time it writes two small packets in a row (KEX init after KEXINIT, service request
+    after NEWKEYS) the second waits for our ACK of the first; we answer neither (it is
+    not our turn), so the kernel holds the ACK back and the handshake stalls twice
+    for ~40 ms. TCP_QUICKACK, set as each segment is read, sends that ACK now. After
+    authentication the client sets TCP_NODELAY itself, so this stops there.
+    """
+    sock = conn.get_extra_info("socket")
+    quickack = getattr(socket, "TCP_QUICKACK", None)
+    if sock is None or quickack is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    original = conn.data_received
+
+    def data_received(data: bytes, datatype: Any = None) -> None:
+        if conn.get_extra_info("username") is None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+            except OSError:
+                pass
+        original(data, datatype)
+
+    conn.data_received = data_received  # type: ignore[method-assign]
 
 
 def _openssh_line(key_data: bytes) -> bytes:
