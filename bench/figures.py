@@ -144,6 +144,7 @@ def ca(lab: Lab, quick: bool = False) -> dict:
     for _ in range(m):
         ca_obj.sign_user("bench", key)
     durable_rate = m / (time.perf_counter() - t0)
+    fsync_rate = _fdatasync_rate(lab.cluster.state_dir / "fsync.probe", m)
     out = subprocess.run(
         ["openssl", "speed", "-seconds", "2", "ed25519"], capture_output=True, text=True
     ).stdout
@@ -154,6 +155,7 @@ def ca(lab: Lab, quick: bool = False) -> dict:
             "sign_per_s": sign_rate,
             "durable_per_s": durable_rate,
             "openssl_sign_per_s": openssl,
+            "disk_fdatasync_per_s": fsync_rate,
         },
         "rows": [
             {
@@ -170,11 +172,32 @@ def ca(lab: Lab, quick: bool = False) -> dict:
                 "ratio": "-",
                 "method": f"{m} sign_user calls: checks, sign, serial + audit row committed "
                 "(SQLite WAL, synchronous=FULL); target ≥ 2,000/s",
-                "note": "each certificate is its own transaction with an fsync, so the disk's "
-                "fsync latency bounds this figure",
+                "note": "each certificate is its own transaction, committed with an fsync "
+                f"before it is handed out; the same disk does {fsync_rate:,.0f} bare "
+                "4 KiB write+fdatasync per second in this run, so the fsync alone takes "
+                f"{1 / fsync_rate * 1000:.2f} ms of the {1 / durable_rate * 1000:.2f} ms each "
+                "certificate costs; the rest is the checks, signing (see the row above) and "
+                "SQLite's WAL page writes and POSIX file locks, which let dtadmin and a second "
+                "bastion share the database. A bounded figure: one commit per certificate is "
+                "the price of never handing out an unrecorded one",
             },
         ],
     }
+
+
+def _fdatasync_rate(path: Path, n: int) -> float:
+    """The disk's own ceiling for one-commit-per-certificate durability."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        block = b"\0" * 4096
+        t0 = time.perf_counter()
+        for i in range(n):
+            os.pwrite(fd, block, (i % 256) * 4096)
+            os.fdatasync(fd)
+        return n / (time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
 
 
 # -- revocation ---------------------------------------------------------------------------------------
