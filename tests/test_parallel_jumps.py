@@ -10,17 +10,10 @@ node. So under a burst the node's own `MaxStartups` is what protects the node, a
 bastion must pass each refusal back to its client as a clean error, never a hang, leak
 no sockets or sessions, and keep serving afterwards.
 
-Known bug (both tests are strict xfails until it is fixed, then the markers go):
-`BastionServer._forward` (bastion/proxy/server.py) connects to the node with a
-`CountingForwarder` that has no peer yet and pairs it with the channel's forwarder only
-after the connect has completed. asyncssh's `SSHForwarder` keeps bytes that arrive
-without a peer in `_inpbuf` and an EOF in `_eof_received`, and it is the opener's job to
-replay both once paired (asyncssh's own `SSHLocalForwarder._forward` does). The bastion
-never does, so whatever the node sends first is lost: its SSH banner, or for a
-MaxStartups drop "Exceeded MaxStartups" and the close. An SSH server speaks first, so
-whenever the event loop is busy enough for that to arrive before the pairing (a few
-parallel jumps suffice), the client's handshake with the node hangs, and a node that
-drops the connection leaves the client's channel open until the client gives up.
+What the node sends before the bastion has paired the node's socket with the client's
+channel (its banner, or a MaxStartups drop and close) must reach the client: losing it
+left every parallel jump hanging until this suite found it (CountingForwarder now
+delivers it).
 """
 
 from __future__ import annotations
@@ -43,20 +36,12 @@ from tests.sshd import LOGIN, SSHD, bastion_server, keygen, ssh, sshd_node, writ
 pytestmark = pytest.mark.integration
 
 # A bound on each attempt, not an expectation of speed: an attempt still running after
-# it counts as hung. 1,000 parallel jumps take ~15 s on 2 cores once nothing is lost.
+# it counts as hung. 1,000 parallel jumps take ~15 s on 2 cores.
 ATTEMPT_BOUND = 45.0
 
 
 class JumpHung(AssertionError):
-    """An attempt neither succeeded nor failed within ATTEMPT_BOUND (the known bug)."""
-
-
-KNOWN_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=JumpHung,
-    reason="bastion _forward loses what the node sends before the forwarders are paired "
-    "(banner, MaxStartups close): jumps hang; see the module docstring",
-)
+    """An attempt neither succeeded nor failed within ATTEMPT_BOUND."""
 
 
 def _user_with_cert(cluster, directory: Path, name: str) -> tuple[Path, Path]:
@@ -159,7 +144,6 @@ def _summary(results: list[tuple[str, str]]) -> Counter:
 # -- 100: every one gets through ------------------------------------------------------------
 
 
-@KNOWN_BUG
 def test_100_parallel_jumps_all_succeed(dt_cluster, dt_node, dt_bastion, tmp_path):
     """100 at once is under every limit on the way (the bastion's 200 per source, the
     node's MaxStartups 200): all must reach the node, each with its own audited session
@@ -190,7 +174,6 @@ def test_100_parallel_jumps_all_succeed(dt_cluster, dt_node, dt_bastion, tmp_pat
 NODE_MAX_STARTUPS = "10:30:60"
 
 
-@KNOWN_BUG
 @pytest.mark.flood
 def test_1000_parallel_jumps_respect_the_nodes_max_startups(dt_cluster, tmp_path):
     """1,000 separate bastion connections at once, each forwarding to a node whose sshd

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from asyncssh.forward import SSHForwarder
 
@@ -164,7 +165,17 @@ class Registry:
 
 
 class CountingForwarder(SSHForwarder):
-    """asyncssh's own forwarder, counting bytes and reporting the end of the session."""
+    """asyncssh's own forwarder, counting bytes and reporting the end of the session.
+
+    Two forwarders make a session: the node side (``upstream=False``) is created as the
+    TCP connection to the node opens, the client side (``upstream=True``) only once that
+    connect has returned, and it gets its SSH channel later still. The node speaks
+    first (its SSH banner), so bytes, an EOF or even a close (sshd's MaxStartups drop)
+    can arrive in either gap. asyncssh's forwarder would keep them in the node side's
+    buffer or drop them on a client side with no transport, and the client would wait
+    for a banner that never comes. Here the client side takes over whatever arrived
+    early and delivers it, in order, as soon as its channel exists.
+    """
 
     def __init__(
         self,
@@ -173,10 +184,41 @@ class CountingForwarder(SSHForwarder):
         upstream: bool,
         peer: SSHForwarder | None = None,
     ) -> None:
+        self._pending = bytearray()
+        self._pending_eof = False
+        self._pending_close = False
+        self._lost = False
         super().__init__(peer)
         self._registry = registry
         self._session = session
         self._upstream = upstream
+        if isinstance(peer, CountingForwarder):
+            self._pending += peer._inpbuf
+            peer._inpbuf = b""
+            self._pending_eof = peer.was_eof_received()
+            self._pending_close = peer._lost
+
+    def write(self, data: bytes) -> None:
+        if self._transport is None and not self._lost:
+            self._pending += data  # the client's channel is not open yet
+            return
+        super().write(data)
+
+    def write_eof(self) -> None:
+        if self._transport is None and not self._lost:
+            self._pending_eof = True
+            return
+        super().write_eof()
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        if self._pending:
+            data, self._pending = bytes(self._pending), bytearray()
+            super().write(data)
+        if self._pending_eof:
+            super().write_eof()
+        if self._pending_close:
+            self.close()
 
     def data_received(self, data: bytes, datatype: object = None) -> None:
         if self._upstream:
@@ -186,6 +228,9 @@ class CountingForwarder(SSHForwarder):
         super().data_received(data, datatype)  # type: ignore[arg-type]
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if self._peer is not None and self._peer._transport is None:
+            self._peer._pending_close = True  # type: ignore[attr-defined]
         super().connection_lost(exc)
         if self._upstream:
             self._registry.end(self._session)
