@@ -1,8 +1,10 @@
 """`make bench`: dt-bastion against stock OpenSSH sshd as the jump host, in one run.
 
 Writes docs/benchmarks.md (figure, dt-bastion, OpenSSH, ratio, method) and
-bench/results/raw.json (every sample). Each figure alternates the two systems run by
-run and reports the median and min-max. Everything runs on 127.0.0.1.
+docs/benchmarks-raw.json (every sample); a partial (--only) or --quick run writes
+to bench/results/ instead, leaving the published table whole. Each figure
+alternates the two systems run by run and reports the median and min-max.
+Everything runs on 127.0.0.1.
 
     python -m bench [--quick] [--only connect,throughput,...]
 """
@@ -75,15 +77,18 @@ def main() -> int:
                     f"ratio {row['ratio']}",
                     flush=True,
                 )
-    out = ROOT / "bench" / "results"
+    # Only a full run publishes: a partial or quick one must not replace the table in
+    # docs/ with a few rows (or smaller sizes) measured on their own.
+    publish = set(wanted) == set(FIGURES) and not args.quick
+    out = ROOT / "docs" if publish else ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "raw.json").write_text(json.dumps(raw, indent=2, default=str))
-    (ROOT / "docs" / "benchmarks-raw.json").write_text(json.dumps(raw, indent=2, default=str))
-    write_markdown(rows, raw)
+    (out / "benchmarks-raw.json").write_text(json.dumps(raw, indent=2, default=str))
+    write_markdown(rows, raw, out / "benchmarks.md")
+    print(f"wrote {out / 'benchmarks.md'}" + ("" if publish else " (partial run: docs/ untouched)"))
     return 0
 
 
-def write_markdown(rows: list[dict], raw: dict) -> None:
+def write_markdown(rows: list[dict], raw: dict, target: Path) -> None:
     lines = [
         "# Benchmarks: dt-bastion vs stock OpenSSH as the jump host",
         "",
@@ -105,7 +110,7 @@ def write_markdown(rows: list[dict], raw: dict) -> None:
     if notes:
         lines += ["", "## Notes", ""]
         lines += [f"- **{r['figure']}**: {r['note']}" for r in notes]
-    (ROOT / "docs" / "benchmarks.md").write_text("\n".join(lines) + "\n")
+    target.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
