@@ -74,6 +74,29 @@ def check_certificate(
     return identity
 
 
+def check_source_address(cert: ParsedCert, client_addr: str | None) -> None:
+    """The certificate's ``source-address`` admits the client's address.
+
+    asyncssh enforces this too, but refuses a malformed list only deep inside its own
+    parsing and a mismatch at the query stage, neither of which we would audit; deciding
+    here gives every such refusal its reason and its audit event.
+    """
+    value = cert.critical_options.get("source-address")
+    if value is None:
+        return
+    try:
+        nets = [ipaddress.ip_network(p.strip(), strict=False) for p in value.split(",")]
+    except ValueError:
+        raise AccessDenied(f"certificate has a malformed source-address {value[:80]!r}") from None
+    try:
+        addr = ipaddress.ip_address(client_addr or "")
+    except ValueError:
+        raise AccessDenied("the client's address is unknown, so source-address fails") from None
+    mapped = getattr(addr, "ipv4_mapped", None)
+    if not any(addr in net or (mapped is not None and mapped in net) for net in nets):
+        raise AccessDenied(f"certificate is not valid from {addr} (source-address {value[:80]})")
+
+
 def _identity(cert: ParsedCert, user: str) -> Identity:
     device = cert.device_extensions
     return Identity(

@@ -240,6 +240,7 @@ class BastionServer(asyncssh.SSHServer):
             identity = policy.check_certificate(
                 cert, self.store, self.bastion.cluster.ca.user_ca_fingerprint, time.time()
             )
+            policy.check_source_address(cert, self.remote_addr)
         except DTError as exc:
             if msg:
                 self.bastion.note_failure(self.remote_addr or "?")
