@@ -242,3 +242,32 @@ def test_userauth_without_service_request_is_refused(env, monkeypatch):
         with pytest.raises(asyncssh.ProtocolError, match="before the ssh-userauth service"):
             asyncio.run(asyncio.wait_for(attempt(), 20))
     assert_failed_closed(env)
+
+
+def test_a_client_without_strict_kex_is_refused_with_the_fix(env, monkeypatch):
+    """Checklist #33 (Terrapin): a client that does not offer kex-strict-c is sent away,
+    with a message naming the fix, before it may authenticate. The refusal does not
+    depend on the cipher; the client here uses aes128-gcm because asyncssh's client,
+    once told not to offer strict kex, still resets its own sequence numbers when the
+    server offers it, which breaks chacha20 and MAC ciphers on its side (not ours)."""
+
+    def no_strict(self):
+        return [b"ext-info-c"]
+
+    async def attempt():
+        return await asyncssh.connect(
+            "127.0.0.1",
+            env.bastion.port,
+            username="alice",
+            client_keys=env.keys,
+            known_hosts=None,
+            agent_path=None,
+            config=None,
+            encryption_algs=["aes128-gcm@openssh.com"],
+        )
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SSHClientConnection, "_get_extra_kex_algs", no_strict)
+        with pytest.raises(asyncssh.ProtocolError, match="strict key exchange"):
+            asyncio.run(asyncio.wait_for(attempt(), 20))
+    assert_failed_closed(env)

@@ -219,6 +219,15 @@ class BastionServer(asyncssh.SSHServer):
         # service. asyncssh 2.24 does not check this itself (it tracks it, though).
         if getattr(self.conn, "_auth_in_progress", True) is False:
             raise asyncssh.ProtocolError("userauth request before the ssh-userauth service")
+        # Terrapin (CVE-2023-48795): without strict key exchange an attacker on the path
+        # can delete handshake messages unnoticed under chacha20-poly1305 or EtM MACs.
+        # Every maintained client has it (OpenSSH 9.6, distro backports, asyncssh), so
+        # a client without it is refused with the fix, before anything is trusted.
+        if getattr(self.conn, "_strict_kex", True) is False:
+            raise asyncssh.ProtocolError(
+                "your SSH client does not support strict key exchange (Terrapin, "
+                "CVE-2023-48795); upgrade it (OpenSSH 9.6 or later, or a patched build)"
+            )
         self.conn.set_authorized_keys(self.bastion.authorized_keys)
         return True
 
