@@ -114,14 +114,21 @@ def test_unknown_extension_is_ignored(cluster):
 
 
 def test_revoked_user_never_gets_a_new_certificate_while_racing(cluster):
-    """Revocation racing issuance: once the lock commits, no later issue succeeds."""
+    """Revocation racing issuance: once the lock commits, no later issue succeeds.
+
+    The audit log's ids give the commit order (each certificate and its event commit
+    together, as do the lock and its event), so "later" needs no clock and no slack:
+    the CA re-checks the user under the write lock before it records a certificate.
+    """
     import threading
 
+    from bastion import audit
     from bastion.storage.records import Lock
 
     key = ed25519.Ed25519PrivateKey.generate().public_key()
-    locked_at: list[float] = []
-    issued_after: list[float] = []
+    issued: list[int] = []
+    refused: list[str] = []
+    started = threading.Event()
 
     def issuer():
         from bastion.cluster import Cluster
@@ -130,20 +137,26 @@ def test_revoked_user_never_gets_a_new_certificate_while_racing(cluster):
         end = time.time() + 1.5
         while time.time() < end:
             try:
-                own.ca.sign_user("alice", key)
-                issued_after.append(time.time())
-            except AccessDenied:
-                pass
+                issued.append(own.ca.sign_user("alice", key).record.serial)
+                started.set()
+            except AccessDenied as exc:
+                refused.append(exc.message)
         own.close()
 
     t = threading.Thread(target=issuer)
     t.start()
-    time.sleep(0.5)
-    cluster.store.add_lock(Lock("", "user", "alice"))
-    locked_at.append(time.time())
+    assert started.wait(10)
+    time.sleep(0.2)
+    with cluster.store.transaction():
+        cluster.store.add_lock(Lock("", "user", "alice"))
+        audit.record(cluster.store, "lock.create", message="alice locked", user="alice")
     t.join()
-    late = [c for c in cluster.store.list_certs(user="alice") if c.issued > locked_at[0] + 0.05]
+    lock_event = cluster.store.list_audit(type="lock.create")[-1]
+    created = cluster.store.list_audit(type="cert.create")
+    assert issued and refused  # the race really ran on both sides of the lock
+    late = [e for e in created if e.success and e.id > lock_event.id]
     assert late == []
+    assert all(not e.success for e in created if e.id > lock_event.id)
 
 
 # -- EK chains ---------------------------------------------------------------------------------------

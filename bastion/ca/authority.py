@@ -150,30 +150,61 @@ class CertificateAuthority:
                 device_id=device.id if device else None,
                 issued=now,
             )
-            with self.store.transaction(bump=False):
-                current = self.store.get_setting(USER_CA_SETTING, self.user_ca_fingerprint)
-                if current != self.user_ca_fingerprint:
-                    raise StateError(
-                        "the user CA was rotated and this process has not loaded the new one "
-                        "yet; try again"
+            try:
+                with self.store.transaction(bump=False):
+                    current = self.store.get_setting(USER_CA_SETTING, self.user_ca_fingerprint)
+                    if current != self.user_ca_fingerprint:
+                        raise StateError(
+                            "the user CA was rotated and this process has not loaded the new "
+                            "one yet; try again"
+                        )
+                    # Again under the write lock: a lock or unenrollment that committed
+                    # while we signed must win, or it could be outrun (checklist #25).
+                    self._recheck(user_name, device, now)
+                    if not self.store.record_cert(record):
+                        continue
+                    audit.record(
+                        self.store,
+                        "cert.create",
+                        user=user_name,
+                        device=device.asset_tag if device else None,
+                        remote_addr=remote_addr,
+                        message=f"user certificate serial {spec.serial}",
+                        serial=str(spec.serial),
+                        principals=list(spec.principals),
+                        valid_before=spec.valid_before,
+                        actor=actor,
+                        now=now,
                     )
-                if not self.store.record_cert(record):
-                    continue
+            except (AccessDenied, DeviceNotTrusted) as exc:
                 audit.record(
                     self.store,
                     "cert.create",
+                    success=False,
+                    message=exc.message,
                     user=user_name,
                     device=device.asset_tag if device else None,
                     remote_addr=remote_addr,
-                    message=f"user certificate serial {spec.serial}",
-                    serial=str(spec.serial),
-                    principals=list(spec.principals),
-                    valid_before=spec.valid_before,
                     actor=actor,
-                    now=now,
                 )
+                raise
             return Issued(cert, record)
         raise CertificateError("could not allocate a unique certificate serial")
+
+    def _recheck(self, user_name: str, device: Device | None, now: float) -> None:
+        self.check_user(user_name, time.time())
+        if device is None:
+            return
+        fresh = self.store.find_device(device.asset_tag)
+        if (
+            fresh is None
+            or fresh.id != device.id
+            or fresh.credential is None
+            or device.credential is None
+            or fresh.credential.id != device.credential.id
+        ):
+            raise DeviceNotTrusted(f'device "{device.asset_tag}" changed while signing')
+        self.check_device(fresh, user_name, time.time())
 
     def sign_host(
         self,
