@@ -231,19 +231,15 @@ def _load_user_ca(kdir: Path, store: Store, *, repair: bool = True) -> ed25519.E
     """
     nxt = kdir / _NEXT
     if nxt.exists():
-        if not repair:
+        with _rotation_lock(kdir) if repair else contextlib.nullcontext():
             wanted = store.get_setting(USER_CA_SETTING)
-            pending = keys.load_private_key(nxt)
-            if keys.fingerprint(pending.public_key()) == wanted:
-                return pending
-        else:
-            with _rotation_lock(kdir):
-                wanted = store.get_setting(USER_CA_SETTING)
-                if nxt.exists():
-                    pending = keys.load_private_key(nxt)
-                    if keys.fingerprint(pending.public_key()) == wanted:
+            if nxt.exists():
+                pending = keys.load_private_key(nxt)
+                if keys.fingerprint(pending.public_key()) == wanted:
+                    if repair:
                         _install_next(kdir, time.time())  # committed, not yet renamed
-                        return pending
+                    return pending
+                if repair:
                     _discard(nxt)  # a rotation that never committed
     wanted = store.get_setting(USER_CA_SETTING)
     key = keys.load_private_key(kdir / keys.USER_CA)

@@ -117,16 +117,7 @@ class CertificateAuthority:
                 self.check_device(device, user_name, now)
             perms = self.permissions(user)
         except (AccessDenied, StateError) as exc:
-            audit.record(
-                self.store,
-                "cert.create",
-                success=False,
-                message=exc.message,
-                user=user_name,
-                device=device.asset_tag if device else None,
-                remote_addr=remote_addr,
-                actor=actor,
-            )
+            self._audit_refusal(exc, user_name, device, remote_addr, actor)
             raise
         for _ in range(_SERIAL_ATTEMPTS):
             spec = user_cert_spec(
@@ -160,7 +151,7 @@ class CertificateAuthority:
                         )
                     # Again under the write lock: a lock or unenrollment that committed
                     # while we signed must win, or it could be outrun (checklist #25).
-                    self._recheck(user_name, device, now)
+                    self._recheck(user_name, device)
                     if not self.store.record_cert(record):
                         continue
                     audit.record(
@@ -176,22 +167,32 @@ class CertificateAuthority:
                         actor=actor,
                         now=now,
                     )
-            except (AccessDenied, DeviceNotTrusted) as exc:
-                audit.record(
-                    self.store,
-                    "cert.create",
-                    success=False,
-                    message=exc.message,
-                    user=user_name,
-                    device=device.asset_tag if device else None,
-                    remote_addr=remote_addr,
-                    actor=actor,
-                )
+            except AccessDenied as exc:  # DeviceNotTrusted included
+                self._audit_refusal(exc, user_name, device, remote_addr, actor)
                 raise
             return Issued(cert, record)
         raise CertificateError("could not allocate a unique certificate serial")
 
-    def _recheck(self, user_name: str, device: Device | None, now: float) -> None:
+    def _audit_refusal(
+        self,
+        exc: AccessDenied | StateError,
+        user_name: str,
+        device: Device | None,
+        remote_addr: str | None,
+        actor: str | None,
+    ) -> None:
+        audit.record(
+            self.store,
+            "cert.create",
+            success=False,
+            message=exc.message,
+            user=user_name,
+            device=device.asset_tag if device else None,
+            remote_addr=remote_addr,
+            actor=actor,
+        )
+
+    def _recheck(self, user_name: str, device: Device | None) -> None:
         self.check_user(user_name, time.time())
         if device is None:
             return

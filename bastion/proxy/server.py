@@ -82,7 +82,9 @@ class Bastion:
         admitted meanwhile; if the rotation's files are not in place yet, look again
         shortly rather than waiting for the next change.
         """
-        self._ca_retry = None
+        if self._ca_retry is not None:
+            self._ca_retry.cancel()  # one retry chain, however many changes arrive
+            self._ca_retry = None
         before = self.cluster.ca.user_ca_fingerprint
         if not self.cluster.refresh_user_ca():
             self._ca_retry = asyncio.get_running_loop().call_later(0.1, self.refresh_user_ca)
@@ -431,6 +433,8 @@ def _ack_promptly_until_authenticated(conn: asyncssh.SSHServerConnection) -> Non
                 sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
             except OSError:
                 pass
+        else:
+            del conn.data_received  # authenticated: the bulk path gets the plain method
         original(data, datatype)
 
     conn.data_received = data_received  # type: ignore[method-assign]
