@@ -142,6 +142,8 @@ async def _hello_through(port: int, header: bytes, key_path: Path) -> None:
     sock.sendall(header)
     try:
         conn = await asyncssh.connect(
+            "127.0.0.1",  # named: a socket the bastion already reset has no peer to ask
+            port,
             sock=sock,
             username="dt",
             known_hosts=None,
