@@ -35,6 +35,9 @@ class BastionConfig:
     max_auth_failures_per_source: int = 30
     # How often live sessions are re-checked against the state (revision watch).
     revision_poll_interval: float = 0.2
+    # How often a bastion looks for sessions left open by a sibling on the same state
+    # directory that was killed (it always looks once at start).
+    session_sweep_interval: float = 10.0
     node_connect_timeout: float = 10.0
     api_step_timeout: float = 30.0
     lockout_max_failures: int = 5

@@ -57,7 +57,9 @@ class Bastion:
         self.cluster = cluster
         self.store = cluster.store
         self.config = config
-        self.registry = Registry(cluster.store, config.revision_poll_interval)
+        self.registry = Registry(
+            cluster.store, config.revision_poll_interval, config.session_sweep_interval
+        )
         self.authorized_keys = self._trust_user_ca()
         self._ca_retry: asyncio.TimerHandle | None = None
         self.registry.on_revision.append(self.refresh_user_ca)

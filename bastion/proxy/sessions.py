@@ -6,6 +6,12 @@ every ``poll_interval`` seconds; when it moves, every live session is decided ag
 with the same policy functions that admitted it, and the ones no longer allowed are
 closed and audited as ``session.terminated``. With the default 0.2 s poll, an
 unenrolled device or a lock cuts sessions well within a second.
+
+Each open session also has a row in ``live_sessions`` under this process's instance
+name, removed with its ``session.end``. A bastion killed outright leaves its rows
+behind; the next bastion to start on the state directory, or a sibling already
+running on it, finds them once the dead process's instance lock is free
+(``instances.claim_if_dead``) and writes the ``session.end`` the dead one could not.
 """
 
 from __future__ import annotations
@@ -22,9 +28,9 @@ from asyncssh.forward import SSHForwarder
 
 from bastion import audit
 from bastion.errors import AccessDenied, DTError
-from bastion.proxy import policy
+from bastion.proxy import instances, policy
 from bastion.storage import Store
-from bastion.storage.records import Node
+from bastion.storage.records import Node, OpenSession
 
 log = logging.getLogger("bastion.sessions")
 _ids = itertools.count(1)
@@ -46,28 +52,53 @@ class LiveSession:
 
 
 class Registry:
-    def __init__(self, store: Store, poll_interval: float = 0.2) -> None:
+    def __init__(
+        self, store: Store, poll_interval: float = 0.2, sweep_interval: float = 10.0
+    ) -> None:
         self.store = store
         self.poll_interval = poll_interval
+        self.sweep_interval = sweep_interval
         self.live: dict[int, LiveSession] = {}
         self._task: asyncio.Task[None] | None = None
         self._revision = -1
+        # Set by start() when the store is on disk; sessions are then also recorded
+        # in live_sessions under this name.
+        self._instance: instances.InstanceLock | None = None
         # Called (before live sessions are re-checked) whenever the revision moves.
         self.on_revision: list[Callable[[], None]] = []
 
+    @property
+    def instance(self) -> str | None:
+        return self._instance.name if self._instance else None
+
     def add(self, session: LiveSession) -> None:
         self.live[session.id] = session
-        audit.record(
-            self.store,
-            "session.start",
-            message=f"forwarding to {session.node.name} ({session.node.addr})",
-            user=session.identity.user,
-            device=session.identity.asset_tag,
-            remote_addr=session.remote_addr,
-            node=session.node.name,
-            session_id=session.id,
-            serial=str(session.identity.serial),
-        )
+        with self.store.transaction(bump=False):
+            if self._instance is not None:
+                self.store.add_open_session(
+                    OpenSession(
+                        instance=self._instance.name,
+                        session_id=session.id,
+                        started=session.started_wall,
+                        user=session.identity.user,
+                        device=session.identity.asset_tag,
+                        node=session.node.name,
+                        remote_addr=session.remote_addr,
+                        serial=str(session.identity.serial),
+                    )
+                )
+            audit.record(
+                self.store,
+                "session.start",
+                message=f"forwarding to {session.node.name} ({session.node.addr})",
+                user=session.identity.user,
+                device=session.identity.asset_tag,
+                remote_addr=session.remote_addr,
+                node=session.node.name,
+                session_id=session.id,
+                bastion=self.instance,
+                serial=str(session.identity.serial),
+            )
 
     def end(self, session: LiveSession) -> None:
         if session.ended:
@@ -75,27 +106,83 @@ class Registry:
         session.ended = True
         self.live.pop(session.id, None)
         try:
-            audit.record(
-                self.store,
-                "session.end",
-                message=session.terminated_reason or "session closed",
-                user=session.identity.user,
-                device=session.identity.asset_tag,
-                remote_addr=session.remote_addr,
-                node=session.node.name,
-                session_id=session.id,
-                bytes_up=session.bytes_up,
-                bytes_down=session.bytes_down,
-                duration=round(time.monotonic() - session.started, 3),
-            )
+            with self.store.transaction(bump=False):
+                if self._instance is not None:
+                    self.store.remove_open_session(self._instance.name, session.id)
+                audit.record(
+                    self.store,
+                    "session.end",
+                    message=session.terminated_reason or "session closed",
+                    user=session.identity.user,
+                    device=session.identity.asset_tag,
+                    remote_addr=session.remote_addr,
+                    node=session.node.name,
+                    session_id=session.id,
+                    bastion=self.instance,
+                    bytes_up=session.bytes_up,
+                    bytes_down=session.bytes_down,
+                    duration=round(time.monotonic() - session.started, 3),
+                )
         except DTError:
+            # The row stays; a later sweep ends it in the audit log once this
+            # process is gone.
             log.exception("could not audit the end of session %s", session.id)
 
     # -- revocation ----------------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.store.path is not None and self._instance is None:
+            self._instance = instances.InstanceLock.acquire(self.store.path.parent)
+            self.sweep(stale_files=True)
         self._revision = self.store.revision()
         self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    def sweep(self, *, stale_files: bool = False) -> int:
+        """End, in the audit log, the sessions of bastions that died without doing so.
+
+        Returns how many were ended. Safe with any number of bastions sweeping at once:
+        an instance is swept only while its lock is held, and its rows are taken and
+        their ``session.end`` written in one transaction.
+        """
+        if self._instance is None:
+            return 0
+        state_dir = self._instance.path.parent.parent
+        names = set(self.store.open_session_instances())
+        if stale_files:  # lock files of bastions killed while holding no session
+            names.update(instances.stale_names(state_dir, self._instance.name))
+        names.discard(self._instance.name)
+        ended = 0
+        for name in sorted(names):
+            with instances.claim_if_dead(state_dir, name) as dead:
+                if dead:
+                    ended += self._end_orphans(name)
+        return ended
+
+    def _end_orphans(self, name: str) -> int:
+        now = time.time()
+        with self.store.transaction(bump=False):
+            orphans = self.store.take_open_sessions(name)
+            for o in orphans:
+                audit.record(
+                    self.store,
+                    "session.end",
+                    message=(
+                        f"bastion {name} stopped without ending this session (killed or "
+                        f"crashed); ended on its behalf by bastion {self.instance}"
+                    ),
+                    user=o.user,
+                    device=o.device,
+                    remote_addr=o.remote_addr,
+                    node=o.node,
+                    session_id=o.session_id,
+                    bastion=name,
+                    recovered=True,
+                    duration_at_most=round(now - o.started, 3),
+                    now=now,
+                )
+        if orphans:
+            log.warning("ended %d session(s) left open by bastion %s", len(orphans), name)
+        return len(orphans)
 
     async def stop(self, reason: str = "bastion shutting down") -> None:
         if self._task is not None:
@@ -106,10 +193,21 @@ class Registry:
                 pass
         for session in list(self.live.values()):
             self._terminate(session, reason, audit_it=False)
+        if self._instance is not None:
+            # Any row left (its end could not be written) is swept by the next bastion.
+            self._instance.release()
+            self._instance = None
 
     async def _watch(self) -> None:
+        next_sweep = time.monotonic() + self.sweep_interval
         while True:
             await asyncio.sleep(self.poll_interval)
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + self.sweep_interval
+                try:
+                    self.sweep()
+                except DTError:
+                    log.exception("could not end sessions left by a stopped bastion")
             try:
                 revision = self.store.revision()
             except DTError:

@@ -37,6 +37,7 @@ from bastion.storage.records import (
     IssuedCert,
     Lock,
     Node,
+    OpenSession,
     Role,
     Rule,
     Token,
@@ -734,6 +735,52 @@ class Store:
 
     def clear_login_failures(self, user: str) -> None:
         self._exec("DELETE FROM login_failures WHERE user = ?", (user,))
+
+    # -- open sessions (for ending them after a crash) -------------------------------------
+    # Written with bump=False: sessions coming and going are not a state change that
+    # every bastion must re-check its live sessions for.
+
+    def add_open_session(self, session: OpenSession) -> None:
+        with self.transaction(bump=False):
+            self._conn.execute(
+                "INSERT INTO live_sessions (instance, session_id, user, device, node, "
+                "remote_addr, serial, started) VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    session.instance,
+                    session.session_id,
+                    session.user,
+                    session.device,
+                    session.node,
+                    session.remote_addr,
+                    session.serial,
+                    session.started,
+                ),
+            )
+
+    def remove_open_session(self, instance: str, session_id: int) -> None:
+        with self.transaction(bump=False):
+            self._conn.execute(
+                "DELETE FROM live_sessions WHERE instance = ? AND session_id = ?",
+                (instance, session_id),
+            )
+
+    def list_open_sessions(self, instance: str | None = None) -> list[OpenSession]:
+        where, params = ("WHERE instance = ?", (instance,)) if instance else ("", ())
+        return [
+            OpenSession(**row)
+            for row in self._all(f"SELECT * FROM live_sessions {where} ORDER BY started", params)
+        ]
+
+    def open_session_instances(self) -> list[str]:
+        return [r["instance"] for r in self._all("SELECT DISTINCT instance FROM live_sessions")]
+
+    def take_open_sessions(self, instance: str) -> list[OpenSession]:
+        """Remove and return an instance's sessions; call inside a transaction so the
+        caller's audit rows and the removal commit together."""
+        with self.transaction(bump=False):
+            sessions = self.list_open_sessions(instance)
+            self._conn.execute("DELETE FROM live_sessions WHERE instance = ?", (instance,))
+            return sessions
 
     # -- audit ---------------------------------------------------------------------------------
 

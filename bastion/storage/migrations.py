@@ -142,3 +142,26 @@ def _initial(db: sqlite_utils.Database) -> None:
     )
     db["login_failures"].create({"user": str, "time": float, "remote_addr": str})
     db["login_failures"].create_index(["user", "time"])
+
+
+@migration(2, "live sessions")
+def _live_sessions(db: sqlite_utils.Database) -> None:
+    """Forwarded sessions open right now, one row per session, keyed by the bastion
+    process (``instance``) that holds it. A process killed with ``kill -9`` cannot write
+    its sessions' ``session.end``; the rows it leaves are how the next bastion to start
+    (or a sibling on the same state directory) finds them and ends them in the audit log.
+    """
+    db["live_sessions"].create(
+        {
+            "instance": str,
+            "session_id": int,
+            "user": str,
+            "device": str,
+            "node": str,
+            "remote_addr": str,
+            "serial": str,
+            "started": float,
+        },
+        pk=("instance", "session_id"),
+        not_null={"instance", "session_id", "started"},
+    )

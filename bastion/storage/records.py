@@ -161,6 +161,20 @@ class IssuedCert:
 
 
 @dataclass(frozen=True, slots=True)
+class OpenSession:
+    """A forwarded session some bastion process (``instance``) holds open right now."""
+
+    instance: str
+    session_id: int
+    started: float
+    user: str | None = None
+    device: str | None = None
+    node: str | None = None
+    remote_addr: str | None = None
+    serial: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class AuditEvent:
     id: int
     time: float

@@ -1,0 +1,106 @@
+"""Which bastion processes sharing a state directory are alive.
+
+Every running bastion holds an exclusive ``flock`` on ``run/<instance>.lock`` in the
+state directory for as long as it lives. The kernel drops a flock when its process
+dies, however it dies (``kill -9`` included), so "can I take that lock?" is an exact
+liveness test for a process on this host: no PIDs (which are reused) and no heartbeats
+(which need clocks and a timeout someone has to pick).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+from bastion.errors import StateError
+
+RUN_DIR = "run"
+_NAME = re.compile(r"^[0-9a-f]{12}$")
+
+
+def run_dir(state_dir: Path) -> Path:
+    return state_dir / RUN_DIR
+
+
+class InstanceLock:
+    """This process's claim to be alive, held until ``release`` or death."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.name = path.stem
+        self._fd: int | None = fd
+
+    @classmethod
+    def acquire(cls, state_dir: Path) -> InstanceLock:
+        directory = run_dir(state_dir)
+        try:
+            directory.mkdir(mode=0o700, exist_ok=True)
+            while True:
+                path = directory / f"{secrets.token_hex(6)}.lock"
+                fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+                # Blocking: a sweeper may hold it for a moment, believing a fresh,
+                # not yet locked file to be a dead bastion's; it then unlinks it.
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                        return cls(path, fd)
+                except FileNotFoundError:
+                    pass
+                os.close(fd)  # swept away under us: take another name
+        except OSError as exc:
+            raise StateError(
+                f"cannot record this bastion as running in {directory}: {exc.strerror}"
+            ) from exc
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        os.close(self._fd)
+        self._fd = None
+
+
+@contextlib.contextmanager
+def claim_if_dead(state_dir: Path, name: str) -> Iterator[bool]:
+    """Yield True, holding its lock, if no live process holds instance ``name``.
+
+    The lock file is removed only if the body finishes, so a sweep that fails (the
+    database is busy) is simply tried again later. A missing file also means dead: a
+    bastion creates its lock before it records any session and removes it last.
+    """
+    if not _NAME.match(name):
+        yield True  # no bastion ever had this name; nothing can be holding it
+        return
+    path = run_dir(state_dir) / f"{name}.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    finally:
+        os.close(fd)
+
+
+def stale_names(state_dir: Path, alive: str) -> list[str]:
+    """Names of lock files in the run directory other than ``alive``."""
+    directory = run_dir(state_dir)
+    try:
+        names = [p.stem for p in directory.glob("*.lock")]
+    except OSError:
+        return []
+    return [n for n in names if n != alive and _NAME.match(n)]
