@@ -112,13 +112,49 @@ class CertificateAuthority:
     ) -> Issued:
         now = time.time() if now is None else now
         try:
-            user = self.check_user(user_name, now)
-            if device is not None:
-                self.check_device(device, user_name, now)
-            perms = self.permissions(user)
-        except (AccessDenied, StateError) as exc:
+            # Checks, signing and recording under one write lock: a lock or an
+            # unenrollment that commits while we sign cannot be outrun (checklist #25),
+            # and the checks run once.
+            with self.store.transaction(bump=False):
+                current = self.store.get_setting(USER_CA_SETTING, self.user_ca_fingerprint)
+                if current != self.user_ca_fingerprint:
+                    raise StateError(
+                        "the user CA was rotated and this process has not loaded the new "
+                        "one yet; try again"
+                    )
+                user = self.check_user(user_name, now)
+                if device is not None:
+                    self.check_device(self._unchanged(device), user_name, now)
+                perms = self.permissions(user)
+                issued = self._sign_and_record(user_name, public_key, perms, ttl, device, now)
+                audit.record(
+                    self.store,
+                    "cert.create",
+                    user=user_name,
+                    device=device.asset_tag if device else None,
+                    remote_addr=remote_addr,
+                    message=f"user certificate serial {issued.record.serial}",
+                    serial=str(issued.record.serial),
+                    principals=list(issued.record.principals),
+                    valid_before=issued.record.valid_before,
+                    actor=actor,
+                    now=now,
+                )
+        except (AccessDenied, StateError) as exc:  # DeviceNotTrusted included
+            # After the rollback: the refusal is recorded even though nothing else is.
             self._audit_refusal(exc, user_name, device, remote_addr, actor)
             raise
+        return issued
+
+    def _sign_and_record(
+        self,
+        user_name: str,
+        public_key: PublicKey,
+        perms: rbac.Permissions,
+        ttl: int | None,
+        device: Device | None,
+        now: float,
+    ) -> Issued:
         for _ in range(_SERIAL_ATTEMPTS):
             spec = user_cert_spec(
                 user=user_name,
@@ -128,7 +164,6 @@ class CertificateAuthority:
                 ttl=ttl,
                 device=device,
             )
-            cert = sign_user_cert(self.user_ca, public_key, spec)
             record = IssuedCert(
                 serial=spec.serial,
                 key_id=spec.key_id,
@@ -141,36 +176,8 @@ class CertificateAuthority:
                 device_id=device.id if device else None,
                 issued=now,
             )
-            try:
-                with self.store.transaction(bump=False):
-                    current = self.store.get_setting(USER_CA_SETTING, self.user_ca_fingerprint)
-                    if current != self.user_ca_fingerprint:
-                        raise StateError(
-                            "the user CA was rotated and this process has not loaded the new "
-                            "one yet; try again"
-                        )
-                    # Again under the write lock: a lock or unenrollment that committed
-                    # while we signed must win, or it could be outrun (checklist #25).
-                    self._recheck(user_name, device)
-                    if not self.store.record_cert(record):
-                        continue
-                    audit.record(
-                        self.store,
-                        "cert.create",
-                        user=user_name,
-                        device=device.asset_tag if device else None,
-                        remote_addr=remote_addr,
-                        message=f"user certificate serial {spec.serial}",
-                        serial=str(spec.serial),
-                        principals=list(spec.principals),
-                        valid_before=spec.valid_before,
-                        actor=actor,
-                        now=now,
-                    )
-            except AccessDenied as exc:  # DeviceNotTrusted included
-                self._audit_refusal(exc, user_name, device, remote_addr, actor)
-                raise
-            return Issued(cert, record)
+            if self.store.record_cert(record):
+                return Issued(sign_user_cert(self.user_ca, public_key, spec), record)
         raise CertificateError("could not allocate a unique certificate serial")
 
     def _audit_refusal(
@@ -192,10 +199,15 @@ class CertificateAuthority:
             actor=actor,
         )
 
-    def _recheck(self, user_name: str, device: Device | None) -> None:
-        self.check_user(user_name, time.time())
-        if device is None:
-            return
+    def _unchanged(self, device: Device) -> Device:
+        """The device as stored now, if it is still the one the caller authenticated.
+
+        The caller read ``device`` before this transaction (a device login verifies
+        the TPM against its credential); an unenroll and re-enroll since then gives a
+        new credential, and the old proof must not count for it.
+        """
+        if not device.enrolled or device.credential is None:
+            return device  # check_device names what is wrong with it
         fresh = self.store.find_device(device.asset_tag)
         if (
             fresh is None
@@ -205,7 +217,7 @@ class CertificateAuthority:
             or fresh.credential.id != device.credential.id
         ):
             raise DeviceNotTrusted(f'device "{device.asset_tag}" changed while signing')
-        self.check_device(fresh, user_name, time.time())
+        return fresh
 
     def sign_host(
         self,
