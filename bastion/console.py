@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, NoReturn
 
@@ -68,6 +69,13 @@ def emit(
         print_json(data)
     else:
         print_table(columns, rows, title=title, empty=empty)
+
+
+def when(ts: float | None) -> str:
+    """A timestamp for a table cell: UTC, to the second, blank when unset."""
+    if ts is None:
+        return ""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def say(message: str) -> None:

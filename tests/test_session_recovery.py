@@ -8,6 +8,7 @@ serving it, and never while the bastion that holds them is alive.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 
 from bastion.proxy import instances
 from bastion.storage.records import User
-from tests.sshd import LOGIN, bastion_server, user_client
+from tests.sshd import LOGIN, VENV_BIN, bastion_server, user_client
 
 pytestmark = pytest.mark.integration
 
@@ -53,6 +54,19 @@ def _ended(store, user):
     return [e for e in store.list_audit(type="session.end") if e.user == user]
 
 
+def _sessions_ls(cluster):
+    """What `dtadmin sessions ls --format json` shows an admin."""
+    proc = subprocess.run(
+        [VENV_BIN / "dtadmin", "--state", str(cluster.state_dir), "sessions", "ls"]
+        + ["--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    return {(d["user"], d["state"]) for d in json.loads(proc.stdout)}
+
+
 def _kill9(bastion):
     bastion.proc.send_signal(signal.SIGKILL)
     bastion.proc.wait(10)
@@ -80,6 +94,7 @@ def test_the_next_bastion_ends_what_a_killed_one_left_open(dt_cluster, dt_node, 
             start.fields["session_id"],
         )
         assert row.instance == start.fields["bastion"]
+        assert _sessions_ls(dt_cluster) == {("alice", "live")}
         _kill9(first)
         # The kernel closes the client's connection, but nothing was written.
         assert clients[0].wait(10) != 0
@@ -87,6 +102,7 @@ def test_the_next_bastion_ends_what_a_killed_one_left_open(dt_cluster, dt_node, 
         assert len(store.list_open_sessions()) == 1
         lock = instances.run_dir(dt_cluster.state_dir) / f"{row.instance}.lock"
         assert lock.exists()
+        assert _sessions_ls(dt_cluster) == {("alice", "orphaned")}
 
     with bastion_server(dt_cluster.state_dir) as second:
         end = _wait(lambda: _ended(store, "alice"), "the recovered session.end")
@@ -98,6 +114,7 @@ def test_the_next_bastion_ends_what_a_killed_one_left_open(dt_cluster, dt_node, 
         assert "killed or crashed" in end.message
         assert end.fields["node"] == "node-1" and end.remote_addr == "127.0.0.1"
         assert store.list_open_sessions() == []
+        assert _sessions_ls(dt_cluster) == set()
         assert not lock.exists()
         # The new bastion serves, and its own sessions are recorded under its name.
         clients.append(_session(dt_cluster, tmp_path, "bob", second.port))

@@ -22,6 +22,7 @@ from bastion.admin import (
     nodes,
     resources_cmd,
     roles,
+    sessions,
     users,
 )
 
@@ -56,6 +57,7 @@ app.add_typer(devices.app, name="device")
 app.add_typer(locks.app, name="lock")
 app.add_typer(ca.ca_app, name="ca")
 app.add_typer(certs.app, name="cert")
+app.add_typer(sessions.app, name="sessions")
 app.add_typer(ca.auth_app, name="auth")
 app.add_typer(ca.host_app, name="host")
 app.add_typer(audit_cmd.app, name="audit")

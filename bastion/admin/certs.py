@@ -9,7 +9,6 @@ learn of it from ``dtadmin ca krl``.
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
@@ -21,12 +20,6 @@ from bastion.errors import NotFound, UsageError
 from bastion.storage.records import IssuedCert
 
 app = new_app("List issued certificates and revoke them (by serial, key id or user).")
-
-
-def _when(ts: float | None) -> str:
-    if ts is None:
-        return ""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _doc(c: IssuedCert) -> dict:
@@ -70,7 +63,7 @@ def ls(
                 c.key_id,
                 c.cert_type,
                 c.user,
-                _when(c.valid_before),
+                console.when(c.valid_before),
                 c.device_id or "",
                 "revoked"
                 if c.revoked is not None

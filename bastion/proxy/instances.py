@@ -96,6 +96,23 @@ def claim_if_dead(state_dir: Path, name: str) -> Iterator[bool]:
         os.close(fd)
 
 
+def is_alive(state_dir: Path, name: str) -> bool:
+    """Whether a process holds instance ``name``'s lock; changes nothing."""
+    if not _NAME.match(name):
+        return False
+    try:
+        fd = os.open(run_dir(state_dir) / f"{name}.lock", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops the lock if we took it
+    return False
+
+
 def stale_names(state_dir: Path, alive: str) -> list[str]:
     """Names of lock files in the run directory other than ``alive``."""
     directory = run_dir(state_dir)
