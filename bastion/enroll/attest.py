@@ -52,6 +52,9 @@ REQUIRED_AK = (
     | TPMA_OBJECT.FIXEDTPM
     | TPMA_OBJECT.FIXEDPARENT
 )
+# The AK's name (nameAlg || H(public area)) is all that MakeCredential binds the
+# challenge to; with a weak hash a second public could share the name of a TPM key.
+AK_NAME_ALGS = (TPM2_ALG.SHA256, TPM2_ALG.SHA384, TPM2_ALG.SHA512)
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +280,11 @@ def check_ak(ak_public: bytes) -> AKInfo:
         raise AKInvalid(f"attestation key is not {', '.join(missing)}: it could live outside a TPM")
     if attrs & TPMA_OBJECT.DECRYPT:
         raise AKInvalid("attestation key must not be a decryption key")
+    if pub.publicArea.nameAlg not in AK_NAME_ALGS:
+        raise AKInvalid(
+            "attestation key's name must use SHA-256 or stronger: "
+            "the credential challenge is bound to that name"
+        )
     key = _public_key(pub, "AK public")
     try:
         name = bytes(pub.get_name().marshal())[2:]
