@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -23,7 +24,14 @@ from bastion.ca.certs import (
     user_cert_spec,
 )
 from bastion.ca.keys import fingerprint
-from bastion.errors import AccessDenied, CertificateError, DeviceNotTrusted, StateError
+from bastion.errors import (
+    AccessDenied,
+    CertificateError,
+    DeviceNotTrusted,
+    DTError,
+    StateError,
+    StorageUnavailable,
+)
 from bastion.storage import Store
 from bastion.storage.records import Device, IssuedCert, User
 
@@ -37,6 +45,19 @@ RETIRED_USER_CAS_SETTING = "retired_user_cas"
 def new_serial() -> int:
     """Random, non-zero 63-bit serial; uniqueness is enforced by the database."""
     return secrets.randbits(63) or 1
+
+
+@dataclass(frozen=True, slots=True)
+class UserCertRequest:
+    """One user certificate to sign: what ``sign_user`` takes, as a value to queue."""
+
+    user: str
+    public_key: PublicKey
+    ttl: int | None = None
+    device: Device | None = None
+    remote_addr: str | None = None
+    actor: str | None = None
+    now: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,40 +131,66 @@ class CertificateAuthority:
         actor: str | None = None,
         now: float | None = None,
     ) -> Issued:
-        now = time.time() if now is None else now
-        try:
-            # Checks, signing and recording under one write lock: a lock or an
-            # unenrollment that commits while we sign cannot be outrun (checklist #25),
-            # and the checks run once.
-            with self.store.transaction(bump=False):
-                current = self.store.get_setting(USER_CA_SETTING, self.user_ca_fingerprint)
-                if current != self.user_ca_fingerprint:
-                    raise StateError(
-                        "the user CA was rotated and this process has not loaded the new "
-                        "one yet; try again"
-                    )
-                user = self.check_user(user_name, now)
-                if device is not None:
-                    self.check_device(self._unchanged(device), user_name, now)
-                perms = self.permissions(user)
-                issued = self._sign_and_record(user_name, public_key, perms, ttl, device, now)
-                audit.record(
-                    self.store,
-                    "cert.create",
-                    user=user_name,
-                    device=device.asset_tag if device else None,
-                    remote_addr=remote_addr,
-                    message=f"user certificate serial {issued.record.serial}",
-                    serial=str(issued.record.serial),
-                    principals=list(issued.record.principals),
-                    valid_before=issued.record.valid_before,
-                    actor=actor,
-                    now=now,
-                )
-        except (AccessDenied, StateError) as exc:  # DeviceNotTrusted included
-            # After the rollback: the refusal is recorded even though nothing else is.
-            self._audit_refusal(exc, user_name, device, remote_addr, actor)
-            raise
+        request = UserCertRequest(user_name, public_key, ttl, device, remote_addr, actor, now)
+        [result] = self.sign_users([request])
+        if isinstance(result, DTError):
+            raise result
+        return result
+
+    def sign_users(self, requests: Sequence[UserCertRequest]) -> list[Issued | DTError]:
+        """Sign several certificates with one commit (group commit); one result each.
+
+        Checks, signing and recording run under one write lock, so a lock or an
+        unenrollment that commits meanwhile cannot be outrun (checklist #25). Each
+        request is a savepoint: a refused one is rolled back alone and its refusal
+        recorded in the same transaction. Nothing is returned before the commit: if it
+        fails, this raises and no certificate of the batch leaves.
+        """
+        results: list[Issued | DTError] = []
+        with self.store.transaction(bump=False):
+            current = self.store.get_setting(USER_CA_SETTING, self.user_ca_fingerprint)
+            rotated = current != self.user_ca_fingerprint
+            for request in requests:
+                try:
+                    if rotated:
+                        raise StateError(
+                            "the user CA was rotated and this process has not loaded the new "
+                            "one yet; try again"
+                        )
+                    with self.store.savepoint():
+                        results.append(self._issue(request))
+                except StorageUnavailable:
+                    raise  # the whole batch fails closed; nothing of it is committed
+                except (AccessDenied, StateError) as exc:  # DeviceNotTrusted included
+                    self._audit_refusal(exc, request)
+                    results.append(exc)
+                except CertificateError as exc:
+                    results.append(exc)
+        return results
+
+    def _issue(self, request: UserCertRequest) -> Issued:
+        now = time.time() if request.now is None else request.now
+        user = self.check_user(request.user, now)
+        device = request.device
+        if device is not None:
+            self.check_device(self._unchanged(device), request.user, now)
+        perms = self.permissions(user)
+        issued = self._sign_and_record(
+            request.user, request.public_key, perms, request.ttl, device, now
+        )
+        audit.record(
+            self.store,
+            "cert.create",
+            user=request.user,
+            device=device.asset_tag if device else None,
+            remote_addr=request.remote_addr,
+            message=f"user certificate serial {issued.record.serial}",
+            serial=str(issued.record.serial),
+            principals=list(issued.record.principals),
+            valid_before=issued.record.valid_before,
+            actor=request.actor,
+            now=now,
+        )
         return issued
 
     def _sign_and_record(
@@ -180,23 +227,16 @@ class CertificateAuthority:
                 return Issued(sign_user_cert(self.user_ca, public_key, spec), record)
         raise CertificateError("could not allocate a unique certificate serial")
 
-    def _audit_refusal(
-        self,
-        exc: AccessDenied | StateError,
-        user_name: str,
-        device: Device | None,
-        remote_addr: str | None,
-        actor: str | None,
-    ) -> None:
+    def _audit_refusal(self, exc: AccessDenied | StateError, request: UserCertRequest) -> None:
         audit.record(
             self.store,
             "cert.create",
             success=False,
             message=exc.message,
-            user=user_name,
-            device=device.asset_tag if device else None,
-            remote_addr=remote_addr,
-            actor=actor,
+            user=request.user,
+            device=request.device.asset_tag if request.device else None,
+            remote_addr=request.remote_addr,
+            actor=request.actor,
         )
 
     def _unchanged(self, device: Device) -> Device:

@@ -190,6 +190,26 @@ class Store:
                     raise StateError(f"cluster database error: {exc}") from exc
                 raise
 
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A part of the open transaction that can fail alone: on an exception only
+        its own writes are undone, and the transaction goes on (group commit)."""
+        with self._lock:
+            if not self._conn.in_transaction:
+                raise RuntimeError("savepoint() needs an open transaction")
+            self._conn.execute("SAVEPOINT part")
+            try:
+                yield
+            except BaseException:
+                # SQLite may already have rolled the whole transaction back (a full
+                # disk); then there is no savepoint left and the error stands.
+                if self._conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.execute("ROLLBACK TO part")
+                        self._conn.execute("RELEASE part")
+                raise
+            self._conn.execute("RELEASE part")
+
     def _one(self, sql: str, params: tuple[Any, ...] = ()) -> dict[str, Any] | None:
         rows = self._all(sql, params)
         return rows[0] if rows else None

@@ -1,0 +1,99 @@
+"""Group commit for the bastion: many concurrent certificate requests, one fsync.
+
+A certificate is handed out only after the transaction recording it has committed,
+and with ``synchronous=FULL`` every commit waits for the disk. One request at a time
+that caps issuance at the disk's fsync rate, and it made the bastion's event loop
+wait on the disk. Here the database work runs on one thread: each turn it takes every
+request waiting, signs and records them all in one transaction
+(``CertificateAuthority.sign_users``), and answers each caller once that transaction
+is on disk. A lone request costs what it did; fifty at once share one commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from typing import Any
+
+from bastion.ca.authority import CertificateAuthority, Issued, UserCertRequest
+from bastion.errors import DTError, StateError
+
+log = logging.getLogger("bastion.issuer")
+MAX_BATCH = 256
+
+_Item = tuple[UserCertRequest, asyncio.AbstractEventLoop, "asyncio.Future[Issued]"]
+
+
+class GroupCommitIssuer:
+    def __init__(self, ca: CertificateAuthority, max_batch: int = MAX_BATCH) -> None:
+        self.ca = ca
+        self.max_batch = max_batch
+        self.batches = 0  # transactions committed, for tests and the benchmark
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    async def sign_user(self, request: UserCertRequest) -> Issued:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Issued] = loop.create_future()
+        self._ensure_thread()
+        self._queue.put((request, loop, future))
+        return await future
+
+    def close(self) -> None:
+        """Answer what is queued, then stop the thread."""
+        with self._start_lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join()
+
+    def _ensure_thread(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="dt-issuer", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            while len(batch) < self.max_batch:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(more)
+            self._serve(batch)
+
+    def _serve(self, batch: list[_Item]) -> None:
+        results: list[Issued | DTError]
+        try:
+            results = self.ca.sign_users([request for request, _, _ in batch])
+            self.batches += 1
+        except DTError as exc:
+            results = [exc] * len(batch)
+        except Exception as exc:  # a bug: fail every caller closed, keep serving
+            log.exception("certificate batch failed")
+            results = [StateError(f"certificate issuance failed: {exc}")] * len(batch)
+        for (_, loop, future), result in zip(batch, results, strict=True):
+            try:
+                loop.call_soon_threadsafe(_settle, future, result)
+            except RuntimeError:
+                pass  # the caller's loop is closed; nobody is waiting
+
+
+def _settle(future: asyncio.Future[Any], result: Issued | DTError) -> None:
+    if future.done():  # the caller gave up (its connection closed)
+        return
+    if isinstance(result, DTError):
+        future.set_exception(result)
+    else:
+        future.set_result(result)

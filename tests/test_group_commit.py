@@ -1,0 +1,155 @@
+"""Group commit: many certificate requests share one transaction, none loses its guarantees.
+
+Each request in a batch is checked, signed and recorded on its own (a savepoint): a
+refused one is rolled back alone and audited, the others go on. No certificate is
+returned before the batch's commit; when the commit fails, every caller gets the
+error and nothing of the batch is recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import time
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from bastion.ca.authority import Issued, UserCertRequest
+from bastion.ca.issuer import GroupCommitIssuer
+from bastion.cluster import Cluster, init_cluster
+from bastion.errors import AccessDenied, DeviceNotTrusted, StorageUnavailable
+from bastion.storage.records import Device, DeviceCredential, Lock, User
+
+CRED = DeviceCredential("cred-1", b"\x30", "tpm_ekcert", "ab" * 32)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = init_cluster(tmp_path / "state", "batch")
+    for name in ("alice", "bob", "mallory"):
+        c.store.add_user(User(name, ("access",), ("root",)))
+    yield c
+    c.close()
+
+
+def key():
+    return ed25519.Ed25519PrivateKey.generate().public_key()
+
+
+def test_a_batch_refuses_each_bad_request_alone(cluster):
+    store = cluster.store
+    store.add_lock(Lock("", "user", "mallory", "stolen laptop", None, time.time(), "admin"))
+    lost = store.add_device(Device("", "SN-LOST", "linux", "enrolled", "bob", CRED))
+    store.add_lock(Lock("", "device", "SN-LOST", "", None, time.time(), "admin"))
+    requests = [
+        UserCertRequest("alice", key()),
+        UserCertRequest("mallory", key()),  # locked user
+        UserCertRequest("nobody", key()),  # unknown user
+        UserCertRequest("bob", key(), device=lost),  # locked device
+        UserCertRequest("bob", key(), remote_addr="192.0.2.7"),
+    ]
+    revision = store.revision()
+    results = cluster.ca.sign_users(requests)
+    assert [type(r) for r in results] == [
+        Issued,
+        AccessDenied,
+        AccessDenied,
+        DeviceNotTrusted,
+        Issued,
+    ]
+    assert "locked" in results[1].message and "does not exist" in results[2].message
+    recorded = {c.serial for c in store.list_certs()}
+    assert recorded == {results[0].record.serial, results[4].record.serial}
+    created = store.list_audit(type="cert.create")
+    assert sorted(e.user for e in created if e.success) == ["alice", "bob"]
+    assert sorted(e.user for e in created if not e.success) == ["bob", "mallory", "nobody"]
+    assert store.revision() == revision  # issuing is not a state change to re-check for
+
+
+def test_a_failed_commit_hands_out_nothing_of_the_batch(tmp_path):
+    """A full disk under a batch: every caller gets the error, nothing is recorded."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)]).returncode:
+        pytest.skip("cannot mount tmpfs here")
+    try:
+        cluster = init_cluster(mount / "state", "full")
+        cluster.store.add_user(User("alice", ("access",), ("root",)))
+        before = len(cluster.store.list_certs())
+        with open(mount / "filler", "wb", buffering=0) as fh:
+            try:
+                while True:
+                    fh.write(b"\0" * 4096)
+            except OSError:
+                pass
+        handed_out = 0
+        with pytest.raises(StorageUnavailable):
+            for _ in range(200):  # the WAL may take a few batches before it is full
+                results = cluster.ca.sign_users([UserCertRequest("alice", key())] * 50)
+                handed_out += sum(isinstance(r, Issued) for r in results)
+        assert len(cluster.store.list_certs()) - before == handed_out
+        cluster.close()
+        (mount / "filler").unlink()
+        reopened = Cluster.open(mount / "state")
+        assert reopened.store.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert len(reopened.store.list_certs()) - before == handed_out
+        reopened.close()
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_concurrent_callers_share_commits_and_get_only_committed_certificates(cluster):
+    """200 requests at once from the event loop: all answered, fewer commits than
+    certificates, and each certificate is already visible to another connection (so
+    on disk) when its caller receives it. A locked user in the crowd is refused alone."""
+    cluster.store.add_lock(Lock("", "user", "mallory", "", None, time.time(), "admin"))
+    issuer = GroupCommitIssuer(cluster.ca)
+    other = sqlite3.connect(cluster.store.path)
+    seen_committed = []
+
+    async def one(user: str) -> Issued | Exception:
+        try:
+            issued = await issuer.sign_user(UserCertRequest(user, key()))
+        except AccessDenied as exc:
+            return exc
+        row = other.execute(
+            "SELECT 1 FROM issued_certs WHERE serial = ?", (issued.record.serial,)
+        ).fetchone()
+        seen_committed.append(row is not None)
+        return issued
+
+    async def crowd():
+        users = ["alice", "bob"] * 100
+        users[57] = "mallory"
+        return await asyncio.gather(*(one(u) for u in users))
+
+    try:
+        results = asyncio.run(crowd())
+    finally:
+        issuer.close()
+        other.close()
+    refused = [r for r in results if isinstance(r, AccessDenied)]
+    issued = [r for r in results if isinstance(r, Issued)]
+    assert len(refused) == 1 and "mallory" in refused[0].message
+    assert len(issued) == 199 and all(seen_committed)
+    assert len({i.record.serial for i in issued}) == 199
+    assert issuer.batches < 199  # requests were grouped
+    assert len(cluster.store.list_certs()) == 199
+
+
+def test_a_closed_issuer_answers_what_was_queued_and_restarts(cluster):
+    issuer = GroupCommitIssuer(cluster.ca)
+
+    async def two():
+        return await asyncio.gather(
+            issuer.sign_user(UserCertRequest("alice", key())),
+            issuer.sign_user(UserCertRequest("bob", key())),
+        )
+
+    assert all(isinstance(r, Issued) for r in asyncio.run(two()))
+    issuer.close()
+    issuer.close()  # twice is harmless
+    assert all(isinstance(r, Issued) for r in asyncio.run(two()))  # starts again on use
+    issuer.close()
