@@ -111,7 +111,7 @@ def test_concurrent_callers_share_commits_and_get_only_committed_certificates(cl
 
     async def one(user: str) -> Issued | Exception:
         try:
-            issued = await issuer.sign_user(UserCertRequest(user, key()))
+            issued = await issuer.sign(UserCertRequest(user, key()))
         except AccessDenied as exc:
             return exc
         row = other.execute(
@@ -144,8 +144,8 @@ def test_a_closed_issuer_answers_what_was_queued_and_restarts(cluster):
 
     async def two():
         return await asyncio.gather(
-            issuer.sign_user(UserCertRequest("alice", key())),
-            issuer.sign_user(UserCertRequest("bob", key())),
+            issuer.sign(UserCertRequest("alice", key())),
+            issuer.sign(UserCertRequest("bob", key())),
         )
 
     assert all(isinstance(r, Issued) for r in asyncio.run(two()))

@@ -131,7 +131,11 @@ class CertificateAuthority:
         actor: str | None = None,
         now: float | None = None,
     ) -> Issued:
-        request = UserCertRequest(user_name, public_key, ttl, device, remote_addr, actor, now)
+        return self.sign(
+            UserCertRequest(user_name, public_key, ttl, device, remote_addr, actor, now)
+        )
+
+    def sign(self, request: UserCertRequest) -> Issued:
         [result] = self.sign_users([request])
         if isinstance(result, DTError):
             raise result

@@ -35,7 +35,7 @@ class GroupCommitIssuer:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
-    async def sign_user(self, request: UserCertRequest) -> Issued:
+    async def sign(self, request: UserCertRequest) -> Issued:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Issued] = loop.create_future()
         self._ensure_thread()

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from bastion import audit, rbac, wire
+from bastion.ca.authority import UserCertRequest
 from bastion.ca.certs import load_public_key
+from bastion.ca.issuer import GroupCommitIssuer
 from bastion.cluster import Cluster
 from bastion.enroll.authn import DeviceAuthentication
 from bastion.enroll.ceremony import EnrollmentCeremony, device_view
@@ -57,8 +59,12 @@ class ApiSession:
         step_timeout: float = STEP_TIMEOUT,
         idle_timeout: float = IDLE_TIMEOUT,
         signup: Any = None,
+        issuer: GroupCommitIssuer | None = None,
     ) -> None:
         self.cluster = cluster
+        # The bastion's shared issuer batches concurrent logins into one commit and
+        # keeps the disk off the event loop; without one, sign in place.
+        self.issuer = issuer
         self.store = cluster.store
         self.identity = identity
         self.step_timeout = step_timeout
@@ -178,13 +184,13 @@ class ApiSession:
         if self.identity.valid_before is not None:  # a renewal: cap at the presenting cert
             remaining = int(self.identity.valid_before - time.time())
             ttl = remaining if ttl is None else min(ttl, remaining)
-        issued = ca.sign_user(
-            user,
-            public_key,
-            ttl=ttl,
-            device=device,
-            remote_addr=self.identity.remote_addr,
+        request = UserCertRequest(
+            user, public_key, ttl=ttl, device=device, remote_addr=self.identity.remote_addr
         )
+        if self.issuer is not None:
+            issued = await self.issuer.sign(request)
+        else:
+            issued = ca.sign(request)
         return wire.CertIssued(
             certificate=issued.openssh,
             host_ca_keys=[self._host_ca_line()],
