@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import socket
 import time
 from collections import defaultdict
@@ -409,6 +410,9 @@ class BastionServer(asyncssh.SSHServer):
 def _why(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "no answer (timed out)"
+    if isinstance(exc, OSError) and exc.errno:
+        # asyncio puts "Connect call failed (addr)" in strerror; the errno says why
+        return os.strerror(exc.errno)
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
