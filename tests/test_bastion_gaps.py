@@ -17,6 +17,7 @@ import contextlib
 import os
 import random
 import socket
+import struct
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
@@ -115,6 +116,139 @@ def assert_still_serving(env) -> None:
     result = ssh(env.alice, f"{LOGIN}@node-1", "echo", "still-serving")
     assert result.returncode == 0 and result.stdout.strip() == "still-serving", result.stderr
     assert "Traceback" not in env.bastion.log(), env.bastion.log()
+
+
+# -- #3 reverse: a user certificate where a host certificate is expected ---------------------------
+
+
+def user_cert_as_host_cert(signer: ed25519.Ed25519PrivateKey):
+    """A stand-in for ``cluster.ca`` whose ``sign_host`` makes a *user* certificate.
+
+    tests/sshd.py's ``sshd_node`` asks the cluster's CA for the node's host certificate;
+    handing it this instead gives a stock sshd whose HostCertificate is a user
+    certificate for its own host key, with the node's names as principals, currently
+    valid: the certificate type is the one defect.
+    """
+
+    def sign_host(public_key, principals):
+        now = int(time.time())
+        cert = (
+            cssh.SSHCertificateBuilder()
+            .public_key(public_key)
+            .type(cssh.SSHCertificateType.USER)
+            .serial(random.randrange(1, 2**62))
+            .key_id(b"user-cert-posing-as-host")
+            .valid_principals([p.encode() for p in principals])
+            .valid_after(now - 60)
+            .valid_before(now + 3600)
+            .sign(signer)
+        )
+        return SimpleNamespace(openssh=cert.public_bytes().decode().strip())
+
+    return SimpleNamespace(sign_host=sign_host)
+
+
+@pytest.mark.parametrize("signer", ["host_ca", "user_ca"])
+def test_node_presenting_a_user_certificate_as_host_key_is_refused(env, signer):
+    """Attack: node "posing-<signer>" runs a stock sshd whose HostCertificate is a *user*
+    certificate for its host key, signed by the cluster's host CA (or by its user CA),
+    naming the node. A client trusting the host CA must not take it for a host key.
+
+    Fail closed: `ssh -J` ends with the client's own "not a host certificate" and exit
+    255, nothing runs on the node; the bastion, which reads the node's clear-text key
+    exchange, refuses the session itself and audits a session.denied naming the problem;
+    the bastion keeps serving normal jumps."""
+    cluster = env.cluster
+    name = f"posing-{signer}"
+    ca = cluster.ca.host_ca if signer == "host_ca" else cluster.ca.user_ca
+    fake = SimpleNamespace(ca=user_cert_as_host_cert(ca), state_dir=cluster.state_dir)
+    with sshd_node(env.tmp / name, fake, names=(name,)) as node:  # type: ignore[arg-type]
+        listed = subprocess.run(
+            ["ssh-keygen", "-L", "-f", str(env.tmp / name / "ssh_host_ed25519_key-cert.pub")],
+            capture_output=True,
+            text=True,
+        )
+        assert "user certificate" in listed.stdout  # what the node really serves
+        cluster.store.add_node(Node(name, "127.0.0.1", node.port))
+        try:
+            mark = audit_mark(env)
+            marker = env.tmp / f"{name}-ran"
+            result = ssh(env.alice, f"{LOGIN}@{name}", "touch", str(marker))
+            assert result.returncode == 255, result.stdout
+            assert "Host key verification failed" in result.stderr, result.stderr
+            if signer == "host_ca":  # a CA the client trusts: it names the defect itself
+                assert "not a host certificate" in result.stderr, result.stderr
+            assert not marker.exists()
+            denied = audited_since(
+                env,
+                mark,
+                "session.denied",
+                lambda e: e.fields.get("node") == name,
+            )
+            assert denied, "the bastion did not audit the refusal"
+            message = denied[-1].message
+            assert "user certificate" in message and "host key" in message, message
+            assert denied[-1].user == "alice" and not denied[-1].success
+
+            # A client that skips host key checks would take the key and log in (as it
+            # does straight to the node); through the bastion the session is cut.
+            lax = ("-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null")
+            mark = audit_mark(env)
+            result = run_ssh(env.alice, *lax, f"{LOGIN}@{name}", "touch", str(marker))
+            assert result.returncode == 255 and not marker.exists(), result.stderr
+            assert audited_since(
+                env, mark, "session.denied", lambda e: e.fields.get("node") == name
+            )
+            direct = ("-o", "ProxyJump=none", "-p", str(node.port), f"{LOGIN}@127.0.0.1")
+            result = run_ssh(env.alice, *lax, *direct, "touch", str(marker))
+            assert result.returncode == 0 and marker.exists(), result.stderr  # the control
+        finally:
+            cluster.store.remove_node(name)
+    assert_still_serving(env)
+
+
+def _packet(payload: bytes) -> bytes:
+    """A clear-text SSH binary packet (RFC 4253 section 6), as sent before NEWKEYS."""
+    padding = 8 - (5 + len(payload)) % 8
+    padding += 8 if padding < 4 else 0
+    return struct.pack(">IB", 1 + len(payload) + padding, padding) + payload + bytes(padding)
+
+
+def _string(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def _node_handshake(host_key: bytes, *, gex: bool = False) -> tuple[bytes, int]:
+    """A node's side of a key exchange up to NEWKEYS; also where the key's packet ends."""
+    kexinit = _packet(bytes([20]) + os.urandom(16) + _string(b"curve25519-sha256") * 10 + bytes(5))
+    group = _packet(bytes([31]) + _string(b"\x00\xff" + os.urandom(255)) + _string(b"\x02"))
+    reply = bytes([33 if gex else 31]) + _string(host_key) + _string(os.urandom(32))
+    head = b"a pre-banner line\r\nSSH-2.0-OpenSSH_9.2\r\n" + kexinit + (group if gex else b"")
+    data = head + _packet(reply + _string(b"signature"))
+    return data + _packet(bytes([21])), len(data)
+
+
+def test_the_handshake_scanner_on_every_prefix():
+    """The bastion's reader of a node's clear-text handshake (pure, no sockets): on every
+    prefix it asks for more until the packet carrying the host key is whole, then hands
+    over exactly that certificate blob; in DH group exchange the group packet (also
+    message 31) is not mistaken for it; a plain host key or garbage ends the watch."""
+    from bastion.proxy.server import scan_node_handshake
+
+    cert = _string(b"ssh-ed25519-cert-v01@openssh.com") + os.urandom(200)
+    for gex in (False, True):
+        data, end = _node_handshake(cert, gex=gex)
+        for cut in range(len(data) + 1):
+            state, blob, at = scan_node_handshake(data[:cut])
+            if cut < end:
+                assert state == "more", (gex, cut)
+            else:
+                assert (state, blob, at) == ("cert", cert, end), (gex, cut)
+    plain, _ = _node_handshake(_string(b"ssh-ed25519") + _string(os.urandom(32)))
+    assert scan_node_handshake(plain)[0] == "done"
+    assert scan_node_handshake(plain[:-8])[0] == "more"  # NEWKEYS not yet seen
+    for junk in (b"SSH-2.0-x\r\n" + b"\xff" * 64, b"SSH-2.0-x\r\n" + bytes(64)):
+        assert scan_node_handshake(junk)[0] == "done"
 
 
 # -- #8 force-command after a jump ----------------------------------------------------------------

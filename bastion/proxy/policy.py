@@ -163,6 +163,23 @@ def check_device(store: Store, identity: Identity, now: float) -> str:
     return mode
 
 
+def check_node_host_cert(cert: ParsedCert, node: Node, ca_names: dict[str, str]) -> None:
+    """A certificate a node presents as its host key is at least a host certificate.
+
+    Whether it is *this* node's (host CA, principals) stays the client's end-to-end
+    check. A user certificate is a host key nowhere, whoever signed it, so the bastion
+    refuses it itself (checklist #3): the refusal gets its reason in the audit log, and a
+    client that skips host key checks is not let through. ``ca_names`` names the
+    cluster's CAs by fingerprint, for the message.
+    """
+    if cert.cert_type != "host":
+        signer = ca_names.get(cert.ca_fingerprint, f"CA {cert.ca_fingerprint}")
+        raise AccessDenied(
+            f"node {node.name} presented a user certificate as its host key "
+            f"(key id {cert.key_id[:64]!r}, signed by {signer})"
+        )
+
+
 def resolve_node(store: Store, dest_host: str, dest_port: int) -> Node:
     """The inventory node a direct-tcpip request means, or AccessDenied: no open relay.
 
