@@ -38,6 +38,7 @@ import asyncssh
 
 from bastion import accounts, audit
 from bastion.ca.certs import parse_cert
+from bastion.ca.issuer import GroupCommitIssuer
 from bastion.ca.keys import public_line
 from bastion.cluster import Cluster
 from bastion.config import BastionConfig
@@ -67,6 +68,8 @@ class Bastion:
         self.registry = Registry(
             cluster.store, config.revision_poll_interval, config.session_sweep_interval
         )
+        # Logins arriving together share one commit; the disk waits off the loop.
+        self.issuer = GroupCommitIssuer(cluster.ca)
         self.authorized_keys = self._trust_user_ca()
         self._ca_retry: asyncio.TimerHandle | None = None
         self.registry.on_revision.append(self.refresh_user_ca)
@@ -333,6 +336,7 @@ class BastionServer(asyncssh.SSHServer):
                 identity,
                 step_timeout=self.bastion.config.api_step_timeout,
                 signup=self.bastion.signup,
+                issuer=self.bastion.issuer,
             )
             try:
                 await session.run(LineReader(stdin), stdout)
