@@ -233,7 +233,7 @@ def test_the_handshake_scanner_on_every_prefix():
     prefix it asks for more until the packet carrying the host key is whole, then hands
     over exactly that certificate blob; in DH group exchange the group packet (also
     message 31) is not mistaken for it; a plain host key or garbage ends the watch."""
-    from bastion.proxy.server import scan_node_handshake
+    from bastion.proxy.node_handshake import scan as scan_node_handshake
 
     cert = _string(b"ssh-ed25519-cert-v01@openssh.com") + os.urandom(200)
     for gex in (False, True):

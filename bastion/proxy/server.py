@@ -19,7 +19,7 @@ Who checks what:
   whenever the state changes (:mod:`bastion.proxy.sessions`).
 * The node's host key: the client checks it end to end. The bastion also reads the
   node's clear-text side of the key exchange (until NEWKEYS) and refuses a session whose
-  node presents a *user* certificate as its host key (:func:`scan_node_handshake`).
+  node presents a *user* certificate as its host key (:mod:`bastion.proxy.node_handshake`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import functools
 import logging
 import os
 import socket
-import struct
 import time
 from collections import defaultdict
 from typing import Any
@@ -43,14 +42,12 @@ from bastion.ca.keys import public_line
 from bastion.cluster import Cluster
 from bastion.config import BastionConfig
 from bastion.errors import AccessDenied, DTError
-from bastion.proxy import policy
+from bastion.proxy import node_handshake, policy
 from bastion.proxy.api import ApiIdentity, ApiSession
 from bastion.proxy.sessions import CountingForwarder, LiveSession, Registry
 from bastion.wire import LineReader
 
 log = logging.getLogger("bastion.server")
-MSG_NEWKEYS, MSG_KEX_REPLY, MSG_KEX_DH_GEX_REPLY = 21, 31, 33  # RFC 4253, 4419, 5656
-HANDSHAKE_WATCH_LIMIT = 64 * 1024
 SIGNUP_USER = "-dt-signup"
 USAGE = (
     "This is a dt-bastion jump host: it offers no shell.\r\n"
@@ -419,36 +416,13 @@ class BastionServer(asyncssh.SSHServer):
         return CountingForwarder(bastion.registry, live, upstream=True, peer=peer)
 
     def _watch_node_host_key(self, node_side: CountingForwarder, live: LiveSession) -> None:
-        """Read what the node sends until its NEWKEYS; if its host key is a user certificate,
-        audit the refusal and end the session (see :func:`policy.check_node_host_cert`).
+        def refuse_user_cert(blob: bytes) -> bool:
+            reason = self._bad_node_host_key(blob, live)
+            if reason is not None:
+                self._audit_node_refusal(live, reason)
+            return reason is not None
 
-        The packet that carries the key is still delivered, so a client that checks names
-        the problem itself; nothing after it is. Watching stops at NEWKEYS, after 64 KiB
-        or 256 reads, or at framing it does not understand; the bulk path then gets the
-        plain method.
-        """
-        seen = bytearray()
-        chunks = 0
-        forward = node_side.data_received
-
-        def data_received(data: bytes, datatype: Any = None) -> None:
-            nonlocal chunks
-            seen.extend(data)
-            chunks += 1  # bounds the rescans too: a node dribbling bytes costs little
-            state, blob, end = scan_node_handshake(bytes(seen))
-            if state == "more" and len(seen) < HANDSHAKE_WATCH_LIMIT and chunks < 256:
-                forward(data, datatype)
-                return
-            del node_side.data_received  # type: ignore[misc]
-            reason = self._bad_node_host_key(blob, live) if state == "cert" else None
-            if reason is None:
-                forward(data, datatype)
-                return
-            self._audit_node_refusal(live, reason)
-            forward(data[: end - (len(seen) - len(data))], datatype)
-            node_side.close()
-
-        node_side.data_received = data_received  # type: ignore[method-assign]
+        node_handshake.watch(node_side, refuse_user_cert)
 
     def _bad_node_host_key(self, blob: bytes, live: LiveSession) -> str | None:
         try:
@@ -482,51 +456,6 @@ class BastionServer(asyncssh.SSHServer):
             )
         except DTError:
             log.exception("could not audit the refusal of session %s", live.id)
-
-
-def scan_node_handshake(data: bytes) -> tuple[str, bytes, int]:
-    """Where a node's clear-text handshake stands, from the first byte it sent.
-
-    ``("more", b"", 0)`` until the packet carrying its host key (K_S, the first field of
-    the KEX reply) has arrived; ``("cert", key_blob, end)`` when that key is an OpenSSH
-    certificate, ``end`` being the offset just past its packet; ``("done", b"", 0)`` when
-    there is nothing (more) to look at: a plain host key, the node's NEWKEYS, or framing
-    this does not understand (it stops rather than guess). Before NEWKEYS packets are
-    neither encrypted nor MACed (RFC 4253 section 6).
-    """
-    pos = 0
-    while True:  # lines before the version string are allowed (RFC 4253 section 4.2)
-        eol = data.find(b"\n", pos)
-        if eol < 0:
-            return "more", b"", 0
-        line, pos = data[pos:eol], eol + 1
-        if line.startswith(b"SSH-"):
-            break
-    while len(data) - pos >= 5:
-        length, padding = struct.unpack_from(">IB", data, pos)
-        if not 5 <= length <= 35000 or padding + 1 >= length:
-            return "done", b"", 0
-        end = pos + 4 + length
-        if end > len(data):
-            return "more", b"", 0
-        payload = data[pos + 5 : end - padding]
-        pos = end
-        if payload[0] == MSG_NEWKEYS:
-            return "done", b"", 0
-        if payload[0] in (MSG_KEX_REPLY, MSG_KEX_DH_GEX_REPLY):
-            # (in DH group exchange, 31 is the group: its first field names no algorithm)
-            key = _ssh_string(payload, 1)
-            name = _ssh_string(key, 0) if key is not None else None
-            if key is not None and name is not None and name.endswith(b"-cert-v01@openssh.com"):
-                return "cert", key, end
-    return "more", b"", 0
-
-
-def _ssh_string(data: bytes, pos: int) -> bytes | None:
-    if len(data) - pos < 4:
-        return None
-    (n,) = struct.unpack_from(">I", data, pos)
-    return data[pos + 4 : pos + 4 + n] if len(data) - pos - 4 >= n else None
 
 
 def _why(exc: BaseException) -> str:
