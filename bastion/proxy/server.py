@@ -175,6 +175,12 @@ class BastionServer(asyncssh.SSHServer):
         self._counted = True
         original = conn.validate_public_key
         conn.validate_public_key = functools.partial(self._validate_public_key, original)  # type: ignore[method-assign]
+        # asyncssh dispatches channel opens by attribute name, so this instance's
+        # handler can be wrapped (see _direct_tcpip_open).
+        conn._process_direct_tcpip_open = functools.partial(  # type: ignore[attr-defined]
+            self._direct_tcpip_open,
+            conn._process_direct_tcpip_open,  # type: ignore[attr-defined]
+        )
         _ack_promptly_until_authenticated(conn)
 
     def _audit_unauthenticated_end(self, exc: Exception | None) -> None:
@@ -355,6 +361,30 @@ class BastionServer(asyncssh.SSHServer):
         host = self.bastion.config.names()[0]
         stderr.write(USAGE.format(host=host).encode())
         chan.exit(1)
+
+    def _direct_tcpip_open(self, original: Any, packet: Any) -> Any:
+        """asyncssh refuses ``direct-tcpip`` for a certificate without
+        ``permit-port-forwarding`` before connection_requested runs; look first, so
+        that refusal is audited like every other (checklist #9)."""
+        conn, identity = self.conn, self.identity
+        if (
+            conn is not None
+            and identity is not None
+            and not (
+                conn.check_key_permission("port-forwarding")
+                and conn.check_certificate_permission("port-forwarding")
+            )
+        ):
+            audit.record(
+                self.store,
+                "session.denied",
+                success=False,
+                message="the certificate does not permit port forwarding",
+                user=identity.user,
+                device=identity.asset_tag,
+                remote_addr=self.remote_addr,
+            )
+        return original(packet)
 
     def connection_requested(
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
