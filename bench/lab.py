@@ -111,6 +111,13 @@ class Lab(contextlib.ExitStack):
         path.write_text(text)
         return path
 
+    def with_cipher(self, config: Path, cipher: str) -> Path:
+        """The same ssh_config with ``cipher`` on both legs: ``ssh -c`` alone would set
+        only the end-to-end leg to the node, which the jump host never decrypts."""
+        path = config.with_name(f"{config.name}.{cipher.split('@')[0]}")
+        path.write_text(config.read_text().replace(f"Ciphers {CIPHER}", f"Ciphers {cipher}"))
+        return path
+
     def device_cert(self, tag: str) -> tuple[Path, Device]:
         """A user who needs a trusted device, with one enrolled (for revocation timing)."""
         store = self.cluster.store
