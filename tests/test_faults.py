@@ -273,6 +273,58 @@ def test_certificate_signed_for_with_the_wrong_private_key(env):
     assert row.user == "alice" and row.remote_addr == "127.0.0.1"
 
 
+def test_bad_signatures_count_towards_the_per_address_limit(env):
+    """Certificates that pass every check but are signed with the wrong key are failed
+    logins like any other: after max_auth_failures_per_source (20 here) from one
+    address, that address is refused at connect, and 127.0.0.1 is not."""
+    keygen_cert(env, "wrongsig-flood")
+    d = env.tmp / "wrongsig-flood"
+    keygen(d / "other")
+    keypair = asyncssh.load_keypairs([(str(d / "id"), str(d / "id-cert.pub"))])[0]
+    keypair._key = asyncssh.read_private_key(str(d / "other"))
+    source = "127.0.0.9"
+
+    async def attempt():
+        async with asyncssh.connect(
+            "127.0.0.1",
+            env.bastion.port,
+            local_addr=(source, 0),
+            username="alice",
+            client_keys=[keypair],
+            known_hosts=None,
+            agent_path=None,
+            config=None,
+            password_auth=False,
+            kbdint_auth=False,
+            connect_timeout=10,
+        ):
+            pass
+
+    async def flood():
+        outcomes = []
+        for _ in range(21):
+            try:
+                await attempt()
+            except asyncssh.PermissionDenied:
+                outcomes.append("denied")
+            except (asyncssh.DisconnectError, OSError) as exc:
+                outcomes.append(str(exc))
+        return outcomes
+
+    mark = audit_mark(env)
+    outcomes = asyncio.run(flood())
+    assert outcomes[:20] == ["denied"] * 20
+    assert outcomes[20] != "denied"  # cut at connect, before any key exchange
+    refused = [
+        row
+        for row in audited_after(env, mark, "auth.failed", "too many failed logins", bound=2.0)
+        if row.remote_addr == source
+    ]
+    assert refused
+    result = ssh(keygen_cert(env, "after-wrongsig"), f"{LOGIN}@node-1", "echo", "ok")
+    assert result.returncode == 0 and result.stdout.strip() == "ok"
+
+
 # -- garbage on the wire ---------------------------------------------------------------------------
 
 

@@ -278,7 +278,8 @@ class BastionServer(asyncssh.SSHServer):
             self.api_identity = ApiIdentity(
                 identity.user, "certificate", self.remote_addr, valid_before=cert.valid_before
             )
-        elif not ok and msg:
+        elif not ok and msg:  # a bad signature counts against the address like any failure
+            self.bastion.note_failure(self.remote_addr or "?")
             self._audit_once("auth.failed", "certificate refused by the SSH layer", identity.user)
         return bool(ok)
 
