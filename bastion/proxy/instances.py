@@ -60,7 +60,9 @@ class InstanceLock:
     def release(self) -> None:
         if self._fd is None:
             return
-        with contextlib.suppress(FileNotFoundError):
+        # A read-only disk must not turn a clean stop into a crash: the file left
+        # behind is unlocked once we exit, and a later sweep removes it.
+        with contextlib.suppress(OSError):
             self.path.unlink()
         os.close(self._fd)
         self._fd = None
