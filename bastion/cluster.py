@@ -49,16 +49,7 @@ class Cluster:
     @classmethod
     def open(cls, state_dir: Path | str) -> Cluster:
         state_dir = Path(state_dir)
-        _check_db_file(state_dir / DB_NAME)
-        try:
-            store = Store.open(state_dir)
-        except StateError as exc:
-            if type(exc) is StateError and _read_only(state_dir):
-                raise StorageUnavailable(
-                    f"cannot open the cluster database in {state_dir}: its file system is "
-                    "read-only; nothing can be issued or changed until it is writable again"
-                ) from exc
-            raise
+        store = Store.open(state_dir)
         if not store.get_setting("cluster_name"):
             store.close()
             raise StateError(f"{state_dir / DB_NAME} is not an initialised cluster")
@@ -213,51 +204,6 @@ def init_cluster(state_dir: Path | str, name: str, *, actor: str = "dtadmin") ->
 
 
 _NEXT = keys.USER_CA + ".next"
-_SQLITE_MAGIC = b"SQLite format 3\x00"
-
-
-def _check_db_file(path: Path) -> None:
-    """Refuse a cluster database that was visibly cut short (checklist #27).
-
-    SQLite reads a missing tail as zeros: a file that lost its last bytes (a partial
-    copy, a restore onto a full disk) opens and even passes ``integrity_check`` with
-    its newest rows silently changed. A whole database is a whole number of pages and,
-    with no WAL beside it, at least as long as its header says. A cluster's database
-    is never empty either (``init_cluster`` writes it), and SQLite would quietly start
-    a new one in an empty file.
-    """
-    try:
-        with open(path, "rb") as fh:
-            header = fh.read(100)
-            size = os.fstat(fh.fileno()).st_size
-    except FileNotFoundError:
-        return  # Store.open names what is missing and how to create it
-    except OSError as exc:
-        raise StateError(f"cannot read cluster database {path}: {exc.strerror}") from exc
-    if size == 0:
-        raise StateError(f"cluster database {path} is empty (truncated?); restore it from a backup")
-    if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
-        return  # not SQLite at all: Store.open reports it as corrupt
-    page_size = int.from_bytes(header[16:18], "big")
-    page_size = 65536 if page_size == 1 else page_size
-    if page_size < 512 or page_size & (page_size - 1):
-        return  # a mangled header: Store.open reports it as corrupt
-    pages = int.from_bytes(header[28:32], "big")
-    header_size_valid = pages > 0 and header[24:28] == header[92:96]
-    wal = path.with_name(path.name + "-wal")
-    checkpointed = not wal.exists() or wal.stat().st_size == 0
-    if size % page_size or (checkpointed and header_size_valid and size < pages * page_size):
-        raise StateError(
-            f"cluster database {path} is truncated ({size} bytes; its header says "
-            f"{pages} pages of {page_size} bytes); restore it from a backup"
-        )
-
-
-def _read_only(directory: Path) -> bool:
-    try:
-        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
 
 
 def _discard(key_path: Path) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 import threading
 
 import pytest
@@ -33,6 +35,23 @@ def store(tmp_path):
 def test_open_missing_state_names_the_fix(tmp_path):
     with pytest.raises(StateError, match="dtadmin init"):
         Store.open(tmp_path / "nowhere")
+
+
+def test_database_and_its_wal_are_private_from_the_start(tmp_path):
+    """The audit log and the state live in -wal and -shm too: with umask 022 they
+    were created 0644 before the database file was tightened to 0600."""
+    old = os.umask(0o022)
+    try:
+        s = Store.open(tmp_path / "state", create=True)
+    finally:
+        os.umask(old)
+    try:
+        s.set_setting("probe", 1)
+        for name in ("cluster.db", "cluster.db-wal", "cluster.db-shm"):
+            mode = stat.S_IMODE((tmp_path / "state" / name).stat().st_mode)
+            assert mode == 0o600, (name, oct(mode))
+    finally:
+        s.close()
 
 
 def test_wal_and_schema_version(store):

@@ -29,6 +29,7 @@ from typing import Any
 import sqlite_utils
 
 from bastion.errors import AlreadyExists, NotFound, StateError, StorageUnavailable
+from bastion.storage import files
 from bastion.storage.migrations import MIGRATIONS
 from bastion.storage.records import (
     AuditEvent,
@@ -93,18 +94,28 @@ class Store:
                 f"no cluster state in {state_dir} "
                 f"(run: dtadmin init --cluster NAME --state {state_dir})"
             )
+        if not create:
+            files.check_db_file(path)
         try:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if create:
+                # Made 0600 before SQLite opens it: its -wal and -shm take this mode.
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
             store = cls(conn, path)
             store._configure()
             store._migrate()
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, OSError) as exc:
+            if files.read_only(state_dir):
+                raise StorageUnavailable(
+                    f"cannot open the cluster database in {state_dir}: its file system is "
+                    "read-only; nothing can be issued or changed until it is writable again"
+                ) from exc
+            if isinstance(exc, OSError):
+                raise StateError(
+                    f"cannot open cluster state in {state_dir}: {exc.strerror}"
+                ) from exc
             raise StateError(f"cluster database {path} is unreadable or corrupt: {exc}") from exc
-        except OSError as exc:
-            raise StateError(f"cannot open cluster state in {state_dir}: {exc.strerror}") from exc
-        if create:
-            os.chmod(path, 0o600)
         return store
 
     @classmethod
