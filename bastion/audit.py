@@ -7,6 +7,7 @@ enrollment) record inside the same transaction, so nothing is granted unaudited.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
@@ -93,14 +94,18 @@ def record(
         fields={k: v for k, v in fields.items() if v is not None},
     )
     event_id = store.append_audit(event)
-    log.info(
-        "%s %s %s user=%s device=%s addr=%s %s",
-        event.code,
-        event_type,
-        "allow" if success else "deny",
-        user,
-        device,
-        remote_addr,
-        message,
-    )
+    if log.isEnabledFor(logging.INFO):
+        store.after_commit(
+            functools.partial(
+                log.info,
+                "%s %s %s user=%s device=%s addr=%s %s",
+                event.code,
+                event_type,
+                "allow" if success else "deny",
+                user,
+                device,
+                remote_addr,
+                message,
+            )
+        )
     return event_id

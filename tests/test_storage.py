@@ -192,3 +192,33 @@ def test_audit_filters(store):
     assert [e.type for e in store.list_audit(type="a")] == ["a", "a"]
     assert [e.time for e in store.list_audit(since=1.0)] == [1.0, 2.0]
     assert len(store.list_audit(user="u")) == 2
+
+
+def test_after_commit_runs_only_for_what_committed(store, caplog):
+    """Audit log lines are written once their row is committed: a rolled-back
+    issuance must not leave an "allow" line in the bastion's log."""
+    import logging
+
+    from bastion import audit
+
+    ran = []
+    store.after_commit(lambda: ran.append("no transaction: at once"))
+    with store.transaction(bump=False):
+        store.after_commit(lambda: ran.append("committed"))
+        assert ran == ["no transaction: at once"]
+        with pytest.raises(ValueError), store.savepoint():
+            store.after_commit(lambda: ran.append("savepoint rolled back"))
+            raise ValueError
+    assert ran == ["no transaction: at once", "committed"]
+    with pytest.raises(ValueError), store.transaction(bump=False):
+        store.after_commit(lambda: ran.append("rolled back"))
+        raise ValueError
+    assert ran == ["no transaction: at once", "committed"]
+
+    caplog.set_level(logging.INFO, logger="bastion.audit")
+    with pytest.raises(ValueError), store.transaction(bump=False):
+        audit.record(store, "cert.create", user="ghost", message="never happened")
+        raise ValueError
+    audit.record(store, "cert.create", user="real", message="happened")
+    lines = [r.getMessage() for r in caplog.records if r.name == "bastion.audit"]
+    assert len(lines) == 1 and "user=real" in lines[0]

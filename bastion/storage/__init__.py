@@ -21,7 +21,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,7 @@ class Store:
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.RLock()
         self._bump_pending = False
+        self._after_commit: list[Callable[[], None]] = []
 
     # -- opening ---------------------------------------------------------------------
 
@@ -182,6 +183,7 @@ class Store:
             except sqlite3.OperationalError as exc:
                 raise StorageUnavailable(f"cluster database is busy or unwritable: {exc}") from exc
             self._bump_pending = bump
+            self._after_commit = []
             try:
                 yield
                 if self._bump_pending:
@@ -191,6 +193,7 @@ class Store:
                     )
                 self._conn.execute("COMMIT")
             except BaseException as exc:
+                self._after_commit = []
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.OperationalError):
@@ -200,6 +203,19 @@ class Store:
                 ):
                     raise StateError(f"cluster database error: {exc}") from exc
                 raise
+            done, self._after_commit = self._after_commit, []
+        for callback in done:
+            callback()
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the current transaction has committed (at once if none
+        is open), and never if it rolls back: a log line saying "allowed" must not
+        outlive the issuance it describes."""
+        with self._lock:
+            if self._conn.in_transaction:
+                self._after_commit.append(callback)
+                return
+        callback()
 
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -209,9 +225,11 @@ class Store:
             if not self._conn.in_transaction:
                 raise RuntimeError("savepoint() needs an open transaction")
             self._conn.execute("SAVEPOINT part")
+            callbacks = len(self._after_commit)
             try:
                 yield
             except BaseException:
+                del self._after_commit[callbacks:]
                 # SQLite may already have rolled the whole transaction back (a full
                 # disk); then there is no savepoint left and the error stands.
                 if self._conn.in_transaction:
