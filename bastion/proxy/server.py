@@ -44,7 +44,7 @@ from bastion.config import BastionConfig
 from bastion.errors import AccessDenied, DTError
 from bastion.proxy import node_handshake, policy
 from bastion.proxy.api import ApiIdentity, ApiSession
-from bastion.proxy.sessions import CountingForwarder, LiveSession, Registry
+from bastion.proxy.sessions import CountingForwarder, LiveSession, Registry, audit_fields
 from bastion.wire import LineReader
 
 log = logging.getLogger("bastion.server")
@@ -479,11 +479,7 @@ class BastionServer(asyncssh.SSHServer):
                 "session.denied",
                 success=False,
                 message=reason,
-                user=live.identity.user,
-                device=live.identity.asset_tag,
-                remote_addr=self.remote_addr,
-                node=live.node.name,
-                session_id=live.id,
+                **audit_fields(live),
             )
         except DTError:
             log.exception("could not audit the refusal of session %s", live.id)

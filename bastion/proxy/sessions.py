@@ -51,6 +51,17 @@ class LiveSession:
     terminated_reason: str | None = None
 
 
+def audit_fields(session: LiveSession) -> dict[str, Any]:
+    """Who and where, for every audit event about one session."""
+    return {
+        "user": session.identity.user,
+        "device": session.identity.asset_tag,
+        "remote_addr": session.remote_addr,
+        "node": session.node.name,
+        "session_id": session.id,
+    }
+
+
 class Registry:
     def __init__(
         self, store: Store, poll_interval: float = 0.2, sweep_interval: float = 10.0
@@ -91,11 +102,7 @@ class Registry:
                 self.store,
                 "session.start",
                 message=f"forwarding to {session.node.name} ({session.node.addr})",
-                user=session.identity.user,
-                device=session.identity.asset_tag,
-                remote_addr=session.remote_addr,
-                node=session.node.name,
-                session_id=session.id,
+                **audit_fields(session),
                 bastion=self.instance,
                 serial=str(session.identity.serial),
             )
@@ -113,11 +120,7 @@ class Registry:
                     self.store,
                     "session.end",
                     message=session.terminated_reason or "session closed",
-                    user=session.identity.user,
-                    device=session.identity.asset_tag,
-                    remote_addr=session.remote_addr,
-                    node=session.node.name,
-                    session_id=session.id,
+                    **audit_fields(session),
                     bastion=self.instance,
                     bytes_up=session.bytes_up,
                     bytes_down=session.bytes_down,
@@ -250,11 +253,7 @@ class Registry:
                     "session.terminated",
                     success=False,
                     message=reason,
-                    user=session.identity.user,
-                    device=session.identity.asset_tag,
-                    remote_addr=session.remote_addr,
-                    node=session.node.name,
-                    session_id=session.id,
+                    **audit_fields(session),
                 )
             except DTError:
                 log.exception("could not audit termination of session %s", session.id)
