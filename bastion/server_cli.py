@@ -80,7 +80,19 @@ def serve(
     asyncio.run(_serve(cfg))
 
 
+def _tune_socket_reads(size: int) -> None:
+    """Read at most ``size`` bytes per socket per loop turn (see
+    ``BastionConfig.socket_read_size``). asyncio keeps this in a class attribute of its
+    selector transport; uvloop has no such knob, and then nothing changes."""
+    from asyncio import selector_events
+
+    transport = getattr(selector_events, "_SelectorSocketTransport", None)
+    if transport is not None and isinstance(getattr(transport, "max_size", None), int):
+        transport.max_size = max(4096, size)
+
+
 async def _serve(cfg: BastionConfig) -> None:
+    _tune_socket_reads(cfg.socket_read_size)
     from bastion.proxy.server import Bastion, start_server
 
     cluster = Cluster.open(cfg.state_dir)

@@ -20,6 +20,24 @@ def test_safe_defaults():
     assert cfg.keepalive_interval > 0 and cfg.keepalive_count_max > 0
     assert 0 < cfg.max_connections_per_source < cfg.max_connections
     assert cfg.revision_poll_interval <= 0.25  # live revocation within a second
+    # keystrokes beside a bulk transfer wait for at most one such read (bench: interactive)
+    assert 4096 <= cfg.socket_read_size <= 64 * 1024
+
+
+def test_socket_read_size_reaches_asyncio():
+    from asyncio import selector_events
+
+    from bastion.server_cli import _tune_socket_reads
+
+    transport = selector_events._SelectorSocketTransport
+    before = transport.max_size
+    try:
+        _tune_socket_reads(32768)
+        assert transport.max_size == 32768
+        _tune_socket_reads(1)  # never below one page
+        assert transport.max_size == 4096
+    finally:
+        transport.max_size = before
 
 
 @pytest.mark.parametrize(
