@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import re
 import statistics
@@ -457,12 +458,19 @@ def login(lab: Lab, quick: bool = False) -> dict:
             )
             samples.append(time.perf_counter() - t0)
             assert result.returncode == 0 and "device-asset-tag" in result.stdout, result.stderr
-        wall, failures = asyncio.run(_parallel_logins(home, tpm.tcti, 50))
+        wall, failures, each = asyncio.run(_parallel_logins(home, tpm.tcti, 50))
     finally:
         tpm_ctx.__exit__(None, None, None)
-    p99 = sorted(samples)[max(0, int(len(samples) * 0.99) - 1)]
+    p99 = _p99(samples)
+    whole = [total for total, _ in each]
+    rest = [total - tpm for total, tpm in each]
     return {
-        "raw": {"sequential": samples, "parallel_wall": wall, "parallel_failures": failures},
+        "raw": {
+            "sequential": samples,
+            "parallel_wall": wall,
+            "parallel_failures": failures,
+            "parallel_each": each,
+        },
         "rows": [
             {
                 "figure": "login with device authentication (dtclient, swtpm)",
@@ -474,14 +482,24 @@ def login(lab: Lab, quick: bool = False) -> dict:
             },
             {
                 "figure": "logins per second, 50 at once",
-                "dt": f"{50 / wall:.1f}/s, {failures} failures",
+                "dt": f"{50 / wall:.1f}/s, {failures} failures; each login p50 "
+                f"{statistics.median(whole) * 1000:.0f} ms, p99 {_p99(whole) * 1000:.0f} ms; "
+                f"without the shared swtpm's queue p50 {statistics.median(rest) * 1000:.0f} ms, "
+                f"p99 {_p99(rest) * 1000:.0f} ms",
                 "openssh": "n/a",
                 "ratio": "-",
                 "method": "50 concurrent in-process dt-api logins with device auth; one swtpm "
-                "serves every quote in turn (each real laptop has its own TPM)",
+                "serves every quote in turn (each real laptop has its own TPM), so the last "
+                "login waits for 49 quotes; each login timed from connect to certificate, and "
+                "again without its wait for (and time in) the one swtpm; target p99 ≤ 2 s",
             },
         ],
     }
+
+
+def _p99(values: list[float]) -> float:
+    """Nearest rank: with fewer than 100 samples, the slowest one."""
+    return sorted(values)[max(0, math.ceil(len(values) * 0.99) - 1)]
 
 
 async def _parallel_logins(home: Path, tcti: str, n: int) -> tuple[float, int]:
@@ -503,7 +521,10 @@ async def _parallel_logins(home: Path, tcti: str, n: int) -> tuple[float, int]:
         with lock, TPM.open(tcti) as tpm:
             return ceremony.device_response(tpm, h.tpm_dir, nonce, line, device)
 
+    durations: list[tuple[float, float]] = []  # (whole login, of which the TPM queue)
+
     async def one() -> bool:
+        t0 = time.perf_counter()
         try:
             session = await open_session(
                 profile.host,
@@ -515,13 +536,16 @@ async def _parallel_logins(home: Path, tcti: str, n: int) -> tuple[float, int]:
             line = new.export_public_key().decode().strip()
             await session.send(wire.CertRequest(public_key=line, device=True))
             challenge = await session.receive(wire.DeviceChallenge)
+            tq = time.perf_counter()
             response = await asyncio.to_thread(quote, challenge.nonce, line)
+            tpm_time = time.perf_counter() - tq
             issued = await session.call(response, wire.CertIssued)
             await session.close()
+            durations.append((time.perf_counter() - t0, tpm_time))
             return issued.device_warning is None
         except Exception:
             return False
 
     t0 = time.perf_counter()
     results = await asyncio.gather(*(one() for _ in range(n)))
-    return time.perf_counter() - t0, sum(1 for r in results if not r)
+    return time.perf_counter() - t0, sum(1 for r in results if not r), durations
