@@ -459,3 +459,37 @@ def test_stop_ends_every_session_with_an_end_event(cluster):
     end = cluster.store.list_audit(type="session.end")[-1]
     assert end.message == "bastion shutting down"
     assert not cluster.store.list_audit(type="session.terminated")
+
+
+def test_a_failing_sweep_never_stops_revocation(cluster, monkeypatch):
+    """The watcher also sweeps sessions of killed bastions; an I/O error there (a
+    read-only or failing disk under run/) once killed the whole watcher, and with it
+    the cutting of revoked sessions. The error is injected: it is the fault under test."""
+    import errno
+
+    from bastion.proxy import instances
+    from bastion.storage.records import OpenSession
+
+    def failing(state_dir, name):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(instances, "claim_if_dead", failing)
+    cluster.store.add_open_session(OpenSession("abcdefabcdef", 1, time.time(), user="bob"))
+    registry = Registry(cluster.store, poll_interval=0.01, sweep_interval=0.01)
+    session, closed = _live(cluster, admit(cluster, make_cert(cluster)))
+
+    async def scenario():
+        registry.start()  # its start-up sweep fails too, and start goes on
+        registry.add(session)
+        await asyncio.sleep(0.05)  # several failing sweeps
+        cluster.store.add_lock(Lock("", "user", "alice"))
+        for _ in range(200):
+            if closed:
+                break
+            await asyncio.sleep(0.01)
+        await registry.stop()
+
+    asyncio.run(scenario())
+    assert closed and not registry.live
+    assert "is locked" in cluster.store.list_audit(type="session.terminated")[-1].message
+    assert [s.user for s in cluster.store.list_open_sessions()] == ["bob"]  # retried later

@@ -81,18 +81,21 @@ def claim_if_dead(state_dir: Path, name: str) -> Iterator[bool]:
         return
     path = run_dir(state_dir) / f"{name}.lock"
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # flock needs no write access
     except FileNotFoundError:
         yield True
+        return
+    except OSError:
+        yield False  # cannot tell: assume alive, and try again at the next sweep
         return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError:  # held (EWOULDBLOCK), or cannot tell (ENOLCK): alive
             yield False
             return
         yield True
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # a read-only disk: the next sweep retries
             path.unlink()
     finally:
         os.close(fd)
@@ -103,12 +106,14 @@ def is_alive(state_dir: Path, name: str) -> bool:
     if not _NAME.match(name):
         return False
     try:
-        fd = os.open(run_dir(state_dir) / f"{name}.lock", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
+        fd = os.open(run_dir(state_dir) / f"{name}.lock", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
         return False
+    except OSError:
+        return True  # cannot tell; do not call a session orphaned on a guess
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError:
         return True
     finally:
         os.close(fd)  # also drops the lock if we took it

@@ -136,7 +136,7 @@ class Registry:
     def start(self) -> None:
         if self.store.path is not None and self._instance is None:
             self._instance = instances.InstanceLock.acquire(self.store.path.parent)
-            self.sweep(stale_files=True)
+            self._sweep_safely(stale_files=True)
         self._revision = self.store.revision()
         self._task = asyncio.get_running_loop().create_task(self._watch())
 
@@ -160,6 +160,14 @@ class Registry:
                 if dead:
                     ended += self._end_orphans(name)
         return ended
+
+    def _sweep_safely(self, *, stale_files: bool = False) -> None:
+        """A sweep that fails (a busy or read-only disk) is tried again at the next
+        interval; it must never stop the watcher, which also cuts revoked sessions."""
+        try:
+            self.sweep(stale_files=stale_files)
+        except Exception:
+            log.exception("could not end sessions left by a stopped bastion; will retry")
 
     def _end_orphans(self, name: str) -> int:
         now = time.time()
@@ -202,28 +210,34 @@ class Registry:
             self._instance = None
 
     async def _watch(self) -> None:
+        """Runs for the bastion's life. This loop is what cuts revoked sessions, so a
+        failure in one turn is logged and the next turn tries again."""
         next_sweep = time.monotonic() + self.sweep_interval
         while True:
             await asyncio.sleep(self.poll_interval)
-            if time.monotonic() >= next_sweep:
-                next_sweep = time.monotonic() + self.sweep_interval
-                try:
-                    self.sweep()
-                except DTError:
-                    log.exception("could not end sessions left by a stopped bastion")
             try:
-                revision = self.store.revision()
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + self.sweep_interval
+                    self._sweep_safely()
+                self._follow_revision()
+            except Exception:
+                log.exception("re-checking live sessions failed; trying again")
+
+    def _follow_revision(self) -> None:
+        try:
+            revision = self.store.revision()
+        except DTError:
+            log.exception("cannot read the cluster revision; live sessions go on")
+            return
+        if revision == self._revision:
+            return
+        for listener in self.on_revision:
+            try:
+                listener()
             except DTError:
-                log.exception("cannot read the cluster revision; live sessions go on")
-                continue
-            if revision != self._revision:
-                self._revision = revision
-                for listener in self.on_revision:
-                    try:
-                        listener()
-                    except DTError:
-                        log.exception("reacting to a state change failed")
-                self.recheck()
+                log.exception("reacting to a state change failed")
+        self.recheck()
+        self._revision = revision  # only now: a re-check that failed is tried again
 
     def recheck(self, now: float | None = None) -> int:
         """Close every live session the current state no longer allows; returns how many."""
