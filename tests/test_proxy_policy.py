@@ -493,3 +493,28 @@ def test_a_failing_sweep_never_stops_revocation(cluster, monkeypatch):
     assert closed and not registry.live
     assert "is locked" in cluster.store.list_audit(type="session.terminated")[-1].message
     assert [s.user for s in cluster.store.list_open_sessions()] == ["bob"]  # retried later
+
+
+def test_a_session_whose_start_cannot_be_recorded_is_not_held(cluster):
+    """No session goes unrecorded: when the start's audit row cannot be written (here
+    another process holds the database), add() raises and keeps nothing, so no later
+    session.end is written for a start that never was."""
+    import sqlite3
+
+    from bastion.errors import StorageUnavailable
+
+    registry = Registry(cluster.store)
+    session, closed = _live(cluster, admit(cluster, make_cert(cluster)))
+    cluster.store.db.execute("PRAGMA busy_timeout = 50")  # fail fast, not after 10 s
+    other = sqlite3.connect(cluster.store.path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StorageUnavailable):
+            registry.add(session)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert not registry.live and not closed
+    assert registry.recheck() == 0
+    assert not cluster.store.list_audit(type="session.start")
+    assert not cluster.store.list_audit(type="session.end")

@@ -443,7 +443,15 @@ class BastionServer(asyncssh.SSHServer):
                 node=node.name,
             )
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, reason) from None
-        bastion.registry.add(live)
+        try:
+            bastion.registry.add(live)
+        except DTError as exc:  # no session goes unrecorded: hang up on the node
+            log.error("cannot record a session to %s: %s", node.name, exc.message)
+            peer.close()
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_CONNECT_FAILED,
+                "the bastion cannot record this session right now; try again later",
+            ) from None
         return CountingForwarder(bastion.registry, live, upstream=True, peer=peer)
 
     def _watch_node_host_key(self, node_side: CountingForwarder, live: LiveSession) -> None:

@@ -83,7 +83,7 @@ class Registry:
         return self._instance.name if self._instance else None
 
     def add(self, session: LiveSession) -> None:
-        self.live[session.id] = session
+        """Record and audit the start; raises (and holds nothing) if that fails."""
         with self.store.transaction(bump=False):
             if self._instance is not None:
                 self.store.add_open_session(
@@ -106,6 +106,7 @@ class Registry:
                 bastion=self.instance,
                 serial=str(session.identity.serial),
             )
+        self.live[session.id] = session  # only once its start is on record
 
     def end(self, session: LiveSession) -> None:
         if session.ended:
