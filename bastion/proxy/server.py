@@ -376,15 +376,18 @@ class BastionServer(asyncssh.SSHServer):
                 and conn.check_certificate_permission("port-forwarding")
             )
         ):
-            audit.record(
-                self.store,
-                "session.denied",
-                success=False,
-                message="the certificate does not permit port forwarding",
-                user=identity.user,
-                device=identity.asset_tag,
-                remote_addr=self.remote_addr,
-            )
+            try:
+                audit.record(
+                    self.store,
+                    "session.denied",
+                    success=False,
+                    message="the certificate does not permit port forwarding",
+                    user=identity.user,
+                    device=identity.asset_tag,
+                    remote_addr=self.remote_addr,
+                )
+            except DTError:  # asyncssh still refuses; only the record is missing
+                log.exception("could not audit a port-forwarding refusal")
         return original(packet)
 
     def connection_requested(
