@@ -248,7 +248,29 @@ def test_the_handshake_scanner_on_every_prefix():
     assert scan_node_handshake(plain)[0] == "done"
     assert scan_node_handshake(plain[:-8])[0] == "more"  # NEWKEYS not yet seen
     for junk in (b"SSH-2.0-x\r\n" + b"\xff" * 64, b"SSH-2.0-x\r\n" + bytes(64)):
-        assert scan_node_handshake(junk)[0] == "done"
+        assert scan_node_handshake(junk)[0] == "bad"  # ends the session, never waved through
+
+
+def test_a_node_cannot_pad_its_way_past_the_host_key_check():
+    """Review found the first scanner gave up (and let the certificate through) on a
+    packet over 35,000 bytes, after 64 KiB or after 256 reads. Now: a 40 KB IGNORE
+    before the reply still finds the certificate, byte-by-byte feeding gives the same
+    answer, and a node that sends 512 KiB without finishing its key exchange is 'bad'."""
+    from bastion.proxy.node_handshake import Scanner
+    from bastion.proxy.node_handshake import scan as scan_node_handshake
+
+    cert = _string(b"ssh-ed25519-cert-v01@openssh.com") + os.urandom(200)
+    data, end = _node_handshake(cert)
+    banner_end = data.index(b"\n", data.index(b"SSH-2.0")) + 1
+    ignore = _packet(bytes([2]) + _string(os.urandom(40_000)))  # SSH_MSG_IGNORE
+    padded = data[:banner_end] + ignore + data[banner_end:]
+    assert scan_node_handshake(padded) == ("cert", cert, end + len(ignore))
+    scanner = Scanner()
+    states = [scanner.feed(padded[i : i + 1]) for i in range(end + len(ignore))]
+    assert states[-1] == ("cert", cert, end + len(ignore))
+    assert {s[0] for s in states[:-1]} == {"more"}
+    flood = data[:banner_end] + ignore * 14  # ~560 KB, never a key exchange reply
+    assert scan_node_handshake(flood)[0] == "bad"
 
 
 # -- #8 force-command after a jump ----------------------------------------------------------------

@@ -464,7 +464,12 @@ class BastionServer(asyncssh.SSHServer):
                 self._audit_node_refusal(live, reason)
             return reason is not None
 
-        node_handshake.watch(node_side, refuse_user_cert)
+        def unreadable(why: str) -> None:
+            self._audit_node_refusal(
+                live, f"node {live.node.name} sent an SSH handshake the bastion cannot check: {why}"
+            )
+
+        node_handshake.watch(node_side, refuse_user_cert, unreadable)
 
     def _bad_node_host_key(self, blob: bytes, live: LiveSession) -> str | None:
         try:
