@@ -153,3 +153,34 @@ def test_a_closed_issuer_answers_what_was_queued_and_restarts(cluster):
     issuer.close()  # twice is harmless
     assert all(isinstance(r, Issued) for r in asyncio.run(two()))  # starts again on use
     issuer.close()
+
+
+def test_the_event_loop_reads_while_a_batch_waits_for_the_write_lock(cluster):
+    """The issuer signs on its own database connection: while its batch waits for (or
+    holds) the write lock, reads on the bastion's connection, such as the 0.2 s
+    revision poll, go on. Another process holds the write lock here; the loop reads,
+    then lets go, and the waiting request completes."""
+    blocker = sqlite3.connect(cluster.store.path, isolation_level=None)
+    issuer = GroupCommitIssuer(cluster.ca)
+
+    async def scenario():
+        blocker.execute("BEGIN IMMEDIATE")
+        pending = asyncio.ensure_future(issuer.sign(UserCertRequest("alice", key())))
+        for _ in range(200):  # until the issuer has its own connection and is waiting
+            if issuer._own is not None:
+                break
+            await asyncio.sleep(0.01)
+        revision = cluster.store.revision()  # the bastion's own connection
+        user = cluster.store.find_user("alice")
+        assert not pending.done()
+        blocker.execute("ROLLBACK")
+        return revision, user, await pending
+
+    try:
+        revision, user, issued = asyncio.run(scenario())
+    finally:
+        issuer.close()
+        blocker.close()
+    assert user is not None and isinstance(issued, Issued)
+    assert issuer._own is None  # closed with the issuer
+    assert cluster.store.find_cert(issued.record.serial) is not None

@@ -19,6 +19,7 @@ from typing import Any
 
 from bastion.ca.authority import CertificateAuthority, Issued, UserCertRequest
 from bastion.errors import DTError, StateError
+from bastion.storage import Store
 
 log = logging.getLogger("bastion.issuer")
 MAX_BATCH = 256
@@ -34,6 +35,7 @@ class GroupCommitIssuer:
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self._own: CertificateAuthority | None = None  # see _authority
 
     async def sign(self, request: UserCertRequest) -> Issued:
         loop = asyncio.get_running_loop()
@@ -43,12 +45,15 @@ class GroupCommitIssuer:
         return await future
 
     def close(self) -> None:
-        """Answer what is queued, then stop the thread."""
+        """Answer what is queued, then stop the thread and close its connection."""
         with self._start_lock:
             thread, self._thread = self._thread, None
         if thread is not None:
             self._queue.put(None)
             thread.join()
+        if self._own is not None:
+            self._own.store.close()
+            self._own = None
 
     def _ensure_thread(self) -> None:
         with self._start_lock:
@@ -73,16 +78,39 @@ class GroupCommitIssuer:
                 batch.append(more)
             self._serve(batch)
 
+    def _authority(self) -> CertificateAuthority:
+        """The CA on this thread's own database connection.
+
+        The Store serialises its one connection with a lock; a batch holds it from BEGIN
+        to the fsync at COMMIT, and the event loop would wait on every read meanwhile
+        (the revision poll, auth checks). With a connection of its own, the loop's reads
+        go on: in WAL mode readers do not wait for a writer. A rotated user CA that the
+        bastion has loaded is picked up before each batch.
+        """
+        path = self.ca.store.path
+        if path is None:  # an in-memory store has only the one connection
+            return self.ca
+        if self._own is None:
+            store = Store.open(path.parent, check=False)  # the bastion checked it at start
+            self._own = CertificateAuthority(store, self.ca.user_ca, self.ca.host_ca)
+        if self._own.user_ca is not self.ca.user_ca:
+            self._own.set_user_ca(self.ca.user_ca)
+        return self._own
+
     def _serve(self, batch: list[_Item]) -> None:
+        # A caller that gave up (its connection closed) gets nothing signed for it.
+        batch = [item for item in batch if not item[2].cancelled()]
+        if not batch:
+            return
         results: list[Issued | DTError]
         try:
-            results = self.ca.sign_users([request for request, _, _ in batch])
+            results = self._authority().sign_users([request for request, _, _ in batch])
             self.batches += 1
-        except DTError as exc:
-            results = [exc] * len(batch)
+        except DTError as exc:  # the whole batch failed closed; each caller its own copy
+            results = [type(exc)(exc.message) for _ in batch]
         except Exception as exc:  # a bug: fail every caller closed, keep serving
             log.exception("certificate batch failed")
-            results = [StateError(f"certificate issuance failed: {exc}")] * len(batch)
+            results = [StateError(f"certificate issuance failed: {exc}") for _ in batch]
         for (_, loop, future), result in zip(batch, results, strict=True):
             try:
                 loop.call_soon_threadsafe(_settle, future, result)

@@ -86,8 +86,11 @@ class Store:
     # -- opening ---------------------------------------------------------------------
 
     @classmethod
-    def open(cls, state_dir: Path | str, *, create: bool = False) -> Store:
-        """Open (or with ``create``, make) the database, bringing its schema up to date."""
+    def open(cls, state_dir: Path | str, *, create: bool = False, check: bool = True) -> Store:
+        """Open (or with ``create``, make) the database, bringing its schema up to date.
+
+        ``check=False`` skips the integrity check, for a second connection of a process
+        that has just checked the same file."""
         state_dir = Path(state_dir)
         path = state_dir / DB_NAME
         if not create and not path.exists():
@@ -104,7 +107,7 @@ class Store:
                 os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
             store = cls(conn, path)
-            store._configure()
+            store._configure(check)
             store._migrate()
         except (sqlite3.DatabaseError, OSError) as exc:
             if files.read_only(state_dir):
@@ -127,11 +130,13 @@ class Store:
         store._migrate()
         return store
 
-    def _configure(self) -> None:
+    def _configure(self, check: bool = True) -> None:
         self._conn.execute("PRAGMA journal_mode=WAL")
         # FULL: a certificate is handed out only after its serial is on disk.
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
+        if not check:
+            return
         result = self._conn.execute("PRAGMA quick_check").fetchone()[0]
         if result != "ok":
             raise StateError(f"cluster database {self.path} failed its integrity check: {result}")
