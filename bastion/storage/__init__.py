@@ -829,8 +829,8 @@ class Store:
         return [r["instance"] for r in self._all("SELECT DISTINCT instance FROM live_sessions")]
 
     def take_open_sessions(self, instance: str) -> list[OpenSession]:
-        """Remove and return an instance's sessions; call inside a transaction so the
-        caller's audit rows and the removal commit together."""
+        """Remove and return an instance's sessions. Called inside the caller's
+        transaction, the removal commits together with its audit rows."""
         with self.transaction(bump=False):
             sessions = self.list_open_sessions(instance)
             self._conn.execute("DELETE FROM live_sessions WHERE instance = ?", (instance,))
