@@ -128,28 +128,35 @@ def test_revoked_user_never_gets_a_new_certificate_while_racing(cluster):
     key = ed25519.Ed25519PrivateKey.generate().public_key()
     issued: list[int] = []
     refused: list[str] = []
-    started = threading.Event()
+    started, locked = threading.Event(), threading.Event()
 
     def issuer():
         from bastion.cluster import Cluster
 
         own = Cluster.open(cluster.state_dir)
-        end = time.time() + 1.5
-        while time.time() < end:
+        end = time.time() + 30  # a bound, not a timing: it stops after 3 refusals
+        while time.time() < end and not (locked.is_set() and len(refused) >= 3):
             try:
                 issued.append(own.ca.sign_user("alice", key).record.serial)
                 started.set()
             except AccessDenied as exc:
                 refused.append(exc.message)
+            # SQLite's write lock is not queued: without a breath between commits a
+            # nonstop issuer can starve the locking writer past its busy timeout.
+            time.sleep(0.001)
         own.close()
 
     t = threading.Thread(target=issuer)
     t.start()
     assert started.wait(10)
-    time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while len(issued) < 20:  # issuance is well under way
+        assert time.monotonic() < deadline and t.is_alive()
+        time.sleep(0.01)
     with cluster.store.transaction():
         cluster.store.add_lock(Lock("", "user", "alice"))
         audit.record(cluster.store, "lock.create", message="alice locked", user="alice")
+    locked.set()
     t.join()
     lock_event = cluster.store.list_audit(type="lock.create")[-1]
     created = cluster.store.list_audit(type="cert.create")
