@@ -184,3 +184,34 @@ def test_the_event_loop_reads_while_a_batch_waits_for_the_write_lock(cluster):
     assert user is not None and isinstance(issued, Issued)
     assert issuer._own is None  # closed with the issuer
     assert cluster.store.find_cert(issued.record.serial) is not None
+
+
+def test_the_issuer_follows_a_user_ca_rotation(cluster, tmp_path):
+    """The issuer signs on its own connection with its own CA object: after `dtadmin
+    ca rotate` (another process) it refuses until the bastion has loaded the new CA,
+    then signs with that one, never with the retired key."""
+    from bastion.ca.keys import fingerprint
+    from bastion.cluster import Cluster
+    from bastion.errors import StateError
+
+    issuer = GroupCommitIssuer(cluster.ca)
+
+    async def one():
+        return await issuer.sign(UserCertRequest("alice", key()))
+
+    try:
+        before = asyncio.run(one())
+        admin = Cluster.open(cluster.state_dir)  # the admin's process
+        try:
+            admin.rotate_user_ca(actor="test")
+        finally:
+            admin.close()
+        with pytest.raises(StateError, match="rotated"):
+            asyncio.run(one())
+        assert cluster.refresh_user_ca()  # what the bastion does on the revision change
+        after = asyncio.run(one())
+    finally:
+        issuer.close()
+    new_ca = fingerprint(cluster.ca.user_ca.public_key())
+    assert fingerprint(after.certificate.signature_key()) == new_ca
+    assert fingerprint(before.certificate.signature_key()) != new_ca
