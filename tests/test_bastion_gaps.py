@@ -573,7 +573,9 @@ def test_forwards_to_a_dead_node_leak_no_tasks_or_descriptors(tmp_path):
             state_dir=cluster.state_dir,
             listen_host="127.0.0.1",
             listen_port=free_port(),
-            node_connect_timeout=1.0,
+            # long enough that a refused connect is never reported as timed out when
+            # this loop (which also writes the audit rows) stalls on a loaded machine
+            node_connect_timeout=3.0,
             max_auth_failures_per_source=1000,
         )
         with closed_port() as down, loopback_blackhole() as blackhole:

@@ -317,7 +317,7 @@ def test_bad_signatures_count_towards_the_per_address_limit(env):
     assert outcomes[20] != "denied"  # cut at connect, before any key exchange
     refused = [
         row
-        for row in audited_after(env, mark, "auth.failed", "too many failed logins", bound=2.0)
+        for row in audited_after(env, mark, "auth.failed", "too many failed logins", bound=20.0)
         if row.remote_addr == source
     ]
     assert refused

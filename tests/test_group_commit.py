@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import subprocess
+import sys
+import threading
 import time
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from bastion import storage
 from bastion.ca.authority import Issued, UserCertRequest
 from bastion.ca.issuer import GroupCommitIssuer
 from bastion.cluster import Cluster, init_cluster
@@ -155,6 +158,17 @@ def test_a_closed_issuer_answers_what_was_queued_and_restarts(cluster):
     issuer.close()
 
 
+def _waiting_for_the_write_lock(thread: threading.Thread | None) -> bool:
+    """The issuer's thread is inside ``Store.transaction``, where it only waits for the
+    write lock (``BEGIN IMMEDIATE``) while another connection holds it."""
+    frame = sys._current_frames().get(thread.ident) if thread is not None else None
+    while frame is not None:
+        if frame.f_code.co_name == "transaction" and frame.f_globals is vars(storage):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def test_the_event_loop_reads_while_a_batch_waits_for_the_write_lock(cluster):
     """The issuer signs on its own database connection: while its batch waits for (or
     holds) the write lock, reads on the bastion's connection, such as the 0.2 s
@@ -166,9 +180,10 @@ def test_the_event_loop_reads_while_a_batch_waits_for_the_write_lock(cluster):
     async def scenario():
         blocker.execute("BEGIN IMMEDIATE")
         pending = asyncio.ensure_future(issuer.sign(UserCertRequest("alice", key())))
-        for _ in range(200):  # until the issuer has its own connection and is waiting
-            if issuer._own is not None:
-                break
+        deadline = time.monotonic() + 20
+        while not _waiting_for_the_write_lock(issuer._thread):
+            assert time.monotonic() < deadline, "the issuer never asked for the write lock"
+            assert not pending.done(), pending
             await asyncio.sleep(0.01)
         revision = cluster.store.revision()  # the bastion's own connection
         user = cluster.store.find_user("alice")

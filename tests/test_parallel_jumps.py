@@ -117,7 +117,7 @@ def _raise_fd_limit(needed: int) -> None:
         pytest.skip(f"RLIMIT_NOFILE hard limit {soft} < the {needed} this test needs")
 
 
-def _wait_for(predicate, timeout: float = 10.0) -> bool:
+def _wait_for(predicate, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
