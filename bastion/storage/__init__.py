@@ -89,8 +89,8 @@ class Store:
     def open(cls, state_dir: Path | str, *, create: bool = False, check: bool = True) -> Store:
         """Open (or with ``create``, make) the database, bringing its schema up to date.
 
-        ``check=False`` skips the integrity check, for a second connection of a process
-        that has just checked the same file."""
+        ``check=False`` skips the integrity check and the schema migration (a write
+        transaction), for a second connection of a process that just did both."""
         state_dir = Path(state_dir)
         path = state_dir / DB_NAME
         if not create and not path.exists():
@@ -108,7 +108,8 @@ class Store:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
             store = cls(conn, path)
             store._configure(check)
-            store._migrate()
+            if check:
+                store._migrate()
         except (sqlite3.DatabaseError, OSError) as exc:
             if files.read_only(state_dir):
                 raise StorageUnavailable(
