@@ -105,7 +105,7 @@ def revoke(
         if found is None or found.cert_type != "user":
             raise NotFound(f"no user certificate with serial {serial} was issued by this cluster")
     if key_id is not None and not any(
-        c.cert_type == "user" for c in store.find_certs_by_key_id(key_id)
+        c.cert_type == "user" for c in store.list_certs(key_id=key_id)
     ):
         raise NotFound(f"no user certificate with key id {key_id!r} was issued by this cluster")
     if user is not None and store.find_user(user) is None and not store.list_certs(user=user):

@@ -257,7 +257,6 @@ class CertificateAuthority:
             fresh is None
             or fresh.id != device.id
             or fresh.credential is None
-            or device.credential is None
             or fresh.credential.id != device.credential.id
         ):
             raise DeviceNotTrusted(f'device "{device.asset_tag}" changed while signing')

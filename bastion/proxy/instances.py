@@ -30,7 +30,8 @@ def run_dir(state_dir: Path) -> Path:
 class InstanceLock:
     """This process's claim to be alive, held until ``release`` or death."""
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, state_dir: Path, path: Path, fd: int) -> None:
+        self.state_dir = state_dir
         self.path = path
         self.name = path.stem
         self._fd: int | None = fd
@@ -48,7 +49,7 @@ class InstanceLock:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 try:
                     if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                        return cls(path, fd)
+                        return cls(state_dir, path, fd)
                 except FileNotFoundError:
                     pass
                 os.close(fd)  # swept away under us: take another name
@@ -68,56 +69,50 @@ class InstanceLock:
         self._fd = None
 
 
+def _probe(state_dir: Path, name: str) -> tuple[bool, int | None]:
+    """(dead, fd): whether no live process holds instance ``name``'s lock, and, if we
+    took that lock to find out, the descriptor holding it (the caller closes it)."""
+    if not _NAME.match(name):
+        return True, None  # no bastion ever had this name; nothing can be holding it
+    try:
+        fd = os.open(run_dir(state_dir) / f"{name}.lock", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True, None  # a bastion creates its lock first and removes it last
+    except OSError:
+        return False, None  # cannot tell: assume alive, and look again later
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # flock needs no write access
+    except OSError:  # held (EWOULDBLOCK), or cannot tell (ENOLCK): alive
+        os.close(fd)
+        return False, None
+    return True, fd
+
+
 @contextlib.contextmanager
 def claim_if_dead(state_dir: Path, name: str) -> Iterator[bool]:
     """Yield True, holding its lock, if no live process holds instance ``name``.
 
     The lock file is removed only if the body finishes, so a sweep that fails (the
-    database is busy) is simply tried again later. A missing file also means dead: a
-    bastion creates its lock before it records any session and removes it last.
+    database is busy) is simply tried again later.
     """
-    if not _NAME.match(name):
-        yield True  # no bastion ever had this name; nothing can be holding it
-        return
-    path = run_dir(state_dir) / f"{name}.lock"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # flock needs no write access
-    except FileNotFoundError:
-        yield True
-        return
-    except OSError:
-        yield False  # cannot tell: assume alive, and try again at the next sweep
+    dead, fd = _probe(state_dir, name)
+    if fd is None:
+        yield dead
         return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held (EWOULDBLOCK), or cannot tell (ENOLCK): alive
-            yield False
-            return
         yield True
         with contextlib.suppress(OSError):  # a read-only disk: the next sweep retries
-            path.unlink()
+            (run_dir(state_dir) / f"{name}.lock").unlink()
     finally:
         os.close(fd)
 
 
 def is_alive(state_dir: Path, name: str) -> bool:
     """Whether a process holds instance ``name``'s lock; changes nothing."""
-    if not _NAME.match(name):
-        return False
-    try:
-        fd = os.open(run_dir(state_dir) / f"{name}.lock", os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True  # cannot tell; do not call a session orphaned on a guess
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)  # also drops the lock if we took it
-    return False
+    dead, fd = _probe(state_dir, name)
+    if fd is not None:
+        os.close(fd)  # drops the lock we took to find out
+    return not dead
 
 
 def stale_names(state_dir: Path, alive: str) -> list[str]:

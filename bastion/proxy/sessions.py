@@ -150,7 +150,7 @@ class Registry:
         """
         if self._instance is None:
             return 0
-        state_dir = self._instance.path.parent.parent
+        state_dir = self._instance.state_dir
         names = set(self.store.open_session_instances())
         if stale_files:  # lock files of bastions killed while holding no session
             names.update(instances.stale_names(state_dir, self._instance.name))

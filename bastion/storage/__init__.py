@@ -189,7 +189,6 @@ class Store:
             except sqlite3.OperationalError as exc:
                 raise StorageUnavailable(f"cluster database is busy or unwritable: {exc}") from exc
             self._bump_pending = bump
-            self._after_commit = []
             try:
                 yield
                 if self._bump_pending:
@@ -691,12 +690,15 @@ class Store:
         return self._cert(row) if row else None
 
     def list_certs(
-        self, *, user: str | None = None, revoked: bool | None = None
+        self, *, user: str | None = None, key_id: str | None = None, revoked: bool | None = None
     ) -> list[IssuedCert]:
         sql, params = "SELECT * FROM issued_certs WHERE 1=1", []
         if user is not None:
             sql += " AND user = ?"
             params.append(user)
+        if key_id is not None:
+            sql += " AND key_id = ?"
+            params.append(key_id)
         if revoked is not None:
             sql += " AND revoked IS NOT NULL" if revoked else " AND revoked IS NULL"
         return [self._cert(r) for r in self._all(sql + " ORDER BY issued", tuple(params))]
@@ -735,12 +737,6 @@ class Store:
             rows = self._all(f"SELECT * FROM issued_certs WHERE {where}", tuple(params))
             self._conn.execute(f"UPDATE issued_certs SET revoked = ? WHERE {where}", (now, *params))
         return [self._cert(r) for r in rows]
-
-    def find_certs_by_key_id(self, key_id: str) -> list[IssuedCert]:
-        return [
-            self._cert(r)
-            for r in self._all("SELECT * FROM issued_certs WHERE key_id = ?", (key_id,))
-        ]
 
     def revoke_cert(self, serial: int, now: float) -> None:
         if (
