@@ -24,6 +24,7 @@ from bastion.ca.certs import load_public_key
 from bastion.cluster import Cluster, init_cluster
 from bastion.errors import StorageUnavailable
 from bastion.storage.records import IssuedCert, Node, User
+from tests.disks import fill, tmpfs
 from tests.sshd import LOGIN, bastion_server, keygen, ssh, sshd_node, write_ssh_config
 
 pytestmark = pytest.mark.integration
@@ -239,34 +240,42 @@ def test_valid_certificate_with_the_wrong_private_key(env):
     audited_after(env, mark, "auth.failed", "this is a plain public key, not a certificate")
 
 
-def test_certificate_signed_for_with_the_wrong_private_key(env):
-    """A client that does send the valid certificate, with a signature by another key."""
-    keygen_cert(env, "wrongsig")
-    d = env.tmp / "wrongsig"
+def _wrong_signer(env, name):
+    """A valid certificate paired with another key: asyncssh refuses to pair a
+    certificate with a key it does not certify, so the mismatch is made after that
+    check, and this key pair then signs with the other key."""
+    keygen_cert(env, name)
+    d = env.tmp / name
     keygen(d / "other")
     keypair = asyncssh.load_keypairs([(str(d / "id"), str(d / "id-cert.pub"))])[0]
-    # asyncssh refuses to pair a certificate with a key it does not certify, so the
-    # mismatch is made after the check: this key pair now signs with the other key.
     keypair._key = asyncssh.read_private_key(str(d / "other"))
+    return keypair
+
+
+async def _log_in_with(env, keypair, source="127.0.0.1"):
+    """One public-key login to the bastion from ``source``, nothing else offered."""
+    async with asyncssh.connect(
+        "127.0.0.1",
+        env.bastion.port,
+        local_addr=(source, 0),
+        username="alice",
+        client_keys=[keypair],
+        known_hosts=None,
+        agent_path=None,
+        config=None,
+        password_auth=False,
+        kbdint_auth=False,
+        connect_timeout=10,
+    ):
+        pass
+
+
+def test_certificate_signed_for_with_the_wrong_private_key(env):
+    """A client that does send the valid certificate, with a signature by another key."""
+    keypair = _wrong_signer(env, "wrongsig")
     mark = audit_mark(env)
-
-    async def attempt():
-        async with asyncssh.connect(
-            "127.0.0.1",
-            env.bastion.port,
-            username="alice",
-            client_keys=[keypair],
-            known_hosts=None,
-            agent_path=None,
-            config=None,
-            password_auth=False,
-            kbdint_auth=False,
-            connect_timeout=10,
-        ):
-            pass
-
     with pytest.raises(asyncssh.PermissionDenied):
-        asyncio.run(attempt())
+        asyncio.run(_log_in_with(env, keypair))
     # The certificate itself passes the bastion's own checks; asyncssh then finds the
     # signature wrong, and the bastion records that refusal against the user.
     (row,) = audited_after(env, mark, "auth.failed", "certificate refused by the SSH layer")
@@ -277,34 +286,14 @@ def test_bad_signatures_count_towards_the_per_address_limit(env):
     """Certificates that pass every check but are signed with the wrong key are failed
     logins like any other: after max_auth_failures_per_source (20 here) from one
     address, that address is refused at connect, and 127.0.0.1 is not."""
-    keygen_cert(env, "wrongsig-flood")
-    d = env.tmp / "wrongsig-flood"
-    keygen(d / "other")
-    keypair = asyncssh.load_keypairs([(str(d / "id"), str(d / "id-cert.pub"))])[0]
-    keypair._key = asyncssh.read_private_key(str(d / "other"))
+    keypair = _wrong_signer(env, "wrongsig-flood")
     source = "127.0.0.9"
-
-    async def attempt():
-        async with asyncssh.connect(
-            "127.0.0.1",
-            env.bastion.port,
-            local_addr=(source, 0),
-            username="alice",
-            client_keys=[keypair],
-            known_hosts=None,
-            agent_path=None,
-            config=None,
-            password_auth=False,
-            kbdint_auth=False,
-            connect_timeout=10,
-        ):
-            pass
 
     async def flood():
         outcomes = []
         for _ in range(21):
             try:
-                await attempt()
+                await _log_in_with(env, keypair, source)
             except asyncssh.PermissionDenied:
                 outcomes.append("denied")
             except (asyncssh.DisconnectError, OSError) as exc:
@@ -415,22 +404,11 @@ def test_two_bastions_on_one_state_directory(env, tmp_path):
             env.cluster.store.remove_lock(lock.id)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs needs root")
 def test_full_disk_fails_closed(tmp_path):
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)]).returncode:
-        pytest.skip("cannot mount tmpfs here")
-    try:
+    with tmpfs(tmp_path / "tiny", "400k") as mount:
         cluster = init_cluster(mount / "state", "full")
         cluster.store.add_user(User("alice", ("access",), (LOGIN,)))
-        filler = mount / "filler"
-        with open(filler, "wb", buffering=0) as fh:
-            try:
-                while True:
-                    fh.write(b"\0" * 4096)
-            except OSError:
-                pass
+        filler = fill(mount)
         key = load_public_key(keygen(tmp_path / "k").with_suffix(".pub").read_bytes())
         issued = 0
         with pytest.raises(StorageUnavailable, match="full|disk|write"):
@@ -444,8 +422,6 @@ def test_full_disk_fails_closed(tmp_path):
         reopened = Cluster.open(mount / "state")
         assert reopened.store.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         reopened.close()
-    finally:
-        subprocess.run(["umount", "-l", str(mount)])
 
 
 # -- last: it leaves 127.0.0.1 rate-limited for a minute -----------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import subprocess
 import sys
 import threading
 import time
@@ -24,6 +23,7 @@ from bastion.ca.issuer import GroupCommitIssuer
 from bastion.cluster import Cluster, init_cluster
 from bastion.errors import AccessDenied, DeviceNotTrusted, StorageUnavailable
 from bastion.storage.records import Device, DeviceCredential, Lock, User
+from tests.disks import fill, tmpfs
 
 CRED = DeviceCredential("cred-1", b"\x30", "tpm_ekcert", "ab" * 32)
 
@@ -73,20 +73,11 @@ def test_a_batch_refuses_each_bad_request_alone(cluster):
 
 def test_a_failed_commit_hands_out_nothing_of_the_batch(tmp_path):
     """A full disk under a batch: every caller gets the error, nothing is recorded."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)]).returncode:
-        pytest.skip("cannot mount tmpfs here")
-    try:
+    with tmpfs(tmp_path / "tiny", "400k") as mount:
         cluster = init_cluster(mount / "state", "full")
         cluster.store.add_user(User("alice", ("access",), ("root",)))
         before = len(cluster.store.list_certs())
-        with open(mount / "filler", "wb", buffering=0) as fh:
-            try:
-                while True:
-                    fh.write(b"\0" * 4096)
-            except OSError:
-                pass
+        filler = fill(mount)
         handed_out = 0
         with pytest.raises(StorageUnavailable):
             for _ in range(200):  # the WAL may take a few batches before it is full
@@ -94,13 +85,11 @@ def test_a_failed_commit_hands_out_nothing_of_the_batch(tmp_path):
                 handed_out += sum(isinstance(r, Issued) for r in results)
         assert len(cluster.store.list_certs()) - before == handed_out
         cluster.close()
-        (mount / "filler").unlink()
+        filler.unlink()
         reopened = Cluster.open(mount / "state")
         assert reopened.store.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert len(reopened.store.list_certs()) - before == handed_out
         reopened.close()
-    finally:
-        subprocess.run(["umount", "-l", str(mount)])
 
 
 def test_concurrent_callers_share_commits_and_get_only_committed_certificates(cluster):

@@ -45,6 +45,7 @@ from bastion.cluster import Cluster, init_cluster
 from bastion.errors import DTError, StorageUnavailable
 from bastion.storage import DB_NAME
 from bastion.storage.records import Device, DeviceCredential, User
+from tests.disks import need_root, tmpfs, umount
 from tests.sshd import bastion_server, keygen
 
 pytestmark = pytest.mark.integration
@@ -183,29 +184,6 @@ class Lines:
             self.lines.append(line)
 
 
-def need_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("mounting file systems needs root")
-
-
-def _umount(mount: Path) -> None:
-    if subprocess.run(["umount", str(mount)], capture_output=True).returncode:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
-
-
-@contextlib.contextmanager
-def tmpfs(mount: Path) -> Iterator[Path]:
-    need_root()
-    mount.mkdir(parents=True)
-    cmd = ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(mount)]
-    if subprocess.run(cmd, capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        yield mount
-    finally:
-        _umount(mount)
-
-
 def remount(mount: Path, mode: str) -> None:
     result = subprocess.run(["mount", "-o", f"remount,{mode}", str(mount)], capture_output=True)
     assert result.returncode == 0, result.stderr
@@ -270,7 +248,7 @@ def ext4_volume(tmp_path: Path) -> Iterator[Volume]:
         os.chmod(mount, 0o700)
         yield volume
     finally:
-        _umount(mount)
+        umount(mount)
         subprocess.run(["losetup", "-d", volume.device], capture_output=True)
 
 
