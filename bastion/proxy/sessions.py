@@ -272,8 +272,10 @@ class Registry:
                 )
             except DTError:
                 log.exception("could not audit termination of session %s", session.id)
-        session.close()
+        # End (and commit) first, then close: once the client sees its session cut,
+        # the audit log already says so.
         self.end(session)
+        session.close()
 
 
 class CountingForwarder(SSHForwarder):
