@@ -13,11 +13,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
-from bastion import audit, credentials, rbac
-from bastion.errors import AccountLocked, AuthenticationFailed, TokenInvalid
+from bastion import audit, credentials
+from bastion.authz import rbac
+from bastion.authz.records import Lock, Token, User
+from bastion.protocol.errors import AccountLocked, AuthenticationFailed, TokenInvalid
+from bastion.protocol.wire import Ok, SignupBegin, SignupFinish, SignupInfo
 from bastion.storage import Store
-from bastion.storage.records import Lock, Token, User
-from bastion.wire import Ok, SignupBegin, SignupFinish, SignupInfo
 
 SIGNUP_TTL = 3600
 
@@ -141,7 +142,7 @@ def check_password_login(
     """
     policy = policy or LockoutPolicy()
     now = time.time() if now is None else now
-    user = store.find_user(user_name) if rbac.NAME_RE.match(user_name) else None
+    user = store.find_user(user_name) if rbac.NAME_RE.fullmatch(user_name) else None
     lock = store.active_lock("user", user_name, now) if user else None
     if lock is not None:
         credentials.verify_password(None, password)  # same cost as a real attempt

@@ -12,8 +12,8 @@ import logging
 import time
 from typing import Any
 
+from bastion.authz.records import AuditEvent
 from bastion.storage import Store
-from bastion.storage.records import AuditEvent
 
 log = logging.getLogger("bastion.audit")
 

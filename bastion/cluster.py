@@ -18,14 +18,14 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import ssh
 
 from bastion import audit
+from bastion.authz.rbac import PRESET_ROLES, check_name
 from bastion.ca import keys
 from bastion.ca.authority import (
     RETIRED_USER_CAS_SETTING,
     USER_CA_SETTING,
     CertificateAuthority,
 )
-from bastion.errors import AlreadyExists, StateError, StorageUnavailable
-from bastion.rbac import PRESET_ROLES, check_name
+from bastion.protocol.errors import AlreadyExists, StateError, StorageUnavailable
 from bastion.storage import DB_NAME, Store
 
 DEFAULT_STATE_DIR = "/var/lib/dt-bastion"

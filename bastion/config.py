@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bastion.errors import UsageError
+from bastion.protocol.errors import UsageError
 
 
 @dataclass(frozen=True, slots=True)

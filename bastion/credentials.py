@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 import secrets
 import time
 
 import argon2
 import pyotp
 
-from bastion.errors import AuthenticationFailed, TokenInvalid, UsageError
+from bastion.protocol.errors import AuthenticationFailed, UsageError
+from bastion.protocol.tokens import TOKEN_RE, check_token_format  # noqa: F401  (re-exported)
 
-TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
 MIN_PASSWORD_LENGTH = 12
 MAX_PASSWORD_LENGTH = 1024
 TOTP_WINDOW = 1  # accept the previous and next 30 s step for clock skew
@@ -44,16 +43,6 @@ def token_hash(token: str) -> str:
 
 def token_matches(token: str, stored_hash: str) -> bool:
     return hmac.compare_digest(token_hash(token), stored_hash)
-
-
-def check_token_format(token: object) -> str:
-    """Tell a truncated or mangled token apart from an unknown one, early and clearly."""
-    if not isinstance(token, str) or not TOKEN_RE.match(token.strip()):
-        raise TokenInvalid(
-            "that does not look like a token: it should be 43 characters of letters, "
-            "digits, '-' and '_' (was it cut off when copied?)"
-        )
-    return token.strip()
 
 
 # -- passwords ---------------------------------------------------------------------------------

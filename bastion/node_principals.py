@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bastion.ca.certs import EXT_ASSET_TAG, EXT_DEVICE_ID, ParsedCert, parse_cert
 from bastion.ca.keys import fingerprint
-from bastion.errors import CertificateError, DTError
+from bastion.protocol.errors import CertificateError, DTError
 from bastion.storage import Store
 
 CERT_TYPES = (

@@ -14,10 +14,10 @@ from typing import Any
 
 import yaml
 
-from bastion import rbac
-from bastion.durations import format_duration, parse_duration
-from bastion.errors import UsageError
-from bastion.storage.records import ENROLL_STATUSES, Device, Node, Role, Rule, User
+from bastion.authz import rbac
+from bastion.authz.records import ENROLL_STATUSES, Device, Node, Role, Rule, User
+from bastion.protocol.durations import format_duration, parse_duration
+from bastion.protocol.errors import UsageError
 
 
 def dump(doc: dict[str, Any]) -> str:

@@ -11,9 +11,9 @@ from typing import Annotated
 
 import typer
 
-from bastion import console
 from bastion.cluster import Cluster, default_state_dir
 from bastion.config import BastionConfig, load_config, parse_listen, parse_setting
+from bastion.protocol import console
 
 app = typer.Typer(
     help="dt-bastion: the SSH jump host and CA endpoint of a device-trusted cluster.",

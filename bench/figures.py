@@ -322,7 +322,7 @@ async def _hold(lab: Lab, n: int, port: int, openssh: bool = False) -> tuple[int
 
 
 def concurrency(lab: Lab, quick: bool = False) -> dict:
-    from bastion.storage.records import Node
+    from bastion.authz.records import Node
 
     sink = subprocess.Popen([sys.executable, "-c", SINK], stdout=subprocess.PIPE, text=True)
     lab.sink_port = int(sink.stdout.readline())
@@ -505,7 +505,7 @@ def _p99(values: list[float]) -> float:
 async def _parallel_logins(home: Path, tcti: str, n: int) -> tuple[float, int]:
     import asyncssh
 
-    from bastion import wire
+    from bastion.protocol import wire
     from client import ceremony
     from client.api import Credentials, HostTrust, open_session
     from client.profile import Home

@@ -13,9 +13,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from bastion.authz.records import Device, DeviceCredential, Node, User
 from bastion.ca.certs import load_public_key
 from bastion.cluster import Cluster, init_cluster
-from bastion.storage.records import Device, DeviceCredential, Node, User
 from tests.sshd import LOGIN, bastion_server, free_port, keygen, sshd_node, stop, wait_for_port
 
 CIPHER = "aes128-gcm@openssh.com"

@@ -16,10 +16,9 @@ from typing import Any
 
 import asyncssh
 
-from bastion import wire
-from bastion.ca.certs import load_public_key
-from bastion.ca.keys import fingerprint
-from bastion.errors import (
+from bastion.protocol import wire
+from bastion.protocol.certs import fingerprint, load_public_key
+from bastion.protocol.errors import (
     AuthenticationFailed,
     ConnectionFailed,
     DTError,

@@ -21,8 +21,8 @@ import base64
 from pathlib import Path
 from typing import Any
 
-from bastion import wire
-from bastion.enroll.attest import login_quote_data
+from bastion.protocol import wire
+from bastion.protocol.quote import login_quote_data
 from client.device import collect
 from client.profile import DeviceState
 

@@ -19,9 +19,9 @@ from typing import Annotated, Any
 import asyncssh
 import typer
 
-from bastion import console, wire
-from bastion.console import Format
-from bastion.errors import ConnectionFailed, DTError, NotLoggedIn, TPMError, UsageError
+from bastion.protocol import console, wire
+from bastion.protocol.console import Format
+from bastion.protocol.errors import ConnectionFailed, DTError, NotLoggedIn, TPMError, UsageError
 from client import ceremony
 from client.api import ApiSession, Credentials, HostTrust, open_session, parse_pin
 from client.profile import (
@@ -117,7 +117,7 @@ def signup(
 
 
 async def _signup(home: Home, host: str, port: int, token: str, trust: HostTrust) -> None:
-    from bastion.credentials import check_token_format
+    from bastion.protocol.tokens import check_token_format
 
     check_token_format(token)
     with console.spinner(f"Connecting to {host}:{port}"):
@@ -186,7 +186,7 @@ def login(
     `dtclient device enroll`. Example:
     dtclient login --proxy bastion.example.com:3022 --user alice
     """
-    from bastion.durations import parse_duration
+    from bastion.protocol.durations import parse_duration
 
     home = Home()
     host, port = split_hostport(proxy)
@@ -406,7 +406,7 @@ def ssh(
     if shutil.which("ssh") is None:
         raise UsageError("the OpenSSH client (ssh) is not installed")
     config_path = home.root / "ssh_config"
-    from bastion.ca.keys import atomic_write
+    from bastion.protocol.files import atomic_write
 
     atomic_write(config_path, ssh_config(profile, home).encode(), 0o600)
     login, _, node = target.rpartition("@")

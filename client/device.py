@@ -50,7 +50,7 @@ def meaningful_serial(value: str | None) -> str | None:
     value = value.strip()
     if value.lower() in MEANINGLESS or set(value) <= {"0", " ", "-", "."}:
         return None
-    return value if TAG_RE.match(value) else None
+    return value if TAG_RE.fullmatch(value) else None
 
 
 def tpm_asset_tag(ek_public_der: bytes) -> str:

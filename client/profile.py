@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bastion.ca.certs import DEVICE_EXTENSIONS, ParsedCert, parse_cert
-from bastion.ca.keys import atomic_write
-from bastion.errors import CertificateError, NotLoggedIn, StateError
+from bastion.protocol.certs import DEVICE_EXTENSIONS, ParsedCert, parse_cert
+from bastion.protocol.errors import CertificateError, NotLoggedIn, StateError
+from bastion.protocol.files import atomic_write
 
 KEY_NAME = "id_ed25519"
 
@@ -63,7 +63,7 @@ class DeviceState:
 
 
 def split_hostport(value: str, default_port: int = 3022) -> tuple[str, int]:
-    from bastion.errors import UsageError
+    from bastion.protocol.errors import UsageError
 
     host, port = value, default_port
     if value.startswith("["):
@@ -79,7 +79,7 @@ def split_hostport(value: str, default_port: int = 3022) -> tuple[str, int]:
 
 
 def _port(text: str) -> int:
-    from bastion.errors import UsageError
+    from bastion.protocol.errors import UsageError
 
     if not text.isdigit() or not 0 < int(text) < 65536:
         raise UsageError(f"invalid port {text!r}")

@@ -46,13 +46,13 @@ from tpm2_pytss.types import (  # noqa: E402
 )
 from tpm2_pytss.utils import NVReadEK, create_ek_template  # noqa: E402
 
-from bastion.ca.keys import atomic_write  # noqa: E402
-from bastion.errors import (  # noqa: E402
+from bastion.protocol.errors import (  # noqa: E402
     TPMError,
     TPMLockout,
     TPMNotFound,
     TPMPermissionDenied,
 )
+from bastion.protocol.files import atomic_write  # noqa: E402
 
 DEFAULT_TCTI = "device:/dev/tpmrm0"
 EK_TEMPLATES = ("EK-RSA2048", "EK-ECC256", "EK-HIGH-RSA2048", "EK-HIGH-ECC256", "EK-HIGH-ECC384")

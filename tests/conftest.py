@@ -64,7 +64,7 @@ def dt_cluster(tmp_path):
 
 @pytest.fixture
 def dt_node(dt_cluster, tmp_path):
-    from bastion.storage.records import Node
+    from bastion.authz.records import Node
     from tests.sshd import SSHD, sshd_node
 
     _need(SSHD)

@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from bastion.authz.records import Device
 from bastion.ca.certs import load_public_key
 from bastion.ca.keys import atomic_write
 from bastion.cluster import Cluster
-from bastion.storage.records import Device
 
 SSHD = "/usr/sbin/sshd"
 VENV_BIN = Path(sys.executable).parent

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from bastion.admin import app
 from bastion.cluster import Cluster
-from bastion.errors import DTError
+from bastion.protocol.errors import DTError
 
 DTADMIN = str(Path(sys.executable).parent / "dtadmin")
 
@@ -239,7 +239,7 @@ def test_bad_edits_change_nothing(cluster, tmp_path, body, message):
 
 
 def test_edit_device_to_unenroll(cluster, run, tmp_path):
-    from bastion.storage.records import DeviceCredential
+    from bastion.authz.records import DeviceCredential
 
     store = Cluster.open(cluster).store
     run("device", "add", "--asset-tag", "SN1", "--owner", "alice")

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from bastion import wire
+from bastion.authz.records import User
 from bastion.cluster import Cluster
 from bastion.enroll.ceremony import EnrollmentCeremony, EnrollPolicy
-from bastion.errors import AccessDenied, TokenInvalid
-from bastion.storage.records import User
+from bastion.protocol import wire
+from bastion.protocol.errors import AccessDenied, TokenInvalid
 from client.tpm import TPM
 
 pytestmark = pytest.mark.integration

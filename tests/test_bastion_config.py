@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bastion.config import BastionConfig, load_config, parse_setting
-from bastion.errors import UsageError
+from bastion.protocol.errors import UsageError
 
 DT_BASTION = Path(sys.executable).parent / "dt-bastion"
 

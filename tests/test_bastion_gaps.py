@@ -31,10 +31,10 @@ from asyncssh.packet import Boolean, String
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import ssh as cssh
 
+from bastion.authz.records import IssuedCert, Node, User
 from bastion.ca.certs import load_public_key
 from bastion.cluster import init_cluster
 from bastion.config import BastionConfig
-from bastion.storage.records import IssuedCert, Node, User
 from tests.sshd import (
     LOGIN,
     SSHD,

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from bastion.storage.records import Device, DeviceCredential, Node, User
+from bastion.authz.records import Device, DeviceCredential, Node, User
 from tests.sshd import LOGIN, bastion_server, ssh, sshd_node, user_client
 
 pytestmark = pytest.mark.integration

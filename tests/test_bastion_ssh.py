@@ -15,11 +15,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import ssh as cssh
 
+from bastion.authz.rbac import Permissions
+from bastion.authz.records import Device, DeviceCredential, Lock, Node, Role, User
 from bastion.ca.certs import load_public_key, user_cert_spec
 from bastion.ca.keys import load_private_key
 from bastion.cluster import init_cluster
-from bastion.rbac import Permissions
-from bastion.storage.records import Device, DeviceCredential, Lock, Node, Role, User
 from tests.sshd import LOGIN, bastion_server, keygen, ssh, sshd_node, write_ssh_config
 
 pytestmark = pytest.mark.integration
@@ -198,7 +198,7 @@ def forged_device_cert(env, user, device_id, tag, cred_id="cred-1"):
     cert = builder.sign(ca)
     (d / "id-cert.pub").write_bytes(cert.public_bytes() + b"\n")
     # record the serial as if issued, to isolate the device check
-    from bastion.storage.records import IssuedCert
+    from bastion.authz.records import IssuedCert
 
     env.cluster.store.record_cert(
         IssuedCert(

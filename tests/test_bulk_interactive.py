@@ -16,7 +16,7 @@ import itertools
 
 import pytest
 
-from bastion.storage.records import User
+from bastion.authz.records import User
 from tests.sshd import LOGIN, user_client
 
 pytestmark = pytest.mark.integration

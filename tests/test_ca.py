@@ -8,6 +8,8 @@ import stat
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from bastion.authz.rbac import Permissions
+from bastion.authz.records import Device, DeviceCredential, Lock, Role, User
 from bastion.ca import keys
 from bastion.ca.certs import (
     EXT_ASSET_TAG,
@@ -19,15 +21,14 @@ from bastion.ca.certs import (
     user_cert_spec,
 )
 from bastion.cluster import Cluster, init_cluster
-from bastion.errors import (
+from bastion.protocol.certs import JUMP_PRINCIPAL
+from bastion.protocol.errors import (
     AccessDenied,
     AlreadyExists,
     CertificateError,
     DeviceNotTrusted,
     StateError,
 )
-from bastion.rbac import JUMP_PRINCIPAL, Permissions
-from bastion.storage.records import Device, DeviceCredential, Lock, Role, User
 
 PERMS = Permissions(("root",), 3600, "optional", True, True, False, False, False)
 CRED = DeviceCredential("cred-1", b"\x30", "tpm_ekcert", "ab" * 32)

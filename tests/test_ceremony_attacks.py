@@ -31,14 +31,16 @@ from tpm2_pytss.types import (
 )
 from tpm2_pytss.utils import make_credential, wrap
 
-from bastion import wire
+from bastion.authz.rbac import PRESET_ROLES
+from bastion.authz.records import Device, User
 from bastion.cluster import init_cluster
 from bastion.credentials import new_token, token_hash
 from bastion.enroll import attest
 from bastion.enroll.authn import DeviceAuthentication
 from bastion.enroll.ceremony import EnrollmentCeremony, EnrollPolicy
 from bastion.enroll.tokens import MAX_TOKEN_FAILURES, check_enroll_token, issue_enroll_token
-from bastion.errors import (
+from bastion.protocol import wire
+from bastion.protocol.errors import (
     AKInvalid,
     CredentialMismatch,
     DeviceNotTrusted,
@@ -49,9 +51,7 @@ from bastion.errors import (
     TokenInvalid,
     TPMError,
 )
-from bastion.rbac import PRESET_ROLES
 from bastion.storage import DB_NAME, Store
-from bastion.storage.records import Device, User
 from client import ceremony as client_ceremony
 from client.profile import DeviceState
 from client.tpm import AK_ATTRIBUTES, AK_PRIV, AK_PUB, TPM

@@ -24,9 +24,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from bastion.authz.records import IssuedCert, User
 from bastion.ca.certs import user_cert_spec
 from bastion.cluster import init_cluster
-from bastion.storage.records import IssuedCert, User
 from tests.sshd import LOGIN, bastion_server, keygen, ssh, write_ssh_config
 
 pytestmark = pytest.mark.integration

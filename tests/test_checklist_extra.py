@@ -17,13 +17,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import ssh as cssh
 from cryptography.x509.oid import NameOID
 
+from bastion.authz.records import IssuedCert, User
 from bastion.ca.certs import parse_cert
 from bastion.ca.keys import load_private_key
 from bastion.cluster import init_cluster
 from bastion.enroll import attest
-from bastion.errors import AccessDenied, EKUntrusted
+from bastion.protocol.errors import AccessDenied, EKUntrusted
 from bastion.proxy.policy import check_certificate
-from bastion.storage.records import IssuedCert, User
 
 # -- certificate validity edges (pure policy over real certificates) --------------------------
 
@@ -123,7 +123,7 @@ def test_revoked_user_never_gets_a_new_certificate_while_racing(cluster):
     import threading
 
     from bastion import audit
-    from bastion.storage.records import Lock
+    from bastion.authz.records import Lock
 
     key = ed25519.Ed25519PrivateKey.generate().public_key()
     issued: list[int] = []
@@ -251,7 +251,7 @@ def test_kill_9_during_enrollment_leaves_no_half_enrolled_device(swtpm, tmp_path
     """The bastion dies between the challenge and the answer: nothing is half-written."""
     import asyncio
 
-    from bastion import wire
+    from bastion.protocol import wire
     from client.api import Credentials, HostTrust, open_session
     from client.tpm import TPM
     from tests.sshd import bastion_server, keygen
@@ -259,8 +259,8 @@ def test_kill_9_during_enrollment_leaves_no_half_enrolled_device(swtpm, tmp_path
     cluster = init_cluster(tmp_path / "state", "crash")
     store = cluster.store
     store.add_user(User("alice", ("access", "editor"), ("root",)))
+    from bastion.authz.records import Device
     from bastion.enroll.tokens import issue_enroll_token
-    from bastion.storage.records import Device
 
     store.add_device(Device("", "SN1", "linux"))
     token = issue_enroll_token(store, "SN1")
@@ -335,8 +335,8 @@ def test_re_enrolling_after_unenrollment(swtpm, tmp_path):
 
 @pytest.mark.integration
 def test_unreachable_node_fails_cleanly_without_leaking(tmp_path):
+    from bastion.authz.records import Node
     from bastion.ca.certs import load_public_key
-    from bastion.storage.records import Node
     from tests.sshd import LOGIN, bastion_server, keygen, ssh, write_ssh_config
 
     cluster = init_cluster(tmp_path / "state", "down")
@@ -382,10 +382,10 @@ def test_database_unavailable_live_sessions_go_on_new_certificates_fail_closed(t
 
     import asyncssh
 
-    from bastion import wire
+    from bastion.authz.records import Node
     from bastion.ca.certs import load_public_key
-    from bastion.errors import StorageUnavailable
-    from bastion.storage.records import Node
+    from bastion.protocol import wire
+    from bastion.protocol.errors import StorageUnavailable
     from client.api import Credentials, HostTrust, open_session
     from tests.sshd import LOGIN, bastion_server, keygen, sshd_node, write_ssh_config
 

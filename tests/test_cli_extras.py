@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bastion.config import load_config, parse_listen
-from bastion.errors import UsageError
+from bastion.protocol.errors import UsageError
 
 BIN = Path(sys.executable).parent
 SHARED_ROOTS = Path(__file__).resolve().parents[2] / "shared" / "tpm-ek-roots"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bastion import credentials as c
-from bastion.errors import AuthenticationFailed, TokenInvalid, UsageError
+from bastion.protocol.errors import AuthenticationFailed, TokenInvalid, UsageError
 
 
 def test_tokens_are_random_and_stored_hashed():

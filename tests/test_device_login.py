@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from bastion.authz.records import Node
 from bastion.cluster import init_cluster
-from bastion.storage.records import Node
 from tests.sshd import LOGIN, bastion_server, sshd_node
 from tests.test_login import PASSWORD, next_code, signup
 
@@ -183,7 +183,7 @@ def test_tpm_permission_denied_names_the_fix(tmp_path):
 
 def test_permission_mapping_when_not_root(tmp_path, monkeypatch):
     """As root we cannot be denied for real; this fault is simulated (os.access says no)."""
-    from bastion.errors import TPMPermissionDenied
+    from bastion.protocol.errors import TPMPermissionDenied
     from client import tpm
 
     device = tmp_path / "tpmrm0"

@@ -19,12 +19,13 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT
 from tpm2_pytss.types import TPMT_SIGNATURE
 
-from bastion import wire
+from bastion.authz.records import Device, User
 from bastion.enroll import attest
 from bastion.enroll.authn import DeviceAuthentication
 from bastion.enroll.ceremony import EnrollmentCeremony, EnrollPolicy, device_view
 from bastion.enroll.tokens import issue_enroll_token
-from bastion.errors import (
+from bastion.protocol import wire
+from bastion.protocol.errors import (
     AccessDenied,
     AKInvalid,
     CredentialMismatch,
@@ -37,7 +38,6 @@ from bastion.errors import (
     TokenInvalid,
 )
 from bastion.storage import Store
-from bastion.storage.records import Device, User
 from client import ceremony as client_ceremony
 from client.profile import DeviceState
 from client.tpm import AK_ATTRIBUTES, TPM
@@ -72,7 +72,7 @@ class LocalSession:
 def store(tmp_path):
     s = Store.open(tmp_path / "state", create=True)
     s.set_setting("cluster_name", "t")
-    from bastion.rbac import PRESET_ROLES
+    from bastion.authz.rbac import PRESET_ROLES
 
     for role in PRESET_ROLES:
         s.put_role(role)
@@ -397,7 +397,7 @@ def test_stalled_client_times_out_and_leaves_nothing(store, swtpm, tmp_path):
     t = Tamper(store, swtpm.tcti, tmp_path / "ak")
     t.server.step_deadline = 0.0
     t.begin()
-    from bastion.errors import NonceExpired
+    from bastion.protocol.errors import NonceExpired
 
     with pytest.raises(NonceExpired):
         t.finish()
@@ -469,7 +469,7 @@ def test_real_vendor_roots_load(tmp_path):
     [b"", b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", b"\x30\x82\xff"],
 )
 def test_garbage_trust_root_is_a_clear_error(garbage):
-    from bastion.errors import UsageError
+    from bastion.protocol.errors import UsageError
 
     with pytest.raises(UsageError, match="not a PEM or DER"):
         attest.parse_trust_root(garbage)

@@ -20,10 +20,10 @@ from pathlib import Path
 import asyncssh
 import pytest
 
+from bastion.authz.records import IssuedCert, Node, User
 from bastion.ca.certs import load_public_key
 from bastion.cluster import Cluster, init_cluster
-from bastion.errors import StorageUnavailable
-from bastion.storage.records import IssuedCert, Node, User
+from bastion.protocol.errors import StorageUnavailable
 from tests.disks import fill, tmpfs
 from tests.sshd import LOGIN, bastion_server, keygen, ssh, sshd_node, write_ssh_config
 
@@ -160,7 +160,7 @@ def test_host_certificate_as_user_certificate(env):
     # rule is checked directly as well, for clients that would.
     assert ssh(config, f"{LOGIN}@node-1", "true").returncode == 255
     from bastion.ca.certs import parse_cert
-    from bastion.errors import AccessDenied
+    from bastion.protocol.errors import AccessDenied
     from bastion.proxy.policy import check_certificate
 
     cert = parse_cert((env.tmp / "hostcert" / "id-cert.pub").read_bytes())
@@ -394,7 +394,7 @@ def test_two_bastions_on_one_state_directory(env, tmp_path):
         )
         for cfg in (config, other):
             assert ssh(cfg, f"{LOGIN}@node-1", "true").returncode == 0
-        from bastion.storage.records import Lock
+        from bastion.authz.records import Lock
 
         lock = env.cluster.store.add_lock(Lock("", "user", "alice"))
         try:

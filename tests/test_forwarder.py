@@ -3,9 +3,9 @@ client's channel exists may be lost (checklist #28 found the banner going missin
 
 from __future__ import annotations
 
+from bastion.authz.records import Node
 from bastion.proxy import policy
 from bastion.proxy.sessions import CountingForwarder, LiveSession
-from bastion.storage.records import Node
 
 
 class FakeTransport:

@@ -18,11 +18,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from bastion import storage
+from bastion.authz.records import Device, DeviceCredential, Lock, User
 from bastion.ca.authority import Issued, UserCertRequest
 from bastion.ca.issuer import GroupCommitIssuer
 from bastion.cluster import Cluster, init_cluster
-from bastion.errors import AccessDenied, DeviceNotTrusted, StorageUnavailable
-from bastion.storage.records import Device, DeviceCredential, Lock, User
+from bastion.protocol.errors import AccessDenied, DeviceNotTrusted, StorageUnavailable
 from tests.disks import fill, tmpfs
 
 CRED = DeviceCredential("cred-1", b"\x30", "tpm_ekcert", "ab" * 32)
@@ -196,7 +196,7 @@ def test_the_issuer_follows_a_user_ca_rotation(cluster, tmp_path):
     then signs with that one, never with the retired key."""
     from bastion.ca.keys import fingerprint
     from bastion.cluster import Cluster
-    from bastion.errors import StateError
+    from bastion.protocol.errors import StateError
 
     issuer = GroupCommitIssuer(cluster.ca)
 

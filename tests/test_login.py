@@ -14,9 +14,9 @@ from pathlib import Path
 import asyncssh
 import pytest
 
+from bastion.authz.records import Node
 from bastion.cluster import init_cluster
 from bastion.credentials import totp_now
-from bastion.storage.records import Node
 from tests.sshd import LOGIN, bastion_server, sshd_node
 
 pytestmark = pytest.mark.integration

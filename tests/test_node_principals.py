@@ -9,10 +9,10 @@ import sys
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from bastion.authz.records import Device, DeviceCredential, Lock, User
 from bastion.ca.certs import parse_cert
 from bastion.cluster import init_cluster
 from bastion.node_principals import decide, main
-from bastion.storage.records import Device, DeviceCredential, Lock, User
 
 CRED = DeviceCredential("cred-1", b"\x30", "tpm_ekcert", "ab" * 32)
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import asyncssh
 import pytest
 
+from bastion.authz.records import Device, DeviceCredential, User
 from bastion.ca.certs import load_public_key
 from bastion.cluster import init_cluster
 from bastion.proxy import proxyproto
-from bastion.storage.records import Device, DeviceCredential, User
 from tests.sshd import LOGIN, bastion_server, keygen, sshd_node
 
 pytestmark = pytest.mark.integration

@@ -6,9 +6,9 @@ import subprocess
 
 import pytest
 
+from bastion.authz.records import Device, DeviceCredential, User
 from bastion.ca.certs import load_public_key, parse_cert
 from bastion.cluster import init_cluster
-from bastion.storage.records import Device, DeviceCredential, User
 from tests.sshd import LOGIN, keygen, sshd_node
 
 CRED = DeviceCredential("cred-1", b"\x30", "tpm_ekcert", "ab" * 32)

@@ -29,8 +29,8 @@ from pathlib import Path
 import asyncssh
 import pytest
 
+from bastion.authz.records import Node, User
 from bastion.ca.certs import load_public_key
-from bastion.storage.records import Node, User
 from tests.sshd import LOGIN, SSHD, bastion_server, keygen, ssh, sshd_node, write_ssh_config
 
 pytestmark = pytest.mark.integration

@@ -15,13 +15,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import ssh as cssh
 
-from bastion.ca.certs import parse_cert
-from bastion.cluster import init_cluster
-from bastion.errors import AccessDenied, DeviceNotTrusted
-from bastion.proxy import policy
-from bastion.proxy.sessions import LiveSession, Registry
-from bastion.rbac import JUMP_PRINCIPAL
-from bastion.storage.records import (
+from bastion.authz.records import (
     Device,
     DeviceCredential,
     IssuedCert,
@@ -30,6 +24,12 @@ from bastion.storage.records import (
     Role,
     User,
 )
+from bastion.ca.certs import parse_cert
+from bastion.cluster import init_cluster
+from bastion.protocol.certs import JUMP_PRINCIPAL
+from bastion.protocol.errors import AccessDenied, DeviceNotTrusted
+from bastion.proxy import policy
+from bastion.proxy.sessions import LiveSession, Registry
 
 CRED = DeviceCredential("cred-1", b"\x30", "tpm_ekcert", "ab" * 32)
 
@@ -467,8 +467,8 @@ def test_a_failing_sweep_never_stops_revocation(cluster, monkeypatch):
     the cutting of revoked sessions. The error is injected: it is the fault under test."""
     import errno
 
+    from bastion.authz.records import OpenSession
     from bastion.proxy import instances
-    from bastion.storage.records import OpenSession
 
     def failing(state_dir, name):
         raise OSError(errno.EIO, "Input/output error")
@@ -501,7 +501,7 @@ def test_a_session_whose_start_cannot_be_recorded_is_not_held(cluster):
     session.end is written for a start that never was."""
     import sqlite3
 
-    from bastion.errors import StorageUnavailable
+    from bastion.protocol.errors import StorageUnavailable
 
     registry = Registry(cluster.store)
     session, closed = _live(cluster, admit(cluster, make_cert(cluster)))

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bastion.errors import ProtocolError
+from bastion.protocol.errors import ProtocolError
 from bastion.proxy import proxyproto as pp
 
 SRC, DST = ("203.0.113.7", 51000), ("10.0.0.5", 3022)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from bastion import rbac
-from bastion.errors import UsageError
-from bastion.storage.records import Node, Role, User
+from bastion.authz import rbac
+from bastion.authz.records import Node, Role, User
+from bastion.protocol.errors import UsageError
 
 REQ = Role("req", device_trust_mode="required")
 OFF = Role("off", device_trust_mode="off")

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from bastion.authz.records import User
 from bastion.ca import keys
 from bastion.ca.authority import USER_CA_SETTING
 from bastion.ca.certs import load_public_key, sign_user_cert, user_cert_spec
 from bastion.cluster import Cluster, init_cluster
-from bastion.errors import StateError
-from bastion.storage.records import User
+from bastion.protocol.errors import StateError
 from tests.sshd import LOGIN, bastion_server, keygen, ssh, sshd_node, write_ssh_config
 
 BIN = Path(sys.executable).parent
@@ -138,7 +138,7 @@ def _ended(proc):
 
 @pytest.fixture
 def live(cluster, tmp_path):
-    from bastion.storage.records import Node
+    from bastion.authz.records import Node
 
     with sshd_node(tmp_path / "node", cluster) as node, bastion_server(cluster.state_dir) as b:
         cluster.store.add_node(Node("node-1", "127.0.0.1", node.port, {"env": "test"}))

@@ -17,8 +17,8 @@ from contextlib import ExitStack
 
 import pytest
 
+from bastion.authz.records import User
 from bastion.proxy import instances
-from bastion.storage.records import User
 from tests.sshd import LOGIN, VENV_BIN, bastion_server, user_client
 
 pytestmark = pytest.mark.integration

@@ -23,8 +23,8 @@ import asyncssh
 import pytest
 from asyncssh.connection import SSHClientConnection
 
+from bastion.authz.records import Node, User
 from bastion.ca.certs import load_public_key
-from bastion.storage.records import Node, User
 from tests.sshd import LOGIN, keygen
 
 pytestmark = pytest.mark.integration

@@ -9,9 +9,7 @@ import threading
 
 import pytest
 
-from bastion.errors import AlreadyExists, NotFound, StateError
-from bastion.storage import Store
-from bastion.storage.records import (
+from bastion.authz.records import (
     AuditEvent,
     Device,
     DeviceCredential,
@@ -23,6 +21,8 @@ from bastion.storage.records import (
     Token,
     User,
 )
+from bastion.protocol.errors import AlreadyExists, NotFound, StateError
+from bastion.storage import Store
 
 
 @pytest.fixture

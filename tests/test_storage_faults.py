@@ -39,12 +39,12 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from bastion import wire
+from bastion.authz.records import Device, DeviceCredential, User
 from bastion.ca.certs import load_public_key, parse_cert
 from bastion.cluster import Cluster, init_cluster
-from bastion.errors import DTError, StorageUnavailable
+from bastion.protocol import wire
+from bastion.protocol.errors import DTError, StorageUnavailable
 from bastion.storage import DB_NAME
-from bastion.storage.records import Device, DeviceCredential, User
 from tests.disks import need_root, tmpfs, umount
 from tests.sshd import bastion_server, keygen
 

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bastion import wire
-from bastion.errors import AccessDenied, ProtocolError
+from bastion.protocol import wire
+from bastion.protocol.errors import AccessDenied, ProtocolError
 
 _TEXT = st.text(max_size=40)
 _SCALARS = {

@@ -1,7 +1,7 @@
 """``dtadmin``: the admin CLI, run on the bastion host against the cluster state.
 
 One module per noun, joined here. Every change records an audit event; every
-failure ends as one line and an exit code (bastion.console.run_cli).
+failure ends as one line and an exit code (bastion.protocol.console.run_cli).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from typing import Annotated
 
 import typer
 
-from bastion import console
 from bastion.admin import (
     audit_cmd,
     ca,
@@ -25,6 +24,7 @@ from bastion.admin import (
     sessions,
     users,
 )
+from bastion.protocol import console
 
 app = typer.Typer(
     help="Administer a dt-bastion cluster: users, roles, nodes, devices, tokens, locks, audit.",

@@ -8,12 +8,12 @@ from typing import Annotated
 
 import typer
 
-from bastion import console
 from bastion.admin.common import StateOpt, new_app, open_cluster
 from bastion.audit import EVENT_NAMES
-from bastion.console import Format
-from bastion.durations import parse_duration
-from bastion.errors import UsageError
+from bastion.protocol import console
+from bastion.protocol.console import Format
+from bastion.protocol.durations import parse_duration
+from bastion.protocol.errors import UsageError
 
 app = new_app("Read the audit log: every allow and every deny.")
 

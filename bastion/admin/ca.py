@@ -9,14 +9,14 @@ from typing import Annotated
 
 import typer
 
-from bastion import console
 from bastion.admin.common import StateOpt, actor, new_app, open_cluster, state_dir
 from bastion.ca.certs import load_public_key
 from bastion.ca.keys import atomic_write, fingerprint, public_line
 from bastion.cluster import init_cluster
-from bastion.console import Format
-from bastion.durations import parse_duration
-from bastion.errors import StateError, UsageError
+from bastion.protocol import console
+from bastion.protocol.console import Format
+from bastion.protocol.durations import parse_duration
+from bastion.protocol.errors import StateError, UsageError
 
 ca_app = new_app("Export the cluster's CA keys and revocation list for nodes.")
 auth_app = new_app("Sign user certificates by hand (for bots and tests).")

@@ -13,11 +13,12 @@ from typing import Annotated
 
 import typer
 
-from bastion import audit, console
+from bastion import audit
 from bastion.admin.common import StateOpt, actor, new_app, open_cluster
-from bastion.console import Format
-from bastion.errors import NotFound, UsageError
-from bastion.storage.records import IssuedCert
+from bastion.authz.records import IssuedCert
+from bastion.protocol import console
+from bastion.protocol.console import Format
+from bastion.protocol.errors import NotFound, UsageError
 
 app = new_app("List issued certificates and revoke them (by serial, key id or user).")
 

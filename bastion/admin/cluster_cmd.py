@@ -6,11 +6,11 @@ from typing import Annotated
 
 import typer
 
-from bastion import console
 from bastion.admin.common import StateOpt, actor, audited, new_app, open_cluster
-from bastion.console import Format
-from bastion.errors import UsageError
-from bastion.rbac import check_trust_mode
+from bastion.authz.rbac import check_trust_mode
+from bastion.protocol import console
+from bastion.protocol.console import Format
+from bastion.protocol.errors import UsageError
 
 app = new_app("Cluster-wide settings.")
 

@@ -8,14 +8,15 @@ from typing import Annotated
 
 import typer
 
-from bastion import audit, console
+from bastion import audit
 from bastion.admin.common import StateOpt, actor, audited, new_app, open_cluster
-from bastion.console import Format
-from bastion.durations import parse_duration
-from bastion.errors import UsageError
-from bastion.rbac import check_name
+from bastion.authz.rbac import check_name
+from bastion.authz.records import Device
+from bastion.protocol import console
+from bastion.protocol.console import Format
+from bastion.protocol.durations import parse_duration
+from bastion.protocol.errors import UsageError
 from bastion.storage import Store
-from bastion.storage.records import Device
 
 app = new_app("Manage the device inventory, enrollment tokens and EK trust roots.")
 roots_app = new_app("EK CA roots that make a TPM attestation 'tpm_ekcert_trusted'.")

@@ -7,12 +7,13 @@ from typing import Annotated
 
 import typer
 
-from bastion import audit, console
+from bastion import audit
 from bastion.admin.common import StateOpt, actor, audited, new_app, open_cluster
-from bastion.console import Format
-from bastion.durations import parse_duration
-from bastion.errors import UsageError
-from bastion.storage.records import Lock
+from bastion.authz.records import Lock
+from bastion.protocol import console
+from bastion.protocol.console import Format
+from bastion.protocol.durations import parse_duration
+from bastion.protocol.errors import UsageError
 
 app = new_app("Lock users or devices: new logins and live sessions are refused at once.")
 

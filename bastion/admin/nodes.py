@@ -8,12 +8,13 @@ from typing import Annotated
 
 import typer
 
-from bastion import audit, console
+from bastion import audit
 from bastion.admin.common import StateOpt, actor, audited, new_app, open_cluster, split_csv
-from bastion.console import Format
-from bastion.errors import NotFound, UsageError
-from bastion.rbac import check_name
-from bastion.storage.records import Node
+from bastion.authz.rbac import check_name
+from bastion.authz.records import Node
+from bastion.protocol import console
+from bastion.protocol.console import Format
+from bastion.protocol.errors import NotFound, UsageError
 
 app = new_app("Manage nodes: the only places the bastion forwards to.")
 
@@ -38,7 +39,7 @@ def parse_addr(value: str) -> tuple[str, int]:
     try:
         host = str(ipaddress.ip_address(host))
     except ValueError:
-        if not _HOST_RE.match(host):
+        if not _HOST_RE.fullmatch(host):
             raise UsageError(f"invalid host in {value!r}") from None
     return host, int(port_text)
 

@@ -13,13 +13,14 @@ from typing import Annotated
 
 import typer
 
-from bastion import audit, console, resources
+from bastion import audit, resources
 from bastion.admin.common import StateOpt, actor, audited, open_cluster
 from bastion.admin.devices import unenroll
-from bastion.console import Format
-from bastion.errors import DTError, UsageError
+from bastion.authz.records import Device
+from bastion.protocol import console
+from bastion.protocol.console import Format
+from bastion.protocol.errors import DTError, UsageError
 from bastion.storage import Store
-from bastion.storage.records import Device
 
 KINDS = {
     "users": "user",
@@ -54,7 +55,7 @@ def _document(store: Store, kind: str, name: str) -> dict:
         return resources.device_doc(store.get_device(name))
     node = store.find_node(name)
     if node is None:
-        from bastion.errors import NotFound
+        from bastion.protocol.errors import NotFound
 
         raise NotFound(f'node "{name}" not found')
     return resources.node_doc(node)

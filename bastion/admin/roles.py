@@ -7,11 +7,12 @@ from typing import Annotated
 
 import typer
 
-from bastion import console, resources
+from bastion import resources
 from bastion.admin.common import StateOpt, actor, audited, new_app, open_cluster
-from bastion.console import Format
-from bastion.durations import format_duration
-from bastion.errors import Conflict, UsageError
+from bastion.protocol import console
+from bastion.protocol.console import Format
+from bastion.protocol.durations import format_duration
+from bastion.protocol.errors import Conflict, UsageError
 
 app = new_app("Manage roles: logins, node labels, permissions and device trust.")
 

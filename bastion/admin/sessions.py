@@ -13,9 +13,9 @@ from typing import Annotated
 
 import typer
 
-from bastion import console
 from bastion.admin.common import StateOpt, new_app, open_cluster
-from bastion.console import Format
+from bastion.protocol import console
+from bastion.protocol.console import Format
 from bastion.proxy import instances
 
 app = new_app("List the forwarded sessions open through the bastions right now.")

@@ -6,13 +6,14 @@ from typing import Annotated
 
 import typer
 
-from bastion import audit, console
+from bastion import audit
 from bastion.admin.common import StateOpt, actor, audited, new_app, open_cluster, split_csv
-from bastion.console import Format
-from bastion.errors import NotFound, UsageError
-from bastion.rbac import check_logins, check_name
+from bastion.authz.rbac import check_logins, check_name
+from bastion.authz.records import User
+from bastion.protocol import console
+from bastion.protocol.console import Format
+from bastion.protocol.errors import NotFound, UsageError
 from bastion.storage import Store
-from bastion.storage.records import User
 
 app = new_app("Manage users: who may log in, with which roles and Unix logins.")
 
@@ -42,7 +43,7 @@ def add(
     Example: dtadmin users add alice --roles access,editor --logins root,ubuntu
     """
     from bastion.accounts import issue_signup_token
-    from bastion.durations import parse_duration
+    from bastion.protocol.durations import parse_duration
 
     cluster = open_cluster(ctx, state)
     store = cluster.store
@@ -79,7 +80,7 @@ def reset(
     from dataclasses import replace
 
     from bastion.accounts import issue_signup_token
-    from bastion.durations import parse_duration
+    from bastion.protocol.durations import parse_duration
 
     store = open_cluster(ctx, state).store
     user = store.get_user(name)

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import ssh
 
-from bastion import audit, rbac
+from bastion import audit
+from bastion.authz import rbac
+from bastion.authz.records import Device, IssuedCert, User
 from bastion.ca.certs import (
     BACKDATE_SECONDS,
     PublicKey,
@@ -24,7 +26,7 @@ from bastion.ca.certs import (
     user_cert_spec,
 )
 from bastion.ca.keys import fingerprint
-from bastion.errors import (
+from bastion.protocol.errors import (
     AccessDenied,
     CertificateError,
     DeviceNotTrusted,
@@ -33,7 +35,6 @@ from bastion.errors import (
     StorageUnavailable,
 )
 from bastion.storage import Store
-from bastion.storage.records import Device, IssuedCert, User
 
 _SERIAL_ATTEMPTS = 8
 # The database names the one user CA in force; a process still holding a rotated-out

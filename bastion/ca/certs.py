@@ -10,28 +10,32 @@ certificates with critical options it does not know.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import ssh
 
-from bastion.ca.keys import fingerprint
-from bastion.errors import CertificateError
-from bastion.rbac import JUMP_PRINCIPAL, Permissions
-from bastion.storage.records import Device
+from bastion.authz.rbac import Permissions
+from bastion.authz.records import Device
+from bastion.protocol.certs import (
+    DEVICE_EXTENSIONS,
+    EXT_ASSET_TAG,
+    EXT_CREDENTIAL_ID,
+    EXT_DEVICE_ID,
+    EXT_USER,
+    EXT_VALUE_RE,
+    JUMP_PRINCIPAL,
+    MAX_CERT_BYTES,
+    ParsedCert,
+    PublicKey,
+    fingerprint,
+    load_public_key,
+    parse_cert,
+    valid_extension_value,
+)
+from bastion.protocol.errors import CertificateError
 
-EXT_USER = "dt-user@dt-bastion"
-EXT_DEVICE_ID = "device-id@dt-bastion"
-EXT_ASSET_TAG = "device-asset-tag@dt-bastion"
-EXT_CREDENTIAL_ID = "device-credential-id@dt-bastion"
-DEVICE_EXTENSIONS = (EXT_DEVICE_ID, EXT_ASSET_TAG, EXT_CREDENTIAL_ID)
-
-EXT_VALUE_RE = re.compile(r"^[A-Za-z0-9._@-]{1,128}$")
 BACKDATE_SECONDS = 60
-MAX_CERT_BYTES = 16 * 1024
-
-PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,40 +48,8 @@ class UserCertSpec:
     extensions: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class ParsedCert:
-    """A certificate as we read it back, custom extensions decoded."""
-
-    cert_type: str  # "user" | "host"
-    key_id: str
-    serial: int
-    principals: tuple[str, ...]
-    valid_after: int
-    valid_before: int
-    extensions: dict[str, str]
-    critical_options: dict[str, str]
-    ca_fingerprint: str
-    key_fingerprint: str
-    public_key: PublicKey
-    certificate: ssh.SSHCertificate
-
-    @property
-    def user(self) -> str | None:
-        return self.extensions.get(EXT_USER)
-
-    @property
-    def device_extensions(self) -> dict[str, str] | None:
-        """All three device extensions, or None if any is missing."""
-        if all(name in self.extensions for name in DEVICE_EXTENSIONS):
-            return {name: self.extensions[name] for name in DEVICE_EXTENSIONS}
-        return None
-
-    def valid_at(self, now: float) -> bool:
-        return self.valid_after <= now < self.valid_before
-
-
 def check_extension_value(name: str, value: str) -> str:
-    if not isinstance(value, str) or not EXT_VALUE_RE.match(value):
+    if not valid_extension_value(value):
         raise CertificateError(f"refusing to put {value!r} in certificate extension {name}")
     return value
 
@@ -167,65 +139,24 @@ def sign_host_cert(
     )
 
 
-def load_public_key(data: bytes) -> PublicKey:
-    """A plain (non-certificate) OpenSSH public key line, with a clear error."""
-    if len(data) > MAX_CERT_BYTES:
-        raise CertificateError("public key is too large")
-    try:
-        key = ssh.load_ssh_public_key(data.strip())
-    except (ValueError, TypeError, ssh.UnsupportedAlgorithm) as exc:
-        raise CertificateError(f"not an OpenSSH public key: {exc}") from None
-    if not isinstance(key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
-        raise CertificateError("unsupported public key type (use Ed25519, ECDSA or RSA)")
-    if isinstance(key, rsa.RSAPublicKey) and key.key_size < 2048:
-        raise CertificateError(f"RSA key of {key.key_size} bits is too weak (need 2048+)")
-    return key
-
-
-def _decode_values(raw: dict[bytes, bytes], what: str) -> dict[str, str]:
-    out = {}
-    for name, value in raw.items():
-        try:
-            out[name.decode("ascii")] = value.decode("utf-8")
-        except UnicodeDecodeError:
-            raise CertificateError(f"certificate {what} {name!r} is not text") from None
-    return out
-
-
-def parse_cert(data: bytes) -> ParsedCert:
-    """Read an OpenSSH certificate (one-line form), refusing anything odd clearly.
-
-    The CA signature is verified here; whether that CA is *ours* is the caller's check
-    (compare ``ca_fingerprint``).
-    """
-    if len(data) > MAX_CERT_BYTES:
-        raise CertificateError("certificate is too large")
-    try:
-        cert = ssh.load_ssh_public_identity(data.strip())
-    except (ValueError, TypeError, ssh.UnsupportedAlgorithm) as exc:
-        raise CertificateError(f"malformed certificate: {exc}") from None
-    if not isinstance(cert, ssh.SSHCertificate):
-        raise CertificateError("this is a plain public key, not a certificate")
-    try:
-        cert.verify_cert_signature()
-    except Exception:  # cryptography raises InvalidSignature or ValueError
-        raise CertificateError("certificate signature does not verify") from None
-    try:
-        principals = tuple(p.decode("utf-8") for p in cert.valid_principals)
-        key_id = cert.key_id.decode("utf-8")
-    except UnicodeDecodeError:
-        raise CertificateError("certificate principals or key id are not text") from None
-    return ParsedCert(
-        cert_type="user" if cert.type == ssh.SSHCertificateType.USER else "host",
-        key_id=key_id,
-        serial=cert.serial,
-        principals=principals,
-        valid_after=cert.valid_after,
-        valid_before=cert.valid_before,
-        extensions=_decode_values(cert.extensions, "extension"),
-        critical_options=_decode_values(cert.critical_options, "critical option"),
-        ca_fingerprint=fingerprint(cert.signature_key()),
-        key_fingerprint=fingerprint(cert.public_key()),
-        public_key=cert.public_key(),
-        certificate=cert,
-    )
+__all__ = [
+    "BACKDATE_SECONDS",
+    "DEVICE_EXTENSIONS",
+    "EXT_ASSET_TAG",
+    "EXT_CREDENTIAL_ID",
+    "EXT_DEVICE_ID",
+    "EXT_USER",
+    "EXT_VALUE_RE",
+    "JUMP_PRINCIPAL",
+    "MAX_CERT_BYTES",
+    "ParsedCert",
+    "PublicKey",
+    "UserCertSpec",
+    "check_extension_value",
+    "fingerprint",
+    "load_public_key",
+    "parse_cert",
+    "sign_host_cert",
+    "sign_user_cert",
+    "user_cert_spec",
+]

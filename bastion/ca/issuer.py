@@ -18,7 +18,7 @@ import threading
 from typing import Any
 
 from bastion.ca.authority import CertificateAuthority, Issued, UserCertRequest
-from bastion.errors import DTError, StateError
+from bastion.protocol.errors import DTError, StateError
 from bastion.storage import Store
 
 log = logging.getLogger("bastion.issuer")

@@ -7,16 +7,18 @@ or readable by others stops the bastion (StateError): it never limps on without 
 
 from __future__ import annotations
 
-import base64
-import os
 import stat
 from pathlib import Path
 
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import ssh
 
-from bastion.errors import AlreadyExists, StateError
+from bastion.protocol.certs import fingerprint, public_line
+from bastion.protocol.errors import AlreadyExists, StateError
+from bastion.protocol.files import atomic_write
+
+__all__ = ["atomic_write", "fingerprint", "public_line"]
 
 USER_CA = "user_ca"
 HOST_CA = "host_ca"
@@ -25,33 +27,6 @@ BASTION_HOST_KEY = "bastion_host_key"
 
 def ca_dir(state_dir: Path) -> Path:
     return Path(state_dir) / "ca"
-
-
-def atomic_write(path: Path, data: bytes, mode: int) -> None:
-    """Write via a temp file, fsync and rename, so readers see old or new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def public_line(key: ssh.SSHPublicKeyTypes, comment: str = "") -> str:
-    line = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return line.decode() + (f" {comment}" if comment else "")
-
-
-def fingerprint(key: ssh.SSHPublicKeyTypes) -> str:
-    """``SHA256:...`` as ssh-keygen -l prints it."""
-    digest = ssh.ssh_key_fingerprint(key, hashes.SHA256())
-    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
 def create_key(directory: Path, name: str, comment: str) -> ed25519.Ed25519PrivateKey:

@@ -35,7 +35,7 @@ from tpm2_pytss.constants import TPM2_ALG, TPM2_GENERATED, TPM2_ST, TPMA_OBJECT
 from tpm2_pytss.types import TPM2B_PUBLIC, TPMS_ATTEST, TPMT_SIGNATURE
 from tpm2_pytss.utils import make_credential
 
-from bastion.errors import (
+from bastion.protocol.errors import (
     AKInvalid,
     CredentialMismatch,
     EKUntrusted,
@@ -44,6 +44,7 @@ from bastion.errors import (
     QuoteSignatureInvalid,
     UsageError,
 )
+from bastion.protocol.quote import login_quote_data
 
 MAX_BLOB = 8192
 REQUIRED_AK = (
@@ -106,11 +107,6 @@ def _der(key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey) -> bytes:
 
 def ek_pub_hash(public_der: bytes) -> str:
     return hashlib.sha256(public_der).hexdigest()
-
-
-def login_quote_data(nonce: bytes, user_public_key_blob: bytes) -> bytes:
-    """extraData of a login quote: binds the TPM's answer to the key being certified."""
-    return hashlib.sha256(nonce + user_public_key_blob).digest()
 
 
 # -- 1. the endorsement key -----------------------------------------------------------------
@@ -380,3 +376,6 @@ def _selected_pcrs(selection: object) -> list[int]:
         bits = bytes(sel.pcrSelect)[: sel.sizeofSelect]
         out += [byte * 8 + bit for byte, b in enumerate(bits) for bit in range(8) if b >> bit & 1]
     return sorted(out)
+
+
+__all__ = ["login_quote_data"]

@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass
 
 from bastion import audit
+from bastion.authz.records import Device
 from bastion.enroll import attest
-from bastion.errors import DeviceNotTrusted, DTError, NonceExpired, ProtocolError
+from bastion.protocol.errors import DeviceNotTrusted, DTError, NonceExpired, ProtocolError
+from bastion.protocol.wire import DeviceResponse
 from bastion.storage import Store
-from bastion.storage.records import Device
-from bastion.wire import DeviceResponse
 
 NONCE_TTL = 60.0
 

@@ -23,10 +23,12 @@ from typing import Any
 
 from cryptography import x509
 
-from bastion import audit, rbac
+from bastion import audit
+from bastion.authz import rbac
+from bastion.authz.records import Device, DeviceCredential, Token
 from bastion.enroll import attest
 from bastion.enroll.tokens import check_enroll_token
-from bastion.errors import (
+from bastion.protocol.errors import (
     AccessDenied,
     AttestationError,
     DTError,
@@ -35,9 +37,8 @@ from bastion.errors import (
     ProtocolError,
     TokenInvalid,
 )
+from bastion.protocol.wire import EnrollBegin, EnrollChallenge, EnrollFinish
 from bastion.storage import Store
-from bastion.storage.records import Device, DeviceCredential, Token
-from bastion.wire import EnrollBegin, EnrollChallenge, EnrollFinish
 
 STEP_DEADLINE = 30.0  # real TPMs are slow: an RSA EK can take seconds
 SUPPORTED_OS = ("linux", "macos", "windows")
@@ -293,7 +294,7 @@ class EnrollmentCeremony:
 
 def _asset_tag(device_data: dict[str, Any]) -> str:
     tag = device_data.get("asset_tag")
-    if not isinstance(tag, str) or not rbac.NAME_RE.match(tag):
+    if not isinstance(tag, str) or not rbac.NAME_RE.fullmatch(tag):
         raise ProtocolError("device_data.asset_tag is missing or not a valid asset tag")
     os_type = device_data.get("os_type", "linux")
     if os_type not in SUPPORTED_OS:

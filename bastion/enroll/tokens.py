@@ -10,10 +10,10 @@ from __future__ import annotations
 import time
 
 from bastion import audit
+from bastion.authz.records import Token
 from bastion.credentials import check_token_format, new_token, token_hash
-from bastion.errors import RateLimited, TokenInvalid
+from bastion.protocol.errors import RateLimited, TokenInvalid
 from bastion.storage import Store
-from bastion.storage.records import Token
 
 DEFAULT_TTL = 3600
 MAX_TTL = 7 * 86400

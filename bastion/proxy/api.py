@@ -1,6 +1,6 @@
 """The ``dt-api`` subsystem: login, certificates, node listing, signup and enrollment.
 
-One :class:`ApiSession` per SSH channel. It reads JSON lines (bastion.wire), one
+One :class:`ApiSession` per SSH channel. It reads JSON lines (bastion.protocol.wire), one
 request at a time, each with a deadline, and answers each with exactly one message
 or an ``error {code, message}``. What a session may do depends on how its SSH
 connection authenticated:
@@ -21,15 +21,17 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from bastion import audit, rbac, wire
+from bastion import audit
+from bastion.authz import rbac
+from bastion.authz.records import Device
 from bastion.ca.authority import UserCertRequest
 from bastion.ca.certs import load_public_key
 from bastion.ca.issuer import GroupCommitIssuer
 from bastion.cluster import Cluster
 from bastion.enroll.authn import DeviceAuthentication
 from bastion.enroll.ceremony import EnrollmentCeremony, device_view
-from bastion.errors import AccessDenied, DTError, ProtocolError
-from bastion.storage.records import Device
+from bastion.protocol import wire
+from bastion.protocol.errors import AccessDenied, DTError, ProtocolError
 
 log = logging.getLogger("bastion.api")
 

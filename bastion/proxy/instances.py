@@ -17,7 +17,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-from bastion.errors import StateError
+from bastion.protocol.errors import StateError
 
 RUN_DIR = "run"
 _NAME = re.compile(r"^[0-9a-f]{12}$")

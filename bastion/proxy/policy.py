@@ -11,17 +11,18 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from bastion import rbac
+from bastion.authz import rbac
+from bastion.authz.records import Node
 from bastion.ca.certs import (
     EXT_ASSET_TAG,
     EXT_CREDENTIAL_ID,
     EXT_DEVICE_ID,
     EXT_VALUE_RE,
+    JUMP_PRINCIPAL,
     ParsedCert,
 )
-from bastion.errors import AccessDenied, DeviceNotTrusted
+from bastion.protocol.errors import AccessDenied, DeviceNotTrusted
 from bastion.storage import Store
-from bastion.storage.records import Node
 
 ENROLL_HINT = "(run: dtclient device enroll, then dtclient login)"
 # Critical options OpenSSH defines; any other one must make the certificate unusable.
@@ -59,10 +60,10 @@ def check_certificate(
     unknown = set(cert.critical_options) - KNOWN_CRITICAL
     if unknown:
         raise AccessDenied(f"certificate has an unknown critical option {sorted(unknown)[0]!r}")
-    if rbac.JUMP_PRINCIPAL not in cert.principals:
+    if JUMP_PRINCIPAL not in cert.principals:
         raise AccessDenied("certificate was not issued for this bastion")
     user = cert.user
-    if not user or not EXT_VALUE_RE.match(user):
+    if not user or not EXT_VALUE_RE.fullmatch(user):
         raise AccessDenied("certificate names no dt-bastion user")
     issued = store.find_cert(cert.serial)
     if issued is None or issued.user != user or issued.cert_type != "user":

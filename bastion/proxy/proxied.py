@@ -19,7 +19,7 @@ from typing import Any
 import asyncssh
 
 from bastion import audit
-from bastion.errors import DTError, ProtocolError
+from bastion.protocol.errors import DTError, ProtocolError
 from bastion.proxy import proxyproto
 from bastion.proxy.server import Bastion, BastionServer
 

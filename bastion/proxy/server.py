@@ -41,11 +41,11 @@ from bastion.ca.issuer import GroupCommitIssuer
 from bastion.ca.keys import public_line
 from bastion.cluster import Cluster
 from bastion.config import BastionConfig
-from bastion.errors import AccessDenied, DTError
+from bastion.protocol.errors import AccessDenied, DTError
+from bastion.protocol.wire import LineReader
 from bastion.proxy import node_handshake, policy
 from bastion.proxy.api import ApiIdentity, ApiSession
 from bastion.proxy.sessions import CountingForwarder, LiveSession, Registry, audit_fields
-from bastion.wire import LineReader
 
 log = logging.getLogger("bastion.server")
 SIGNUP_USER = "-dt-signup"

@@ -27,10 +27,10 @@ from typing import Any
 from asyncssh.forward import SSHForwarder
 
 from bastion import audit
-from bastion.errors import AccessDenied, DTError
+from bastion.authz.records import Node, OpenSession
+from bastion.protocol.errors import AccessDenied, DTError
 from bastion.proxy import instances, policy
 from bastion.storage import Store
-from bastion.storage.records import Node, OpenSession
 
 log = logging.getLogger("bastion.sessions")
 _ids = itertools.count(1)

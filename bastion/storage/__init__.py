@@ -28,10 +28,7 @@ from typing import Any
 
 import sqlite_utils
 
-from bastion.errors import AlreadyExists, NotFound, StateError, StorageUnavailable
-from bastion.storage import files
-from bastion.storage.migrations import MIGRATIONS
-from bastion.storage.records import (
+from bastion.authz.records import (
     AuditEvent,
     Device,
     DeviceCredential,
@@ -44,6 +41,9 @@ from bastion.storage.records import (
     Token,
     User,
 )
+from bastion.protocol.errors import AlreadyExists, NotFound, StateError, StorageUnavailable
+from bastion.storage import files
+from bastion.storage.migrations import MIGRATIONS
 
 DB_NAME = "cluster.db"
 

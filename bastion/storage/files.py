@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bastion.errors import StateError
+from bastion.protocol.errors import StateError
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 

@@ -20,7 +20,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, TypeVar, Union
 
-from bastion.errors import DTError, ProtocolError, from_code
+from bastion.protocol.errors import DTError, ProtocolError, from_code
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE = 64 * 1024
@@ -277,7 +277,7 @@ class Welcome:
 
 @message("error")
 class Error:
-    """A refusal: ``code`` is stable (bastion.errors), ``message`` is for people."""
+    """A refusal: ``code`` is stable (bastion.protocol.errors), ``message`` is for people."""
 
     code: str
     message: str

@@ -10,13 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from bastion.errors import UsageError
-from bastion.storage.records import LOGIN_RE, NAME_RE, TRUST_MODES, Node, Role, Rule, User
+from bastion.authz.records import LOGIN_RE, NAME_RE, TRUST_MODES, Node, Role, Rule, User
+from bastion.protocol.errors import UsageError
 
 INTERNAL_LOGINS = "{{internal.logins}}"
-# A principal no Unix account can have: the bastion trusts the user CA only for it,
-# so the SSH user name a client presents to the bastion does not matter.
-JUMP_PRINCIPAL = "-dt-jump"
 
 _ALL_VERBS = ("list", "read", "create", "update", "delete")
 
@@ -61,7 +58,7 @@ _STRICTNESS = {mode: i for i, mode in enumerate(TRUST_MODES)}
 
 
 def check_name(kind: str, name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise UsageError(
             f"invalid {kind} name {name!r}: use 1-128 letters, digits, '.', '_', '@' or '-'"
         )
@@ -71,7 +68,7 @@ def check_name(kind: str, name: str) -> str:
 def check_logins(logins: Iterable[str]) -> tuple[str, ...]:
     out = []
     for login in logins:
-        if not isinstance(login, str) or not LOGIN_RE.match(login):
+        if not isinstance(login, str) or not LOGIN_RE.fullmatch(login):
             raise UsageError(f"invalid login {login!r}: not a valid Unix user name")
         out.append(login)
     return tuple(dict.fromkeys(out))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from bastion.errors import UsageError
+from bastion.protocol.errors import UsageError
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _PART = re.compile(r"(\d{1,6})([smhdw])")
