@@ -25,9 +25,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bastion.ca.certs import EXT_ASSET_TAG, EXT_DEVICE_ID, ParsedCert, parse_cert
+from bastion.authz import decide as authz_decide
 from bastion.ca.keys import fingerprint
-from bastion.protocol.errors import CertificateError, DTError
+from bastion.protocol.certs import EXT_ASSET_TAG, ParsedCert, parse_cert
+from bastion.protocol.errors import AccessDenied, CertificateError, DTError
 from bastion.storage import Store
 
 CERT_TYPES = (
@@ -56,46 +57,27 @@ def decide(
     store: Store | None = None,
     now: float | None = None,
 ) -> Decision:
-    """Which principals to print for this login and certificate (pure given a store)."""
+    """Which principals to print for this login and certificate.
+
+    The rules are the bastion's own (:func:`bastion.authz.decide.node_principals`);
+    this only reads the state, when the node has it."""
     now = time.time() if now is None else now
-    if cert.cert_type != "user":
-        return Decision((), "not a user certificate")
-    if cert.ca_fingerprint not in ca_fingerprints:
-        return Decision((), f"certificate signed by an untrusted CA {cert.ca_fingerprint}")
-    if not cert.valid_at(now):
-        return Decision((), "certificate is not valid now")
-    if login not in cert.principals:
-        return Decision((), f"login {login!r} is not a principal of the certificate")
-    devices = cert.device_extensions
-    if require_device and devices is None:
-        return Decision((), "device trust is required and the certificate has no device extensions")
+    facts = None
     if store is not None:
-        reason = _check_state(cert, store, now, require_device)
-        if reason:
-            return Decision((), reason)
-    return Decision((login,), "ok")
-
-
-def _check_state(cert: ParsedCert, store: Store, now: float, require_device: bool) -> str | None:
-    user = cert.user
-    if not user or store.find_user(user) is None:
-        return f"certificate user {user!r} does not exist"
-    if store.active_lock("user", user, now) is not None:
-        return f'user "{user}" is locked'
-    issued = store.find_cert(cert.serial)
-    if issued is None or issued.revoked is not None:
-        return f"certificate serial {cert.serial} is unknown or revoked"
-    devices = cert.device_extensions
-    if devices is None:
-        return None
-    device = store.find_device(devices[EXT_ASSET_TAG])
-    if device is None or device.id != devices[EXT_DEVICE_ID] or not device.enrolled:
-        return f'device "{devices[EXT_ASSET_TAG]}" is not enrolled'
-    if device.owner != user:
-        return f'device "{device.asset_tag}" belongs to another user'
-    if store.active_lock("device", device.asset_tag, now) is not None:
-        return f'device "{device.asset_tag}" is locked'
-    return None
+        tag = (cert.device_extensions or {}).get(EXT_ASSET_TAG)
+        facts = store.facts(user=cert.user, serial=cert.serial, asset_tag=tag, now=now)
+    try:
+        principals = authz_decide.node_principals(
+            login,
+            cert,
+            ca_fingerprints=ca_fingerprints,
+            require_device=require_device,
+            facts=facts,
+            now=now,
+        )
+    except AccessDenied as exc:
+        return Decision((), exc.message)
+    return Decision(principals, "ok")
 
 
 def _ca_fingerprints(path: Path) -> set[str]:

@@ -197,8 +197,10 @@ def forged_device_cert(env, user, device_id, tag, cred_id="cred-1"):
         builder = builder.add_extension(k.encode(), v.encode())
     cert = builder.sign(ca)
     (d / "id-cert.pub").write_bytes(cert.public_bytes() + b"\n")
-    # record the serial as if issued, to isolate the device check
+    # record the serial as if issued for exactly this key and device, to isolate the
+    # device check (a record that differs is refused before it: test_authz.py)
     from bastion.authz.records import IssuedCert
+    from bastion.protocol.certs import fingerprint
 
     env.cluster.store.record_cert(
         IssuedCert(
@@ -209,7 +211,8 @@ def forged_device_cert(env, user, device_id, tag, cred_id="cred-1"):
             spec.principals,
             spec.valid_after,
             spec.valid_before,
-            "x",
+            fingerprint(key.public_key()),
+            device_id=device_id,
         )
     )
     return write_ssh_config(

@@ -167,9 +167,10 @@ def test_device_must_be_enrolled_owned_and_unlocked(cluster):
         cluster.ca.sign_user("alice", user_key(), device=mine)
 
 
-def test_unknown_role_is_a_state_error_not_a_grant(cluster):
+def test_unknown_role_is_refused_not_a_grant(cluster):
+    """One rule for an unknown role everywhere (authz.decide.check_user): deny."""
     cluster.store.update_user(User("alice", ("ghost",), ("root",)))
-    with pytest.raises(StateError, match="ghost"):
+    with pytest.raises(AccessDenied, match="ghost"):
         cluster.ca.sign_user("alice", user_key())
 
 

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.serialization import ssh as cssh
 from cryptography.x509.oid import NameOID
 
 from bastion.authz.records import IssuedCert, User
-from bastion.ca.certs import parse_cert
+from bastion.ca.certs import fingerprint, parse_cert
 from bastion.ca.keys import load_private_key
 from bastion.cluster import init_cluster
 from bastion.enroll import attest
@@ -56,7 +56,9 @@ def make_cert(cluster, *, after, before, principals=("root", "-dt-jump"), serial
         else builder.valid_for_all_principals()
     )
     cluster.store.record_cert(
-        IssuedCert(serial, "edge", "alice", "user", tuple(principals), after, before, "x")
+        IssuedCert(
+            serial, "edge", "alice", "user", tuple(principals), after, before, fingerprint(key)
+        )
     )
     return parse_cert(builder.sign(ca).public_bytes())
 
@@ -109,7 +111,9 @@ def test_unknown_extension_is_ignored(cluster):
         .add_extension(b"made-up@example.com", b"whatever")
         .sign(ca)
     )
-    cluster.store.record_cert(IssuedCert(7, "x", "alice", "user", ("root",), 0, 2**40, "x"))
+    cluster.store.record_cert(
+        IssuedCert(7, "x", "alice", "user", ("root",), 0, 2**40, fingerprint(key))
+    )
     assert check(cluster, parse_cert(cert.public_bytes()), now).user == "alice"
 
 

@@ -90,8 +90,13 @@ def keygen_cert(
         args.append("-h")
     subprocess.run([*args, str(d / "id.pub")], check=True, capture_output=True)
     if record:
+        from bastion.protocol.certs import parse_cert
+
+        issued_fp = parse_cert((d / "id-cert.pub").read_bytes()).key_fingerprint
         env.cluster.store.record_cert(
-            IssuedCert(serial, name, user, "user", tuple(principals.split(",")), 0, 2**62, "x")
+            IssuedCert(
+                serial, name, user, "user", tuple(principals.split(",")), 0, 2**62, issued_fp
+            )
         )
     return write_ssh_config(
         d / "ssh_config",

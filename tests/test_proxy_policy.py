@@ -26,7 +26,7 @@ from bastion.authz.records import (
 )
 from bastion.ca.certs import parse_cert
 from bastion.cluster import init_cluster
-from bastion.protocol.certs import JUMP_PRINCIPAL
+from bastion.protocol.certs import JUMP_PRINCIPAL, fingerprint
 from bastion.protocol.errors import AccessDenied, DeviceNotTrusted
 from bastion.proxy import policy
 from bastion.proxy.sessions import LiveSession, Registry
@@ -66,9 +66,10 @@ def make_cert(
     exts = {"permit-port-forwarding": ""} if extensions is None else dict(extensions)
     if user is not None:
         exts["dt-user@dt-bastion"] = user
+    public_key = ed25519.Ed25519PrivateKey.generate().public_key()
     builder = (
         cssh.SSHCertificateBuilder()
-        .public_key(ed25519.Ed25519PrivateKey.generate().public_key())
+        .public_key(public_key)
         .type(cert_type)
         .serial(serial)
         .key_id(b"test")
@@ -94,7 +95,8 @@ def make_cert(
                 tuple(principals),
                 int(valid[0]),
                 int(valid[1]),
-                "x",
+                fingerprint(public_key),
+                device_id=exts.get("device-id@dt-bastion"),
             )
         )
     return parse_cert(cert.public_bytes())
@@ -143,7 +145,7 @@ def test_a_real_certificate_from_our_ca_is_admitted(cluster):
         ("odd dt-user", {"user": "alice\nbob"}, "names no dt-bastion user"),
         ("serial not issued", {"record": False}, "was not issued by this cluster"),
         ("serial of bob", {"record_user": "bob"}, "was not issued by this cluster"),
-        ("unknown user", {"user": "mallory"}, 'user "mallory" no longer exists'),
+        ("unknown user", {"user": "mallory"}, 'user "mallory" does not exist'),
         ("critical option", {"critical": {"dt-evil@x": "1"}}, "unknown critical option"),
     ],
 )

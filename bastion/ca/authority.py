@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import ssh
 
 from bastion import audit
-from bastion.authz import rbac
+from bastion.authz import decide, rbac
 from bastion.authz.records import Device, IssuedCert, User
 from bastion.ca.certs import (
     BACKDATE_SECONDS,
@@ -29,7 +29,6 @@ from bastion.ca.keys import fingerprint
 from bastion.protocol.errors import (
     AccessDenied,
     CertificateError,
-    DeviceNotTrusted,
     DTError,
     StateError,
     StorageUnavailable,
@@ -88,36 +87,13 @@ class CertificateAuthority:
         self.user_ca = user_ca
         self.user_ca_fingerprint = fingerprint(user_ca.public_key())
 
-    # -- checks shared with the bastion ------------------------------------------------------
+    # -- the decisions, read and made as the bastion makes them -------------------------------
 
     def check_user(self, name: str, now: float) -> User:
-        user = self.store.find_user(name)
-        if user is None:
-            raise AccessDenied(f'user "{name}" does not exist')
-        lock = self.store.active_lock("user", name, now)
-        if lock is not None:
-            raise AccessDenied(
-                f'user "{name}" is locked' + (f": {lock.message}" if lock.message else "")
-            )
-        return user
-
-    def check_device(self, device: Device, user: str, now: float) -> None:
-        if not device.enrolled:
-            raise DeviceNotTrusted(f'device "{device.asset_tag}" is not enrolled')
-        if device.owner != user:
-            raise DeviceNotTrusted(f'device "{device.asset_tag}" belongs to another user')
-        lock = self.store.active_lock("device", device.asset_tag, now)
-        if lock is not None:
-            raise DeviceNotTrusted(f'device "{device.asset_tag}" is locked')
+        return decide.check_user(self.store.facts(user=name, now=now), now, name)
 
     def permissions(self, user: User) -> rbac.Permissions:
-        roles = []
-        for role_name in user.roles:
-            role = self.store.find_role(role_name)
-            if role is None:
-                raise StateError(f'user "{user.name}" has unknown role "{role_name}"')
-            roles.append(role)
-        return rbac.permissions(user, roles, self.store.get_setting("device_trust_mode"))
+        return decide.permissions(self.store.facts(user=user.name, now=time.time()))
 
     # -- signing -----------------------------------------------------------------------------
 
@@ -175,11 +151,18 @@ class CertificateAuthority:
 
     def _issue(self, request: UserCertRequest) -> Issued:
         now = time.time() if request.now is None else request.now
-        user = self.check_user(request.user, now)
         device = request.device
+        facts = self.store.facts(
+            user=request.user, asset_tag=device.asset_tag if device else None, now=now
+        )
+        decide.check_user(facts, now, request.user)
         if device is not None:
-            self.check_device(self._unchanged(device), request.user, now)
-        perms = self.permissions(user)
+            # The caller authenticated ``device`` before this transaction; an unenroll
+            # or re-enroll since then gives a new credential, and the old proof must
+            # not count for it.
+            credential = device.credential.id if device.credential else None
+            device = decide.check_device_login(device, request.user, credential, facts, now)
+        perms = decide.permissions(facts)
         issued = self._sign_and_record(
             request.user, request.public_key, perms, request.ttl, device, now
         )
@@ -243,25 +226,6 @@ class CertificateAuthority:
             remote_addr=request.remote_addr,
             actor=request.actor,
         )
-
-    def _unchanged(self, device: Device) -> Device:
-        """The device as stored now, if it is still the one the caller authenticated.
-
-        The caller read ``device`` before this transaction (a device login verifies
-        the TPM against its credential); an unenroll and re-enroll since then gives a
-        new credential, and the old proof must not count for it.
-        """
-        if not device.enrolled or device.credential is None:
-            return device  # check_device names what is wrong with it
-        fresh = self.store.find_device(device.asset_tag)
-        if (
-            fresh is None
-            or fresh.id != device.id
-            or fresh.credential is None
-            or fresh.credential.id != device.credential.id
-        ):
-            raise DeviceNotTrusted(f'device "{device.asset_tag}" changed while signing')
-        return fresh
 
     def sign_host(
         self,

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 from bastion import audit
+from bastion.authz import decide
 from bastion.authz.records import Device
 from bastion.enroll import attest
 from bastion.protocol.errors import DeviceNotTrusted, DTError, NonceExpired, ProtocolError
@@ -56,7 +57,7 @@ class DeviceAuthentication:
                 raise ProtocolError("device_response without a device challenge")
             if now > challenge.expires:
                 raise NonceExpired("device challenge expired (60 s); log in again")
-            device = self._device(msg)
+            device = self._device(msg, now)
             assert device.credential is not None
             attest.verify_quote(
                 device.credential.ak_public,
@@ -72,19 +73,11 @@ class DeviceAuthentication:
         self._record(True, "device authenticated", device.asset_tag, now, None)
         return device
 
-    def _device(self, msg: DeviceResponse) -> Device:
-        device = self.store.find_device(msg.asset_tag)
-        if device is None or not device.enrolled or device.credential is None:
+    def _device(self, msg: DeviceResponse, now: float) -> Device:
+        facts = self.store.facts(user=self.user, asset_tag=msg.asset_tag, now=now)
+        if facts.device is None:
             raise DeviceNotTrusted(f'device "{msg.asset_tag}" is not enrolled')
-        if device.owner != self.user:
-            raise DeviceNotTrusted(f'device "{msg.asset_tag}" is enrolled by another user')
-        if device.credential.id != msg.credential_id:
-            raise DeviceNotTrusted(
-                f'device "{msg.asset_tag}" was re-enrolled; this client holds an old credential'
-            )
-        if self.store.active_lock("device", device.asset_tag, time.time()) is not None:
-            raise DeviceNotTrusted(f'device "{msg.asset_tag}" is locked')
-        return device
+        return decide.check_device_login(facts.device, self.user, msg.credential_id, facts, now)
 
     def _record(
         self, ok: bool, message: str, tag: str | None, now: float, reason: str | None

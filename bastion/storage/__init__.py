@@ -28,6 +28,7 @@ from typing import Any
 
 import sqlite_utils
 
+from bastion.authz.facts import Facts
 from bastion.authz.records import (
     AuditEvent,
     Device,
@@ -243,6 +244,62 @@ class Store:
                         self._conn.execute("RELEASE part")
                 raise
             self._conn.execute("RELEASE part")
+
+    @contextlib.contextmanager
+    def read_transaction(self) -> Iterator[None]:
+        """One consistent snapshot for several reads (joins a transaction already open).
+
+        A deferred BEGIN in WAL mode takes no lock: a writer elsewhere neither waits
+        for it nor is waited for."""
+        with self._lock:
+            if self._conn.in_transaction:
+                yield
+                return
+            try:
+                self._conn.execute("BEGIN")
+            except sqlite3.OperationalError as exc:
+                raise StorageUnavailable(f"cluster database read failed: {exc}") from exc
+            try:
+                yield
+            finally:
+                if self._conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.execute("COMMIT")
+
+    def facts(
+        self,
+        *,
+        user: str | None,
+        now: float,
+        serial: int | None = None,
+        asset_tag: str | None = None,
+    ) -> Facts:
+        """What the decision core needs about ``user`` (and a certificate serial and a
+        device), read in one snapshot. Anything unreadable comes back as the strictest
+        value: a corrupt setting as no mode (required), a corrupt role as None."""
+        with self.read_transaction():
+            try:
+                mode = self.get_setting("device_trust_mode")
+            except StateError:
+                mode = None
+            ca = self.get_setting("user_ca_fingerprint")
+            record = self.find_user(user) if user else None
+            roles: list[Role | None] = []
+            for name in record.roles if record else ():
+                try:
+                    roles.append(self.find_role(name))
+                except StateError:
+                    roles.append(None)
+            return Facts(
+                cluster_mode=mode,
+                user_ca_fingerprint=ca if isinstance(ca, str) else None,
+                user=record,
+                roles=tuple(roles),
+                user_lock=self.active_lock("user", user, now) if user else None,
+                issued=self.find_cert(serial) if serial is not None else None,
+                device=self.find_device(asset_tag) if asset_tag else None,
+                device_lock=self.active_lock("device", asset_tag, now) if asset_tag else None,
+            )
 
     def _one(self, sql: str, params: tuple[Any, ...] = ()) -> dict[str, Any] | None:
         rows = self._all(sql, params)
