@@ -473,3 +473,51 @@ def test_garbage_trust_root_is_a_clear_error(garbage):
 
     with pytest.raises(UsageError, match="not a PEM or DER"):
         attest.parse_trust_root(garbage)
+
+
+# -- the client's claims are compared, never trusted (issue 11) ------------------------------
+
+
+class ClaimingSession(LocalSession):
+    """A client that names another EK in ``ek_public_der`` than the one it sends."""
+
+    def __init__(self, server: EnrollmentCeremony, claimed_der: bytes) -> None:
+        super().__init__(server)
+        self.claimed_der = claimed_der
+
+    async def call(self, msg, expect):
+        if isinstance(msg, wire.EnrollBegin):
+            msg = replace(msg, ek_public_der=self.claimed_der)
+        return await super().call(msg, expect)
+
+
+def test_the_ek_identity_comes_from_the_ek_the_challenge_is_bound_to(
+    store, swtpm, attacker_swtpm, tmp_path
+):
+    """The stored and pinned EK identity used to be the hash of a field the client sent
+    and nothing compared with the EK the activation challenge was made for."""
+    with TPM.open(swtpm.tcti) as tpm:
+        victim_der = tpm.endorsement().public_der
+    server = EnrollmentCeremony(store, "alice", policy=EnrollPolicy())
+    session = ClaimingSession(server, victim_der)
+    with TPM.open(attacker_swtpm.tcti) as tpm, pytest.raises(EKUntrusted, match="ek_public_der"):
+        asyncio.run(
+            client_ceremony.enroll(
+                session, tpm, tmp_path / "evil", token=None, current_device=True, tag_override="SN9"
+            )
+        )
+    assert store.find_device("SN9") is None
+    assert "ek_public_der" in denials(store)[-1].message
+
+
+def test_a_token_for_a_device_with_an_owner_serves_only_that_owner(store, swtpm, tmp_path):
+    store.add_device(Device("", "SN1", "linux", owner="bob"))
+    token = issue_enroll_token(store, "SN1", actor="admin")
+    with pytest.raises(AccessDenied, match="registered to another user"):
+        enroll(store, swtpm.tcti, tmp_path / "ak", token=token)
+    record = store.get_device("SN1")
+    assert not record.enrolled and record.owner == "bob"
+    assert store.list_tokens("enroll")[0].consumed is None  # not burnt by the refusal
+    assert "registered to another user" in denials(store)[-1].message
+    device, _ = enroll(store, swtpm.tcti, tmp_path / "ak", user="bob", token=token)
+    assert device["owner"] == "bob" and device["enroll_status"] == "enrolled"

@@ -264,6 +264,22 @@ def may_self_enroll(facts: Facts) -> bool:
     return rbac.allows(known_roles(facts), "device", "enroll")
 
 
+def check_enrollment_by(device: Device, user: str, *, by_token: bool) -> None:
+    """May ``user`` enroll ``device`` (its inventory record)?
+
+    Nobody takes over a device another user has enrolled. A device an admin assigned
+    to an owner (``dtadmin device add --owner``) is enrolled by that owner only, even
+    with a valid token: a token reaches whoever holds it, the owner names who should.
+    """
+    if device.enrolled and device.owner and device.owner != user:
+        raise AccessDenied(f'device "{device.asset_tag}" is already enrolled by another user')
+    if by_token and device.owner and device.owner != user:
+        raise AccessDenied(
+            f'device "{device.asset_tag}" is registered to another user; its enrollment '
+            "token serves only its owner"
+        )
+
+
 # -- nodes -------------------------------------------------------------------------------------
 
 
@@ -326,9 +342,7 @@ def node_principals(
     if login not in cert.principals:
         raise AccessDenied(f"login {login!r} is not a principal of the certificate")
     if require_device and cert.device_extensions is None:
-        raise AccessDenied(
-            "device trust is required and the certificate has no device extensions"
-        )
+        raise AccessDenied("device trust is required and the certificate has no device extensions")
     if facts is not None:
         claims = claims_of(cert)
         if not valid_extension_value(cert.user):

@@ -15,6 +15,7 @@ Every refusal raises a DTError subclass and leaves an audit event with its reaso
 
 from __future__ import annotations
 
+import hmac
 import secrets
 import time
 import uuid
@@ -24,7 +25,7 @@ from typing import Any
 from cryptography import x509
 
 from bastion import audit
-from bastion.authz import rbac
+from bastion.authz import decide, rbac
 from bastion.authz.records import Device, DeviceCredential, Token
 from bastion.enroll import attest
 from bastion.enroll.tokens import check_enroll_token
@@ -115,7 +116,7 @@ class EnrollmentCeremony:
             if self._pending is not None:
                 raise ProtocolError("an enrollment is already in progress on this connection")
             device, token = self._authorize(msg, tag, now)
-            ek_hash = attest.ek_pub_hash(msg.ek_public_der)
+            ek_hash = self._ek_identity(msg)
             self._check_ek_identity(device, ek_hash)
             attestation_type = attest.verify_ek(
                 msg.ek_public,
@@ -146,6 +147,18 @@ class EnrollmentCeremony:
             credential_blob=blob, encrypted_secret=encrypted, nonce=self._pending.nonce
         )
 
+    @staticmethod
+    def _ek_identity(msg: EnrollBegin) -> str:
+        """The device's identity, derived from the EK the activation challenge is bound
+        to. ``ek_public_der`` is the client's own claim about it: compared, never used."""
+        der = attest.ek_public_der(msg.ek_public)
+        if not hmac.compare_digest(der, msg.ek_public_der):
+            raise EKUntrusted(
+                "the endorsement key the client names (ek_public_der) is not the one it "
+                "sent for the challenge (ek_public)"
+            )
+        return attest.ek_pub_hash(der)
+
     def _authorize(self, msg: EnrollBegin, tag: str, now: float) -> tuple[Device, Token | None]:
         os_type = str(msg.device_data.get("os_type", "linux"))
         if msg.token:
@@ -153,12 +166,11 @@ class EnrollmentCeremony:
             if token.subject != tag:
                 raise TokenInvalid(f'enrollment token is for device "{token.subject}", not "{tag}"')
             device = self.store.get_device(tag)
-            self._check_not_owned_by_other(device)
+            decide.check_enrollment_by(device, self.user, by_token=True)
             return device, token
         if not msg.current_device:
             return self._auto_enroll(msg, tag), None
-        roles = [r for r in (self.store.find_role(n) for n in self._user_roles()) if r]
-        if not rbac.allows(roles, "device", "enroll"):
+        if not decide.may_self_enroll(self.store.facts(user=self.user, now=now)):
             raise AccessDenied(
                 "enrolling your own device needs the editor or device-admin role; "
                 "ask an admin for an enrollment token"
@@ -191,13 +203,8 @@ class EnrollmentCeremony:
                 )
         return device
 
-    def _user_roles(self) -> tuple[str, ...]:
-        user = self.store.find_user(self.user)
-        return user.roles if user else ()
-
     def _check_not_owned_by_other(self, device: Device) -> None:
-        if device.enrolled and device.owner and device.owner != self.user:
-            raise AccessDenied(f'device "{device.asset_tag}" is already enrolled by another user')
+        decide.check_enrollment_by(device, self.user, by_token=False)
 
     def _check_ek_identity(self, device: Device, ek_hash: str) -> None:
         known = device.ek_pub_hash or (device.credential.ek_pub_hash if device.credential else None)
