@@ -12,6 +12,7 @@ demo: setup
 
 lint: setup
 	$(PY) -m ruff check bastion client tests scripts bench
+	.venv/bin/lint-imports --no-cache
 
 test: setup lint
 	$(PY) -m pytest -q -p no:cacheprovider
@@ -24,3 +25,8 @@ bench: setup
 
 clean:
 	rm -rf .venv demo-state .pytest_cache
+
+# The deployed shape for --minutes (default 3) with locks every 20 s; not part of CI.
+.PHONY: soak
+soak: setup
+	$(PY) -m bench.soak $(SOAK_ARGS)
