@@ -83,13 +83,28 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
 
 
+def _text(value: str) -> None:
+    """JSON's ``\\ud800`` escape decodes to a lone UTF-16 surrogate: a Python str that
+    is not text and that fails later, far from here, when anything encodes it (it once
+    dropped the whole SSH connection unanswered)."""
+    if len(value) > MAX_STRING:
+        raise ProtocolError("dt-api: a string is too long")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError(
+            "dt-api: a string holds an unpaired surrogate (\\ud800-\\udfff), which is not text"
+        ) from None
+
+
 def _depth(value: Any, level: int = 0) -> None:
     if level > MAX_DEPTH:
         raise ProtocolError("dt-api: message is nested too deeply")
     if isinstance(value, dict):
         if len(value) > MAX_ITEMS:
             raise ProtocolError("dt-api: object has too many fields")
-        for v in value.values():
+        for k, v in value.items():
+            _text(k)
             _depth(v, level + 1)
     elif isinstance(value, list):
         if len(value) > MAX_ITEMS:
@@ -98,8 +113,8 @@ def _depth(value: Any, level: int = 0) -> None:
             _depth(v, level + 1)
     elif isinstance(value, float):
         raise ProtocolError("dt-api: numbers must be integers")
-    elif isinstance(value, str) and len(value) > MAX_STRING:
-        raise ProtocolError("dt-api: a string is too long")
+    elif isinstance(value, str):
+        _text(value)
 
 
 def _check(field: str, hint: Any, value: Any) -> Any:
