@@ -96,6 +96,13 @@ async def _serve(cfg: BastionConfig) -> None:
     from bastion.proxy.server import Bastion, start_server
 
     cluster = Cluster.open(cfg.state_dir)
+    try:
+        # Once, before anyone is let in: the open-time check skips indexes, and a
+        # broken index answers "no lock", "no such serial" wrongly.
+        cluster.store.integrity_check()
+    except BaseException:
+        cluster.close()
+        raise
     cert_path = cluster.ensure_bastion_host_cert(cfg.names())
     bastion = Bastion(cluster, cfg)
     acceptor = await start_server(bastion, str(cluster.bastion_host_key_path()), str(cert_path))

@@ -787,3 +787,67 @@ def test_serve_accepts_the_untruncated_copy(populated_state, tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+# -- a broken index, which the open-time quick_check does not look at -----------------------------
+
+
+def _break_an_index(db: Path) -> str:
+    """Rename one key inside the users table's index page, keeping the page well formed
+    and the keys in order: the index now names a user no row has, and misses one."""
+    conn = sqlite3.connect(db)
+    try:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        name, root = conn.execute(
+            "SELECT name, rootpage FROM sqlite_master WHERE type = 'index' AND tbl_name = 'users'"
+        ).fetchone()
+    finally:
+        conn.close()
+    data = bytearray(db.read_bytes())
+    start = (root - 1) * page_size
+    page = data[start : start + page_size]
+    assert page[0] == 0x0A and page.count(b"user9") == 1  # one leaf page of index keys
+    at = start + page.index(b"user9")
+    data[at : at + 5] = b"user:"  # ':' sorts right after '9'
+    db.write_bytes(bytes(data))
+    return name
+
+
+def test_serve_refuses_a_database_with_a_broken_index(populated_state, tmp_path):
+    from bastion.protocol.errors import StateError
+    from bastion.storage import Store
+
+    state = tmp_path / "state"
+    shutil.copytree(populated_state, state)
+    db = state / DB_NAME
+    index = _break_an_index(db)
+    store = Store.open(state)  # the cheap open-time check passes it: it skips indexes
+    try:
+        with pytest.raises(StateError, match=f"integrity check: .*{index}") as info:
+            store.integrity_check()
+        assert "restore it from a backup" in info.value.message
+    finally:
+        store.close()
+    proc, port, listened = _serve(state)
+    try:
+        assert not listened, "dt-bastion serves a database with a broken index"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out, err = proc.communicate()
+    assert proc.returncode == 5, (proc.returncode, out, err)
+    assert "Traceback" not in err and "ready" not in out, err
+    assert err.startswith("error: ") and str(db) in err and "integrity check" in err, err
+
+
+def test_integrity_check_passes_a_whole_database(populated_state, tmp_path):
+    from bastion.storage import Store
+
+    state = tmp_path / "state"
+    shutil.copytree(populated_state, state)
+    store = Store.open(state)
+    try:
+        store.integrity_check()
+    finally:
+        store.close()

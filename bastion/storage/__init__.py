@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sqlite3
 import threading
 import time
@@ -73,12 +72,26 @@ def role_from_spec(spec: dict[str, Any]) -> Role:
     return Role(**spec)
 
 
+def _open_error(state_dir: Path, path: Path, exc: BaseException) -> Exception:
+    if files.read_only(state_dir):
+        return StorageUnavailable(
+            f"cannot open the cluster database in {state_dir}: its file system is "
+            "read-only; nothing can be issued or changed until it is writable again"
+        )
+    if isinstance(exc, OSError):
+        return StateError(f"cannot open cluster state in {state_dir}: {exc.strerror}")
+    return StateError(f"cluster database {path} is unreadable or corrupt: {exc}")
+
+
 class Store:
     """The cluster's state. Thread-safe: one connection guarded by a re-entrant lock."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path | None) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, path: Path | None, *, file_key: files.FileKey | None = None
+    ) -> None:
         self.path = path
         self._conn = conn
+        self._file_key = file_key
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.RLock()
         self._bump_pending = False
@@ -99,29 +112,20 @@ class Store:
                 f"no cluster state in {state_dir} "
                 f"(run: dtadmin init --cluster NAME --state {state_dir})"
             )
-        if not create:
-            files.check_db_file(path)
+        store: Store | None = None
         try:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            if create:
-                # Made 0600 before SQLite opens it: its -wal and -shm take this mode.
-                os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
-            store = cls(conn, path)
+            conn, key = files.connect(path, create=create)
+            store = cls(conn, path, file_key=key)
             store._configure(check)
             if check:
                 store._migrate()
-        except (sqlite3.DatabaseError, OSError) as exc:
-            if files.read_only(state_dir):
-                raise StorageUnavailable(
-                    f"cannot open the cluster database in {state_dir}: its file system is "
-                    "read-only; nothing can be issued or changed until it is writable again"
-                ) from exc
-            if isinstance(exc, OSError):
-                raise StateError(
-                    f"cannot open cluster state in {state_dir}: {exc.strerror}"
-                ) from exc
-            raise StateError(f"cluster database {path} is unreadable or corrupt: {exc}") from exc
+        except BaseException as exc:
+            if store is not None:
+                store.close()
+            if isinstance(exc, (sqlite3.DatabaseError, OSError)):
+                raise _open_error(state_dir, path, exc) from exc
+            raise
         return store
 
     @classmethod
@@ -142,6 +146,25 @@ class Store:
         result = self._conn.execute("PRAGMA quick_check").fetchone()[0]
         if result != "ok":
             raise StateError(f"cluster database {self.path} failed its integrity check: {result}")
+
+    def integrity_check(self) -> None:
+        """Refuse a database whose indexes disagree with its tables, or worse.
+
+        The open-time ``quick_check`` skips indexes to stay cheap; a broken index still
+        answers lookups wrongly (a lock or a revoked serial that an index no longer
+        finds). ``dt-bastion serve`` runs this full check once before serving.
+        """
+        try:
+            rows = self._all("PRAGMA integrity_check(20)")
+        except StateError as exc:  # too broken to check at all
+            problems = [exc.message]
+        else:
+            problems = [str(next(iter(row.values()))) for row in rows]
+        if problems != ["ok"]:
+            raise StateError(
+                f"cluster database {self.path} failed its integrity check: "
+                f"{'; '.join(problems[:5])}; restore it from a backup"
+            )
 
     def _migrate(self) -> None:
         with self.transaction(bump=False):
@@ -166,6 +189,9 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+            key, self._file_key = self._file_key, None
+        if key is not None:
+            files.release(key)
 
     def schema_version(self) -> int:
         row = self._conn.execute("SELECT max(version) FROM _migrations").fetchone()
