@@ -11,7 +11,7 @@ Every failure and every lockout is audited.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from bastion import audit, credentials
 from bastion.authz import rbac
@@ -109,10 +109,7 @@ class Signup:
                 credentials.token_hash(msg.token), "signup", now=now, consumer=user_name
             ):
                 raise TokenInvalid("signup token was already used")
-            user = self.store.get_user(user_name)
-            self.store.update_user(
-                replace(user, password_hash=password_hash, totp_secret=secret, totp_last_step=step)
-            )
+            self.store.set_user_secrets(user_name, password_hash, secret, step)
             self.store.clear_login_failures(user_name)
             audit.record(
                 self.store,
@@ -139,52 +136,128 @@ def check_password_login(
 
     The message a client sees does not say which factor was wrong, nor whether the
     user exists; the audit event does.
+
+    Nothing read before argon2 is written back after it: the attempt is reserved
+    first (so concurrent guesses count while they are checked), and a success only
+    spends the code's time step, compare-and-set on the password it was checked
+    against. An admin's reset, role change or lock landing meanwhile stands. Returns
+    the user as of that compare-and-set.
     """
     policy = policy or LockoutPolicy()
     now = time.time() if now is None else now
     user = store.find_user(user_name) if rbac.NAME_RE.fullmatch(user_name) else None
-    lock = store.active_lock("user", user_name, now) if user else None
-    if lock is not None:
+    if user is None:
         credentials.verify_password(None, password)  # same cost as a real attempt
-        _fail(store, user_name, remote_addr, f"account locked: {lock.message}", now, count=False)
-        raise AccountLocked(f'account "{user_name}" is locked; ask an admin (dtadmin lock rm)')
-    if user is None or not user.signed_up:
+        _fail(store, user_name, remote_addr, "unknown user", now, count=False)
+        raise AuthenticationFailed("wrong user name, password or one-time code")
+    attempt, lock = _reserve_attempt(store, user, remote_addr, policy, now)
+    if attempt is None:
         credentials.verify_password(None, password)
-        reason = "unknown user" if user is None else "user has not signed up"
-        _fail(store, user_name, remote_addr, reason, now, count=user is not None)
-        raise AuthenticationFailed("wrong user name, password or one-time code")
-    reason = None
+        if lock is not None:
+            reason = f"account locked: {lock.message}"
+        elif not user.signed_up:
+            _fail(store, user_name, remote_addr, "user has not signed up", now, count=True)
+            raise AuthenticationFailed("wrong user name, password or one-time code")
+        else:
+            reason = "too many failed or pending logins; not checked"
+        _fail(store, user_name, remote_addr, reason, now, count=False)
+        raise AccountLocked(f'account "{user_name}" is locked; ask an admin (dtadmin lock rm)')
+    reason, step = _check_factors(user, password, code, now)
+    if reason is None:
+        admitted, reason = _spend_step(store, user, step, attempt, remote_addr, now)
+        if admitted is not None:
+            return admitted
+    raise _failed_attempt(store, user_name, attempt, reason, remote_addr, policy, now)
+
+
+def _reserve_attempt(
+    store: Store, user: User, remote_addr: str | None, policy: LockoutPolicy, now: float
+) -> tuple[int | None, Lock | None]:
+    """The lock check, the failure count and the reservation, in one write transaction:
+    a lockout committing meanwhile is seen, and at most ``max_failures`` are checked."""
+    with store.transaction(bump=False):
+        lock = store.active_lock("user", user.name, now)
+        if lock is not None or not user.signed_up:
+            return None, lock
+        attempt = store.begin_login_attempt(
+            user.name,
+            now=now,
+            since=now - policy.window,
+            limit=policy.max_failures,
+            remote_addr=remote_addr,
+        )
+        return attempt, None
+
+
+def _check_factors(user: User, password: str, code: str, now: float) -> tuple[str | None, int]:
+    """The slow part (argon2), over the record read before it; nothing is written."""
     if not credentials.verify_password(user.password_hash, password):
-        reason = "wrong password"
-    else:
-        try:
-            step = credentials.verify_totp(
-                user.totp_secret or "", code, now=now, last_used_step=user.totp_last_step
+        return "wrong password", 0
+    try:
+        step = credentials.verify_totp(
+            user.totp_secret or "", code, now=now, last_used_step=user.totp_last_step
+        )
+    except AuthenticationFailed as exc:
+        return exc.message, 0
+    return None, step
+
+
+def _spend_step(
+    store: Store, user: User, step: int, attempt: int, remote_addr: str | None, now: float
+) -> tuple[User | None, str]:
+    """Admit the login if, right now, the user is unlocked, the password is still the
+    one checked and the code's step unused; else say which changed."""
+    with store.transaction(bump=False):
+        lock = store.active_lock("user", user.name, now)
+        checked = user.password_hash or ""  # never empty here: the password matched it
+        if lock is None and store.consume_totp_step(user.name, step, checked):
+            store.login_succeeded(user.name, attempt)
+            admitted = store.get_user(user.name)
+            audit.record(
+                store,
+                "user.login",
+                message="password and one-time code accepted",
+                user=user.name,
+                remote_addr=remote_addr,
+                method="password+totp",
+                now=now,
             )
-        except AuthenticationFailed as exc:
-            reason = exc.message
-    if reason is not None:
-        failures = _fail(store, user_name, remote_addr, reason, now, count=True)
-        recent = store.count_login_failures(user_name, since=now - policy.window)
-        if failures and recent >= policy.max_failures:
-            _lock_out(store, user_name, remote_addr, policy, now)
-            raise AccountLocked(
-                f'too many failed logins: account "{user_name}" is locked for '
-                f"{int(policy.lock_for // 60)} minutes"
-            )
-        raise AuthenticationFailed("wrong user name, password or one-time code")
-    store.update_user(replace(user, totp_last_step=step))
-    store.clear_login_failures(user_name)
-    audit.record(
-        store,
-        "user.login",
-        message="password and one-time code accepted",
-        user=user_name,
-        remote_addr=remote_addr,
-        method="password+totp",
-        now=now,
-    )
-    return user
+            return admitted, ""
+        current = store.find_user(user.name)
+    if lock is not None:
+        return None, f"account locked during login: {lock.message}"
+    if current is None:
+        return None, "user removed during login"
+    if current.password_hash != user.password_hash:
+        return None, "password changed during login"
+    return None, "that one-time code was already used"
+
+
+def _failed_attempt(
+    store: Store,
+    user: str,
+    attempt: int,
+    reason: str,
+    remote_addr: str | None,
+    policy: LockoutPolicy,
+    now: float,
+) -> AuthenticationFailed:
+    """Audit the failure, count it and lock the account at the limit: one transaction,
+    so of several failures landing at once exactly one locks. Returns what to raise."""
+    with store.transaction(bump=False):
+        _fail(store, user, remote_addr, reason, now, count=False)
+        store.settle_login_attempt(attempt)
+        locked = store.active_lock("user", user, now) is not None
+        recent = store.count_login_failures(user, since=now - policy.window, pending=False)
+        if not locked and recent >= policy.max_failures:
+            _lock_out(store, user, remote_addr, policy, now)
+            locked = True
+    if locked:
+        return AccountLocked(
+            f'too many failed logins: account "{user}" is locked for '
+            f"{int(policy.lock_for // 60)} minutes"
+        )
+    return AuthenticationFailed("wrong user name, password or one-time code")
 
 
 def _fail(

@@ -77,16 +77,14 @@ def reset(
     state: StateOpt = None,
 ) -> None:
     """Clear a user's password and one-time-code app and issue a new signup token."""
-    from dataclasses import replace
-
     from bastion.accounts import issue_signup_token
     from bastion.protocol.durations import parse_duration
 
     store = open_cluster(ctx, state).store
-    user = store.get_user(name)
     who = actor()
     with store.transaction():
-        store.update_user(replace(user, password_hash=None, totp_secret=None, totp_last_step=None))
+        # Only the secrets: roles and logins someone changes meanwhile stay as they set them.
+        store.set_user_secrets(name, None, None, None)
         token = issue_signup_token(store, name, ttl=parse_duration(ttl), actor=who)
         audit.record(store, "user.update", message=f'user "{name}" reset', user=name, actor=who)
     console.say(f'Password and one-time code of "{name}" cleared. Share:')
@@ -151,32 +149,33 @@ def update(
 
     Example: dtadmin users update alice --add-roles require-trusted-device
     """
-    from dataclasses import replace
-
     store = open_cluster(ctx, state).store
-    user = store.get_user(name)
-    roles = list(user.roles) if set_roles is None else split_csv(set_roles)
-    roles += [r for r in split_csv(add_roles) if r not in roles]
-    roles = [r for r in roles if r not in split_csv(remove_roles)]
-    new = replace(
-        user,
-        roles=check_roles(store, roles),
-        logins=user.logins if logins is None else check_logins(split_csv(logins)),
-    )
-    if new == user:
-        console.say("No changes.")
-        return
-    with audited(
-        store,
-        "user.update",
-        message=f'user "{name}" updated',
-        user=name,
-        actor=actor(),
-        roles=list(new.roles),
-        logins=list(new.logins),
-    ):
-        store.update_user(new)
+    # Read and write in one write transaction, and write only the fields asked for:
+    # --add-roles on a copy read earlier would undo another admin's change.
+    with store.transaction(bump=False):  # the writes below bump; "No changes." does not
+        user = store.get_user(name)
+        roles = list(user.roles) if set_roles is None else split_csv(set_roles)
+        roles += [r for r in split_csv(add_roles) if r not in roles]
+        roles = [r for r in roles if r not in split_csv(remove_roles)]
+        new_roles = check_roles(store, roles)
+        new_logins = user.logins if logins is None else check_logins(split_csv(logins))
+        if (new_roles, new_logins) == (user.roles, user.logins):
+            console.say("No changes.")
+            return
+        with audited(
+            store,
+            "user.update",
+            message=f'user "{name}" updated',
+            user=name,
+            actor=actor(),
+            roles=list(new_roles),
+            logins=list(new_logins),
+        ):
+            if new_roles != user.roles:
+                store.set_user_roles(name, new_roles)
+            if new_logins != user.logins:
+                store.set_user_logins(name, new_logins)
     console.say(
-        f'User "{name}" has been updated: roles {",".join(new.roles)}; '
-        f"logins {','.join(new.logins) or '(none)'}."
+        f'User "{name}" has been updated: roles {",".join(new_roles)}; '
+        f"logins {','.join(new_logins) or '(none)'}."
     )

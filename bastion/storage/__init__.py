@@ -344,8 +344,8 @@ class Store:
             names = [d[0] for d in cursor.description or ()]
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
-    def _exec(self, sql: str, params: tuple[Any, ...] = ()) -> int:
-        with self.transaction():
+    def _exec(self, sql: str, params: tuple[Any, ...] = (), *, bump: bool = True) -> int:
+        with self.transaction(bump=bump):
             return self._conn.execute(sql, params).rowcount
 
     # -- settings and revision ------------------------------------------------------------
@@ -440,6 +440,54 @@ class Store:
         if count != 1:
             raise NotFound(f'user "{user.name}" not found')
         return user
+
+    # Field-level writes: each changes only what it names, so a change read from an
+    # older copy of the record (a login that spent 190 ms in argon2, an admin's
+    # editor) cannot undo another's meanwhile. Prefer them to update_user.
+
+    def set_user_roles(self, name: str, roles: tuple[str, ...]) -> None:
+        self._set_user_fields(name, roles=_j(list(roles)))
+
+    def set_user_logins(self, name: str, logins: tuple[str, ...]) -> None:
+        self._set_user_fields(name, logins=_j(list(logins)))
+
+    def set_user_secrets(
+        self,
+        name: str,
+        password_hash: str | None,
+        totp_secret: str | None,
+        totp_last_step: int | None,
+    ) -> None:
+        """Set (or with None, clear) the password and one-time-code app together."""
+        self._set_user_fields(
+            name,
+            password_hash=password_hash,
+            totp_secret=totp_secret,
+            totp_last_step=totp_last_step,
+        )
+
+    def _set_user_fields(self, name: str, **fields: Any) -> None:
+        columns = ", ".join(f"{column} = ?" for column in fields)
+        count = self._exec(
+            f"UPDATE users SET {columns}, updated = ? WHERE name = ?",
+            (*fields.values(), time.time(), name),
+        )
+        if count != 1:
+            raise NotFound(f'user "{name}" not found')
+
+    def consume_totp_step(self, name: str, step: int, password_hash: str) -> bool:
+        """Spend a one-time code's time step, only if the password is still the one that
+        was checked and no code of this or a later step was used. Exactly one of several
+        logins racing with one code gets True; none does after a password reset."""
+        return (
+            self._exec(
+                "UPDATE users SET totp_last_step = ?, updated = ? WHERE name = ? "
+                "AND password_hash = ? AND (totp_last_step IS NULL OR totp_last_step < ?)",
+                (step, time.time(), name, password_hash, step),
+                bump=False,  # nothing a live session is decided on
+            )
+            == 1
+        )
 
     def remove_user(self, name: str) -> None:
         if self._exec("DELETE FROM users WHERE name = ?", (name,)) != 1:
@@ -861,14 +909,53 @@ class Store:
             self._conn.execute("DELETE FROM login_failures WHERE time < ?", (now - 86400,))
         return self.count_login_failures(user, since=now - 3600)
 
-    def count_login_failures(self, user: str, *, since: float) -> int:
-        row = self._one(
-            "SELECT count(*) AS n FROM login_failures WHERE user = ? AND time >= ?", (user, since)
-        )
+    def count_login_failures(self, user: str, *, since: float, pending: bool = True) -> int:
+        """Failures since ``since``; with ``pending=False`` only those already checked,
+        not the attempts still reserved (what a lockout is decided on)."""
+        sql = "SELECT count(*) AS n FROM login_failures WHERE user = ? AND time >= ?"
+        row = self._one(sql if pending else sql + " AND pending = 0", (user, since))
         return int(row["n"]) if row else 0
 
     def clear_login_failures(self, user: str) -> None:
         self._exec("DELETE FROM login_failures WHERE user = ?", (user,))
+
+    def begin_login_attempt(
+        self, user: str, *, now: float, since: float, limit: int, remote_addr: str | None
+    ) -> int | None:
+        """Reserve one login attempt before it is checked; None when ``limit`` failed or
+        pending attempts since ``since`` already exist (then do not check it at all).
+
+        The count and the reservation are one write transaction, so of N concurrent
+        guesses at most ``limit`` are ever checked. The reservation counts as a failure
+        until :meth:`settle_login_attempt` makes it one or :meth:`login_succeeded`
+        removes it; a process that dies in between leaves it counted (fail closed).
+        """
+        with self.transaction(bump=False):
+            row = self._one(
+                "SELECT count(*) AS n FROM login_failures WHERE user = ? AND time >= ?",
+                (user, since),
+            )
+            if row and int(row["n"]) >= limit:
+                return None
+            cursor = self._conn.execute(
+                "INSERT INTO login_failures (user, time, remote_addr, pending) VALUES (?,?,?,1)",
+                (user, now, remote_addr),
+            )
+            self._conn.execute("DELETE FROM login_failures WHERE time < ?", (now - 86400,))
+            return int(cursor.lastrowid or 0)
+
+    def settle_login_attempt(self, attempt: int) -> None:
+        """A reserved attempt failed: it is an ordinary failure from now on."""
+        self._exec("UPDATE login_failures SET pending = 0 WHERE id = ?", (attempt,), bump=False)
+
+    def login_succeeded(self, user: str, attempt: int) -> None:
+        """Forget ``user``'s failures and this attempt's reservation. Attempts still
+        being checked keep theirs: a success does not wave concurrent guesses through."""
+        self._exec(
+            "DELETE FROM login_failures WHERE user = ? AND (pending = 0 OR id = ?)",
+            (user, attempt),
+            bump=False,
+        )
 
     # -- open sessions (for ending them after a crash) -------------------------------------
     # Written with bump=False: sessions coming and going are not a state change that

@@ -165,3 +165,23 @@ def _live_sessions(db: sqlite_utils.Database) -> None:
         pk=("instance", "session_id"),
         not_null={"instance", "session_id", "started"},
     )
+
+
+@migration(3, "login attempts reserved before they are checked")
+def _pending_login_attempts(db: sqlite_utils.Database) -> None:
+    """A password login takes its place in ``login_failures`` before argon2 runs
+    (``pending`` = 1), so concurrent guesses count against the lockout while they are
+    being checked, not only once each has failed. Rows from before are failures. The
+    table gains a real ``id`` (a rowid alias, which VACUUM keeps) to name a reservation.
+    """
+    db.execute(
+        "CREATE TABLE login_failures_v3 (id INTEGER PRIMARY KEY, user TEXT, time FLOAT, "
+        "remote_addr TEXT, pending INTEGER NOT NULL DEFAULT 0)"
+    )
+    db.execute(
+        "INSERT INTO login_failures_v3 (user, time, remote_addr) "
+        "SELECT user, time, remote_addr FROM login_failures"
+    )
+    db["login_failures"].drop()
+    db.execute("ALTER TABLE login_failures_v3 RENAME TO login_failures")
+    db["login_failures"].create_index(["user", "time"])
