@@ -129,7 +129,9 @@ def _apply(store: Store, kind: str, name: str, doc: dict) -> None:
             actor=who,
             roles=list(user.roles),
         ):
-            store.update_user(user)
+            # only what the document holds: never the secrets, read a moment before
+            store.set_user_roles(name, user.roles)
+            store.set_user_logins(name, user.logins)
     elif kind == "role":
         current = store.get_role(name)
         if current.preset:
