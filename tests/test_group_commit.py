@@ -17,12 +17,12 @@ import time
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from bastion import storage
 from bastion.authz.records import Device, DeviceCredential, Lock, User
 from bastion.ca.authority import Issued, UserCertRequest
 from bastion.ca.issuer import GroupCommitIssuer
 from bastion.cluster import Cluster, init_cluster
 from bastion.protocol.errors import AccessDenied, DeviceNotTrusted, StorageUnavailable
+from bastion.storage import connection as storage_connection
 from tests.disks import fill, tmpfs
 
 CRED = DeviceCredential("cred-1", b"\x30", "tpm_ekcert", "ab" * 32)
@@ -152,7 +152,7 @@ def _waiting_for_the_write_lock(thread: threading.Thread | None) -> bool:
     write lock (``BEGIN IMMEDIATE``) while another connection holds it."""
     frame = sys._current_frames().get(thread.ident) if thread is not None else None
     while frame is not None:
-        if frame.f_code.co_name == "transaction" and frame.f_globals is vars(storage):
+        if frame.f_code.co_name == "transaction" and frame.f_globals is vars(storage_connection):
             return True
         frame = frame.f_back
     return False

@@ -1,0 +1,268 @@
+"""The SQLite connection under every noun of the store: opening, checks, transactions.
+
+Opening goes through :func:`bastion.storage.files.connect`, so nothing here touches
+the database file outside SQLite once this process holds a connection to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Self
+
+import sqlite_utils
+
+from bastion.protocol.errors import StateError, StorageUnavailable
+from bastion.storage import files
+from bastion.storage.migrations import MIGRATIONS
+
+DB_NAME = "cluster.db"
+
+
+def _open_error(state_dir: Path, path: Path, exc: BaseException) -> Exception:
+    if files.read_only(state_dir):
+        return StorageUnavailable(
+            f"cannot open the cluster database in {state_dir}: its file system is "
+            "read-only; nothing can be issued or changed until it is writable again"
+        )
+    if isinstance(exc, OSError):
+        return StateError(f"cannot open cluster state in {state_dir}: {exc.strerror}")
+    return StateError(f"cluster database {path} is unreadable or corrupt: {exc}")
+
+
+class SQLiteBase:
+    """One SQLite connection and its transactions; the noun modules build on it.
+
+    Thread-safe: one connection guarded by a re-entrant lock.
+    """
+
+    def __init__(
+        self, conn: sqlite3.Connection, path: Path | None, *, file_key: files.FileKey | None = None
+    ) -> None:
+        self.path = path
+        self._conn = conn
+        self._file_key = file_key
+        self.db = sqlite_utils.Database(conn)
+        self._lock = threading.RLock()
+        self._bump_pending = False
+        self._after_commit: list[Callable[[], None]] = []
+
+    # -- opening ---------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, state_dir: Path | str, *, create: bool = False, check: bool = True) -> Self:
+        """Open (or with ``create``, make) the database, bringing its schema up to date.
+
+        ``check=False`` skips the integrity check and the schema migration (a write
+        transaction), for a second connection of a process that just did both."""
+        state_dir = Path(state_dir)
+        path = state_dir / DB_NAME
+        if not create and not path.exists():
+            raise StateError(
+                f"no cluster state in {state_dir} "
+                f"(run: dtadmin init --cluster NAME --state {state_dir})"
+            )
+        store: Self | None = None
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            conn, key = files.connect(path, create=create)
+            store = cls(conn, path, file_key=key)
+            store._configure(check)
+            if check:
+                store._migrate()
+        except BaseException as exc:
+            if store is not None:
+                store.close()
+            if isinstance(exc, (sqlite3.DatabaseError, OSError)):
+                raise _open_error(state_dir, path, exc) from exc
+            raise
+        return store
+
+    @classmethod
+    def memory(cls) -> Self:
+        """An in-memory store for unit tests of code above storage."""
+        conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        store = cls(conn, None)
+        store._migrate()
+        return store
+
+    def _configure(self, check: bool = True) -> None:
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a certificate is handed out only after its serial is on disk.
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        if not check:
+            return
+        result = self._conn.execute("PRAGMA quick_check").fetchone()[0]
+        if result != "ok":
+            raise StateError(f"cluster database {self.path} failed its integrity check: {result}")
+
+    def integrity_check(self) -> None:
+        """Refuse a database whose indexes disagree with its tables, or worse.
+
+        The open-time ``quick_check`` skips indexes to stay cheap; a broken index still
+        answers lookups wrongly (a lock or a revoked serial that an index no longer
+        finds). ``dt-bastion serve`` runs this full check once before serving.
+        """
+        try:
+            rows = self._all("PRAGMA integrity_check(20)")
+        except StateError as exc:  # too broken to check at all
+            problems = [exc.message]
+        else:
+            problems = [str(next(iter(row.values()))) for row in rows]
+        if problems != ["ok"]:
+            raise StateError(
+                f"cluster database {self.path} failed its integrity check: "
+                f"{'; '.join(problems[:5])}; restore it from a backup"
+            )
+
+    def _migrate(self) -> None:
+        with self.transaction(bump=False):
+            self.db["_migrations"].create(
+                {"version": int, "name": str, "applied": float}, pk="version", if_not_exists=True
+            )
+            done = {row["version"] for row in self.db["_migrations"].rows}
+            newest = MIGRATIONS[-1][0]
+            if done and max(done) > newest:
+                raise StateError(
+                    f"cluster database schema version {max(done)} is newer than this release "
+                    f"understands ({newest}); upgrade dt-bastion"
+                )
+            for version, name, step in MIGRATIONS:
+                if version not in done:
+                    step(self.db)
+                    self._conn.execute(
+                        "INSERT INTO _migrations (version, name, applied) VALUES (?, ?, ?)",
+                        (version, name, time.time()),
+                    )
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+            key, self._file_key = self._file_key, None
+        if key is not None:
+            files.release(key)
+
+    def schema_version(self) -> int:
+        row = self._conn.execute("SELECT max(version) FROM _migrations").fetchone()
+        return int(row[0] or 0)
+
+    # -- transactions ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self, *, bump: bool = True) -> Iterator[None]:
+        """One atomic unit. Nested calls join the outer transaction.
+
+        ``BEGIN IMMEDIATE`` takes the write lock up front, so two bastions racing for
+        one token serialise here instead of failing with a deadlock at commit.
+        """
+        with self._lock:
+            if self._conn.in_transaction:
+                self._bump_pending |= bump
+                yield
+                return
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise StorageUnavailable(f"cluster database is busy or unwritable: {exc}") from exc
+            self._bump_pending = bump
+            try:
+                yield
+                if self._bump_pending:
+                    self._conn.execute(
+                        "INSERT INTO settings (key, value) VALUES ('revision', '1') "
+                        "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+                    )
+                self._conn.execute("COMMIT")
+            except BaseException as exc:
+                self._after_commit = []
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError):
+                    raise StorageUnavailable(f"cluster database write failed: {exc}") from exc
+                if isinstance(exc, sqlite3.DatabaseError) and not isinstance(
+                    exc, sqlite3.IntegrityError
+                ):
+                    raise StateError(f"cluster database error: {exc}") from exc
+                raise
+            done, self._after_commit = self._after_commit, []
+        for callback in done:
+            callback()
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the current transaction has committed (at once if none
+        is open), and never if it rolls back: a log line saying "allowed" must not
+        outlive the issuance it describes."""
+        with self._lock:
+            if self._conn.in_transaction:
+                self._after_commit.append(callback)
+                return
+        callback()
+
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A part of the open transaction that can fail alone: on an exception only
+        its own writes are undone, and the transaction goes on (group commit)."""
+        with self._lock:
+            if not self._conn.in_transaction:
+                raise RuntimeError("savepoint() needs an open transaction")
+            self._conn.execute("SAVEPOINT part")
+            callbacks = len(self._after_commit)
+            try:
+                yield
+            except BaseException:
+                del self._after_commit[callbacks:]
+                # SQLite may already have rolled the whole transaction back (a full
+                # disk); then there is no savepoint left and the error stands.
+                if self._conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.execute("ROLLBACK TO part")
+                        self._conn.execute("RELEASE part")
+                raise
+            self._conn.execute("RELEASE part")
+
+    @contextlib.contextmanager
+    def read_transaction(self) -> Iterator[None]:
+        """One consistent snapshot for several reads (joins a transaction already open).
+
+        A deferred BEGIN in WAL mode takes no lock: a writer elsewhere neither waits
+        for it nor is waited for."""
+        with self._lock:
+            if self._conn.in_transaction:
+                yield
+                return
+            try:
+                self._conn.execute("BEGIN")
+            except sqlite3.OperationalError as exc:
+                raise StorageUnavailable(f"cluster database read failed: {exc}") from exc
+            try:
+                yield
+            finally:
+                if self._conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.execute("COMMIT")
+
+    def _one(self, sql: str, params: tuple[Any, ...] = ()) -> dict[str, Any] | None:
+        rows = self._all(sql, params)
+        return rows[0] if rows else None
+
+    def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        """Reads go straight to the connection: they are on every login's hot path, and
+        sqlite-utils' query() parses each statement first (a third of issuance time)."""
+        with self._lock:
+            try:
+                cursor = self._conn.execute(sql, params)
+            except sqlite3.OperationalError as exc:
+                raise StorageUnavailable(f"cluster database read failed: {exc}") from exc
+            except sqlite3.DatabaseError as exc:
+                raise StateError(f"cluster database error: {exc}") from exc
+            names = [d[0] for d in cursor.description or ()]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def _exec(self, sql: str, params: tuple[Any, ...] = (), *, bump: bool = True) -> int:
+        with self.transaction(bump=bump):
+            return self._conn.execute(sql, params).rowcount

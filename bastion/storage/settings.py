@@ -1,0 +1,39 @@
+"""Cluster settings and the revision every change bumps.
+
+Running bastions poll ``revision`` (one integer, not whole tables) and re-check their
+live sessions when it moves; settings hold the cluster name, the trust mode and the
+CA fingerprints, as JSON values.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from bastion.protocol.errors import StateError
+from bastion.storage.codec import dumps as _j
+from bastion.storage.connection import SQLiteBase
+
+
+class SettingsStore(SQLiteBase):
+    """Settings and the revision."""
+
+    def revision(self) -> int:
+        row = self._one("SELECT value FROM settings WHERE key = 'revision'")
+        return int(row["value"]) if row else 0
+
+    def get_setting(self, key: str, default: Any = None) -> Any:
+        row = self._one("SELECT value FROM settings WHERE key = ?", (key,))
+        if row is None:
+            return default
+        try:
+            return json.loads(row["value"])
+        except ValueError:
+            raise StateError(f"cluster setting {key!r} is corrupt") from None
+
+    def set_setting(self, key: str, value: Any) -> None:
+        self._exec(
+            "INSERT INTO settings (key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, _j(value)),
+        )

@@ -1,0 +1,85 @@
+"""The state interface: SQLiteStore implements StateStore, and the shells need no more.
+
+A PostgreSQL store is written against the protocol; these tests keep the protocol and
+the SQLite store from drifting apart, and keep the shells from reaching past it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+from bastion import storage
+from bastion.storage import DB_NAME, SQLiteStore, StateStore, Store, role_from_spec, role_to_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTEXT_MANAGERS = {"transaction", "read_transaction", "savepoint"}
+# SQLite's own, outside the protocol: the file a second connection opens, the
+# sqlite-utils handle migrations and a few tests use.
+SQLITE_ONLY = {"path", "db", "open", "memory"}
+
+
+def protocol_members() -> dict[str, inspect.Signature]:
+    return {
+        name: inspect.signature(member)
+        for name, member in vars(StateStore).items()
+        if callable(member) and not name.startswith("_")
+    }
+
+
+def test_old_imports_still_work():
+    assert Store is SQLiteStore and DB_NAME == "cluster.db"
+    assert role_from_spec(role_to_spec(role_from_spec({"name": "r"}))).name == "r"
+    assert set(storage.__all__) >= {"Store", "DB_NAME", "role_to_spec", "role_from_spec"}
+
+
+@pytest.mark.parametrize("name", sorted(protocol_members()))
+def test_sqlite_store_has_every_protocol_member_with_its_signature(name):
+    want = protocol_members()[name]
+    have = inspect.signature(getattr(SQLiteStore, name))
+    assert [
+        (p.name, p.kind, p.default, p.annotation) for p in have.parameters.values()
+    ] == [(p.name, p.kind, p.default, p.annotation) for p in want.parameters.values()], (
+        f"{name}{have} differs from StateStore.{name}{want}"
+    )
+    if name in CONTEXT_MANAGERS:
+        assert want.return_annotation == "AbstractContextManager[None]"
+        assert have.return_annotation == "Iterator[None]"  # a @contextmanager
+    else:
+        assert have.return_annotation == want.return_annotation, name
+
+
+def test_a_sqlite_store_is_a_state_store(tmp_path):
+    store = Store.open(tmp_path, create=True)
+    try:
+        assert isinstance(store, StateStore)
+        with store.transaction(), store.savepoint():
+            pass
+        with store.read_transaction():
+            pass
+        assert isinstance(store.transaction(), contextlib.AbstractContextManager)
+    finally:
+        store.close()
+
+
+def test_every_public_store_method_is_in_the_protocol():
+    """A method added to the SQLite store without the protocol is one the next store lacks."""
+    public = {n for n in dir(SQLiteStore) if not n.startswith("_")} - SQLITE_ONLY
+    assert public == set(protocol_members())
+
+
+def test_the_shells_use_only_the_protocol():
+    """Every ``store.<name>`` the shells write is a protocol member (or SQLite's own)."""
+    used: dict[str, set[str]] = {}
+    for path in [*ROOT.glob("bastion/**/*.py"), *ROOT.glob("client/**/*.py")]:
+        if path.is_relative_to(ROOT / "bastion" / "storage"):
+            continue
+        for name in re.findall(r"\bstore\.([A-Za-z_]\w*)", path.read_text()):
+            used.setdefault(name, set()).add(str(path.relative_to(ROOT)))
+    unknown = {n: sorted(p) for n, p in used.items() if n not in protocol_members()}
+    unknown = {n: p for n, p in unknown.items() if n not in SQLITE_ONLY}
+    assert not unknown, f"store calls outside StateStore: {unknown}"
