@@ -44,6 +44,7 @@ EVENT_CODES: dict[str, str] = {
     "session.end": "DT3102",
     "session.denied": "DT3103",
     "session.terminated": "DT3104",
+    "connection.terminated": "DT3105",
     "device.create": "DT4001",
     "device.update": "DT4002",
     "device.delete": "DT4003",

@@ -46,6 +46,10 @@ class BastionConfig:
     # throughput (bench: interactive, throughput). Ignored under uvloop.
     socket_read_size: int = 32768
     api_step_timeout: float = 30.0
+    # How long a request waits for the cluster database (a write lock another process
+    # holds, a slow or unreachable disk) before it is refused with a clear message.
+    # The event loop never waits for it: other connections go on meanwhile.
+    storage_timeout: float = 5.0
     lockout_max_failures: int = 5
     lockout_window: float = 600.0
     lockout_duration: float = 1800.0

@@ -128,14 +128,19 @@ _OPTIONS = {
     "permit_agent_forwarding",
     "permit_x11_forwarding",
     "permit_user_rc",
+    "disconnect_expired_cert",
 }
+# Options a role may leave unsaid (None): written out only when set.
+_UNSAID = {"max_session_ttl", "device_trust_mode", "disconnect_expired_cert"}
 
 
 def role_doc(role: Role) -> dict[str, Any]:
     options: dict[str, Any] = {"max_session_ttl": format_duration(role.max_session_ttl)}
     if role.device_trust_mode is not None:
         options["device_trust_mode"] = role.device_trust_mode
-    for name in sorted(_OPTIONS - {"max_session_ttl", "device_trust_mode"}):
+    if role.disconnect_expired_cert is not None:
+        options["disconnect_expired_cert"] = role.disconnect_expired_cert
+    for name in sorted(_OPTIONS - _UNSAID):
         options[name] = getattr(role, name)
     return {
         "kind": "role",
@@ -165,7 +170,7 @@ def role_from_doc(doc: dict[str, Any], name: str | None = None) -> Role:
         raise UsageError("spec.options.max_session_ttl must be a duration such as 8h")
     mode = options.get("device_trust_mode")
     flags = {}
-    for flag in _OPTIONS - {"max_session_ttl", "device_trust_mode"}:
+    for flag in _OPTIONS - {"max_session_ttl", "device_trust_mode"}:  # true or false if said
         if flag in options:
             if not isinstance(options[flag], bool):
                 raise UsageError(f"spec.options.{flag} must be true or false")

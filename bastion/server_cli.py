@@ -120,7 +120,7 @@ async def _serve(cfg: BastionConfig) -> None:
     await bastion.registry.stop("bastion shutting down")
     await bastion.disconnect_all("the bastion is shutting down")
     await acceptor.wait_closed()
-    bastion.issuer.close()  # answers anything still queued before the store closes
+    bastion.close()  # the issuer's queue answered, the workers' writes landed
     cluster.close()
 
 

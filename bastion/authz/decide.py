@@ -188,6 +188,66 @@ def cert_expired(claims: CertClaims, now: float) -> bool:
     return now >= claims.valid_before
 
 
+def disconnect_expired_cert(facts: Facts) -> bool:
+    """Whether a connection's sessions end when its certificate expires (any role says
+    so, see :func:`rbac.disconnect_expired_cert`). A role that cannot be read is the
+    strictest outcome: they end."""
+    if any(role is None for role in facts.roles):
+        return True
+    return rbac.disconnect_expired_cert(known_roles(facts))
+
+
+def check_live_connection(claims: CertClaims, facts: Facts, now: float) -> None:
+    """A certificate connection may stay open: :func:`check_cert_connection`, and once
+    its certificate has expired, only while no role ends sessions then."""
+    check_cert_connection(claims, facts, now)
+    _check_expiry_ends(claims, facts, now)
+
+
+def _check_expiry_ends(claims: CertClaims, facts: Facts, now: float) -> None:
+    if cert_expired(claims, now) and disconnect_expired_cert(facts):
+        raise AccessDenied(
+            "the certificate has expired and your roles end its sessions then "
+            "(disconnect_expired_cert; run: dtclient login)"
+        )
+
+
+def check_not_expired(claims: CertClaims, now: float) -> None:
+    """Nothing new starts on an expired certificate: no channel, no dt-api request.
+    (What is already running goes on unless :func:`check_live_connection` says no.)"""
+    if cert_expired(claims, now):
+        raise AccessDenied(
+            "the certificate has expired; nothing new opens on this connection "
+            "(run: dtclient login)"
+        )
+
+
+def check_channel_open(claims: CertClaims, facts: Facts, node: Node | None, now: float) -> None:
+    """A new forwarded channel: everything :func:`check_node_access` asks, on a
+    certificate that has not expired."""
+    try:
+        check_not_expired(claims, now)
+    except AccessDenied as exc:
+        raise _to_node(node, exc) from None
+    check_node_access(claims, facts, node, now)
+
+
+def check_live_session(claims: CertClaims, facts: Facts, node: Node | None, now: float) -> None:
+    """A forwarded session may go on (decided whenever the state moves, and once its
+    node connect returns): node access as at open, and an expired certificate ends it
+    where a role says so."""
+    check_node_access(claims, facts, node, now)
+    try:
+        _check_expiry_ends(claims, facts, now)
+    except AccessDenied as exc:
+        raise _to_node(node, exc) from None
+
+
+def _to_node(node: Node | None, exc: AccessDenied) -> AccessDenied:
+    name = node.name if node is not None else "?"
+    return type(exc)(f"access denied to {name}: {exc.message}")
+
+
 def check_source_address(cert: ParsedCert, client_addr: str | None) -> None:
     """The certificate's ``source-address`` admits the client's address.
 
@@ -285,7 +345,6 @@ def check_enrollment_by(device: Device, user: str, *, by_token: bool) -> None:
 
 def check_node_access(claims: CertClaims, facts: Facts, node: Node | None, now: float) -> None:
     """Everything at once, phrased for the user: `access denied to node-1: <reason>`."""
-    name = node.name if node is not None else "?"
     try:
         if node is None:
             raise AccessDenied("the node was removed from the inventory")
@@ -296,7 +355,7 @@ def check_node_access(claims: CertClaims, facts: Facts, node: Node | None, now: 
         if not rbac.node_allowed(known_roles(facts), node):
             raise AccessDenied("your roles do not allow this node")
     except AccessDenied as exc:
-        raise type(exc)(f"access denied to {name}: {exc.message}") from None
+        raise _to_node(node, exc) from None
 
 
 def check_node_host_cert(cert: ParsedCert, node: Node, ca_names: dict[str, str]) -> None:

@@ -95,6 +95,18 @@ def effective_trust_mode(cluster_mode: object, roles: Iterable[Role]) -> str:
     return str(mode)
 
 
+def disconnect_expired_cert(roles: Iterable[Role]) -> bool:
+    """Whether sessions end when their certificate expires: any role that says so,
+    and any role that does not say but requires a trusted device."""
+    for role in roles:
+        wanted = role.disconnect_expired_cert
+        if wanted is None:  # an unreadable mode counts as required, as everywhere
+            wanted = role.device_trust_mode not in (None, "off", "optional")
+        if wanted:
+            return True
+    return False
+
+
 def user_logins(user: User, roles: Iterable[Role]) -> tuple[str, ...]:
     """The Unix logins a user's certificate carries, expanding ``{{internal.logins}}``."""
     out: list[str] = []

@@ -69,6 +69,10 @@ class Role:
     permit_user_rc: bool = False
     preset: bool = False
     description: str = ""
+    # End live sessions when the certificate expires (Teleport's option of that name).
+    # None: on where this role requires a trusted device, off elsewhere, so a long
+    # transfer is not cut unless a role asks for it.
+    disconnect_expired_cert: bool | None = None
 
     def allows(self, resource: str, verb: str) -> bool:
         return any(rule.allows(resource, verb) for rule in self.rules)

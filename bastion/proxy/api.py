@@ -9,29 +9,42 @@ connection authenticated:
 * ``password`` (password + TOTP): certificates, node listing, enrollment.
 * ``certificate``: the same, for renewals and enrollment with a current certificate.
 
+Before every request the credential the connection authenticated with is decided
+again (``recheck``): a certificate revoked, its CA rotated out, the user locked or
+removed, or the password changed since a password login, and the request is refused
+and the whole connection closed (``terminate``). No request can turn a credential that
+no longer stands into a fresh certificate.
+
 The session owns no sockets: it takes a reader and a writer, so tests drive it with
-in-memory streams.
+in-memory streams. Nor does it touch the database on the event loop: reads, ceremony
+steps and audit rows go through :mod:`bastion.proxy.workers`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import functools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bastion import audit
-from bastion.authz import rbac
+from bastion.authz import decide, rbac
+from bastion.authz.facts import Facts
 from bastion.authz.records import Device
 from bastion.ca.authority import UserCertRequest
 from bastion.ca.certs import load_public_key
 from bastion.ca.issuer import GroupCommitIssuer
+from bastion.ca.keys import public_line
 from bastion.cluster import Cluster
 from bastion.enroll.authn import DeviceAuthentication
 from bastion.enroll.ceremony import EnrollmentCeremony, device_view
 from bastion.protocol import wire
 from bastion.protocol.errors import AccessDenied, DTError, ProtocolError
+from bastion.proxy.connections import CredentialRevoked
+from bastion.proxy.workers import Workers
 
 log = logging.getLogger("bastion.api")
 
@@ -50,6 +63,8 @@ class ApiIdentity:
     signup_token: str | None = None
     # For certificate logins: renewals never outlive the certificate that asked.
     valid_before: int | None = None
+    # For password logins: the hash the password was checked against.
+    password_hash: str | None = None
 
 
 class ApiSession:
@@ -58,20 +73,30 @@ class ApiSession:
         cluster: Cluster,
         identity: ApiIdentity,
         *,
+        workers: Workers,
+        cluster_name: str | None = None,
         step_timeout: float = STEP_TIMEOUT,
         idle_timeout: float = IDLE_TIMEOUT,
         signup: Any = None,
         issuer: GroupCommitIssuer | None = None,
+        recheck: Callable[[], Awaitable[None]] | None = None,
+        terminate: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.cluster = cluster
         # The bastion's shared issuer batches concurrent logins into one commit and
-        # keeps the disk off the event loop; without one, sign in place.
+        # keeps the disk off the event loop; without one, sign on a worker.
         self.issuer = issuer
-        self.store = cluster.store
+        self.store = cluster.store  # what the ceremonies use, on the workers' call lane
+        self.workers = workers
+        self.cluster_name = cluster_name
         self.identity = identity
         self.step_timeout = step_timeout
         self.idle_timeout = idle_timeout
         self.signup = signup  # bastion.accounts.Signup-like: begin(token), finish(...)
+        # Raises CredentialRevoked (then ``terminate`` closes the connection) or
+        # AccessDenied (this request only); see the module docstring.
+        self.recheck = recheck
+        self.terminate = terminate
         self._enrollment: EnrollmentCeremony | None = None
 
     # -- the loop --------------------------------------------------------------------------
@@ -89,6 +114,8 @@ class ApiSession:
                 await self._dispatch(msg, reader, writer)
         except EOFError:
             return
+        except CredentialRevoked:
+            return  # answered, audited and the connection closed (_dispatch)
         except ProtocolError as exc:
             self._audit_error(exc)
             await self._send_error(writer, exc)
@@ -103,11 +130,15 @@ class ApiSession:
                 f"dt-api: protocol version {msg.version} is not supported "
                 f"(this bastion speaks {wire.PROTOCOL_VERSION}); upgrade dtclient"
             )
+        if self.cluster_name is None:
+            self.cluster_name = await self.workers.read(
+                lambda store: store.get_setting("cluster_name", "")
+            )
         await wire.write_message(
             writer,
             wire.Welcome(
                 version=wire.PROTOCOL_VERSION,
-                cluster=self.cluster.name,
+                cluster=self.cluster_name,
                 server=SERVER_NAME,
                 user=self.identity.user if self.identity.auth != "signup" else None,
                 auth=self.identity.auth,
@@ -119,13 +150,23 @@ class ApiSession:
         if handler is None:
             raise ProtocolError(f"dt-api: unexpected message {wire.type_name(msg)!r} here")
         try:
+            await self._recheck()
             answer = await handler(msg, reader, writer)
         except ProtocolError:
+            raise
+        except CredentialRevoked as exc:
+            await self._send_error(writer, exc)
+            if self.terminate is not None:
+                await self.terminate(exc.message)
             raise
         except DTError as exc:
             await self._send_error(writer, exc)
             return
         await wire.write_message(writer, answer)
+
+    async def _recheck(self) -> None:
+        if self.recheck is not None:
+            await self.recheck()
 
     def _handlers(self) -> dict[type, Any]:
         if self.identity.auth == "signup":
@@ -145,26 +186,35 @@ class ApiSession:
             pass
 
     def _audit_error(self, exc: DTError) -> None:
-        try:
-            audit.record(
-                self.store,
-                "api.error",
-                success=False,
-                message=exc.message,
-                user=self.identity.user,
-                remote_addr=self.identity.remote_addr,
-                reason=exc.code,
-            )
-        except DTError:
-            log.exception("could not audit a dt-api error")
+        self.workers.audit_soon(
+            "api.error",
+            success=False,
+            message=exc.message,
+            user=self.identity.user,
+            remote_addr=self.identity.remote_addr,
+            reason=exc.code,
+        )
+
+    async def _facts(self) -> Facts:
+        """The user as the state has them now, the user allowed to log in."""
+        user, now = self.identity.user, time.time()
+        facts = await self.workers.read(lambda store: store.facts(user=user, now=now))
+        decide.check_user(facts, now, user)
+        return facts
+
+    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """A ceremony step (reads, CPU, writes) on the workers' call lane."""
+        return await self.workers.call(
+            functools.partial(fn, *args, **kwargs), timeout=self.step_timeout
+        )
 
     # -- certificates ----------------------------------------------------------------------
 
     async def _cert_request(self, msg: Any, reader: Any, writer: Any) -> Any:
         user = self.identity.user
         public_key = load_public_key(msg.public_key.encode())
-        ca = self.cluster.ca
-        perms = ca.permissions(ca.check_user(user, time.time()))
+        facts = await self._facts()
+        perms = decide.permissions(facts)
         device: Device | None = None
         warning = None
         if msg.device and perms.trust_mode != "off":
@@ -189,15 +239,18 @@ class ApiSession:
         request = UserCertRequest(
             user, public_key, ttl=ttl, device=device, remote_addr=self.identity.remote_addr
         )
+        # Again: the device round trip took as long as the client liked.
+        await self._recheck()
         if self.issuer is not None:
             issued = await self.issuer.sign(request)
         else:
-            issued = ca.sign(request)
+            issued = await self._call(self.cluster.ca.sign, request)
+        assert facts.user is not None
         return wire.CertIssued(
             certificate=issued.openssh,
             host_ca_keys=[self._host_ca_line()],
-            cluster=self.cluster.name,
-            roles=list(self.store.get_user(user).roles),
+            cluster=self.cluster_name or "",
+            roles=list(facts.user.roles),
             logins=list(perms.logins),
             device_warning=warning,
         )
@@ -213,24 +266,25 @@ class ApiSession:
         if not isinstance(response, wire.DeviceResponse):
             raise ProtocolError("dt-api: expected device_response after device_challenge")
         public_blob = msg.public_key.encode().split()[1]
-        import base64
-
         try:
             blob = base64.b64decode(public_blob, validate=True)
         except ValueError:
             raise ProtocolError("dt-api: public_key is not an OpenSSH public key line") from None
-        return ceremony.verify(response, blob)
+        device: Device = await self._call(ceremony.verify, response, blob)
+        return device
 
     def _host_ca_line(self) -> str:
-        from bastion.ca.keys import public_line
-
         return public_line(self.cluster.ca.host_ca.public_key())
 
     # -- nodes and identity -----------------------------------------------------------------
 
     async def _list_nodes(self, msg: Any, reader: Any, writer: Any) -> Any:
-        roles = self._roles()
-        nodes = [n for n in self.store.list_nodes() if rbac.node_allowed(roles, n)]
+        roles = decide.known_roles(await self._facts())
+        nodes = [
+            n
+            for n in await self.workers.read(lambda store: store.list_nodes())
+            if rbac.node_allowed(roles, n)
+        ]
         return wire.Nodes(
             nodes=[
                 {"name": n.name, "addr": n.host, "port": n.port, "labels": dict(n.labels)}
@@ -239,10 +293,14 @@ class ApiSession:
         )
 
     async def _whoami(self, msg: Any, reader: Any, writer: Any) -> Any:
-        user = self.store.get_user(self.identity.user)
-        perms = self.cluster.ca.permissions(user)
+        facts = await self._facts()
+        user = facts.user
+        assert user is not None
+        perms = decide.permissions(facts)
         devices = [
-            device_view(d) for d in self.store.list_devices() if d.owner == user.name and d.enrolled
+            device_view(d)
+            for d in await self.workers.read(lambda store: store.list_devices())
+            if d.owner == user.name and d.enrolled
         ]
         return wire.Identity(
             user=user.name,
@@ -252,25 +310,23 @@ class ApiSession:
             device=devices[0] if devices else None,
         )
 
-    def _roles(self) -> list[Any]:
-        user = self.store.get_user(self.identity.user)
-        return [r for r in (self.store.find_role(n) for n in user.roles) if r is not None]
-
     # -- enrollment ---------------------------------------------------------------------------
 
     async def _enroll_begin(self, msg: Any, reader: Any, writer: Any) -> Any:
-        if self.store.active_lock("user", self.identity.user, time.time()):
-            raise AccessDenied(f'user "{self.identity.user}" is locked')
-        self._enrollment = EnrollmentCeremony(
-            self.store, self.identity.user, remote_addr=self.identity.remote_addr
+        await self._facts()  # a locked user enrolls nothing
+        self._enrollment = await self._call(
+            EnrollmentCeremony,
+            self.store,
+            self.identity.user,
+            remote_addr=self.identity.remote_addr,
         )
-        return self._enrollment.begin(msg)
+        return await self._call(self._enrollment.begin, msg)
 
     async def _enroll_finish(self, msg: Any, reader: Any, writer: Any) -> Any:
         if self._enrollment is None:
             raise ProtocolError("dt-api: enroll_finish without enroll_begin")
         ceremony, self._enrollment = self._enrollment, None
-        device = ceremony.finish(msg)
+        device = await self._call(ceremony.finish, msg)
         return wire.Enrolled(device=device_view(device))
 
     # -- signup ---------------------------------------------------------------------------------
@@ -278,9 +334,9 @@ class ApiSession:
     async def _signup_begin(self, msg: Any, reader: Any, writer: Any) -> Any:
         if self.signup is None:
             raise AccessDenied("signup is not available on this bastion")
-        return self.signup.begin(msg, remote_addr=self.identity.remote_addr)
+        return await self._call(self.signup.begin, msg, remote_addr=self.identity.remote_addr)
 
     async def _signup_finish(self, msg: Any, reader: Any, writer: Any) -> Any:
         if self.signup is None:
             raise AccessDenied("signup is not available on this bastion")
-        return self.signup.finish(msg, remote_addr=self.identity.remote_addr)
+        return await self._call(self.signup.finish, msg, remote_addr=self.identity.remote_addr)

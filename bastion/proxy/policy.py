@@ -7,11 +7,13 @@ blocking (storage), so the asyncssh shell calls them off the event loop.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import time
 
 from bastion.authz import decide
 from bastion.authz.decide import CertClaims, check_node_host_cert, check_source_address
+from bastion.authz.facts import Facts
 from bastion.authz.records import Node
 from bastion.protocol.certs import EXT_ASSET_TAG, ParsedCert
 from bastion.protocol.errors import AccessDenied
@@ -24,10 +26,16 @@ __all__ = [
     "Identity",
     "check_certificate",
     "check_device",
+    "check_live_session",
     "check_node_access",
     "check_node_host_cert",
+    "disconnect_expired_cert",
+    "open_channel",
+    "openssh_line",
     "check_source_address",
     "recheck_connection",
+    "recheck_live_connection",
+    "recheck_password",
     "resolve_node",
     "trust_mode",
 ]
@@ -54,6 +62,23 @@ def recheck_connection(store: Store, claims: CertClaims, now: float) -> None:
     decide.check_cert_connection(claims, facts, now)
 
 
+def recheck_live_connection(store: Store, claims: CertClaims, now: float) -> None:
+    """As :func:`recheck_connection`, and an expired certificate ends the connection
+    where a role says so (``disconnect_expired_cert``)."""
+    facts = store.facts(user=claims.user, serial=claims.serial, now=now)
+    decide.check_live_connection(claims, facts, now)
+
+
+def recheck_password(store: Store, user: str, password_hash: str | None, now: float) -> None:
+    """A password connection's user still exists, is unlocked, and has the password
+    the connection authenticated with."""
+    decide.check_password_connection(user, password_hash, store.facts(user=user, now=now), now)
+
+
+def disconnect_expired_cert(store: Store, user: str, now: float) -> bool:
+    return decide.disconnect_expired_cert(store.facts(user=user, now=now))
+
+
 def trust_mode(store: Store, user: str) -> str:
     return decide.trust_mode(store.facts(user=user, now=time.time()))
 
@@ -66,10 +91,43 @@ def check_device(store: Store, identity: CertClaims, now: float) -> str:
 
 def check_node_access(store: Store, identity: CertClaims, node: Node | None, now: float) -> None:
     """Everything at once, phrased for the user: `access denied to node-1: <reason>`."""
-    facts = store.facts(
+    decide.check_node_access(identity, _facts_for(store, identity, now), node, now)
+
+
+def open_channel(
+    store: Store, identity: CertClaims, dest_host: str, dest_port: int, now: float
+) -> Node:
+    """The node a new direct-tcpip channel may go to, or AccessDenied: an inventory
+    node, everything :func:`check_node_access` asks, and a certificate not expired."""
+    with store.read_transaction():
+        node = resolve_node(store, dest_host, dest_port)
+        facts = _facts_for(store, identity, now)
+    decide.check_channel_open(identity, facts, node, now)
+    return node
+
+
+def check_live_session(store: Store, identity: CertClaims, node: Node, now: float) -> None:
+    """A forwarded session may go on (its node still the same inventory entry),
+    decided whenever the state moves and again once its node connect returned."""
+    with store.read_transaction():
+        current = store.find_node(node.name)
+        if current is None or current.addr != node.addr:
+            raise AccessDenied(f"node {node.name} was removed from the inventory")
+        facts = _facts_for(store, identity, now)
+    decide.check_live_session(identity, facts, current, now)
+
+
+def _facts_for(store: Store, identity: CertClaims, now: float) -> Facts:
+    return store.facts(
         user=identity.user, serial=identity.serial, asset_tag=identity.asset_tag, now=now
     )
-    decide.check_node_access(identity, facts, node, now)
+
+
+def openssh_line(key_data: bytes) -> bytes:
+    """The key blob asyncssh hands us, as the OpenSSH line :func:`parse_cert` reads."""
+    name_len = int.from_bytes(key_data[:4], "big") if len(key_data) >= 4 else 0
+    name = key_data[4 : 4 + name_len]
+    return name + b" " + base64.b64encode(key_data)
 
 
 def resolve_node(store: Store, dest_host: str, dest_port: int) -> Node:

@@ -18,7 +18,6 @@ from typing import Any
 
 import asyncssh
 
-from bastion import audit
 from bastion.protocol.errors import DTError, ProtocolError
 from bastion.proxy import proxyproto
 from bastion.proxy.server import Bastion, BastionServer
@@ -133,17 +132,13 @@ class ProxyProtocolAcceptor:
             )
 
     def _audit(self, peer: str, client: str | None, reason: str) -> None:
-        try:
-            audit.record(
-                self.bastion.store,
-                "auth.failed",
-                success=False,
-                message=reason,
-                remote_addr=client or peer,
-                balancer=peer if client else None,
-            )
-        except DTError:
-            log.exception("could not audit a refused connection")
+        self.bastion.workers.audit_soon(
+            "auth.failed",
+            success=False,
+            message=reason,
+            remote_addr=client or peer,
+            balancer=peer if client else None,
+        )
 
     def close(self) -> None:
         if self._task is not None:

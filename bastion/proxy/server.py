@@ -12,11 +12,19 @@ Who checks what:
   ``validate_public_key(username, key_data, msg, signature)``, called for the query and
   for the signed request alike. ``connection_made`` wraps that bound method: the
   wrapper parses ``key_data`` with cryptography (:func:`parse_cert`), applies
-  :func:`policy.check_certificate` (our CA, valid now, serial issued here and not
-  revoked, user exists and is unlocked), audits a refusal with its reason, and only
-  then lets asyncssh do its own checks and verify the signature.
-* :mod:`bastion.proxy.policy`: every forwarding decision, made per channel and again
-  whenever the state changes (:mod:`bastion.proxy.sessions`).
+  :func:`policy.check_certificate` (our CA, valid now, exactly the certificate issued
+  under that serial and not revoked, user exists and is unlocked), audits a refusal
+  with its reason, and only then lets asyncssh do its own checks and verify the
+  signature.
+* :mod:`bastion.proxy.connections`: the credential a connection authenticated with,
+  decided again before every dt-api request and channel, whenever the state changes,
+  and when its certificate expires; a connection that fails is closed.
+* :mod:`bastion.proxy.policy`: every forwarding decision, made per channel
+  (:mod:`bastion.proxy.forwarding`) and again whenever the state changes
+  (:mod:`bastion.proxy.sessions`).
+
+None of these callbacks touches the database on the event loop: every read and write
+goes through :mod:`bastion.proxy.workers`.
 * The node's host key: the client checks it end to end. The bastion also reads the
   node's clear-text side of the key exchange (until NEWKEYS) and refuses a session whose
   node presents a *user* certificate as its host key (:mod:`bastion.proxy.node_handshake`).
@@ -27,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import socket
 import time
 from collections import defaultdict
@@ -35,17 +42,21 @@ from typing import Any
 
 import asyncssh
 
-from bastion import accounts, audit
+from bastion import accounts
+from bastion.authz import decide
 from bastion.ca.certs import parse_cert
 from bastion.ca.issuer import GroupCommitIssuer
 from bastion.ca.keys import public_line
 from bastion.cluster import Cluster
 from bastion.config import BastionConfig
-from bastion.protocol.errors import AccessDenied, DTError
+from bastion.protocol.errors import DTError
 from bastion.protocol.wire import LineReader
-from bastion.proxy import node_handshake, policy
+from bastion.proxy import connections, policy
 from bastion.proxy.api import ApiIdentity, ApiSession
-from bastion.proxy.sessions import CountingForwarder, LiveSession, Registry, audit_fields
+from bastion.proxy.connections import Connections, Credential, CredentialRevoked
+from bastion.proxy.forwarding import open_forward
+from bastion.proxy.sessions import CUT_WAIT, Registry
+from bastion.proxy.workers import Workers
 
 log = logging.getLogger("bastion.server")
 SIGNUP_USER = "-dt-signup"
@@ -62,15 +73,26 @@ class Bastion:
         self.cluster = cluster
         self.store = cluster.store
         self.config = config
+        self.cluster_name = cluster.name  # read once: it never changes
+        self.workers = Workers(cluster.store, timeout=config.storage_timeout)
         self.registry = Registry(
-            cluster.store, config.revision_poll_interval, config.session_sweep_interval
+            cluster.store,
+            config.revision_poll_interval,
+            config.session_sweep_interval,
+            workers=self.workers,
         )
+        self.authenticated = Connections(self.workers)
         # Logins arriving together share one commit; the disk waits off the loop.
         self.issuer = GroupCommitIssuer(cluster.ca)
         self.authorized_keys = self._trust_user_ca()
-        self._ca_retry: asyncio.TimerHandle | None = None
+        self._ca_pending = False
+        # When the state moves: the CA first, then live sessions, then connections;
+        # on every poll, certificates that just expired (and a rotation half seen).
         self.registry.on_revision.append(self.refresh_user_ca)
-        self.signup = accounts.Signup(cluster.store, cluster.name)
+        self.registry.after_recheck.append(self.authenticated.recheck)
+        self.registry.on_poll.append(self.authenticated.check_expired)
+        self.registry.on_poll.append(self._refresh_pending_user_ca)
+        self.signup = accounts.Signup(cluster.store, self.cluster_name)
         self.lockout = accounts.LockoutPolicy(
             config.lockout_max_failures, config.lockout_window, config.lockout_duration
         )
@@ -84,23 +106,28 @@ class Bastion:
         line = public_line(self.cluster.ca.user_ca.public_key())
         return asyncssh.import_authorized_keys(f'cert-authority,principals="-dt-jump" {line}\n')
 
-    def refresh_user_ca(self) -> None:
+    async def refresh_user_ca(self) -> None:
         """After ``dtadmin ca rotate``: trust (and sign with) only the new user CA.
 
         Certificates of the old CA are already revoked in the database, so nothing is
-        admitted meanwhile; if the rotation's files are not in place yet, look again
-        shortly rather than waiting for the next change.
+        admitted meanwhile; if the rotation's files are not in place yet, look again at
+        the next poll rather than waiting for the next change.
         """
-        if self._ca_retry is not None:
-            self._ca_retry.cancel()  # one retry chain, however many changes arrive
-            self._ca_retry = None
         before = self.cluster.ca.user_ca_fingerprint
-        if not self.cluster.refresh_user_ca():
-            self._ca_retry = asyncio.get_running_loop().call_later(0.1, self.refresh_user_ca)
-            return
+        self._ca_pending = not await self.workers.call(self.cluster.refresh_user_ca)
         if self.cluster.ca.user_ca_fingerprint != before:
             self.authorized_keys = self._trust_user_ca()
             log.warning("user CA rotated: now trusting %s", self.cluster.ca.user_ca_fingerprint)
+
+    async def _refresh_pending_user_ca(self, now: float) -> None:
+        if self._ca_pending:
+            await self.refresh_user_ca()
+
+    def close(self) -> None:
+        """After sessions and connections are over: answer what the issuer holds and
+        write what the workers hold, then stop both (before the cluster closes)."""
+        self.issuer.close()
+        self.workers.close()
 
     def should_audit_refusal(self, addr: str, now: float, kind: str = "limit") -> bool:
         """One audit event per address per minute for each kind of pre-login refusal
@@ -148,6 +175,8 @@ class BastionServer(asyncssh.SSHServer):
         self.remote_addr: str | None = None
         self.identity: policy.Identity | None = None
         self.api_identity: ApiIdentity | None = None
+        self.registered: connections.Connection | None = None
+        self.ending: str | None = None  # why this connection is being closed
         self._audited: set[str] = set()
         self._counted = False
         self._started = time.monotonic()
@@ -200,6 +229,7 @@ class BastionServer(asyncssh.SSHServer):
         conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS, reason)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.bastion.authenticated.discard(self.registered)
         if self._counted and self.api_identity is None and not self._audited:
             self._audit_unauthenticated_end(exc)
         if self._counted:
@@ -213,20 +243,85 @@ class BastionServer(asyncssh.SSHServer):
             self._counted = False
 
     def _audit_once(self, event: str, reason: str, user: str | None = None) -> None:
+        """From synchronous callbacks: the row is written soon, off the loop."""
         if reason in self._audited:
             return
         self._audited.add(reason)
-        try:
-            audit.record(
-                self.store,
-                event,
-                success=False,
-                message=reason,
-                user=user,
-                remote_addr=self.remote_addr,
+        self.bastion.workers.audit_soon(
+            event, success=False, message=reason, user=user, remote_addr=self.remote_addr
+        )
+
+    async def _audit_refusal(self, event: str, reason: str, user: str | None = None) -> None:
+        """A refusal, on record before the client hears it (unless the database is
+        locked: then the row follows)."""
+        if reason in self._audited:
+            return
+        self._audited.add(reason)
+        await self.bastion.workers.audit(
+            event, success=False, message=reason, user=user, remote_addr=self.remote_addr
+        )
+
+    async def audit_denied(
+        self, event: str, reason: str, identity: policy.Identity | None, **fields: Any
+    ) -> None:
+        await self.bastion.workers.audit(
+            event,
+            success=False,
+            message=reason,
+            user=identity.user if identity else None,
+            device=identity.asset_tag if identity else None,
+            remote_addr=self.remote_addr,
+            **fields,
+        )
+
+    # -- the credential, decided again ------------------------------------------------------
+
+    def _register(self, credential: Credential) -> None:
+        self.registered = self.bastion.authenticated.add(credential, self.terminate)
+
+    async def check_credential(self) -> None:
+        """Before every dt-api request and session: the credential this connection
+        authenticated with still stands (CredentialRevoked: the connection is closed),
+        and a certificate has not expired (AccessDenied: nothing new opens)."""
+        if self.ending is not None:
+            raise CredentialRevoked(self.ending)
+        registered = self.registered
+        if registered is None:
+            return  # a signup connection: its token is single use
+        now = time.time()
+        await self.bastion.workers.read(connections.recheck, registered.credential, now)
+        if registered.credential.claims is not None:
+            decide.check_not_expired(registered.credential.claims, now)
+
+    async def terminate(self, reason: str) -> None:
+        """Close this connection, not only its channels: its sessions are cut,
+        ``connection.terminated`` is audited, and the client is told why."""
+        if self.ending is not None:
+            return
+        self.ending = reason
+        bastion = self.bastion
+        bastion.authenticated.discard(self.registered)
+        await bastion.registry.cut([(s, reason) for s in bastion.registry.sessions_of(self)])
+        credential = self.registered.credential if self.registered else None
+        claims = credential.claims if credential else None
+        await bastion.workers.audit(
+            "connection.terminated",
+            wait=CUT_WAIT,
+            success=False,
+            message=reason,
+            user=credential.user if credential else None,
+            device=claims.asset_tag if claims else None,
+            remote_addr=self.remote_addr,
+            auth=credential.auth if credential else None,
+            serial=str(claims.serial) if claims else None,
+        )
+        log.warning(
+            "closing a connection of %s: %s", credential.user if credential else "?", reason
+        )
+        if self.conn is not None:
+            self.conn.disconnect(
+                asyncssh.DISC_BY_APPLICATION, f"dt-bastion closed this connection: {reason}"
             )
-        except DTError:
-            log.exception("could not audit %s", event)
 
     # -- authentication ----------------------------------------------------------------------------
 
@@ -262,15 +357,16 @@ class BastionServer(asyncssh.SSHServer):
     ) -> bool:
         """See the certificate blob before asyncssh does (see module docstring)."""
         try:
-            cert = parse_cert(_openssh_line(key_data))
-            identity = policy.check_certificate(
-                cert, self.store, self.bastion.cluster.ca.user_ca_fingerprint, time.time()
+            cert = parse_cert(policy.openssh_line(key_data))
+            ca_fingerprint, now = self.bastion.cluster.ca.user_ca_fingerprint, time.time()
+            identity = await self.bastion.workers.read(
+                lambda store: policy.check_certificate(cert, store, ca_fingerprint, now)
             )
             policy.check_source_address(cert, self.remote_addr)
         except DTError as exc:
             if msg:
                 self.bastion.note_failure(self.remote_addr or "?")
-            self._audit_once("auth.failed", exc.message, _user_of(key_data))
+            await self._audit_refusal("auth.failed", exc.message, _user_of(key_data))
             return False
         ok = await original(username, key_data, msg, signature)
         if ok and msg:
@@ -278,9 +374,12 @@ class BastionServer(asyncssh.SSHServer):
             self.api_identity = ApiIdentity(
                 identity.user, "certificate", self.remote_addr, valid_before=cert.valid_before
             )
+            self._register(Credential(identity.user, "certificate", claims=identity))
         elif not ok and msg:  # a bad signature counts against the address like any failure
             self.bastion.note_failure(self.remote_addr or "?")
-            self._audit_once("auth.failed", "certificate refused by the SSH layer", identity.user)
+            await self._audit_refusal(
+                "auth.failed", "certificate refused by the SSH layer", identity.user
+            )
         return bool(ok)
 
     def get_kbdint_challenge(
@@ -293,16 +392,20 @@ class BastionServer(asyncssh.SSHServer):
     async def validate_kbdint_response(self, username: str, responses: list[str]) -> bool:
         addr = self.remote_addr or "?"
         if self.bastion.too_many_failures(addr, time.monotonic()):
-            self._audit_once("auth.failed", "too many failed logins from this address", username)
+            await self._audit_refusal(
+                "auth.failed", "too many failed logins from this address", username
+            )
             return False
+        workers, bound = self.bastion.workers, self.bastion.config.login_timeout
         try:
             if username == SIGNUP_USER and len(responses) == 1:
-                user = accounts.signup_token_user(self.store, responses[0].strip())
-                self.api_identity = ApiIdentity(user, "signup", addr, responses[0].strip())
+                token = responses[0].strip()
+                user = await workers.call(accounts.signup_token_user, self.store, token)
+                self.api_identity = ApiIdentity(user, "signup", addr, token)
                 return True
             if len(responses) != 2:
                 return False
-            user_record = await asyncio.to_thread(
+            login = functools.partial(
                 accounts.check_password_login,
                 self.store,
                 username,
@@ -311,12 +414,19 @@ class BastionServer(asyncssh.SSHServer):
                 remote_addr=addr,
                 policy=self.bastion.lockout,
             )
+            user_record = await workers.call(login, timeout=bound)
         except DTError as exc:
             self.bastion.note_failure(addr)
             if username == SIGNUP_USER:
-                self._audit_once("auth.failed", f"signup: {exc.message}")
+                await self._audit_refusal("auth.failed", f"signup: {exc.message}")
             return False
-        self.api_identity = ApiIdentity(user_record.name, "password", addr)
+        # The hash it was checked against: a reset or a new password ends this connection.
+        self.api_identity = ApiIdentity(
+            user_record.name, "password", addr, password_hash=user_record.password_hash
+        )
+        self._register(
+            Credential(user_record.name, "password", password_hash=user_record.password_hash)
+        )
         return True
 
     # -- channels ------------------------------------------------------------------------------------
@@ -335,12 +445,19 @@ class BastionServer(asyncssh.SSHServer):
                 stderr.write(b"dt-api: certificates with force-command cannot use dt-api\r\n")
                 chan.exit(1)
                 return
+            if not await self._may_open_api(stderr):
+                chan.exit(1)
+                return
             session = ApiSession(
                 self.bastion.cluster,
                 identity,
+                workers=self.bastion.workers,
+                cluster_name=self.bastion.cluster_name,
                 step_timeout=self.bastion.config.api_step_timeout,
                 signup=self.bastion.signup,
                 issuer=self.bastion.issuer,
+                recheck=self.check_credential,
+                terminate=self.terminate,
             )
             try:
                 await session.run(LineReader(stdin), stdout)
@@ -363,6 +480,18 @@ class BastionServer(asyncssh.SSHServer):
         stderr.write(USAGE.format(host=host).encode())
         chan.exit(1)
 
+    async def _may_open_api(self, stderr: asyncssh.SSHWriter) -> bool:
+        """A new dt-api session, like any channel, only on a credential that stands."""
+        try:
+            await self.check_credential()
+        except DTError as exc:
+            await self.audit_denied("session.denied", f"dt-api: {exc.message}", self.identity)
+            stderr.write(f"dt-api: {exc.message}\r\n".encode())
+            if isinstance(exc, CredentialRevoked):
+                await self.terminate(exc.message)
+            return False
+        return True
+
     def _direct_tcpip_open(self, original: Any, packet: Any) -> Any:
         """asyncssh refuses ``direct-tcpip`` for a certificate without
         ``permit-port-forwarding`` before connection_requested runs; look first, so
@@ -376,138 +505,24 @@ class BastionServer(asyncssh.SSHServer):
                 and conn.check_certificate_permission("port-forwarding")
             )
         ):
-            try:
-                audit.record(
-                    self.store,
-                    "session.denied",
-                    success=False,
-                    message="the certificate does not permit port forwarding",
-                    user=identity.user,
-                    device=identity.asset_tag,
-                    remote_addr=self.remote_addr,
-                )
-            except DTError:  # asyncssh still refuses; only the record is missing
-                log.exception("could not audit a port-forwarding refusal")
+            self.bastion.workers.audit_soon(
+                "session.denied",
+                success=False,
+                message="the certificate does not permit port forwarding",
+                user=identity.user,
+                device=identity.asset_tag,
+                remote_addr=self.remote_addr,
+            )
         return original(packet)
 
     def connection_requested(
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
     ) -> Any:
-        now = time.time()
-        identity = self.identity
-        try:
-            if identity is None:
-                raise AccessDenied("log in with a certificate first (dtclient login)")
-            node = policy.resolve_node(self.store, dest_host, dest_port)
-            policy.check_node_access(self.store, identity, node, now)
-        except DTError as exc:
-            audit.record(
-                self.store,
-                "session.denied",
-                success=False,
-                message=exc.message,
-                user=identity.user if identity else None,
-                device=identity.asset_tag if identity else None,
-                remote_addr=self.remote_addr,
-                target=f"{dest_host}:{dest_port}",
-            )
-            raise asyncssh.ChannelOpenError(
-                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, exc.message
-            ) from None
+        """Every decision is made in :func:`forwarding.open_forward`, off the loop,
+        before the channel is confirmed."""
         assert self.conn is not None
         chan = self.conn.create_tcp_channel()
-        return chan, self._forward(chan, identity, node)
-
-    async def _forward(self, chan: Any, identity: policy.Identity, node: Any) -> CountingForwarder:
-        bastion = self.bastion
-        live = LiveSession(identity, node, self.remote_addr, chan.close)
-        loop = asyncio.get_running_loop()
-
-        def node_side() -> CountingForwarder:
-            forwarder = CountingForwarder(bastion.registry, live, upstream=False)
-            self._watch_node_host_key(forwarder, live)
-            return forwarder
-
-        try:
-            _, peer = await asyncio.wait_for(
-                loop.create_connection(node_side, node.host, node.port),
-                bastion.config.node_connect_timeout,
-            )
-        except (OSError, TimeoutError) as exc:
-            reason = f"node {node.name} ({node.addr}) is unreachable: {_why(exc)}"
-            audit.record(
-                self.store,
-                "session.denied",
-                success=False,
-                message=reason,
-                user=identity.user,
-                device=identity.asset_tag,
-                remote_addr=self.remote_addr,
-                node=node.name,
-            )
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, reason) from None
-        try:
-            bastion.registry.add(live)
-        except DTError as exc:  # no session goes unrecorded: hang up on the node
-            log.error("cannot record a session to %s: %s", node.name, exc.message)
-            peer.close()
-            raise asyncssh.ChannelOpenError(
-                asyncssh.OPEN_CONNECT_FAILED,
-                "the bastion cannot record this session right now; try again later",
-            ) from None
-        return CountingForwarder(bastion.registry, live, upstream=True, peer=peer)
-
-    def _watch_node_host_key(self, node_side: CountingForwarder, live: LiveSession) -> None:
-        def refuse_user_cert(blob: bytes) -> bool:
-            reason = self._bad_node_host_key(blob, live)
-            if reason is not None:
-                self._audit_node_refusal(live, reason)
-            return reason is not None
-
-        def unreadable(why: str) -> None:
-            self._audit_node_refusal(
-                live, f"node {live.node.name} sent an SSH handshake the bastion cannot check: {why}"
-            )
-
-        node_handshake.watch(node_side, refuse_user_cert, unreadable)
-
-    def _bad_node_host_key(self, blob: bytes, live: LiveSession) -> str | None:
-        try:
-            cert = parse_cert(_openssh_line(blob))
-        except DTError:
-            return None  # unreadable to us: the client's own check decides
-        ca = self.bastion.cluster.ca
-        names = {
-            ca.host_ca_fingerprint: "the cluster's host CA",
-            ca.user_ca_fingerprint: "the cluster's user CA",
-        }
-        try:
-            policy.check_node_host_cert(cert, live.node, names)
-        except DTError as exc:
-            return exc.message
-        return None
-
-    def _audit_node_refusal(self, live: LiveSession, reason: str) -> None:
-        log.warning("refusing session %s: %s", live.id, reason)
-        try:
-            audit.record(
-                self.store,
-                "session.denied",
-                success=False,
-                message=reason,
-                **audit_fields(live),
-            )
-        except DTError:
-            log.exception("could not audit the refusal of session %s", live.id)
-
-
-def _why(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "no answer (timed out)"
-    if isinstance(exc, OSError) and exc.errno:
-        # asyncio puts "Connect call failed (addr)" in strerror; the errno says why
-        return os.strerror(exc.errno)
-    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        return chan, open_forward(self, chan, self.identity, dest_host, dest_port)
 
 
 def _ack_promptly_until_authenticated(conn: asyncssh.SSHServerConnection) -> None:
@@ -540,17 +555,9 @@ def _ack_promptly_until_authenticated(conn: asyncssh.SSHServerConnection) -> Non
     conn.data_received = data_received  # type: ignore[method-assign]
 
 
-def _openssh_line(key_data: bytes) -> bytes:
-    import base64
-
-    name_len = int.from_bytes(key_data[:4], "big") if len(key_data) >= 4 else 0
-    name = key_data[4 : 4 + name_len]
-    return name + b" " + base64.b64encode(key_data)
-
-
 def _user_of(key_data: bytes) -> str | None:
     try:
-        return parse_cert(_openssh_line(key_data)).user
+        return parse_cert(policy.openssh_line(key_data)).user
     except DTError:
         return None
 

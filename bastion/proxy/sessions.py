@@ -1,11 +1,16 @@
 """Live forwarded sessions and their revocation.
 
-Every forwarded channel is registered with who opened it and where it goes. A
-watcher polls the cluster's revision number (one indexed row, not whole tables)
+Every forwarded channel is registered with who opened it and where it goes, and from
+before its node connect starts: a lock that commits while the TCP connect to a slow
+node is still in flight is seen, and that session never forwards. Once the node
+answers the session is decided again, and only then is its start recorded.
+
+A watcher polls the cluster's revision number (one indexed row, not whole tables)
 every ``poll_interval`` seconds; when it moves, every live session is decided again
 with the same policy functions that admitted it, and the ones no longer allowed are
 closed and audited as ``session.terminated``. With the default 0.2 s poll, an
-unenrolled device or a lock cuts sessions well within a second.
+unenrolled device or a lock cuts sessions well within a second. Everything the
+watcher reads or writes goes through :mod:`bastion.proxy.workers`, never the loop.
 
 Each open session also has a row in ``live_sessions`` under this process's instance
 name, removed with its ``session.end``. A bastion killed outright leaves its rows
@@ -17,23 +22,30 @@ running on it, finds them once the dead process's instance lock is free
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from asyncssh.forward import SSHForwarder
 
 from bastion import audit
+from bastion.authz import decide
 from bastion.authz.records import Node, OpenSession
-from bastion.protocol.errors import AccessDenied, DTError
+from bastion.protocol.errors import AccessDenied, DTError, StorageUnavailable
 from bastion.proxy import instances, policy
+from bastion.proxy.workers import Workers
 from bastion.storage import Store
 
 log = logging.getLogger("bastion.sessions")
 _ids = itertools.count(1)
+# How long a cut waits for its session.end to commit before closing anyway: the audit
+# log says so before the client sees it, unless the database is locked.
+CUT_WAIT = 0.5
 
 
 @dataclass(eq=False)
@@ -49,6 +61,8 @@ class LiveSession:
     bytes_down: int = 0  # node -> client
     ended: bool = False
     terminated_reason: str | None = None
+    owner: object | None = None  # the SSH connection it belongs to
+    recorded: bool = False  # its start is on record; until then it is only tracked
 
 
 def audit_fields(session: LiveSession) -> dict[str, Any]:
@@ -62,31 +76,107 @@ def audit_fields(session: LiveSession) -> dict[str, Any]:
     }
 
 
+Listener = Callable[..., Awaitable[None] | None]
+
+
 class Registry:
     def __init__(
-        self, store: Store, poll_interval: float = 0.2, sweep_interval: float = 10.0
+        self,
+        store: Store,
+        poll_interval: float = 0.2,
+        sweep_interval: float = 10.0,
+        workers: Workers | None = None,
     ) -> None:
         self.store = store
         self.poll_interval = poll_interval
         self.sweep_interval = sweep_interval
+        self.workers = workers
+        self._own_workers = False
         self.live: dict[int, LiveSession] = {}
         self._task: asyncio.Task[None] | None = None
         self._revision = -1
         # Set by start() when the store is on disk; sessions are then also recorded
         # in live_sessions under this name.
         self._instance: instances.InstanceLock | None = None
-        # Called (before live sessions are re-checked) whenever the revision moves.
-        self.on_revision: list[Callable[[], None]] = []
+        # Whenever the revision moves: on_revision before live sessions are decided
+        # again, after_recheck (with ``now``) after. on_poll (with ``now``) every turn.
+        self.on_revision: list[Listener] = []
+        self.after_recheck: list[Listener] = []
+        self.on_poll: list[Listener] = []
 
     @property
     def instance(self) -> str | None:
         return self._instance.name if self._instance else None
 
+    def sessions_of(self, owner: object) -> list[LiveSession]:
+        return [s for s in self.live.values() if s.owner is owner]
+
+    # -- one session's life (the blocking halves run on a worker) -------------------------
+
     def add(self, session: LiveSession) -> None:
-        """Record and audit the start; raises (and holds nothing) if that fails."""
-        with self.store.transaction(bump=False):
+        """Record and audit the start, blocking; raises (and holds nothing) if that
+        fails. The bastion itself opens sessions with :meth:`track` and :meth:`begin`."""
+        self._record_start(self.store, session)
+        session.recorded = True
+        self.live[session.id] = session  # only once its start is on record
+
+    def track(self, session: LiveSession) -> None:
+        """Hold a session that is still connecting, so every re-check sees it."""
+        self.live[session.id] = session
+
+    def untrack(self, session: LiveSession) -> None:
+        if not session.recorded:
+            session.ended = True
+            self.live.pop(session.id, None)
+
+    async def begin(self, session: LiveSession) -> None:
+        """Its node answered: decide again, then record the start. Raises AccessDenied
+        (cut meanwhile, or no longer allowed) or StorageUnavailable; the caller then
+        hangs up on the node. Runs to its end even if the opener goes away, so a start
+        that commits is always followed by its end."""
+        task = asyncio.ensure_future(self._begin(session))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda _: self.end(session) if session.recorded else None)
+            raise
+
+    async def _begin(self, session: LiveSession) -> None:
+        workers = self._workers()
+        _refuse_if_ended(session)
+        now = time.time()
+        decide.check_not_expired(session.identity, now)
+        await workers.read(policy.check_live_session, session.identity, session.node, now)
+        _refuse_if_ended(session)
+        await workers.write(self._record_start, session)
+        session.recorded = True
+        if session.ended:  # cut while its start was being written: end it now
+            await workers.persist(self._record_end, session, session.terminated_reason, 0.0)
+            _refuse_if_ended(session)
+
+    def end(self, session: LiveSession) -> None:
+        """The session closed (from a synchronous callback): its end is written soon."""
+        if session.ended:
+            return
+        session.ended = True
+        self.live.pop(session.id, None)
+        if not session.recorded:
+            return
+        duration = round(time.monotonic() - session.started, 3)
+        if self.workers is not None:
+            self.workers.write_soon(self._record_end, session, None, duration)
+            return
+        try:
+            self._record_end(self.store, session, None, duration)
+        except DTError:
+            # The row stays; a later sweep ends it in the audit log once this
+            # process is gone.
+            log.exception("could not audit the end of session %s", session.id)
+
+    def _record_start(self, store: Store, session: LiveSession) -> None:
+        with store.transaction(bump=False):
             if self._instance is not None:
-                self.store.add_open_session(
+                store.add_open_session(
                     OpenSession(
                         instance=self._instance.name,
                         session_id=session.id,
@@ -99,47 +189,53 @@ class Registry:
                     )
                 )
             audit.record(
-                self.store,
+                store,
                 "session.start",
                 message=f"forwarding to {session.node.name} ({session.node.addr})",
                 **audit_fields(session),
                 bastion=self.instance,
                 serial=str(session.identity.serial),
             )
-        self.live[session.id] = session  # only once its start is on record
 
-    def end(self, session: LiveSession) -> None:
-        if session.ended:
-            return
-        session.ended = True
-        self.live.pop(session.id, None)
-        try:
-            with self.store.transaction(bump=False):
-                if self._instance is not None:
-                    self.store.remove_open_session(self._instance.name, session.id)
+    def _record_end(
+        self, store: Store, session: LiveSession, terminated: str | None, duration: float = 0.0
+    ) -> None:
+        """``session.terminated`` (if it was cut) and ``session.end``, in one commit."""
+        with store.transaction(bump=False):
+            if terminated is not None:
                 audit.record(
-                    self.store,
-                    "session.end",
-                    message=session.terminated_reason or "session closed",
+                    store,
+                    "session.terminated",
+                    success=False,
+                    message=terminated,
                     **audit_fields(session),
-                    bastion=self.instance,
-                    bytes_up=session.bytes_up,
-                    bytes_down=session.bytes_down,
-                    duration=round(time.monotonic() - session.started, 3),
                 )
-        except DTError:
-            # The row stays; a later sweep ends it in the audit log once this
-            # process is gone.
-            log.exception("could not audit the end of session %s", session.id)
+            if self._instance is not None:
+                store.remove_open_session(self._instance.name, session.id)
+            audit.record(
+                store,
+                "session.end",
+                message=session.terminated_reason or "session closed",
+                **audit_fields(session),
+                bastion=self.instance,
+                bytes_up=session.bytes_up,
+                bytes_down=session.bytes_down,
+                duration=duration or round(time.monotonic() - session.started, 3),
+            )
 
     # -- revocation ----------------------------------------------------------------------------
 
     def start(self) -> None:
         if self.store.path is not None and self._instance is None:
             self._instance = instances.InstanceLock.acquire(self.store.path.parent)
-            self._sweep_safely(stale_files=True)
-        self._revision = self.store.revision()
+        if self.workers is None:
+            self.workers, self._own_workers = Workers(self.store), True
         self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    def _workers(self) -> Workers:
+        if self.workers is None:
+            self.workers, self._own_workers = Workers(self.store), True
+        return self.workers
 
     def sweep(self, *, stale_files: bool = False) -> int:
         """End, in the audit log, the sessions of bastions that died without doing so.
@@ -203,8 +299,15 @@ class Registry:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        for session in list(self.live.values()):
-            self._terminate(session, reason, audit_it=False)
+        doomed = [(session, reason) for session in self.live.values()]
+        if self.workers is not None:
+            await self.cut(doomed, audit_it=False, wait=5.0)
+            if self._own_workers:
+                await asyncio.to_thread(self.workers.close)
+                self.workers = None
+        else:
+            for session, why in doomed:
+                self._terminate(session, why, audit_it=False)
         if self._instance is not None:
             # Any row left (its end could not be written) is swept by the next bastion.
             self._instance.release()
@@ -213,20 +316,27 @@ class Registry:
     async def _watch(self) -> None:
         """Runs for the bastion's life. This loop is what cuts revoked sessions, so a
         failure in one turn is logged and the next turn tries again."""
-        next_sweep = time.monotonic() + self.sweep_interval
+        workers = self._workers()
+        next_sweep = 0.0
+        stale_files = True  # the first sweep also looks for lock files of dead bastions
         while True:
-            await asyncio.sleep(self.poll_interval)
             try:
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + self.sweep_interval
-                    self._sweep_safely()
-                self._follow_revision()
+                    await workers.call(
+                        functools.partial(self._sweep_safely, stale_files=stale_files)
+                    )
+                    stale_files = False
+                await self._follow_revision(workers)
+                for listener in self.on_poll:
+                    await _maybe_await(listener(time.time()))
             except Exception:
                 log.exception("re-checking live sessions failed; trying again")
+            await asyncio.sleep(self.poll_interval)
 
-    def _follow_revision(self) -> None:
+    async def _follow_revision(self, workers: Workers) -> None:
         try:
-            revision = self.store.revision()
+            revision = await workers.read(lambda store: store.revision())
         except DTError:
             log.exception("cannot read the cluster revision; live sessions go on")
             return
@@ -234,48 +344,99 @@ class Registry:
             return
         for listener in self.on_revision:
             try:
-                listener()
+                await _maybe_await(listener())
             except DTError:
                 log.exception("reacting to a state change failed")
-        self.recheck()
+        now = time.time()
+        doomed = await workers.read(self._doomed, list(self.live.values()), now)
+        await self.cut(doomed)
+        for listener in self.after_recheck:
+            await _maybe_await(listener(now))
         self._revision = revision  # only now: a re-check that failed is tried again
 
     def recheck(self, now: float | None = None) -> int:
-        """Close every live session the current state no longer allows; returns how many."""
+        """Close every live session the current state no longer allows; returns how
+        many. Blocking, on this registry's store (the watcher does the same off-loop)."""
         now = time.time() if now is None else now
-        closed = 0
-        for session in list(self.live.values()):
+        doomed = self._doomed(self.store, list(self.live.values()), now)
+        for session, reason in doomed:
+            self._terminate(session, reason)
+        return len(doomed)
+
+    @staticmethod
+    def _doomed(
+        store: Store, sessions: list[LiveSession], now: float
+    ) -> list[tuple[LiveSession, str]]:
+        """The sessions the state no longer allows, and why. A database that does not
+        answer raises (the watcher tries again); one that answers garbage cuts."""
+        doomed = []
+        for session in sessions:
             try:
-                node = self.store.find_node(session.node.name)
-                if node is None or node.addr != session.node.addr:
-                    raise AccessDenied(f"node {session.node.name} was removed from the inventory")
-                policy.check_node_access(self.store, session.identity, node, now)
+                policy.check_live_session(store, session.identity, session.node, now)
             except AccessDenied as exc:
-                self._terminate(session, exc.message)
-                closed += 1
+                doomed.append((session, exc.message))
+            except StorageUnavailable:
+                raise
             except DTError:
                 log.exception("re-checking session %s failed; closing it", session.id)
-                self._terminate(session, "state unreadable")
-                closed += 1
-        return closed
+                doomed.append((session, "state unreadable"))
+        return doomed
+
+    async def cut(
+        self,
+        doomed: list[tuple[LiveSession, str]],
+        *,
+        audit_it: bool = True,
+        wait: float = CUT_WAIT,
+    ) -> None:
+        """End these sessions: ``session.terminated`` (unless ``audit_it`` is False)
+        and ``session.end`` in one commit, waited for up to ``wait`` seconds so the
+        audit log says so before the client sees it, then close them. A session still
+        connecting is only marked: its opener refuses it (:meth:`begin`)."""
+        closing, writes = [], []
+        for session, reason in doomed:
+            if session.ended:
+                continue
+            session.terminated_reason = reason
+            session.ended = True
+            self.live.pop(session.id, None)
+            if not session.recorded:
+                continue
+            closing.append(session)
+            duration = round(time.monotonic() - session.started, 3)
+            terminated = reason if audit_it else None
+            writes.append(
+                self._workers().persist(self._record_end, session, terminated, duration, wait=wait)
+            )
+        if writes:
+            await asyncio.gather(*writes)
+        for session in closing:
+            session.close()
 
     def _terminate(self, session: LiveSession, reason: str, *, audit_it: bool = True) -> None:
+        """:meth:`cut`, blocking (the synchronous :meth:`recheck` and :meth:`stop`
+        without workers)."""
         session.terminated_reason = reason
-        if audit_it:
+        session.ended = True
+        self.live.pop(session.id, None)
+        if session.recorded:
             try:
-                audit.record(
-                    self.store,
-                    "session.terminated",
-                    success=False,
-                    message=reason,
-                    **audit_fields(session),
-                )
+                self._record_end(self.store, session, reason if audit_it else None)
             except DTError:
                 log.exception("could not audit termination of session %s", session.id)
         # End (and commit) first, then close: once the client sees its session cut,
         # the audit log already says so.
-        self.end(session)
         session.close()
+
+
+def _refuse_if_ended(session: LiveSession) -> None:
+    if session.ended:
+        raise AccessDenied(session.terminated_reason or "the session was closed while it opened")
+
+
+async def _maybe_await(result: Any) -> None:
+    if inspect.isawaitable(result):
+        await result
 
 
 class CountingForwarder(SSHForwarder):
