@@ -14,34 +14,10 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
-import subprocess
-import sys
-from pathlib import Path
 
 from bastion.authz.records import User
 from bastion.storage import DB_NAME, Store
-
-ROOT = Path(__file__).resolve().parents[1]
-
-# SQLite's lock bytes (os_unix.c): a SHARED lock is a read lock on these 510 bytes,
-# held for as long as a WAL-mode connection is open.
-PENDING_BYTE = 0x40000000
-SHARED_FIRST, SHARED_SIZE = PENDING_BYTE + 2, 510
-
-
-def python(code: str, *args: str) -> str:
-    """Run ``code`` in a fresh interpreter of this tree, as a dtadmin process would."""
-    result = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
+from tests.sqlite_locks import SHARED_FIRST, SHARED_SIZE, python, shared_lock_holder
 
 ADMIN_READS = """
 import sys
@@ -58,19 +34,6 @@ row = conn.execute("SELECT value FROM settings WHERE key = ?", (sys.argv[2],)).f
 print(row[0] if row else "missing")
 conn.close()
 """
-
-# Asks the kernel which lock another process holds on the database's SHARED range.
-LOCK_HOLDER = """
-import fcntl, os, struct, sys
-fd = os.open(sys.argv[1], os.O_RDONLY)
-probe = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, int(sys.argv[2]), int(sys.argv[3]), 0)
-kind, _, _, _, pid = struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_GETLK, probe))
-print("unlocked" if kind == fcntl.F_UNLCK else pid)
-"""
-
-
-def shared_lock_holder(db: Path) -> str:
-    return python(LOCK_HOLDER, str(db), str(SHARED_FIRST), str(SHARED_SIZE)).strip()
 
 
 def test_a_short_admin_process_never_deletes_a_running_bastions_wal(tmp_path):

@@ -21,6 +21,17 @@ Rules that hold everywhere here:
 * Nothing in a process touches the database file outside SQLite once it has a
   connection to it (``files.connect``): closing any descriptor of the file would drop
   the process's locks on it, and another process would then delete the -wal under it.
+
+Threads. A store may be shared by threads, and none waits for another's: each thread
+gets a connection of its own on first use (closed with the store, or once its thread
+has ended), so a reader is never queued behind a writer that waits up to the busy
+timeout (10 s) for another process's write lock, and a transaction is its thread's
+alone (another thread sees the last commit, neither joining nor waiting for it). For a
+worker pool, ``Store.open(state_dir, check=False)`` is a cheap store per worker: no
+quick_check, no migration, and no access to the file outside SQLite (the process
+already has it open). The executor that keeps storage work off the event loop is the
+proxy's (``bastion/proxy/workers.py``), not this package's. An in-memory store has
+one connection, which its threads take in turn.
 """
 
 from __future__ import annotations

@@ -34,22 +34,89 @@ def _open_error(state_dir: Path, path: Path, exc: BaseException) -> Exception:
     return StateError(f"cluster database {path} is unreadable or corrupt: {exc}")
 
 
-class SQLiteBase:
-    """One SQLite connection and its transactions; the noun modules build on it.
+class _Connection:
+    """One SQLite connection, and the state of the transaction open on it."""
 
-    Thread-safe: one connection guarded by a re-entrant lock.
+    __slots__ = ("conn", "lock", "key", "bump_pending", "after_commit")
+
+    def __init__(self, conn: sqlite3.Connection, key: files.FileKey | None) -> None:
+        self.conn = conn
+        self.lock = threading.RLock()  # contended only where threads share it (in memory)
+        self.key = key
+        self.bump_pending = False
+        self.after_commit: list[Callable[[], None]] = []
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+            key, self.key = self.key, None
+        if key is not None:
+            files.release(key)
+
+
+def _configure_connection(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA journal_mode=WAL")
+    # FULL: a certificate is handed out only after its serial is on disk.
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+
+
+class SQLiteBase:
+    """SQLite connections and their transactions; the noun modules build on it.
+
+    Thread-safe, and no thread waits for another's: each thread that uses a store gets
+    a connection of its own (made on first use, closed with the store or once its
+    thread has ended). A reader is never queued behind a writer that waits for the
+    database's write lock, and a transaction is one thread's, never joined by another.
+    In WAL mode a reader sees the last commit. An in-memory store has one connection,
+    which its threads take in turn. ``db`` (sqlite-utils) is the opening thread's.
     """
 
     def __init__(
         self, conn: sqlite3.Connection, path: Path | None, *, file_key: files.FileKey | None = None
     ) -> None:
         self.path = path
-        self._conn = conn
-        self._file_key = file_key
         self.db = sqlite_utils.Database(conn)
-        self._lock = threading.RLock()
-        self._bump_pending = False
-        self._after_commit: list[Callable[[], None]] = []
+        self._primary = _Connection(conn, file_key)
+        self._local = threading.local()
+        self._local.c = self._primary
+        self._threads: dict[threading.Thread, _Connection] = {}
+        self._threads_lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def _c(self) -> _Connection:
+        try:
+            return self._local.c
+        except AttributeError:
+            c = self._local.c = self._connect_this_thread()
+            return c
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection."""
+        return self._c.conn
+
+    def _connect_this_thread(self) -> _Connection:
+        if self.path is None:  # one database per connection: all threads share it
+            return self._primary
+        with self._threads_lock:
+            if self._closed:
+                raise StateError(f"cluster database {self.path} was closed")
+            for ended in [t for t in self._threads if not t.is_alive()]:
+                self._threads.pop(ended).close()
+            try:
+                conn, key = files.connect(self.path, create=False)  # no file checks: open
+            except (sqlite3.DatabaseError, OSError) as exc:
+                raise _open_error(self.path.parent, self.path, exc) from exc
+            c = _Connection(conn, key)
+            try:
+                _configure_connection(conn)
+            except sqlite3.Error as exc:
+                c.close()
+                raise _open_error(self.path.parent, self.path, exc) from exc
+            self._threads[threading.current_thread()] = c
+        return c
 
     # -- opening ---------------------------------------------------------------------
 
@@ -91,10 +158,7 @@ class SQLiteBase:
         return store
 
     def _configure(self, check: bool = True) -> None:
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        # FULL: a certificate is handed out only after its serial is on disk.
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.execute("PRAGMA foreign_keys=ON")
+        _configure_connection(self._conn)
         if not check:
             return
         result = self._conn.execute("PRAGMA quick_check").fetchone()[0]
@@ -141,11 +205,13 @@ class SQLiteBase:
                     )
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-            key, self._file_key = self._file_key, None
-        if key is not None:
-            files.release(key)
+        """Close every thread's connection (waiting for a transaction still open)."""
+        with self._threads_lock:
+            self._closed = True
+            conns = [self._primary, *self._threads.values()]
+            self._threads.clear()
+        for c in conns:
+            c.close()
 
     def schema_version(self) -> int:
         row = self._conn.execute("SELECT max(version) FROM _migrations").fetchone()
@@ -160,28 +226,29 @@ class SQLiteBase:
         ``BEGIN IMMEDIATE`` takes the write lock up front, so two bastions racing for
         one token serialise here instead of failing with a deadlock at commit.
         """
-        with self._lock:
-            if self._conn.in_transaction:
-                self._bump_pending |= bump
+        c = self._c
+        with c.lock:
+            if c.conn.in_transaction:
+                c.bump_pending |= bump
                 yield
                 return
             try:
-                self._conn.execute("BEGIN IMMEDIATE")
+                c.conn.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
                 raise StorageUnavailable(f"cluster database is busy or unwritable: {exc}") from exc
-            self._bump_pending = bump
+            c.bump_pending = bump
             try:
                 yield
-                if self._bump_pending:
-                    self._conn.execute(
+                if c.bump_pending:
+                    c.conn.execute(
                         "INSERT INTO settings (key, value) VALUES ('revision', '1') "
                         "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
                     )
-                self._conn.execute("COMMIT")
+                c.conn.execute("COMMIT")
             except BaseException as exc:
-                self._after_commit = []
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
+                c.after_commit = []
+                if c.conn.in_transaction:
+                    c.conn.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.OperationalError):
                     raise StorageUnavailable(f"cluster database write failed: {exc}") from exc
                 if isinstance(exc, sqlite3.DatabaseError) and not isinstance(
@@ -189,7 +256,7 @@ class SQLiteBase:
                 ):
                     raise StateError(f"cluster database error: {exc}") from exc
                 raise
-            done, self._after_commit = self._after_commit, []
+            done, c.after_commit = c.after_commit, []
         for callback in done:
             callback()
 
@@ -197,9 +264,10 @@ class SQLiteBase:
         """Run ``callback`` once the current transaction has committed (at once if none
         is open), and never if it rolls back: a log line saying "allowed" must not
         outlive the issuance it describes."""
-        with self._lock:
-            if self._conn.in_transaction:
-                self._after_commit.append(callback)
+        c = self._c
+        with c.lock:
+            if c.conn.in_transaction:
+                c.after_commit.append(callback)
                 return
         callback()
 
@@ -207,23 +275,24 @@ class SQLiteBase:
     def savepoint(self) -> Iterator[None]:
         """A part of the open transaction that can fail alone: on an exception only
         its own writes are undone, and the transaction goes on (group commit)."""
-        with self._lock:
-            if not self._conn.in_transaction:
+        c = self._c
+        with c.lock:
+            if not c.conn.in_transaction:
                 raise RuntimeError("savepoint() needs an open transaction")
-            self._conn.execute("SAVEPOINT part")
-            callbacks = len(self._after_commit)
+            c.conn.execute("SAVEPOINT part")
+            callbacks = len(c.after_commit)
             try:
                 yield
             except BaseException:
-                del self._after_commit[callbacks:]
+                del c.after_commit[callbacks:]
                 # SQLite may already have rolled the whole transaction back (a full
                 # disk); then there is no savepoint left and the error stands.
-                if self._conn.in_transaction:
+                if c.conn.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
-                        self._conn.execute("ROLLBACK TO part")
-                        self._conn.execute("RELEASE part")
+                        c.conn.execute("ROLLBACK TO part")
+                        c.conn.execute("RELEASE part")
                 raise
-            self._conn.execute("RELEASE part")
+            c.conn.execute("RELEASE part")
 
     @contextlib.contextmanager
     def read_transaction(self) -> Iterator[None]:
@@ -231,20 +300,21 @@ class SQLiteBase:
 
         A deferred BEGIN in WAL mode takes no lock: a writer elsewhere neither waits
         for it nor is waited for."""
-        with self._lock:
-            if self._conn.in_transaction:
+        c = self._c
+        with c.lock:
+            if c.conn.in_transaction:
                 yield
                 return
             try:
-                self._conn.execute("BEGIN")
+                c.conn.execute("BEGIN")
             except sqlite3.OperationalError as exc:
                 raise StorageUnavailable(f"cluster database read failed: {exc}") from exc
             try:
                 yield
             finally:
-                if self._conn.in_transaction:
+                if c.conn.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
-                        self._conn.execute("COMMIT")
+                        c.conn.execute("COMMIT")
 
     def _one(self, sql: str, params: tuple[Any, ...] = ()) -> dict[str, Any] | None:
         rows = self._all(sql, params)
@@ -253,9 +323,10 @@ class SQLiteBase:
     def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         """Reads go straight to the connection: they are on every login's hot path, and
         sqlite-utils' query() parses each statement first (a third of issuance time)."""
-        with self._lock:
+        c = self._c
+        with c.lock:
             try:
-                cursor = self._conn.execute(sql, params)
+                cursor = c.conn.execute(sql, params)
             except sqlite3.OperationalError as exc:
                 raise StorageUnavailable(f"cluster database read failed: {exc}") from exc
             except sqlite3.DatabaseError as exc:
