@@ -20,6 +20,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -94,8 +95,11 @@ class Connections:
         if conn is not None:
             self.live.pop(conn.id, None)
 
-    async def recheck(self, now: float) -> int:
-        """The revision moved: end every connection whose credential no longer stands."""
+    async def recheck(self, now: float | None = None) -> int:
+        """The revision moved: end every connection whose credential no longer stands
+        (before live sessions are decided: the client whose jump is cut hangs up at
+        once, and its connection must already be on its way out, audited)."""
+        now = time.time() if now is None else now
         return await self._end(list(self.live.values()), now)
 
     async def check_expired(self, now: float) -> int:

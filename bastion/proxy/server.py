@@ -86,10 +86,10 @@ class Bastion:
         self.issuer = GroupCommitIssuer(cluster.ca)
         self.authorized_keys = self._trust_user_ca()
         self._ca_pending = False
-        # When the state moves: the CA first, then live sessions, then connections;
+        # When the state moves: the CA first, then connections, then live sessions;
         # on every poll, certificates that just expired (and a rotation half seen).
         self.registry.on_revision.append(self.refresh_user_ca)
-        self.registry.after_recheck.append(self.authenticated.recheck)
+        self.registry.on_revision.append(self.authenticated.recheck)
         self.registry.on_poll.append(self.authenticated.check_expired)
         self.registry.on_poll.append(self._refresh_pending_user_ca)
         self.signup = accounts.Signup(cluster.store, self.cluster_name)
@@ -301,19 +301,24 @@ class BastionServer(asyncssh.SSHServer):
         self.ending = reason
         bastion = self.bastion
         bastion.authenticated.discard(self.registered)
-        await bastion.registry.cut([(s, reason) for s in bastion.registry.sessions_of(self)])
         credential = self.registered.credential if self.registered else None
         claims = credential.claims if credential else None
-        await bastion.workers.audit(
-            "connection.terminated",
-            wait=CUT_WAIT,
-            success=False,
-            message=reason,
-            user=credential.user if credential else None,
-            device=claims.asset_tag if claims else None,
-            remote_addr=self.remote_addr,
-            auth=credential.auth if credential else None,
-            serial=str(claims.serial) if claims else None,
+        sessions = bastion.registry.sessions_of(self)
+        await asyncio.gather(  # both rows in one commit, then the channels close
+            bastion.registry.cut(
+                [(s, f"access denied to {s.node.name}: {reason}") for s in sessions]
+            ),
+            bastion.workers.audit(
+                "connection.terminated",
+                wait=CUT_WAIT,
+                success=False,
+                message=reason,
+                user=credential.user if credential else None,
+                device=claims.asset_tag if claims else None,
+                remote_addr=self.remote_addr,
+                auth=credential.auth if credential else None,
+                serial=str(claims.serial) if claims else None,
+            ),
         )
         log.warning(
             "closing a connection of %s: %s", credential.user if credential else "?", reason

@@ -98,10 +98,9 @@ class Registry:
         # Set by start() when the store is on disk; sessions are then also recorded
         # in live_sessions under this name.
         self._instance: instances.InstanceLock | None = None
-        # Whenever the revision moves: on_revision before live sessions are decided
-        # again, after_recheck (with ``now``) after. on_poll (with ``now``) every turn.
+        # Called (before live sessions are decided again) whenever the revision moves;
+        # on_poll (with ``now``) on every turn.
         self.on_revision: list[Listener] = []
-        self.after_recheck: list[Listener] = []
         self.on_poll: list[Listener] = []
 
     @property
@@ -342,17 +341,17 @@ class Registry:
             return
         if revision == self._revision:
             return
+        settled = True
         for listener in self.on_revision:
             try:
                 await _maybe_await(listener())
             except DTError:
-                log.exception("reacting to a state change failed")
-        now = time.time()
-        doomed = await workers.read(self._doomed, list(self.live.values()), now)
+                log.exception("reacting to a state change failed; trying again")
+                settled = False
+        doomed = await workers.read(self._doomed, list(self.live.values()), time.time())
         await self.cut(doomed)
-        for listener in self.after_recheck:
-            await _maybe_await(listener(now))
-        self._revision = revision  # only now: a re-check that failed is tried again
+        if settled:
+            self._revision = revision  # only now: a re-check that failed is tried again
 
     def recheck(self, now: float | None = None) -> int:
         """Close every live session the current state no longer allows; returns how
