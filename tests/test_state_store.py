@@ -41,11 +41,11 @@ def test_old_imports_still_work():
 def test_sqlite_store_has_every_protocol_member_with_its_signature(name):
     want = protocol_members()[name]
     have = inspect.signature(getattr(SQLiteStore, name))
-    assert [
-        (p.name, p.kind, p.default, p.annotation) for p in have.parameters.values()
-    ] == [(p.name, p.kind, p.default, p.annotation) for p in want.parameters.values()], (
-        f"{name}{have} differs from StateStore.{name}{want}"
-    )
+
+    def shape(sig: inspect.Signature) -> list[tuple]:
+        return [(p.name, p.kind, p.default, p.annotation) for p in sig.parameters.values()]
+
+    assert shape(have) == shape(want), f"{name}{have} differs from StateStore.{name}{want}"
     if name in CONTEXT_MANAGERS:
         assert want.return_annotation == "AbstractContextManager[None]"
         assert have.return_annotation == "Iterator[None]"  # a @contextmanager
