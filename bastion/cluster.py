@@ -1,7 +1,9 @@
 """A cluster's state directory: the database, the CA keys and the bastion's host key.
 
 ``Cluster.open`` is what both ``dtadmin`` and ``dt-bastion`` call; it refuses to
-return a cluster whose database or keys are missing or corrupt.
+return a cluster whose database or keys are missing or corrupt, or whose state
+directory another local user could change (``check_state_dir``): whoever can write
+there can swap the CA keys the CA signs with.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +29,13 @@ from bastion.ca.authority import (
     CertificateAuthority,
 )
 from bastion.protocol.errors import AlreadyExists, StateError, StorageUnavailable
+from bastion.protocol.files import (
+    check_ancestors,
+    check_own_dir,
+    mode_text,
+    private_dir,
+    user_name,
+)
 from bastion.storage import DB_NAME, Store
 
 DEFAULT_STATE_DIR = "/var/lib/dt-bastion"
@@ -49,6 +59,8 @@ class Cluster:
     @classmethod
     def open(cls, state_dir: Path | str) -> Cluster:
         state_dir = Path(state_dir)
+        if os.path.lexists(state_dir):  # a missing one: Store.open says how to make it
+            check_state_dir(state_dir)
         store = Store.open(state_dir)
         if not store.get_setting("cluster_name"):
             store.close()
@@ -129,6 +141,7 @@ class Cluster:
         wanted = self.store.get_setting(USER_CA_SETTING, self.ca.user_ca_fingerprint)
         if wanted == self.ca.user_ca_fingerprint:
             return True
+        check_state_dir(self.state_dir)  # a new key file is about to be trusted
         try:
             key = _load_user_ca(keys.ca_dir(self.state_dir), self.store, repair=False)
         except StateError:
@@ -183,6 +196,10 @@ def init_cluster(state_dir: Path | str, name: str, *, actor: str = "dtadmin") ->
     """Create a new cluster; refuses to touch a directory that already holds one."""
     check_name("cluster", name)
     state_dir = Path(state_dir)
+    if os.path.lexists(state_dir):
+        check_state_dir(state_dir)
+    else:
+        private_dir(state_dir, STATE_WHAT)
     kdir = keys.ca_dir(state_dir)
     if (state_dir / DB_NAME).exists() or (kdir / keys.USER_CA).exists():
         raise AlreadyExists(
@@ -204,6 +221,63 @@ def init_cluster(state_dir: Path | str, name: str, *, actor: str = "dtadmin") ->
 
 
 _NEXT = keys.USER_CA + ".next"
+STATE_WHAT = "cluster state directory"
+
+
+# -- who can change the state ---------------------------------------------------------------
+
+
+def check_state_dir(state_dir: Path | str) -> None:
+    """Refuse a state directory another local user could change, naming the fix.
+
+    The directory must belong to this process's user and be writable by nobody else,
+    its parents by nobody but that user or root; everything in it must be that user's
+    and writable by nobody else, with no symbolic links; ``ca/`` (and what is under
+    it) must be 0700 and its private key files 0600. ``os.lstat`` and ``os.scandir``
+    only: this runs in processes holding SQLite connections to ``cluster.db``, and
+    opening (then closing) that file would drop their locks.
+    """
+    root = Path(os.path.realpath(state_dir))
+    check_ancestors(root, STATE_WHAT)
+    check_own_dir(root, STATE_WHAT)
+    _check_entries(root, root, in_ca=False)
+
+
+def _check_entries(root: Path, directory: Path, *, in_ca: bool) -> None:
+    me = os.geteuid()
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:  # a temp file renamed meanwhile
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                raise StateError(
+                    f"{path} is a symbolic link, which cluster state must never hold "
+                    "(another user may have planted it): remove it and restore the file "
+                    "from a backup"
+                )
+            if st.st_uid != me:
+                raise StateError(
+                    f"{path} belongs to {user_name(st.st_uid)}, not to you "
+                    f"({user_name(me)}), so they could have replaced it: check it, then "
+                    f"run: chown {user_name(me)} {path}"
+                )
+            if stat.S_ISDIR(st.st_mode):
+                ca = in_ca or (directory == root and entry.name == keys.ca_dir(root).name)
+                check_own_dir(path, "CA key folder" if ca else "state folder", private=ca)
+                _check_entries(root, path, in_ca=ca)
+            elif in_ca and not entry.name.endswith(".pub") and st.st_mode & 0o077:
+                raise StateError(
+                    f"key file {path} is accessible by group or others (mode "
+                    f"{mode_text(st)}); run: chmod 600 {path}"
+                )
+            elif st.st_mode & 0o022:
+                raise StateError(
+                    f"{path} is writable by group or others (mode {mode_text(st)}); "
+                    f"run: chmod go-w {path}"
+                )
 
 
 def _discard(key_path: Path) -> None:
