@@ -402,6 +402,7 @@ asyncio.run(main())
 def login(lab: Lab, quick: bool = False) -> dict:
     from tests.swtpm import provision, run_swtpm
     from tests.test_login import PASSWORD, next_code, signup
+    from tests.tokens import printed_token
 
     home = lab.dir / "login-home"
     env = {
@@ -432,7 +433,7 @@ def login(lab: Lab, quick: bool = False) -> dict:
         ).stdout
         proxy = f"127.0.0.1:{lab.bastion.port}"
         e = type("E", (), {"proxy": proxy, "cluster": lab.cluster, "tmp": lab.dir})
-        secret = signup(e, home, out.split("--token ")[1].split()[0])
+        secret = signup(e, home, printed_token(out))
         subprocess.run(
             [BIN / "dtclient", "login", "--proxy", proxy, "--user", "loginbench"],
             input=f"{PASSWORD}\n{next_code(secret)}\n",

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import asyncssh
@@ -64,6 +65,15 @@ TpmOpt = Annotated[
     ),
 ]
 FormatOpt = Annotated[Format, typer.Option("--format", help="Output format.")]
+TokenFileOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--token-file",
+        metavar="PATH",
+        help="Read the token from this file, or from standard input with '-' "
+        "(on a terminal: asked for, not shown). Safer than --token.",
+    ),
+]
 
 
 # -- prompts ------------------------------------------------------------------------------
@@ -79,6 +89,40 @@ def ask(prompt: str, *, secret: bool = False) -> str:
     if not line:
         raise UsageError(f"no answer on standard input for: {prompt.strip()}")
     return line.rstrip("\r\n")
+
+
+ARGV_WARNING = (
+    "warning: --token puts the token on the command line, where any local user can "
+    "read it (ps, /proc/PID/cmdline) while dtclient runs; use --token-file PATH, "
+    "--token-file - (standard input), or leave both out to be asked for it"
+)
+
+
+def read_token(value: str | None, path: str | None, prompt: str, *, required: bool) -> str | None:
+    """A token from a file, standard input or a prompt; from argv only with a warning.
+
+    With neither option, a ``required`` token is asked for (without echo); an optional
+    one is None. ``--token-file -`` reads one line of standard input (the prompts that
+    follow read the next lines), or asks when that is a terminal.
+    """
+    if value is not None and path is not None:
+        raise UsageError("give --token or --token-file, not both")
+    if value is not None:
+        console.note(ARGV_WARNING)
+        token = value.strip()
+    elif path == "-" or (path is None and required):
+        token = ask(prompt, secret=True).strip()
+    elif path is not None:
+        try:
+            token = Path(path).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise UsageError(f"cannot read the token file {path}: {reason}") from None
+    else:
+        return None
+    if not token:
+        raise UsageError("the token is empty: paste the token your admin gave you")
+    return token
 
 
 def confirm_ca(fingerprint: str) -> bool:
@@ -104,16 +148,27 @@ def _run(coro: Any) -> Any:
 @app.command()
 def signup(
     proxy: ProxyOpt,
-    token: Annotated[str, typer.Option("--token", help="The signup token your admin gave you.")],
+    token_file: TokenFileOpt = None,
     ca_pin: PinOpt = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            help="The token itself. Avoid: other local users can read a command line; "
+            "without --token or --token-file you are asked for it.",
+        ),
+    ] = None,
 ) -> None:
     """Set your password and one-time-code app, with the token from `dtadmin users add`.
 
-    Example: dtclient signup --proxy bastion.example.com:3022 --token Xy...
+    dtclient asks for the token (it is not shown as you type), or reads it from
+    --token-file. Example: dtclient signup --proxy bastion.example.com:3022
     """
     home = Home()
     host, port = split_hostport(proxy)
-    _run(_signup(home, host, port, token.strip(), _trust(home, ca_pin)))
+    secret = read_token(token, token_file, "Signup token (not shown as you type): ", required=True)
+    assert secret is not None
+    _run(_signup(home, host, port, secret, _trust(home, ca_pin)))
 
 
 async def _signup(home: Home, host: str, port: int, token: str, trust: HostTrust) -> None:
@@ -444,8 +499,14 @@ async def _remove_from_agent(home: Home) -> None:
 
 @device_app.command("enroll")
 def device_enroll(
+    token_file: TokenFileOpt = None,
     token: Annotated[
-        str | None, typer.Option("--token", help="An enrollment token from your admin.")
+        str | None,
+        typer.Option(
+            "--token",
+            help="The enrollment token itself. Avoid: other local users can read a "
+            "command line; use --token-file (- to paste it at a prompt).",
+        ),
     ] = None,
     current_device: Annotated[
         bool,
@@ -462,13 +523,15 @@ def device_enroll(
     """Enroll this device: its TPM proves itself to the bastion.
 
     Log in first (dtclient login), enroll, then log in again so your certificate
-    carries the device. With neither --token nor --current-device the bastion tries
+    carries the device. With neither a token nor --current-device the bastion tries
     auto-enrollment (the device must match the admin's imported inventory).
-    Example: dtclient device enroll --token Xy...
+    Example, pasting the token from `dtadmin device enroll-token` at the prompt:
+    dtclient device enroll --token-file -
     """
-    if token and current_device:
-        raise UsageError("give --token or --current-device, not both")
+    if (token is not None or token_file is not None) and current_device:
+        raise UsageError("give a token or --current-device, not both")
     home = Home()
+    token = read_token(token, token_file, "Enrollment token (not shown): ", required=False)
     profile = home.load_profile()
     device = _run(
         _with_cert_session(

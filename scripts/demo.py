@@ -90,9 +90,12 @@ class Demo:
         return proc
 
     def signup(self, proxy: str, token: str, pin: str) -> str:
-        """`dtclient signup`, answering like a person with an authenticator app."""
-        args = ["dtclient", "signup", "--proxy", proxy, "--token", token, "--ca-pin", pin]
-        print(f"$ {shlex.join(args)}", flush=True)
+        """`dtclient signup`, answering like a person with an authenticator app.
+
+        The token is pasted at the prompt, never put on the command line (where every
+        local user could read it)."""
+        args = ["dtclient", "signup", "--proxy", proxy, "--ca-pin", pin]
+        print(f"$ {shlex.join(args)}    # then paste the token when it asks", flush=True)
         proc = subprocess.Popen(
             args,
             cwd=self.workdir,
@@ -103,6 +106,8 @@ class Demo:
             stderr=subprocess.PIPE,
         )
         assert proc.stdin and proc.stdout
+        proc.stdin.write(token + "\n")
+        proc.stdin.flush()
         secret = None
         for line in proc.stdout:
             print("  " + line.rstrip(), flush=True)
@@ -150,6 +155,7 @@ def story(demo: Demo) -> None:
     from bastion.cluster import Cluster
     from tests.sshd import LOGIN, bastion_server, sshd_node
     from tests.swtpm import provision, run_swtpm
+    from tests.tokens import printed_token
 
     demo.heading("Create a cluster: a user CA, a host CA and the preset roles")
     demo.run(["dtadmin", "init", "--cluster", "demo.local"])
@@ -180,7 +186,7 @@ def story(demo: Demo) -> None:
     out = demo.run(
         ["dtadmin", "users", "add", "alice", "--roles", "access,auditor,editor", "--logins", LOGIN]
     ).stdout
-    token = out.split("--token ")[1].split()[0]
+    token = printed_token(out)
     pin = demo.run(
         ["dtadmin", "ca", "export", "--type", "host", "--format", "json"], show=False
     ).stdout

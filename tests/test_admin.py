@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from bastion.admin import app
 from bastion.cluster import Cluster
 from bastion.protocol.errors import DTError
+from tests.tokens import printed_token
 
 DTADMIN = str(Path(sys.executable).parent / "dtadmin")
 
@@ -128,7 +129,7 @@ def test_users_add_prints_signup_command(run, state):
     run("init", "--cluster", "test")
     result = run("users", "add", "bob", "--roles", "access", "--logins", "root,ubuntu")
     assert result.exit_code == 0 and "dtclient signup --proxy" in result.output
-    token = result.output.split("--token ")[1].split()[0]
+    token = printed_token(result.output)
     store = Cluster.open(state).store
     assert all(t.token_hash != token for t in store.list_tokens())  # only the hash is stored
 

@@ -713,6 +713,7 @@ def test_guessing_through_dtclient_shows_a_clear_message(tmp_path, swtpm):
     from tests.sshd import LOGIN, bastion_server
     from tests.test_device_login import run
     from tests.test_login import PASSWORD, next_code, signup
+    from tests.tokens import printed_token
 
     cluster = init_cluster(tmp_path / "state", "guess-test")
     try:
@@ -724,7 +725,7 @@ def test_guessing_through_dtclient_shows_a_clear_message(tmp_path, swtpm):
                 env, "dtadmin", "users", "add", "erin", "--roles", "access", "--logins", LOGIN
             )
             assert added.returncode == 0, added.stderr
-            secret = signup(env, tmp_path / "home", added.stdout.split("--token ")[1].split()[0])
+            secret = signup(env, tmp_path / "home", printed_token(added.stdout))
             login = run(
                 env,
                 "dtclient",
@@ -737,7 +738,7 @@ def test_guessing_through_dtclient_shows_a_clear_message(tmp_path, swtpm):
             )
             assert login.returncode == 0, login.stderr
             made = run(env, "dtadmin", "device", "add", "--asset-tag", "ERIN-PC", "--enroll")
-            token = made.stdout.split("--token ")[1].split()[0]
+            token = printed_token(made.stdout)
 
             enroll = ("dtclient", "device", "enroll", "--asset-tag", "ERIN-PC", "--token")
             for _ in range(MAX_TOKEN_FAILURES):

@@ -111,6 +111,7 @@ def test_login_adds_to_and_logout_removes_from_ssh_agent(tmp_path):
     from bastion.cluster import init_cluster
     from tests.sshd import bastion_server
     from tests.test_login import PASSWORD, next_code, signup
+    from tests.tokens import printed_token
 
     cluster = init_cluster(tmp_path / "state", "agent")
     agent = subprocess.run(
@@ -129,7 +130,7 @@ def test_login_adds_to_and_logout_removes_from_ssh_agent(tmp_path):
         with bastion_server(tmp_path / "state") as b:
             token = cli("dtadmin", "users", "add", "fay", "--roles", "access", env=env).stdout
             e = type("E", (), {"proxy": f"127.0.0.1:{b.port}", "cluster": cluster, "tmp": tmp_path})
-            secret = signup(e, tmp_path / "home", token.split("--token ")[1].split()[0])
+            secret = signup(e, tmp_path / "home", printed_token(token))
             login = cli(
                 "dtclient",
                 "login",

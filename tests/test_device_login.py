@@ -16,6 +16,7 @@ from bastion.authz.records import Node
 from bastion.cluster import init_cluster
 from tests.sshd import LOGIN, bastion_server, sshd_node
 from tests.test_login import PASSWORD, next_code, signup
+from tests.tokens import printed_token
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
@@ -73,7 +74,7 @@ def test_token_enrollment_then_device_login(env):
         "--logins",
         LOGIN,
     ).stdout
-    secret = signup(env, env.tmp / "home", out.split("--token ")[1].split()[0])
+    secret = signup(env, env.tmp / "home", printed_token(out))
     login = run(
         env,
         "dtclient",
@@ -88,7 +89,7 @@ def test_token_enrollment_then_device_login(env):
 
     tag = "CAROL-LAPTOP"
     token_out = run(env, "dtadmin", "device", "add", "--asset-tag", tag, "--enroll").stdout
-    token = token_out.split("--token ")[1].split()[0]
+    token = printed_token(token_out)
     enrolled = run(env, "dtclient", "device", "enroll", "--token", token, "--asset-tag", tag)
     assert enrolled.returncode == 0, enrolled.stderr
     assert f'Device "{tag}"/linux registered and enrolled' in enrolled.stdout
@@ -133,7 +134,7 @@ def test_token_enrollment_then_device_login(env):
 
 def test_renewal_never_outlives_the_presenting_certificate(env):
     out = run(env, "dtadmin", "users", "add", "dave", "--roles", "access", "--logins", LOGIN).stdout
-    secret = signup(env, env.tmp / "home", out.split("--token ")[1].split()[0])
+    secret = signup(env, env.tmp / "home", printed_token(out))
     first = run(
         env,
         "dtclient",

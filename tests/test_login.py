@@ -18,6 +18,7 @@ from bastion.authz.records import Node
 from bastion.cluster import init_cluster
 from bastion.credentials import totp_now
 from tests.sshd import LOGIN, bastion_server, sshd_node
+from tests.tokens import printed_token
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
@@ -68,7 +69,7 @@ def add_user(env, roles="access"):
     name = f"u{next(_names)}"
     out = run(env, env.tmp, "dtadmin", "users", "add", name, "--roles", roles, "--logins", LOGIN)
     assert out.returncode == 0, out.stderr
-    return name, out.stdout.split("--token ")[1].split()[0]
+    return name, printed_token(out.stdout)
 
 
 def ca_pin(env):

@@ -45,8 +45,8 @@ def unenroll(store: Store, tag: str, who: str, reason: str = "") -> bool:
 def _print_token(tag: str, token: str, ttl: str) -> None:
     console.say(f'Enrollment token for device "{tag}" (single use, expires in {ttl}):')
     console.say(f"  {token}")
-    console.say("On the device, run:")
-    console.say(f"  dtclient device enroll --token {token}")
+    console.say("On the device, run this and paste the token when it asks:")
+    console.say("  dtclient device enroll --token-file -")
 
 
 @app.command("add")

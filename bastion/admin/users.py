@@ -65,8 +65,7 @@ def add(
             store.add_user(User(name, role_list, check_logins(split_csv(logins)), created_by=who))
         token = issue_signup_token(store, name, ttl=ttl_seconds, actor=who)
     console.say(f'User "{name}" has been created with roles {", ".join(role_list)}.')
-    console.say(f"Share this command with them; the token works once and expires in {ttl}:")
-    console.say(f"  dtclient signup --proxy <bastion-host>:3022 --token {token}")
+    _print_signup(token, f"it works once and expires in {ttl}")
 
 
 @app.command("reset")
@@ -87,8 +86,17 @@ def reset(
         store.set_user_secrets(name, None, None, None)
         token = issue_signup_token(store, name, ttl=parse_duration(ttl), actor=who)
         audit.record(store, "user.update", message=f'user "{name}" reset', user=name, actor=who)
-    console.say(f'Password and one-time code of "{name}" cleared. Share:')
-    console.say(f"  dtclient signup --proxy <bastion-host>:3022 --token {token}")
+    console.say(f'Password and one-time code of "{name}" cleared.')
+    _print_signup(token, f"it works once and expires in {ttl}")
+
+
+def _print_signup(token: str, validity: str) -> None:
+    """The token on a line of its own, and the command that asks for it: a token on a
+    command line can be read by every local user while the command runs."""
+    console.say(f"Their signup token ({validity}); give it to them privately:")
+    console.say(f"  {token}")
+    console.say("They run this and paste the token when it asks:")
+    console.say("  dtclient signup --proxy <bastion-host>:3022")
 
 
 @app.command("ls")
