@@ -164,7 +164,7 @@ def signup(
     dtclient asks for the token (it is not shown as you type), or reads it from
     --token-file. Example: dtclient signup --proxy bastion.example.com:3022
     """
-    home = Home()
+    home = Home.open()
     host, port = split_hostport(proxy)
     secret = read_token(token, token_file, "Signup token (not shown as you type): ", required=True)
     assert secret is not None
@@ -243,7 +243,7 @@ def login(
     """
     from bastion.protocol.durations import parse_duration
 
-    home = Home()
+    home = Home.open()
     host, port = split_hostport(proxy)
     ttl_seconds = parse_duration(ttl) if ttl else None
     renewal = None if password or ca_pin else _renewal(home, f"{host}:{port}", user)
@@ -381,7 +381,7 @@ def _print_status(home: Home, profile: Profile) -> None:
 @app.command()
 def status(fmt: FormatOpt = Format.text) -> None:
     """Show who you are logged in as, your roles and logins, and the certificate's validity."""
-    home = Home()
+    home = Home.open()
     profile = home.load_profile()
     view = status_view(profile, home.load_cert())
     if fmt is Format.json:
@@ -396,7 +396,7 @@ def status(fmt: FormatOpt = Format.text) -> None:
 @app.command(name="ls")
 def list_nodes(fmt: FormatOpt = Format.text) -> None:
     """List the nodes you may reach through the bastion."""
-    home = Home()
+    home = Home.open()
     profile = home.load_profile()
     nodes = _run(_with_cert_session(home, profile, _ls))
     if fmt is Format.json:
@@ -443,7 +443,7 @@ def config() -> None:
 
     Example: dtclient config > ~/.ssh/dt_config; ssh -F ~/.ssh/dt_config root@node-1
     """
-    home = Home()
+    home = Home.open()
     console.say(ssh_config(home.load_profile(), home))
 
 
@@ -456,7 +456,7 @@ def ssh(
 
     Example: dtclient ssh root@node-1 uptime
     """
-    home = Home()
+    home = Home.open()
     profile = home.load_profile()
     if shutil.which("ssh") is None:
         raise UsageError("the OpenSSH client (ssh) is not installed")
@@ -477,7 +477,7 @@ def ssh(
 @app.command()
 def logout() -> None:
     """Delete your key and certificate (and remove them from ssh-agent)."""
-    home = Home()
+    home = Home.open()
     if os.environ.get("SSH_AUTH_SOCK") and home.key_path.exists():
         _run(_remove_from_agent(home))
     removed = home.remove_credentials()
@@ -530,7 +530,7 @@ def device_enroll(
     """
     if (token is not None or token_file is not None) and current_device:
         raise UsageError("give a token or --current-device, not both")
-    home = Home()
+    home = Home.open()
     token = read_token(token, token_file, "Enrollment token (not shown): ", required=False)
     profile = home.load_profile()
     device = _run(

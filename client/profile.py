@@ -9,7 +9,12 @@ Layout (one cluster profile at a time, like the seed's current profile)::
     ~/.dt/device.json          the enrolled device: asset tag, credential id
     ~/.dt/tpm/                 the TPM-wrapped attestation key blobs
 
-Every file is written atomically; secrets with mode 0600 in a 0700 directory.
+Every file is written atomically (``bastion.protocol.files.atomic_write``: a fresh
+unpredictable name opened ``O_EXCL|O_NOFOLLOW``, then renamed, so a planted link is
+replaced, never written through); secrets with mode 0600. ``Home.open`` refuses a home
+that is a link's target someone else controls, belongs to another user, or that group
+or others can write (or whose parents they can), naming the ``chmod``/``chown`` fix;
+directories it makes are 0700.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any
 
 from bastion.protocol.certs import DEVICE_EXTENSIONS, ParsedCert, parse_cert
 from bastion.protocol.errors import CertificateError, NotLoggedIn, StateError
-from bastion.protocol.files import atomic_write
+from bastion.protocol.files import atomic_write, check_ancestors, check_own_dir, private_dir
 
 KEY_NAME = "id_ed25519"
 
@@ -86,15 +91,41 @@ def _port(text: str) -> int:
     return int(text)
 
 
+HOME_WHAT = "dtclient's home"
+SUB_WHAT = "dtclient's folder"
+
+
 class Home:
     """Reads and writes the files under DT_HOME."""
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = root or dt_home()
 
+    @classmethod
+    def open(cls, root: Path | None = None) -> Home:
+        """The home every command uses, refused if another local user could write it.
+
+        A home that does not exist yet is made (0700, with any missing parents) when
+        something is first saved; its existing parents are checked now.
+        """
+        home = cls(root)
+        home.root = Path(os.path.realpath(home.root))
+        home.check()
+        return home
+
+    def check(self) -> None:
+        check_ancestors(self.root, HOME_WHAT)
+        check_own_dir(self.root, HOME_WHAT)
+        for sub in (self.key_path.parent, self.tpm_dir):
+            check_own_dir(sub, SUB_WHAT)
+
     @property
     def key_path(self) -> Path:
         return self.root / "keys" / KEY_NAME
+
+    @property
+    def public_key_path(self) -> Path:
+        return self.key_path.with_name(KEY_NAME + ".pub")
 
     @property
     def cert_path(self) -> Path:
@@ -109,8 +140,8 @@ class Home:
         return self.root / "tpm"
 
     def _ensure(self, path: Path) -> Path:
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return path
+        """A directory of the home to write in: made 0700 if missing, checked if not."""
+        return private_dir(path, HOME_WHAT if path == self.root else SUB_WHAT)
 
     # -- profile --------------------------------------------------------------------------
 
@@ -132,6 +163,17 @@ class Home:
         except TypeError as exc:
             raise StateError(f"{self.root / 'profile.json'} is corrupt: {exc}") from None
 
+    def current_cluster(self) -> str | None:
+        """The cluster of the profile, or of the host CAs trusted last (kept at logout)."""
+        for name in ("profile.json", "trusted.json"):
+            try:
+                cluster = (self._load_json(name) or {}).get("cluster")
+            except StateError:
+                continue
+            if isinstance(cluster, str) and cluster:
+                return cluster
+        return None
+
     def trusted_host_cas(self) -> tuple[str, ...]:
         """Host CA keys trusted from an earlier login (kept across logout)."""
         data = self._load_json("trusted.json") or {}
@@ -150,9 +192,7 @@ class Home:
     def save_credentials(self, private_key_pem: bytes, public_line: str, cert_line: str) -> None:
         self._ensure(self.key_path.parent)
         atomic_write(self.key_path, private_key_pem, 0o600)
-        atomic_write(
-            self.key_path.with_name(KEY_NAME + ".pub"), (public_line + "\n").encode(), 0o644
-        )
+        atomic_write(self.public_key_path, (public_line + "\n").encode(), 0o644)
         atomic_write(self.cert_path, (cert_line.strip() + "\n").encode(), 0o644)
 
     def load_cert(self) -> ParsedCert:
@@ -169,11 +209,11 @@ class Home:
         removed = []
         for path in (
             self.key_path,
-            self.key_path.with_name(KEY_NAME + ".pub"),
+            self.public_key_path,
             self.cert_path,
             self.root / "profile.json",
         ):
-            if path.exists():
+            if os.path.lexists(path):
                 path.unlink()
                 removed.append(path)
         return removed

@@ -52,7 +52,7 @@ from bastion.protocol.errors import (  # noqa: E402
     TPMNotFound,
     TPMPermissionDenied,
 )
-from bastion.protocol.files import atomic_write  # noqa: E402
+from bastion.protocol.files import atomic_write, private_dir  # noqa: E402
 
 DEFAULT_TCTI = "device:/dev/tpmrm0"
 EK_TEMPLATES = ("EK-RSA2048", "EK-ECC256", "EK-HIGH-RSA2048", "EK-HIGH-ECC256", "EK-HIGH-ECC384")
@@ -207,7 +207,7 @@ class TPM:
                 )
         except TSS2_Exception as exc:
             raise _tpm_error("creating the attestation key", exc) from None
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(directory, "the attestation key's folder")
         atomic_write(priv_path, bytes(private.marshal()), 0o600)
         atomic_write(pub_path, bytes(public.marshal()), 0o600)
         return bytes(public.marshal())
