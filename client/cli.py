@@ -23,7 +23,7 @@ import typer
 from bastion.protocol import console, wire
 from bastion.protocol.console import Format
 from bastion.protocol.errors import ConnectionFailed, DTError, NotLoggedIn, TPMError, UsageError
-from client import ceremony
+from client import agent, ceremony
 from client.api import ApiSession, Credentials, HostTrust, open_session, parse_pin
 from client.profile import (
     DeviceState,
@@ -287,7 +287,8 @@ async def _login(
         session = await open_session(host, port, creds, trust)
     try:
         cluster = session.welcome.cluster
-        key = asyncssh.generate_private_key("ssh-ed25519", comment=f"{creds.user}@dt-bastion")
+        user = session.welcome.user or creds.user
+        key = asyncssh.generate_private_key("ssh-ed25519", comment=agent.key_comment(cluster, user))
         public_line = key.export_public_key("openssh").decode().strip()
         issued = await _request_cert(session, home, cluster, public_line, ttl, tcti)
     finally:
@@ -295,7 +296,7 @@ async def _login(
     host_cas = tuple(issued.host_ca_keys)
     profile = Profile(
         proxy=f"{host}:{port}",
-        user=session.welcome.user or creds.user,
+        user=user,
         cluster=cluster,
         roles=tuple(issued.roles),
         logins=tuple(issued.logins),
@@ -303,10 +304,11 @@ async def _login(
         ca_pin=trust.pin or home_pin(home),
         device_warning=issued.device_warning,
     )
+    previous = agent.public_blobs(home.public_key_path, home.cert_path)
     home.save_credentials(key.export_private_key("openssh"), public_line, issued.certificate)
     home.save_profile(profile)
     home.trust_host_cas(host_cas, cluster)
-    await _add_to_agent(home)
+    await agent.replace(cluster, previous, home.key_path, home.cert_path)
     if issued.device_warning:
         console.note(issued.device_warning)
     return profile
@@ -353,20 +355,6 @@ def _device_response(
 
     with TPM.open(tcti or device.tpm or None) as tpm:
         return ceremony.device_response(tpm, home.tpm_dir, nonce, public_line, device)
-
-
-async def _add_to_agent(home: Home) -> None:
-    if not os.environ.get("SSH_AUTH_SOCK"):
-        return
-    try:
-        cert = home.load_cert()
-        lifetime = max(60, int(cert.valid_before - time.time()))
-        agent = await asyncssh.connect_agent()
-        keypair = asyncssh.load_keypairs([(str(home.key_path), str(home.cert_path))])
-        await agent.add_keys(keypair, lifetime=lifetime)
-        agent.close()
-    except (OSError, asyncssh.Error, ValueError) as exc:
-        console.note(f"could not add the key to ssh-agent: {exc}")
 
 
 # -- status, ls, config, ssh, logout -----------------------------------------------------------
@@ -476,22 +464,13 @@ def ssh(
 
 @app.command()
 def logout() -> None:
-    """Delete your key and certificate (and remove them from ssh-agent)."""
+    """Delete your key and certificate, and remove this cluster's keys from ssh-agent."""
     home = Home.open()
-    if os.environ.get("SSH_AUTH_SOCK") and home.key_path.exists():
-        _run(_remove_from_agent(home))
+    known = agent.public_blobs(home.public_key_path, home.cert_path)
+    if agent.agent_configured():
+        _run(agent.remove(home.current_cluster(), known))
     removed = home.remove_credentials()
     console.say("Logged out." if removed else "Not logged in; nothing to remove.")
-
-
-async def _remove_from_agent(home: Home) -> None:
-    try:
-        agent = await asyncssh.connect_agent()
-        keypair = asyncssh.load_keypairs([(str(home.key_path), str(home.cert_path))])
-        await agent.remove_keys(keypair)
-        agent.close()
-    except (OSError, asyncssh.Error, ValueError):
-        pass
 
 
 # -- device ---------------------------------------------------------------------------------------
