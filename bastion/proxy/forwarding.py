@@ -79,8 +79,15 @@ async def open_forward(
         bastion.registry.untrack(live)
         await server.audit_denied("session.denied", _refusal(exc, live), identity, node=node.name)
         raise asyncssh.ChannelOpenError(_open_code(exc), _refusal(exc, live)) from None
-    except BaseException:
+    except BaseException:  # the connection went away meanwhile (it may have been cut)
         bastion.registry.untrack(live)
+        if live.terminated_reason is not None:
+            server.bastion.workers.audit_soon(
+                "session.denied",
+                success=False,
+                message=live.terminated_reason,
+                **audit_fields(live),
+            )
         raise
     live.close = chan.close  # open from here on: a cut closes the channel
     return CountingForwarder(bastion.registry, live, upstream=True, peer=peer)

@@ -391,7 +391,8 @@ class Registry:
         """End these sessions: ``session.terminated`` (unless ``audit_it`` is False)
         and ``session.end`` in one commit, waited for up to ``wait`` seconds so the
         audit log says so before the client sees it, then close them. A session still
-        connecting is only marked: its opener refuses it (:meth:`begin`)."""
+        connecting has nothing on record: its connect is abandoned (its ``close``) and
+        its opener refuses it with the reason (:meth:`begin`)."""
         closing, writes = [], []
         for session, reason in doomed:
             if session.ended:
@@ -400,6 +401,7 @@ class Registry:
             session.ended = True
             self.live.pop(session.id, None)
             if not session.recorded:
+                session.close()
                 continue
             closing.append(session)
             duration = round(time.monotonic() - session.started, 3)
