@@ -3,8 +3,9 @@
 Pure decisions over the Store, no sockets. The SSH layer asks ``check_password_login``
 during keyboard-interactive auth and ``Signup`` serves the dt-api signup messages.
 
-Lockout: ``max_failures`` failed logins within ``window`` lock the account for
-``lock_for`` (a Lock record, so `dtadmin lock ls` shows it and `lock rm` lifts it).
+Lockout: ``max_failures`` failed logins within ``window`` lock the account's password
+for ``lock_for`` (a Lock record of kind "password", so `dtadmin lock ls` shows it and
+`lock rm` lifts it); certificate sessions go on.
 Every failure and every lockout is audited.
 """
 
@@ -21,6 +22,8 @@ from bastion.protocol.wire import Ok, SignupBegin, SignupFinish, SignupInfo
 from bastion.storage import Store
 
 SIGNUP_TTL = 3600
+# The lock kind a lockout writes: it blocks password logins only.
+PASSWORD_LOCK = "password"
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,13 +173,23 @@ def check_password_login(
     raise _failed_attempt(store, user_name, attempt, reason, remote_addr, policy, now)
 
 
+def password_lock(store: Store, user: str, now: float) -> Lock | None:
+    """What stops a password login: an admin's lock on the user, or a lockout.
+
+    A lockout is a lock on the user's *password* (``target_kind`` "password"): anyone
+    can cause one by guessing, so it must not cut or refuse the user's certificate
+    sessions, which never use the password (issue 12). An admin's ``dtadmin lock
+    --user`` still stops everything."""
+    return store.active_lock("user", user, now) or store.active_lock(PASSWORD_LOCK, user, now)
+
+
 def _reserve_attempt(
     store: Store, user: User, remote_addr: str | None, policy: LockoutPolicy, now: float
 ) -> tuple[int | None, Lock | None]:
     """The lock check, the failure count and the reservation, in one write transaction:
     a lockout committing meanwhile is seen, and at most ``max_failures`` are checked."""
     with store.transaction(bump=False):
-        lock = store.active_lock("user", user.name, now)
+        lock = password_lock(store, user.name, now)
         if lock is not None or not user.signed_up:
             return None, lock
         attempt = store.begin_login_attempt(
@@ -208,7 +221,7 @@ def _spend_step(
     """Admit the login if, right now, the user is unlocked, the password is still the
     one checked and the code's step unused; else say which changed."""
     with store.transaction(bump=False):
-        lock = store.active_lock("user", user.name, now)
+        lock = password_lock(store, user.name, now)
         checked = user.password_hash or ""  # never empty here: the password matched it
         if lock is None and store.consume_totp_step(user.name, step, checked):
             store.login_succeeded(user.name, attempt)
@@ -247,7 +260,7 @@ def _failed_attempt(
     with store.transaction(bump=False):
         _fail(store, user, remote_addr, reason, now, count=False)
         store.settle_login_attempt(attempt)
-        locked = store.active_lock("user", user, now) is not None
+        locked = password_lock(store, user, now) is not None
         recent = store.count_login_failures(user, since=now - policy.window, pending=False)
         if not locked and recent >= policy.max_failures:
             _lock_out(store, user, remote_addr, policy, now)
@@ -283,7 +296,7 @@ def _lock_out(
         store.add_lock(
             Lock(
                 "",
-                "user",
+                PASSWORD_LOCK,
                 user,
                 message="too many failed logins",
                 expires=now + policy.lock_for,
