@@ -33,8 +33,12 @@ REGISTRY: dict[str, type] = {}
 _TYPE_NAMES: dict[type, str] = {}
 
 
+@typing.dataclass_transform(frozen_default=True)
 def message(name: str) -> Callable[[type[T]], type[T]]:
-    """Register a frozen dataclass as the wire message ``name``."""
+    """Register a frozen dataclass as the wire message ``name``.
+
+    Marked ``dataclass_transform`` so that type checkers see each message's fields
+    (constructor arguments, attribute types) as they see a plain dataclass's."""
 
     def register(cls: type[T]) -> type[T]:
         cls = dataclasses.dataclass(frozen=True, slots=True)(cls)
