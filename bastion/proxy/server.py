@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import socket
 import time
 from collections import defaultdict
 from typing import Any
@@ -51,7 +50,7 @@ from bastion.cluster import Cluster
 from bastion.config import BastionConfig
 from bastion.protocol.errors import DTError
 from bastion.protocol.wire import LineReader
-from bastion.proxy import connections, policy
+from bastion.proxy import connections, policy, quickack
 from bastion.proxy.api import ApiIdentity, ApiSession
 from bastion.proxy.connections import Connections, Credential, CredentialRevoked
 from bastion.proxy.forwarding import open_forward
@@ -210,7 +209,7 @@ class BastionServer(asyncssh.SSHServer):
             self._direct_tcpip_open,
             conn._process_direct_tcpip_open,  # type: ignore[attr-defined]
         )
-        _ack_promptly_until_authenticated(conn)
+        quickack.until_authenticated(conn)
 
     def _audit_unauthenticated_end(self, exc: Exception | None) -> None:
         """Garbage and stalled handshakes get an audit event (DESIGN.md, Security rules);
@@ -276,8 +275,19 @@ class BastionServer(asyncssh.SSHServer):
 
     # -- the credential, decided again ------------------------------------------------------
 
-    def _register(self, credential: Credential) -> None:
+    async def _admit(self, credential: Credential) -> bool:
+        """Register the connection, then decide once more: a change that committed
+        while it authenticated (a lock during argon2) is seen here, and any later one
+        by the watcher, which now knows the connection."""
         self.registered = self.bastion.authenticated.add(credential, self.terminate)
+        try:
+            await self.bastion.workers.read(connections.recheck, credential, time.time())
+        except DTError as exc:
+            self.bastion.authenticated.discard(self.registered)
+            self.registered = None
+            await self._audit_refusal("auth.failed", exc.message, credential.user)
+            return False
+        return True
 
     async def check_credential(self) -> None:
         """Before every dt-api request and session: the credential this connection
@@ -375,11 +385,12 @@ class BastionServer(asyncssh.SSHServer):
             return False
         ok = await original(username, key_data, msg, signature)
         if ok and msg:
+            if not await self._admit(Credential(identity.user, "certificate", claims=identity)):
+                return False
             self.identity = identity
             self.api_identity = ApiIdentity(
                 identity.user, "certificate", self.remote_addr, valid_before=cert.valid_before
             )
-            self._register(Credential(identity.user, "certificate", claims=identity))
         elif not ok and msg:  # a bad signature counts against the address like any failure
             self.bastion.note_failure(self.remote_addr or "?")
             await self._audit_refusal(
@@ -426,11 +437,11 @@ class BastionServer(asyncssh.SSHServer):
                 await self._audit_refusal("auth.failed", f"signup: {exc.message}")
             return False
         # The hash it was checked against: a reset or a new password ends this connection.
+        password_hash = user_record.password_hash
+        if not await self._admit(Credential(user_record.name, "password", None, password_hash)):
+            return False
         self.api_identity = ApiIdentity(
-            user_record.name, "password", addr, password_hash=user_record.password_hash
-        )
-        self._register(
-            Credential(user_record.name, "password", password_hash=user_record.password_hash)
+            user_record.name, "password", addr, password_hash=password_hash
         )
         return True
 
@@ -528,36 +539,6 @@ class BastionServer(asyncssh.SSHServer):
         assert self.conn is not None
         chan = self.conn.create_tcp_channel()
         return chan, open_forward(self, chan, self.identity, dest_host, dest_port)
-
-
-def _ack_promptly_until_authenticated(conn: asyncssh.SSHServerConnection) -> None:
-    """Acknowledge every handshake segment at once instead of after Linux's 40 ms
-    delayed-ACK timer.
-
-    OpenSSH's client leaves Nagle's algorithm on until it has authenticated, so each
-    time it writes two small packets in a row (KEX init after KEXINIT, service request
-    after NEWKEYS) the second waits for our ACK of the first; we answer neither (it is
-    not our turn), so the kernel holds the ACK back and the handshake stalls twice
-    for ~40 ms. TCP_QUICKACK, set as each segment is read, sends that ACK now. After
-    authentication the client sets TCP_NODELAY itself, so this stops there.
-    """
-    sock = conn.get_extra_info("socket")
-    quickack = getattr(socket, "TCP_QUICKACK", None)
-    if sock is None or quickack is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return
-    original = conn.data_received
-
-    def data_received(data: bytes, datatype: Any = None) -> None:
-        if conn.get_extra_info("username") is None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
-            except OSError:
-                pass
-        else:
-            del conn.data_received  # authenticated: the bulk path gets the plain method
-        original(data, datatype)
-
-    conn.data_received = data_received  # type: ignore[method-assign]
 
 
 def _user_of(key_data: bytes) -> str | None:

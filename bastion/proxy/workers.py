@@ -199,10 +199,6 @@ class Workers:
         hears of it, unless the database is locked; then the row waits, not the caller."""
         return await self._landed(lambda store: _record(store, event_type, fields), wait)
 
-    async def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until every write queued so far has landed (or ``timeout``)."""
-        return await self._landed(lambda store: None, timeout)
-
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued (retrying for up to ``timeout``), stop the threads and
         close the connections this object opened."""
