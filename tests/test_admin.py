@@ -327,6 +327,9 @@ def test_nodes_devices_locks_and_audit(cluster, run):
     locks = json.loads(run("lock", "ls", "--format", "json").output)
     assert locks[0]["target"] == "SN9" and locks[0]["expires"]
     assert run("lock", "rm", locks[0]["id"]).exit_code == 0
+    assert run("lock", "rm", locks[0]["id"]).exit_code != 0  # gone: a clear NotFound
+    lifted = json.loads(run("audit", "ls", "--type", "lock.delete", "--format", "json").output)
+    assert lifted[-1]["device"] == "SN9" and "device SN9" in lifted[-1]["message"]
     assert run("cluster", "set", "device-trust-mode", "required").exit_code == 0
     events = json.loads(run("audit", "ls", "--format", "json").output)
     kinds = {e["event"] for e in events}

@@ -8,12 +8,12 @@ from typing import Annotated
 import typer
 
 from bastion import audit
-from bastion.admin.common import StateOpt, actor, audited, new_app, open_cluster
+from bastion.admin.common import StateOpt, actor, new_app, open_cluster
 from bastion.authz.records import Lock
 from bastion.protocol import console
 from bastion.protocol.console import Format
 from bastion.protocol.durations import parse_duration
-from bastion.protocol.errors import UsageError
+from bastion.protocol.errors import NotFound, UsageError
 
 app = new_app("Lock users or devices: new logins and live sessions are refused at once.")
 
@@ -101,6 +101,20 @@ def rm(
 ) -> None:
     """Lift a lock."""
     store = open_cluster(ctx, state).store
-    with audited(store, "lock.delete", message=f"lock {lock_id} removed", actor=actor()):
+    with store.transaction():
+        lock = next((lk for lk in store.list_locks() if lk.id == lock_id), None)
+        if lock is None:
+            raise NotFound(f'lock "{lock_id}" not found')
         store.remove_lock(lock_id)
+        # Named like the lock.create row, so `dtadmin audit ls --user X` shows both ends.
+        audit.record(
+            store,
+            "lock.delete",
+            message=f"lock {lock_id} removed ({lock.target_kind} {lock.target})",
+            user=lock.target if lock.target_kind in ("user", "password") else None,
+            device=lock.target if lock.target_kind == "device" else None,
+            actor=actor(),
+            lock=lock_id,
+            kind=lock.target_kind,
+        )
     console.say(f"lock {lock_id} removed")
