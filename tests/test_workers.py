@@ -54,16 +54,18 @@ def test_a_write_lock_delays_writes_not_reads_and_loses_no_row(store):
 
     async def scenario():
         locker.execute("BEGIN IMMEDIATE")
-        for i in range(20):
-            workers.audit_soon("user.login", message=f"row {i}")
-        start = time.monotonic()
-        revision = await workers.read(lambda s: s.revision())  # readers never wait
-        read_took = time.monotonic() - start
-        with pytest.raises(StorageUnavailable, match="try again"):
-            await workers.write(lambda s: s.set_setting("x", 1))
-        refused_after = time.monotonic() - start
-        landed = await workers.audit("user.login", wait=0.2, message="late")
-        locker.execute("ROLLBACK")
+        try:
+            for i in range(20):
+                workers.audit_soon("user.login", message=f"row {i}")
+            start = time.monotonic()
+            revision = await workers.read(lambda s: s.revision())  # readers never wait
+            read_took = time.monotonic() - start
+            with pytest.raises(StorageUnavailable, match="try again"):
+                await workers.write(lambda s: s.set_setting("x", 1))
+            refused_after = time.monotonic() - start
+            landed = await workers.audit("user.login", wait=0.2, message="late")
+        finally:
+            locker.execute("ROLLBACK")
         assert await workers.persist(lambda s: None, wait=10)  # all queued before it landed
         return revision, read_took, refused_after, landed
 

@@ -419,7 +419,7 @@ def _fail(jobs: list[_Job], exc: DTError) -> list[_Job]:
             job.again()
             kept.append(job)
         else:
-            job.settle(False, type(exc)(exc.message))
+            job.settle(False, type(exc)(f"{exc.message}; nothing was done: try again"))
     if kept:
         log.warning("cluster database refused %d write(s); retrying: %s", len(kept), exc.message)
     return kept
