@@ -148,17 +148,24 @@ class Workers:
         self._closed = False
         self._writes: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._threads: list[tuple[threading.Thread, queue.SimpleQueue[Any]]] = []
+        self._ready = threading.Semaphore(0)
         if store.path is None:  # one connection: one thread does everything, in order
             self._reads = self._calls = self._writes
             self._spawn("dt-store", self._writes, self._write_loop, self._shared)
-            return
-        self._reads = queue.SimpleQueue()
-        self._calls = queue.SimpleQueue()
-        self._spawn("dt-write", self._writes, self._write_loop, self._open_own)
-        for i in range(readers):
-            self._spawn(f"dt-read-{i}", self._reads, self._serve_loop, self._open_own)
-        for i in range(callers):
-            self._spawn(f"dt-call-{i}", self._calls, self._serve_loop, self._shared)
+        else:
+            self._reads = queue.SimpleQueue()
+            self._calls = queue.SimpleQueue()
+            self._spawn("dt-write", self._writes, self._write_loop, self._open_own)
+            for i in range(readers):
+                self._spawn(f"dt-read-{i}", self._reads, self._serve_loop, self._open_own)
+            for i in range(callers):
+                self._spawn(f"dt-call-{i}", self._calls, self._serve_loop, self._shared)
+        # Every thread's connection is made before anyone is served: the same
+        # descriptors for the process's life, and no thread competing for the GIL with
+        # the first handshakes.
+        deadline = time.monotonic() + 10
+        for _ in self._threads:
+            self._ready.acquire(timeout=max(0.0, deadline - time.monotonic()))
 
     # -- what callers use ---------------------------------------------------------------
 
@@ -302,7 +309,8 @@ class Workers:
         return store
 
     def _serve_loop(self, lane: queue.SimpleQueue[Any], opener: Callable[[], Store]) -> None:
-        store = _try_open(opener)  # at start: a pool's connections all exist from the outset
+        store = _try_open(opener)
+        self._ready.release()
         while (job := lane.get()) is not _STOP:
             if store is None:
                 try:
@@ -315,6 +323,7 @@ class Workers:
 
     def _write_loop(self, lane: queue.SimpleQueue[Any], opener: Callable[[], Store]) -> None:
         store = _try_open(opener)
+        self._ready.release()
         retry: list[_Job] = []
         backoff, stopping = _RETRY_FIRST, False
         while True:
