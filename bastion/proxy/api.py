@@ -138,7 +138,7 @@ class ApiSession:
             writer,
             wire.Welcome(
                 version=wire.PROTOCOL_VERSION,
-                cluster=self.cluster_name,
+                cluster=self.cluster_name or "",
                 server=SERVER_NAME,
                 user=self.identity.user if self.identity.auth != "signup" else None,
                 auth=self.identity.auth,

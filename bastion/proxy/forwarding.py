@@ -122,7 +122,11 @@ async def _connect(server: BastionServer, live: LiveSession) -> CountingForwarde
             bastion.config.node_connect_timeout,
         )
     )
-    live.close = task.cancel
+
+    def abandon() -> None:
+        task.cancel()
+
+    live.close = abandon
     try:
         await asyncio.wait({task})
     except asyncio.CancelledError:

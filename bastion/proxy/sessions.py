@@ -76,7 +76,7 @@ def audit_fields(session: LiveSession) -> dict[str, Any]:
     }
 
 
-Listener = Callable[..., Awaitable[None] | None]
+Listener = Callable[..., Awaitable[Any] | None]
 
 
 class Registry:
