@@ -129,9 +129,10 @@ _OPTIONS = {
     "permit_x11_forwarding",
     "permit_user_rc",
     "disconnect_expired_cert",
+    "device_attestation",
 }
 # Options a role may leave unsaid (None): written out only when set.
-_UNSAID = {"max_session_ttl", "device_trust_mode", "disconnect_expired_cert"}
+_UNSAID = {"max_session_ttl", "device_trust_mode", "disconnect_expired_cert", "device_attestation"}
 
 
 def role_doc(role: Role) -> dict[str, Any]:
@@ -140,6 +141,8 @@ def role_doc(role: Role) -> dict[str, Any]:
         options["device_trust_mode"] = role.device_trust_mode
     if role.disconnect_expired_cert is not None:
         options["disconnect_expired_cert"] = role.disconnect_expired_cert
+    if role.device_attestation is not None:
+        options["device_attestation"] = role.device_attestation
     for name in sorted(_OPTIONS - _UNSAID):
         options[name] = getattr(role, name)
     return {
@@ -169,8 +172,9 @@ def role_from_doc(doc: dict[str, Any], name: str | None = None) -> Role:
     if not isinstance(ttl, str):
         raise UsageError("spec.options.max_session_ttl must be a duration such as 8h")
     mode = options.get("device_trust_mode")
+    attestation = options.get("device_attestation")
     flags = {}
-    for flag in _OPTIONS - {"max_session_ttl", "device_trust_mode"}:  # true or false if said
+    for flag in _OPTIONS - {"max_session_ttl", "device_trust_mode", "device_attestation"}:
         if flag in options:
             if not isinstance(options[flag], bool):
                 raise UsageError(f"spec.options.{flag} must be true or false")
@@ -182,6 +186,7 @@ def role_from_doc(doc: dict[str, Any], name: str | None = None) -> Role:
         rules=_rules(allow.get("rules")),
         max_session_ttl=parse_duration(ttl),
         device_trust_mode=None if mode is None else rbac.check_trust_mode(mode),
+        device_attestation=None if attestation is None else rbac.check_attestation(attestation),
         description=str(spec.get("description") or ""),
         **flags,
     )

@@ -400,7 +400,7 @@ asyncio.run(main())
 
 
 def login(lab: Lab, quick: bool = False) -> dict:
-    from tests.swtpm import provision, run_swtpm
+    from tests.swtpm import provision, run_swtpm, trust_test_tpms
     from tests.test_login import PASSWORD, next_code, signup
     from tests.tokens import printed_token
 
@@ -411,7 +411,9 @@ def login(lab: Lab, quick: bool = False) -> dict:
         "DT_HOME": str(home),
         "SSH_AUTH_SOCK": "",
     }
-    tpm_ctx = run_swtpm(provision(lab.dir / "tpm-factory"), lab.dir / "tpm")
+    factory = provision(lab.dir / "tpm-factory")
+    trust_test_tpms(lab.cluster.store, factory)  # a software TPM is trusted only once added
+    tpm_ctx = run_swtpm(factory, lab.dir / "tpm")
     tpm = tpm_ctx.__enter__()
     try:
         env["DT_TPM_TCTI"] = tpm.tcti

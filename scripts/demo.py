@@ -165,7 +165,8 @@ def story(demo: Demo) -> None:
     demo.heading("Start the pieces: an OpenSSH node, dt-bastion, and a software TPM")
     node = demo.enter(sshd_node(demo.workdir / "node", cluster))
     bastion = demo.enter(bastion_server(demo.state))
-    tpm = demo.enter(run_swtpm(provision(demo.workdir / "tpm-factory"), demo.workdir))
+    factory = provision(demo.workdir / "tpm-factory")
+    tpm = demo.enter(run_swtpm(factory, demo.workdir))
     proxy = f"127.0.0.1:{bastion.port}"
     print(f"  sshd node on 127.0.0.1:{node.port}, dt-bastion on {proxy}, swtpm at {tpm.tcti}")
     demo.env["DT_TPM_TCTI"] = tpm.tcti
@@ -220,6 +221,12 @@ def story(demo: Demo) -> None:
         expect="device trust is required",
     )
     demo.ssh(config, expect_ok=False, expect="access denied")
+
+    demo.heading("The admin trusts the (software) TPM's EK CA, as one trusts a TPM vendor's")
+    print("  dt-bastion ships the real TPM vendors' EK roots; a software TPM is trusted nowhere")
+    print("  until an admin adds its CA, so a stolen password cannot enroll the thief's TPM.")
+    for pem in (factory.root_pem, factory.issuer_pem):
+        demo.run(["dtadmin", "trust-root", "add", str(pem)])
 
     demo.heading("alice enrolls this device: its TPM answers the bastion's challenge")
     demo.run(

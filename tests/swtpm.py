@@ -143,3 +143,27 @@ def _wait(port: int, proc: subprocess.Popen, timeout: float = 10) -> bool:
         time.sleep(0.02)
     stop(proc)
     return False
+
+
+def trust_test_tpms(store, *templates: Provisioned) -> None:
+    """Trust the local CAs that certified these software TPMs' EKs, as an admin would
+    with `dtadmin trust-root add`: by default a software TPM is trusted nowhere."""
+    import hashlib
+
+    from bastion.enroll.attest import parse_trust_root
+
+    known = {row["fingerprint"] for row in store.list_trust_roots()}
+    for template in templates:
+        for pem in (template.root_pem, template.issuer_pem):
+            data = pem.read_bytes()
+            cert = parse_trust_root(data)
+            fp = hashlib.sha256(cert.public_bytes(_der())).hexdigest()
+            if fp not in known:
+                store.add_trust_root(fp, cert.subject.rfc4514_string(), data.decode())
+                known.add(fp)
+
+
+def _der():
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return Encoding.DER

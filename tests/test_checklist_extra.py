@@ -262,6 +262,9 @@ def test_kill_9_during_enrollment_leaves_no_half_enrolled_device(swtpm, tmp_path
 
     cluster = init_cluster(tmp_path / "state", "crash")
     store = cluster.store
+    from tests.swtpm import trust_test_tpms
+
+    trust_test_tpms(store, swtpm.provisioned)
     store.add_user(User("alice", ("access", "editor"), ("root",)))
     from bastion.authz.records import Device
     from bastion.enroll.tokens import issue_enroll_token

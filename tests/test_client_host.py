@@ -22,6 +22,7 @@ from bastion.cluster import init_cluster
 from bastion.credentials import totp_now
 from bastion.protocol import files
 from tests.sshd import LOGIN, bastion_server
+from tests.swtpm import trust_test_tpms
 from tests.tokens import printed_token
 
 pytestmark = pytest.mark.integration
@@ -231,6 +232,7 @@ def test_enrollment_token_pasted_at_a_terminal_prompt(env, tmp_path, swtpm):
     home = tmp_path / "home"
     secret = signup(env, home, token)
     assert login(env, home, name, secret).returncode == 0
+    trust_test_tpms(env.cluster.store, swtpm.provisioned)
     dev = run(env, env.tmp, "dtadmin", "device", "add", "--asset-tag", "PASTE-1", "--enroll")
     enroll_token = printed_token(dev.stdout)
     term = terminal(

@@ -15,6 +15,7 @@ import pytest
 from bastion.authz.records import Node
 from bastion.cluster import init_cluster
 from tests.sshd import LOGIN, bastion_server, sshd_node
+from tests.swtpm import trust_test_tpms
 from tests.test_login import PASSWORD, next_code, signup
 from tests.tokens import printed_token
 
@@ -25,6 +26,7 @@ BIN = Path(sys.executable).parent
 @pytest.fixture
 def env(tmp_path, swtpm):
     cluster = init_cluster(tmp_path / "state", "device-test")
+    trust_test_tpms(cluster.store, swtpm.provisioned)  # an admin trusts the test TPMs' CA
     with sshd_node(tmp_path / "node", cluster) as node, bastion_server(tmp_path / "state") as b:
         cluster.store.add_node(Node("node-1", "127.0.0.1", node.port))
         e = type(

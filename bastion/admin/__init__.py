@@ -54,6 +54,8 @@ app.add_typer(users.app, name="users")
 app.add_typer(roles.app, name="roles")
 app.add_typer(nodes.app, name="nodes")
 app.add_typer(devices.app, name="device")
+# Also at the top, where the issue and a Teleport admin look for it.
+app.add_typer(devices.roots_app, name="trust-root")
 app.add_typer(locks.app, name="lock")
 app.add_typer(ca.ca_app, name="ca")
 app.add_typer(certs.app, name="cert")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -19,7 +20,12 @@ from bastion.protocol.errors import UsageError
 from bastion.storage import Store
 
 app = new_app("Manage the device inventory, enrollment tokens and EK trust roots.")
-roots_app = new_app("EK CA roots that make a TPM attestation 'tpm_ekcert_trusted'.")
+roots_app = new_app(
+    "EK CA roots: a TPM whose EK certificate chains to one is trusted (tpm_ekcert_trusted). "
+    "The TPM vendors' roots ship with dt-bastion; add your own (or a software TPM's CA, "
+    "for tests) here."
+)
+_EK_HASH_RE = re.compile(r"[0-9a-fA-F]{64}")
 app.add_typer(roots_app, name="trust-root")
 
 OS_TYPES = ("linux", "macos", "windows")
@@ -59,6 +65,15 @@ def add(
         bool, typer.Option("--enroll", help="Also print an enrollment token.")
     ] = False,
     ttl: Annotated[str, typer.Option("--ttl", help="Token lifetime with --enroll.")] = "1h",
+    ek_pub_hash: Annotated[
+        str | None,
+        typer.Option(
+            "--ek-pub-hash",
+            help="Vouch for this device's TPM: the SHA-256 (hex) of its EK public key, as a "
+            "refused enrollment or `dtclient device collect` on the device shows it. "
+            "Needed when its EK certificate chains to no trusted root.",
+        ),
+    ] = None,
     state: StateOpt = None,
 ) -> None:
     """Register a device in the inventory (and optionally make an enrollment token).
@@ -70,6 +85,8 @@ def add(
     check_name("asset tag", asset_tag)
     if os not in OS_TYPES:
         raise UsageError(f"invalid --os {os!r}: use one of {', '.join(OS_TYPES)}")
+    if ek_pub_hash is not None and not _EK_HASH_RE.fullmatch(ek_pub_hash):
+        raise UsageError("invalid --ek-pub-hash: give the 64 hex digits of the EK's SHA-256")
     store = open_cluster(ctx, state).store
     if owner:
         store.get_user(owner)
@@ -81,7 +98,8 @@ def add(
         device=asset_tag,
         actor=who,
     ):
-        store.add_device(Device("", asset_tag, os, owner=owner or ""))
+        profile = {"ek_pub_hash": ek_pub_hash.lower()} if ek_pub_hash else {}
+        store.add_device(Device("", asset_tag, os, owner=owner or "", profile=profile))
     console.say(f'Device "{asset_tag}"/{os} added to the inventory')
     if enroll:
         _print_token(
@@ -262,7 +280,7 @@ def root_add(
     pem: Annotated[Path, typer.Argument(help="PEM file with one EK CA certificate.")],
     state: StateOpt = None,
 ) -> None:
-    """Trust an EK CA root (e.g. your TPM vendor's); with any root set, untrusted EKs are refused."""
+    """Trust an EK CA root beside the shipped vendor roots (e.g. your fleet's own EK CA)."""
     from cryptography.hazmat.primitives import hashes
 
     from bastion.enroll.attest import parse_trust_root
@@ -294,7 +312,7 @@ def root_ls(
         [{k: r[k] for k in ("fingerprint", "subject")} for r in roots],
         ["SHA-256", "Subject"],
         [(r["fingerprint"], r["subject"]) for r in roots],
-        empty="(no trust roots: EKs are accepted as tpm_ekpub / tpm_ekcert)",
+        empty="(none added: only the TPM vendors' roots that ship with dt-bastion are trusted)",
     )
 
 

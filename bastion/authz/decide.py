@@ -318,6 +318,13 @@ def _check_enrolled_for(
         )
     if facts.device_lock is not None and facts.device_lock.active(now):
         raise DeviceNotTrusted(f'device "{device.asset_tag}" is locked')
+    wanted = rbac.required_attestation(known_roles(facts))
+    if not rbac.attestation_at_least(device.credential.attestation_type, wanted):
+        raise DeviceNotTrusted(
+            f'device "{device.asset_tag}" was enrolled with {device.credential.attestation_type} '
+            f"attestation; your roles require {wanted} (an admin trusts its TPM vendor's EK "
+            "CA with dtadmin trust-root add, then you enroll again)"
+        )
 
 
 def may_self_enroll(facts: Facts) -> bool:

@@ -10,7 +10,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from bastion.authz.records import LOGIN_RE, NAME_RE, TRUST_MODES, Node, Role, Rule, User
+from bastion.authz.records import (
+    ATTESTATION_TYPES,
+    LOGIN_RE,
+    NAME_RE,
+    TRUST_MODES,
+    Node,
+    Role,
+    Rule,
+    User,
+)
 from bastion.protocol.errors import UsageError
 
 INTERNAL_LOGINS = "{{internal.logins}}"
@@ -168,4 +177,38 @@ def permissions(user: User, roles: list[Role], cluster_mode: object) -> Permissi
         permit_agent_forwarding=any(r.permit_agent_forwarding for r in roles),
         permit_x11_forwarding=any(r.permit_x11_forwarding for r in roles),
         permit_user_rc=any(r.permit_user_rc for r in roles),
+    )
+
+
+def check_attestation(level: object) -> str:
+    if level not in ATTESTATION_TYPES:
+        raise UsageError(
+            f"invalid device attestation {level!r}: use one of {', '.join(ATTESTATION_TYPES)}"
+        )
+    return str(level)
+
+
+def required_attestation(roles: Iterable[Role]) -> str | None:
+    """The strictest ``device_attestation`` of the user's roles (an unknown level
+    means the strictest there is)."""
+    wanted = None
+    for role in roles:
+        level = role.device_attestation
+        if level is None:
+            continue
+        rank = (
+            ATTESTATION_TYPES.index(level)
+            if level in ATTESTATION_TYPES
+            else len(ATTESTATION_TYPES) - 1
+        )
+        if wanted is None or rank > ATTESTATION_TYPES.index(wanted):
+            wanted = ATTESTATION_TYPES[rank]
+    return wanted
+
+
+def attestation_at_least(level: str, wanted: str | None) -> bool:
+    if wanted is None:
+        return True
+    return level in ATTESTATION_TYPES and ATTESTATION_TYPES.index(level) >= ATTESTATION_TYPES.index(
+        wanted
     )

@@ -73,6 +73,9 @@ class Role:
     # None: on where this role requires a trusted device, off elsewhere, so a long
     # transfer is not cut unless a role asks for it.
     disconnect_expired_cert: bool | None = None
+    # The least a trusted device's TPM attestation must be for this role (one of
+    # ATTESTATION_TYPES, weakest first); None: any enrolled device will do.
+    device_attestation: str | None = None
 
     def allows(self, resource: str, verb: str) -> bool:
         return any(rule.allows(resource, verb) for rule in self.rules)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import hmac
+import importlib.resources
 import ssl
 from dataclasses import dataclass
 
@@ -180,6 +181,14 @@ def load_trust_roots(pems: list[bytes]) -> list[x509.Certificate]:
     return [parse_trust_root(p) for p in pems]
 
 
+def vendor_roots() -> list[x509.Certificate]:
+    """The TPM vendors' EK roots shipped in the package: the default trust store."""
+    folder = importlib.resources.files("bastion.enroll") / "ek_roots"
+    return load_trust_roots(
+        [f.read_bytes() for f in sorted(folder.iterdir(), key=str) if f.name.endswith(".pem")]
+    )
+
+
 def ek_public_der(ek_public: bytes) -> bytes:
     return _der(_public_key(_unmarshal(TPM2B_PUBLIC, ek_public, "EK public"), "EK public"))
 
@@ -227,18 +236,28 @@ def verify_ek(
     trust_roots: list[x509.Certificate],
     *,
     registered_ek_hash: str | None = None,
+    registered_by_admin: bool = False,
     require_trusted: bool = False,
     now: datetime.datetime | None = None,
 ) -> str:
-    """Return the attestation type the EK earns: tpm_ekpub, tpm_ekcert or tpm_ekcert_trusted."""
+    """Return the attestation type the EK earns: tpm_ekpub, tpm_ekcert or tpm_ekcert_trusted.
+
+    ``registered_ek_hash`` is the EK the device is known by (an admin's registration,
+    or the one pinned at its first enrollment): any other TPM is refused. With
+    ``require_trusted`` the EK must rest on something an attacker cannot make: a
+    certificate chaining to a trust root, or an admin's registration of this very EK
+    (``registered_by_admin``). A software TPM passes only where an admin trusted its CA.
+    """
     now = now or datetime.datetime.now(datetime.UTC)
     ek_key = _public_key(_unmarshal(TPM2B_PUBLIC, ek_public, "EK public"), "EK public")
     der = _der(ek_key)
-    if registered_ek_hash and not hmac.compare_digest(ek_pub_hash(der), registered_ek_hash):
+    ek_hash = ek_pub_hash(der)
+    if registered_ek_hash and not hmac.compare_digest(ek_hash, registered_ek_hash):
         raise EKUntrusted("this TPM's endorsement key is not the one registered for the device")
+    trusted_by_admin = bool(registered_ek_hash) and registered_by_admin
     if ek_cert_der is None:
-        if require_trusted:
-            raise EKUntrusted("an EK certificate from a trusted TPM vendor is required")
+        if require_trusted and not trusted_by_admin:
+            raise EKUntrusted(_untrusted("sent no EK certificate", ek_hash))
         return "tpm_ekpub"
     try:
         cert = x509.load_der_x509_certificate(ek_cert_der)
@@ -251,9 +270,21 @@ def verify_ek(
         if not _valid_now(cert, now):
             raise EKUntrusted("EK certificate has expired or is not yet valid")
         return "tpm_ekcert_trusted"
-    if require_trusted:
-        raise EKUntrusted("EK certificate does not chain to a configured trust root")
+    if require_trusted and not trusted_by_admin:
+        raise EKUntrusted(
+            _untrusted("has an EK certificate that does not chain to a trust root", ek_hash)
+        )
     return "tpm_ekcert"
+
+
+def _untrusted(what: str, ek_hash: str) -> str:
+    """Why a TPM is not trusted, and the two ways an admin can vouch for it."""
+    return (
+        f"this TPM {what}: a password alone does not make a trusted device. An admin can "
+        "trust its vendor's EK CA (dtadmin trust-root add CA.pem) or register this "
+        f"device's EK (dtadmin device add --ek-pub-hash {ek_hash}, after checking it "
+        "on the device)"
+    )
 
 
 # -- 2. the attestation key -------------------------------------------------------------------

@@ -50,14 +50,18 @@ PROFILE_FIELDS = ("os_type", "system_serial", "board_serial", "machine_id")
 @dataclass(frozen=True, slots=True)
 class EnrollPolicy:
     trust_roots: tuple[x509.Certificate, ...] = ()
-    # With roots configured, an EK that does not chain to one is refused.
+    # An EK must chain to a trust root or be registered by an admin (the product's
+    # policy, load_policy); False only for tests of the ceremony's other steps.
     require_trusted_ek: bool = False
 
 
 def load_policy(store: Store) -> EnrollPolicy:
+    """The cluster's policy: the TPM vendors' roots shipped in the package plus the
+    roots an admin added; an EK that rests on neither (nor on an admin's registration
+    of it) is refused, so a stolen password cannot enroll the attacker's own TPM."""
     pems = [row["pem"].encode() for row in store.list_trust_roots()]
-    roots = tuple(attest.load_trust_roots(pems)) if pems else ()
-    return EnrollPolicy(trust_roots=roots, require_trusted_ek=bool(roots))
+    roots = (*attest.vendor_roots(), *attest.load_trust_roots(pems))
+    return EnrollPolicy(trust_roots=roots, require_trusted_ek=True)
 
 
 def device_view(device: Device) -> dict[str, Any]:
@@ -122,7 +126,8 @@ class EnrollmentCeremony:
                 msg.ek_public,
                 msg.ek_cert_der,
                 list(self.policy.trust_roots),
-                registered_ek_hash=device.ek_pub_hash,
+                registered_ek_hash=_admin_registered_ek(device) or device.ek_pub_hash,
+                registered_by_admin=_admin_registered_ek(device) is not None,
                 require_trusted=self.policy.require_trusted_ek,
             )
             ak = attest.check_ak(msg.ak_public)
@@ -297,6 +302,14 @@ class EnrollmentCeremony:
             )
         except DTError:
             pass  # the refusal stands even if it cannot be audited
+
+
+def _admin_registered_ek(device: Device) -> str | None:
+    """The EK hash an admin registered for the device (``dtadmin device add
+    --ek-pub-hash``), kept in its inventory profile: unlike the EK pinned at a first
+    enrollment, it vouches for the TPM."""
+    value = device.profile.get("ek_pub_hash")
+    return value if isinstance(value, str) and value else None
 
 
 def _asset_tag(device_data: dict[str, Any]) -> str:

@@ -63,6 +63,15 @@ def bastion_running(request: pytest.FixtureRequest) -> None:
 
 @pytest.fixture
 def new_tpm(deployment: Deployment, tpm_state: Path, tmp_path: Path) -> Iterator[str]:
-    """A running software TPM for one device; its TCTI."""
+    """A running software TPM for one device; its TCTI.
+
+    Its EK is certified by a local test CA, which the admin trusts as a deployment
+    would trust its TPM vendor's (`dtadmin trust-root add`): by default dt-bastion
+    trusts only the real vendors' roots, never a software TPM."""
+    if not getattr(deployment, "trusts_test_tpms", False):
+        ca = tpm_state.parent / "ca"
+        for pem in ("swtpm-localca-rootca-cert.pem", "issuercert.pem"):
+            deployment.admin("device", "trust-root", "add", str(ca / pem))
+        deployment.trusts_test_tpms = True  # type: ignore[attr-defined]
     with swtpm(tpm_state, tmp_path / "tpm") as tcti:
         yield tcti
