@@ -66,6 +66,22 @@ def test_state_check_sees_unenrollment_and_locks(cluster):
     assert "not enrolled" in decide("root", cert, **kw).reason
 
 
+def test_state_check_sees_a_re_enrolled_device_as_the_bastion_does(cluster):
+    """The helper's own copy of the device check had no credential-id check: a
+    certificate for a device re-enrolled since (a new credential) was accepted here and
+    refused at the bastion. Both now call the one rule in bastion.authz.decide."""
+    from dataclasses import replace
+
+    store = cluster.store
+    device = store.add_device(Device("", "SN1", "linux", "enrolled", "alice", CRED))
+    cert = sign(cluster, device)
+    kw = dict(ca_fingerprints=fps(cluster), require_device=True, store=store)
+    assert decide("root", cert, **kw).principals == ("root",)
+    store.update_device(replace(store.get_device("SN1"), credential=replace(CRED, id="cred-2")))
+    refused = decide("root", cert, **kw)
+    assert refused.principals == () and "re-enrolled" in refused.reason
+
+
 def test_cli_prints_login_or_nothing(cluster, capsys):
     ca_pub = cluster.state_dir / "ca" / "user_ca.pub"
     device = cluster.store.add_device(Device("", "SN1", "linux", "enrolled", "alice", CRED))
