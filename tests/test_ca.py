@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -215,3 +216,26 @@ def test_bastion_host_cert_is_made_once_and_renewed_when_needed(cluster):
     first = path.read_bytes()
     assert cluster.ensure_bastion_host_cert(("localhost",)).read_bytes() == first
     assert cluster.ensure_bastion_host_cert(("localhost", "bastion")).read_bytes() != first
+
+
+def test_a_renewal_is_decided_again_inside_the_signing_transaction(cluster):
+    """The bastion re-checks a connection's credential before it asks; a revocation
+    committing in the milliseconds after that must not get a fresh certificate out."""
+    from bastion.ca.authority import UserCertRequest
+
+    first = cluster.ca.sign_user("alice", user_key())
+    serial = first.record.serial
+    cluster.store.revoke_certs(time.time(), serials=(serial,))
+    with pytest.raises(AccessDenied, match="revoked"):
+        cluster.ca.sign(UserCertRequest("alice", user_key(), renewal_of=serial))
+    with pytest.raises(AccessDenied, match="not issued"):
+        cluster.ca.sign(UserCertRequest("alice", user_key(), renewal_of=12345))
+
+
+def test_a_password_request_is_refused_once_the_password_changed(cluster):
+    from bastion.ca.authority import UserCertRequest
+
+    cluster.store.set_user_secrets("alice", "hash-now", "SECRET", None)
+    cluster.ca.sign(UserCertRequest("alice", user_key(), password_hash="hash-now"))
+    with pytest.raises(AccessDenied, match="changed or reset"):
+        cluster.ca.sign(UserCertRequest("alice", user_key(), password_hash="hash-before"))

@@ -174,6 +174,16 @@ def check_cert_connection(claims: CertClaims, facts: Facts, now: float) -> None:
     check_user(facts, now, claims.user)
 
 
+def check_renewal(serial: int, user: str, facts: Facts) -> None:
+    """The certificate a renewal presents still stands (decided by the CA under its
+    write lock, after the bastion's own re-check, so no revocation slips between)."""
+    issued = facts.issued
+    if issued is None or issued.serial != serial or issued.user != user:
+        raise AccessDenied(f"certificate serial {serial} was not issued by this cluster")
+    if issued.cert_type != "user" or issued.revoked is not None:
+        raise AccessDenied(f"certificate serial {serial} has been revoked")
+
+
 def check_password_connection(
     user: str, password_hash: str | None, facts: Facts, now: float
 ) -> None:

@@ -58,6 +58,11 @@ class UserCertRequest:
     remote_addr: str | None = None
     actor: str | None = None
     now: float | None = None
+    # The credential the request came with, decided again under the write lock: the
+    # serial of the certificate renewing itself, or the password hash a password
+    # connection authenticated with (None: an admin's or a test's direct request).
+    renewal_of: int | None = None
+    password_hash: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,9 +158,16 @@ class CertificateAuthority:
         now = time.time() if request.now is None else request.now
         device = request.device
         facts = self.store.facts(
-            user=request.user, asset_tag=device.asset_tag if device else None, now=now
+            user=request.user,
+            asset_tag=device.asset_tag if device else None,
+            serial=request.renewal_of,
+            now=now,
         )
         decide.check_user(facts, now, request.user)
+        if request.renewal_of is not None:
+            decide.check_renewal(request.renewal_of, request.user, facts)
+        if request.password_hash is not None:
+            decide.check_password_connection(request.user, request.password_hash, facts, now)
         if device is not None:
             # The caller authenticated ``device`` before this transaction; an unenroll
             # or re-enroll since then gives a new credential, and the old proof must

@@ -65,6 +65,8 @@ class ApiIdentity:
     valid_before: int | None = None
     # For password logins: the hash the password was checked against.
     password_hash: str | None = None
+    # For certificate logins: the serial of the certificate that authenticated.
+    serial: int | None = None
 
 
 class ApiSession:
@@ -237,7 +239,15 @@ class ApiSession:
             remaining = int(self.identity.valid_before - time.time())
             ttl = remaining if ttl is None else min(ttl, remaining)
         request = UserCertRequest(
-            user, public_key, ttl=ttl, device=device, remote_addr=self.identity.remote_addr
+            user,
+            public_key,
+            ttl=ttl,
+            device=device,
+            remote_addr=self.identity.remote_addr,
+            # Decided once more inside the signing transaction: a revocation that
+            # commits after the re-check below cannot be outrun.
+            renewal_of=self.identity.serial if self.identity.auth == "certificate" else None,
+            password_hash=self.identity.password_hash if self.identity.auth == "password" else None,
         )
         # Again: the device round trip took as long as the client liked.
         await self._recheck()

@@ -389,7 +389,11 @@ class BastionServer(asyncssh.SSHServer):
                 return False
             self.identity = identity
             self.api_identity = ApiIdentity(
-                identity.user, "certificate", self.remote_addr, valid_before=cert.valid_before
+                identity.user,
+                "certificate",
+                self.remote_addr,
+                valid_before=cert.valid_before,
+                serial=cert.serial,
             )
         elif not ok and msg:  # a bad signature counts against the address like any failure
             self.bastion.note_failure(self.remote_addr or "?")
