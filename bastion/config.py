@@ -55,6 +55,18 @@ class BastionConfig:
     lockout_duration: float = 1800.0
     # Load balancers whose PROXY protocol headers are believed (CIDRs).
     proxy_protocol_from: tuple[str, ...] = ()
+    # The SSH algorithms offered, in order of preference (see ALGORITHMS below for
+    # what each may name). The defaults: no SHA-1, no small or NIST-curve key
+    # exchange, no CBC, no encrypt-and-MAC; post-quantum hybrids first, and
+    # curve25519-sha256 for OpenSSH before 9.9 (Debian 12's 9.2 has no ML-KEM).
+    kex_algs: tuple[str, ...] = field(default_factory=lambda: default_algs("kex_algs"))
+    encryption_algs: tuple[str, ...] = field(
+        default_factory=lambda: default_algs("encryption_algs")
+    )
+    mac_algs: tuple[str, ...] = field(default_factory=lambda: default_algs("mac_algs"))
+    # User signatures accepted and host key algorithms offered (with their
+    # certificate variants): never ssh-rsa (SHA-1) or ssh-dss.
+    signature_algs: tuple[str, ...] = field(default_factory=lambda: default_algs("signature_algs"))
     extra: dict[str, Any] = field(default_factory=dict)
 
     def names(self) -> tuple[str, ...]:
@@ -69,8 +81,15 @@ class BastionConfig:
 _FIELDS = {f.name: f for f in dataclasses.fields(BastionConfig) if f.name != "extra"}
 
 
+def _default(name: str) -> Any:
+    f = _FIELDS[name]
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
 def _coerce(name: str, value: Any) -> Any:
-    default = _FIELDS[name].default
+    default = _default(name)
     if isinstance(default, Path):
         if not isinstance(value, str | Path):
             raise UsageError(f"config: {name} must be a path")
@@ -124,7 +143,100 @@ def load_config(
             ipaddress.ip_network(cidr, strict=False)
         except ValueError:
             raise UsageError(f"config: proxy_protocol_from has a bad network {cidr!r}") from None
+    for name in ALGORITHMS:
+        if name in values:
+            check_algs(name, values[name])
     return BastionConfig(**values)
+
+
+# -- SSH algorithms --------------------------------------------------------------------------
+
+# What each algorithm setting may name: the defaults first (in their order), then
+# what an operator may add for an older client. Nothing here is broken; the additions
+# each draw an ssh-audit warning or failure (not post-quantum, NIST curves,
+# encrypt-and-MAC), which is why they are not offered unless asked for. Names the
+# installed asyncssh lacks (sntrup761 needs liboqs) are left out of the defaults.
+ALGORITHMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "kex_algs": (
+        (
+            "mlkem768x25519-sha256",
+            "sntrup761x25519-sha512",
+            "sntrup761x25519-sha512@openssh.com",
+            "curve25519-sha256",
+        ),
+        (
+            "curve25519-sha256@libssh.org",
+            "curve448-sha512",
+            "mlkem768nistp256-sha256",
+            "mlkem1024nistp384-sha384",
+            "ecdh-sha2-nistp256",
+            "ecdh-sha2-nistp384",
+            "ecdh-sha2-nistp521",
+            "diffie-hellman-group16-sha512",
+            "diffie-hellman-group18-sha512",
+        ),
+    ),
+    "encryption_algs": (
+        (
+            "chacha20-poly1305@openssh.com",
+            "aes256-gcm@openssh.com",
+            "aes128-gcm@openssh.com",
+            "aes256-ctr",
+            "aes192-ctr",
+            "aes128-ctr",
+        ),
+        (),
+    ),
+    "mac_algs": (
+        ("hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com"),
+        ("umac-128-etm@openssh.com", "hmac-sha2-256", "hmac-sha2-512"),
+    ),
+    "signature_algs": (
+        (
+            "ssh-ed25519",
+            "ecdsa-sha2-nistp256",
+            "ecdsa-sha2-nistp384",
+            "ecdsa-sha2-nistp521",
+            "rsa-sha2-512",
+            "rsa-sha2-256",
+        ),
+        ("ssh-ed448", "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com"),
+    ),
+}
+
+
+def supported_algs(name: str) -> frozenset[str]:
+    """What the installed asyncssh can do for one algorithm setting."""
+    from asyncssh import encryption, kex, mac, public_key
+
+    listed = {
+        "kex_algs": kex.get_kex_algs,
+        "encryption_algs": encryption.get_encryption_algs,
+        "mac_algs": mac.get_mac_algs,
+        "signature_algs": public_key.get_public_key_algs,
+    }[name]()
+    return frozenset(alg.decode("ascii") for alg in listed)
+
+
+def allowed_algs(name: str) -> tuple[str, ...]:
+    defaults, additions = ALGORITHMS[name]
+    have = supported_algs(name)
+    return tuple(alg for alg in (*defaults, *additions) if alg in have)
+
+
+def default_algs(name: str) -> tuple[str, ...]:
+    have = supported_algs(name)
+    return tuple(alg for alg in ALGORITHMS[name][0] if alg in have)
+
+
+def check_algs(name: str, algs: tuple[str, ...]) -> None:
+    """Refuse an empty list or a name that is unknown, weak or not in this asyncssh."""
+    allowed = allowed_algs(name)
+    if not algs:
+        raise UsageError(f"config: {name} is empty; name at least one of: {', '.join(allowed)}")
+    for alg in algs:
+        if alg not in allowed:
+            raise UsageError(f"config: {name} cannot offer {alg!r}; allowed: {', '.join(allowed)}")
 
 
 def parse_setting(item: str) -> tuple[str, Any]:

@@ -48,7 +48,7 @@ from bastion.ca.issuer import GroupCommitIssuer
 from bastion.ca.keys import public_line
 from bastion.cluster import Cluster
 from bastion.config import BastionConfig
-from bastion.protocol.errors import DTError
+from bastion.protocol.errors import DTError, UsageError
 from bastion.protocol.wire import LineReader
 from bastion.proxy import connections, policy, quickack
 from bastion.proxy.api import ApiIdentity, ApiSession
@@ -383,6 +383,10 @@ class BastionServer(asyncssh.SSHServer):
                 self.bastion.note_failure(self.remote_addr or "?")
             await self._audit_refusal("auth.failed", exc.message, _user_of(key_data))
             return False
+        if msg and (refused := _signature_refused(signature, self.bastion.config)):
+            self.bastion.note_failure(self.remote_addr or "?")
+            await self._audit_refusal("auth.failed", refused, identity.user)
+            return False
         ok = await original(username, key_data, msg, signature)
         if ok and msg:
             if not await self._admit(Credential(identity.user, "certificate", claims=identity)):
@@ -552,10 +556,47 @@ def _user_of(key_data: bytes) -> str | None:
         return None
 
 
+def _signature_refused(signature: bytes, config: BastionConfig) -> str | None:
+    """asyncssh verifies a user's signature under any algorithm the key allows (ssh-rsa,
+    SHA-1, for an RSA key); ``signature_algs`` only shapes what it advertises. So the
+    signature's own algorithm name is checked here."""
+    length = int.from_bytes(signature[:4], "big")
+    alg = signature[4 : 4 + length].decode("ascii", "replace")
+    if len(signature) >= 4 and alg in config.signature_algs:
+        return None
+    allowed = ", ".join(config.signature_algs)
+    return f"signature algorithm {alg!r} is not accepted (allowed: {allowed})"
+
+
+def _host_keys(host_key_path: str, host_cert_path: str, config: BastionConfig) -> list[Any]:
+    """The host key and its certificate, offered only under ``signature_algs`` (an RSA
+    host key would otherwise also be offered as ssh-rsa, SHA-1)."""
+    allowed = set(config.signature_algs)
+    keypairs = asyncssh.load_keypairs([(host_key_path, host_cert_path)])
+    for keypair in keypairs:
+        keypair.host_key_algorithms = [
+            alg
+            for alg in keypair.host_key_algorithms
+            if alg.decode("ascii").removesuffix("-cert-v01@openssh.com") in allowed
+        ]
+    offered = [keypair for keypair in keypairs if keypair.host_key_algorithms]
+    if not offered:
+        raise UsageError(
+            f"the bastion's host key {host_key_path} is of a type signature_algs does not "
+            f"allow ({', '.join(config.signature_algs)})"
+        )
+    return offered
+
+
 def _options(bastion: Bastion, host_key_path: str, host_cert_path: str) -> dict[str, Any]:
     config = bastion.config
     return {
-        "server_host_keys": [(host_key_path, host_cert_path)],
+        "server_host_keys": _host_keys(host_key_path, host_cert_path, config),
+        # Named in config (BastionConfig.kex_algs, ...): asyncssh's defaults include SHA-1.
+        "kex_algs": list(config.kex_algs),
+        "encryption_algs": list(config.encryption_algs),
+        "mac_algs": list(config.mac_algs),
+        "signature_algs": list(config.signature_algs),
         "login_timeout": config.login_timeout,
         "keepalive_interval": config.keepalive_interval,
         "keepalive_count_max": config.keepalive_count_max,
