@@ -65,6 +65,36 @@ EVENT_NAMES: dict[str, str] = {
 }
 
 
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape_control(text: str) -> str:
+    """``text`` on one line, with nothing a terminal or a log reader acts on: every
+    character that is not printable (newlines, ESC, bidi overrides, lone surrogates,
+    U+2028) written as its Python escape (``\\n``, ``\\x1b``, ``\\u202e``).
+
+    Client-supplied text (disconnect reasons, user names, versions, dt-api fields)
+    reaches audit messages and log lines; unescaped, a newline in it forges a line.
+    Backslashes are left as they are, so escaping twice changes nothing (the audit
+    message is escaped here and its log line again by the log formatter).
+    """
+    if text.isprintable():
+        return text
+    return "".join(
+        ch if ch.isprintable() else _NAMED_ESCAPES.get(ch) or ascii(ch)[1:-1] for ch in text
+    )
+
+
+def _escaped(value: Any) -> Any:
+    if isinstance(value, str):
+        return escape_control(value)
+    if isinstance(value, list | tuple):
+        return [_escaped(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _escaped(v) for k, v in value.items()}
+    return value
+
+
 def event_code(event_type: str, success: bool) -> str:
     return EVENT_CODES.get(event_type, "DT9999") + ("I" if success else "W")
 
@@ -81,18 +111,21 @@ def record(
     now: float | None = None,
     **fields: Any,
 ) -> int:
-    """Append one event and return its id; raises StorageUnavailable if it cannot."""
+    """Append one event and return its id; raises StorageUnavailable if it cannot.
+
+    Every string in it is escaped (:func:`escape_control`): many come from clients.
+    """
     event = AuditEvent(
         id=0,
         time=time.time() if now is None else now,
         code=event_code(event_type, success),
         type=event_type,
         success=success,
-        message=message,
-        user=user,
-        device=device,
-        remote_addr=remote_addr,
-        fields={k: v for k, v in fields.items() if v is not None},
+        message=escape_control(message),
+        user=_escaped(user),
+        device=_escaped(device),
+        remote_addr=_escaped(remote_addr),
+        fields={k: _escaped(v) for k, v in fields.items() if v is not None},
     )
     event_id = store.append_audit(event)
     if log.isEnabledFor(logging.INFO):
@@ -103,10 +136,10 @@ def record(
                 event.code,
                 event_type,
                 "allow" if success else "deny",
-                user,
-                device,
-                remote_addr,
-                message,
+                event.user,
+                event.device,
+                event.remote_addr,
+                event.message,
             )
         )
     return event_id

@@ -7,10 +7,11 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from bastion.audit import escape_control
 from bastion.cluster import Cluster, default_state_dir
 from bastion.config import BastionConfig, load_config, parse_listen, parse_setting
 from bastion.protocol import console
@@ -59,11 +60,9 @@ def serve(
 
     Example: dt-bastion serve --state /var/lib/dt-bastion --listen 0.0.0.0:3022
     """
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), handlers=[handler])
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
     host, port = parse_listen(listen) if listen else (None, None)
     overrides = dict(parse_setting(item) for item in settings or ())
@@ -78,6 +77,27 @@ def serve(
     except ImportError:
         pass
     asyncio.run(_serve(cfg))
+
+
+class OneLineFormatter(logging.Formatter):
+    """No record can forge another: its message is escaped onto one line
+    (:func:`bastion.audit.escape_control`; a client's disconnect reason holding a
+    newline once wrote a fake ``session.start allow`` line), and a traceback keeps
+    its own lines but each is indented, so none starts like a record."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_control(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        return _indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _indented(super().formatStack(stack_info))
+
+
+def _indented(text: str) -> str:
+    return "\n".join("    " + escape_control(line) for line in text.splitlines())
 
 
 def _tune_socket_reads(size: int) -> None:

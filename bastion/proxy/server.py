@@ -40,6 +40,7 @@ from collections import defaultdict
 from typing import Any
 
 import asyncssh
+from asyncssh.constants import MSG_DISCONNECT
 
 from bastion import accounts
 from bastion.authz import decide
@@ -166,6 +167,9 @@ class Bastion:
 class BastionServer(asyncssh.SSHServer):
     """One per SSH connection."""
 
+    # Set when the client sent SSH_MSG_DISCONNECT (see _hear_disconnect).
+    _peer_disconnected = False
+
     def __init__(self, bastion: Bastion, client_addr: str | None = None) -> None:
         self.client_addr = client_addr  # from a trusted PROXY protocol header
         self.bastion = bastion
@@ -210,17 +214,45 @@ class BastionServer(asyncssh.SSHServer):
             conn._process_direct_tcpip_open,  # type: ignore[attr-defined]
         )
         quickack.until_authenticated(conn)
+        self._hear_disconnect(conn)
+
+    def _hear_disconnect(self, conn: asyncssh.SSHServerConnection) -> None:
+        """asyncssh turns a client's SSH_MSG_DISCONNECT into an error carrying the
+        client's reason text, just like one of its own; note which it was, so that
+        text is recorded as the client's words (quoted), never as the bastion's reason.
+        (asyncssh dispatches packets through ``_packet_handlers``; this connection
+        gets its own copy.)"""
+        handlers = dict(conn._packet_handlers)  # type: ignore[attr-defined]
+        process = handlers[MSG_DISCONNECT]
+
+        def heard(owner: Any, pkttype: int, pktid: int, packet: Any) -> Any:
+            self._peer_disconnected = True
+            return process(owner, pkttype, pktid, packet)
+
+        handlers[MSG_DISCONNECT] = heard
+        conn._packet_handlers = handlers  # type: ignore[attr-defined]
 
     def _audit_unauthenticated_end(self, exc: Exception | None) -> None:
         """Garbage and stalled handshakes get an audit event (DESIGN.md, Security rules);
         a plain connect-and-close (a port probe, a client that gave up) does not."""
         stalled = time.monotonic() - self._started >= self.bastion.config.login_timeout
-        hung_up = exc is None or isinstance(exc, asyncssh.ConnectionLost | OSError)
+        said: asyncssh.DisconnectError | None = None
+        if self._peer_disconnected and isinstance(exc, asyncssh.DisconnectError):
+            said = exc
+        hung_up = (
+            exc is None
+            or isinstance(exc, asyncssh.ConnectionLost | OSError)
+            or (said is not None and said.code == asyncssh.DISC_BY_APPLICATION)
+        )
         if hung_up and not stalled:
             return
         kind = "stalled" if stalled else "garbage"
+        if said is not None:  # the client's own text, quoted (repr) as the client's
+            reason = f"client disconnected before login: {said.reason!r} (code {said.code})"
+        else:
+            reason = f"connection closed before login: {exc}"
         if self.bastion.should_audit_refusal(self.remote_addr or "?", time.monotonic(), kind):
-            self._audit_once("auth.failed", f"connection closed before login: {exc}")
+            self._audit_once("auth.failed", reason)
 
     def _refuse(self, conn: asyncssh.SSHServerConnection, reason: str) -> None:
         if self.bastion.should_audit_refusal(self.remote_addr or "?", time.monotonic()):
