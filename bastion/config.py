@@ -67,7 +67,27 @@ class BastionConfig:
     # User signatures accepted and host key algorithms offered (with their
     # certificate variants): never ssh-rsa (SHA-1) or ssh-dss.
     signature_algs: tuple[str, ...] = field(default_factory=lambda: default_algs("signature_algs"))
+    # -- flood limits (docs/getting-started.md, "Limits"; decided in bastion.authz.limits)
+    # Connections still logging in, in all (0: a quarter of max_connections) and per
+    # address: silent sockets must not take the slots logged-in users need. When all
+    # are taken, a newcomer takes the oldest pre-login slot of the address holding
+    # the most; login_timeout drops the silent ones.
+    max_unauthenticated: int = 0
+    max_unauthenticated_per_source: int = 32
+    # dt-api sessions and forwarded connections open at once on one SSH connection
+    # (one connection opened 2,000 dt-api channels).
+    max_channels_per_connection: int = 16
+    # Certificates the CA signs for one user in any 60 s, counted in the cluster's
+    # records (pipelined requests got 1,000 certificates in a second). 0: no limit.
+    max_certs_per_user_per_minute: int = 20
+    # Password checks (argon2) waiting or running at once; beyond it a password login
+    # is turned away at once with "busy" rather than queued (60 queued attempts
+    # delayed a real login from 0.06 s to 3.6 s). Certificate logins never wait on it.
+    max_pending_password_checks: int = 8
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def unauthenticated_cap(self) -> int:
+        return self.max_unauthenticated or max(1, self.max_connections // 4)
 
     def names(self) -> tuple[str, ...]:
         if self.host_names:
@@ -146,7 +166,17 @@ def load_config(
     for name in ALGORITHMS:
         if name in values:
             check_algs(name, values[name])
+    for name in _AT_LEAST_ONE:  # 0 would refuse everyone, not lift the limit
+        if values.get(name, 1) < 1:
+            raise UsageError(f"config: {name} must be at least 1")
     return BastionConfig(**values)
+
+
+_AT_LEAST_ONE = (
+    "max_unauthenticated_per_source",
+    "max_channels_per_connection",
+    "max_pending_password_checks",
+)
 
 
 # -- SSH algorithms --------------------------------------------------------------------------
