@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import ssh
 
 from bastion import audit
-from bastion.authz import decide, rbac
+from bastion.authz import decide, limits, rbac
 from bastion.authz.records import Device, IssuedCert, User
 from bastion.ca.certs import (
     BACKDATE_SECONDS,
@@ -30,6 +30,7 @@ from bastion.protocol.errors import (
     AccessDenied,
     CertificateError,
     DTError,
+    RateLimited,
     StateError,
     StorageUnavailable,
 )
@@ -63,6 +64,10 @@ class UserCertRequest:
     # connection authenticated with (None: an admin's or a test's direct request).
     renewal_of: int | None = None
     password_hash: str | None = None
+    # Certificates this user may be issued per minute, counted in the transaction
+    # that signs (dt-api sets max_certs_per_user_per_minute; None: no limit, an
+    # admin's request).
+    rate_limit: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +152,7 @@ class CertificateAuthority:
                         results.append(self._issue(request))
                 except StorageUnavailable:
                     raise  # the whole batch fails closed; nothing of it is committed
-                except (AccessDenied, StateError) as exc:  # DeviceNotTrusted included
+                except (AccessDenied, StateError, RateLimited) as exc:  # DeviceNotTrusted too
                     self._audit_refusal(exc, request)
                     results.append(exc)
                 except CertificateError as exc:
@@ -164,6 +169,10 @@ class CertificateAuthority:
             now=now,
         )
         decide.check_user(facts, now, request.user)
+        if request.rate_limit is not None:
+            since = now - limits.ISSUANCE_WINDOW
+            recent = self.store.count_user_certs(request.user, since=since)
+            limits.check_issuance_rate(request.user, recent, request.rate_limit)
         if request.renewal_of is not None:
             decide.check_renewal(request.renewal_of, request.user, facts)
         if request.password_hash is not None:
@@ -227,7 +236,9 @@ class CertificateAuthority:
                 return Issued(sign_user_cert(self.user_ca, public_key, spec), record)
         raise CertificateError("could not allocate a unique certificate serial")
 
-    def _audit_refusal(self, exc: AccessDenied | StateError, request: UserCertRequest) -> None:
+    def _audit_refusal(
+        self, exc: AccessDenied | StateError | RateLimited, request: UserCertRequest
+    ) -> None:
         audit.record(
             self.store,
             "cert.create",

@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bastion.authz import decide, rbac
+from bastion.authz import decide, limits, rbac
 from bastion.authz.facts import Facts
 from bastion.authz.records import Device
 from bastion.ca.authority import UserCertRequest
@@ -42,7 +42,8 @@ from bastion.cluster import Cluster
 from bastion.enroll.authn import DeviceAuthentication
 from bastion.enroll.ceremony import EnrollmentCeremony, device_view
 from bastion.protocol import wire
-from bastion.protocol.errors import AccessDenied, DTError, ProtocolError
+from bastion.protocol.errors import AccessDenied, DTError, ProtocolError, RateLimited
+from bastion.proxy.admission import RefusalDigest
 from bastion.proxy.connections import CredentialRevoked
 from bastion.proxy.workers import Workers
 
@@ -83,6 +84,8 @@ class ApiSession:
         issuer: GroupCommitIssuer | None = None,
         recheck: Callable[[], Awaitable[None]] | None = None,
         terminate: Callable[[str], Awaitable[None]] | None = None,
+        max_certs_per_minute: int = 0,
+        digest: RefusalDigest | None = None,
     ) -> None:
         self.cluster = cluster
         # The bastion's shared issuer batches concurrent logins into one commit and
@@ -99,6 +102,9 @@ class ApiSession:
         # AccessDenied (this request only); see the module docstring.
         self.recheck = recheck
         self.terminate = terminate
+        # Certificates per user per minute (0: none); refusals summarised in ``digest``.
+        self.max_certs_per_minute = max_certs_per_minute
+        self.digest = digest
         self._enrollment: EnrollmentCeremony | None = None
 
     # -- the loop --------------------------------------------------------------------------
@@ -216,6 +222,7 @@ class ApiSession:
         user = self.identity.user
         public_key = load_public_key(msg.public_key.encode())
         facts = await self._facts()
+        await self._check_issuance_rate()
         perms = decide.permissions(facts)
         device: Device | None = None
         warning = None
@@ -248,6 +255,7 @@ class ApiSession:
             # commits after the re-check below cannot be outrun.
             renewal_of=self.identity.serial if self.identity.auth == "certificate" else None,
             password_hash=self.identity.password_hash if self.identity.auth == "password" else None,
+            rate_limit=self.max_certs_per_minute or None,
         )
         # Again: the device round trip took as long as the client liked.
         await self._recheck()
@@ -264,6 +272,33 @@ class ApiSession:
             logins=list(perms.logins),
             device_warning=warning,
         )
+
+    async def _check_issuance_rate(self) -> None:
+        """A first look, with a read: a flood of requests is refused before it costs a
+        device round trip or a place in the CA's transaction, where the count is
+        decided again (``rate_limit``) for requests that came together."""
+        limit, user, now = self.max_certs_per_minute, self.identity.user, time.time()
+        if not limit:
+            return
+        recent = await self.workers.read(
+            lambda store: store.count_user_certs(user, since=now - limits.ISSUANCE_WINDOW)
+        )
+        try:
+            limits.check_issuance_rate(user, recent, limit)
+        except RateLimited as exc:
+            if self.digest is not None:
+                self.digest.note(
+                    "certs",
+                    user,
+                    now,
+                    event="cert.create",
+                    message=exc.message,
+                    summary=f"{{n}} more certificate requests of {user} refused "
+                    f"(limit {limit} a minute) in the last minute",
+                    user=user,
+                    remote_addr=self.identity.remote_addr,
+                )
+            raise
 
     async def _authenticate_device(self, msg: Any, reader: Any, writer: Any) -> Device | None:
         ceremony = DeviceAuthentication(

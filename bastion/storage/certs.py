@@ -65,6 +65,16 @@ class CertStore(SQLiteBase):
         row = self._one("SELECT * FROM issued_certs WHERE serial = ?", (serial,))
         return self._cert(row) if row else None
 
+    def count_user_certs(self, user: str, *, since: float) -> int:
+        """User certificates issued to ``user`` after ``since``: the issuance rate
+        (``max_certs_per_user_per_minute``) is counted here, cluster-wide."""
+        row = self._one(
+            "SELECT COUNT(*) AS n FROM issued_certs "
+            "WHERE user = ? AND cert_type = 'user' AND issued > ?",
+            (user, since),
+        )
+        return int(row["n"]) if row else 0
+
     def list_certs(
         self, *, user: str | None = None, key_id: str | None = None, revoked: bool | None = None
     ) -> list[IssuedCert]:
