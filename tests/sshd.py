@@ -132,10 +132,12 @@ class BastionProcess:
 
 @contextlib.contextmanager
 def bastion_server(
-    state_dir: Path, *, extra_args: tuple[str, ...] = ()
+    state_dir: Path, *, extra_args: tuple[str, ...] = (), listen_host: str = "127.0.0.1"
 ) -> Iterator[BastionProcess]:
-    """The real `dt-bastion serve` as a subprocess on a free port."""
+    """The real `dt-bastion serve` as a subprocess on a free port (``listen_host`` "::"
+    for a dual-stack listener; it is still polled on 127.0.0.1)."""
     port = free_port()
+    listen = f"[{listen_host}]" if ":" in listen_host else listen_host
     log_path = state_dir.parent / f"bastion-{port}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -145,7 +147,7 @@ def bastion_server(
                 "--state",
                 str(state_dir),
                 "--listen",
-                f"127.0.0.1:{port}",
+                f"{listen}:{port}",
                 *extra_args,
             ],
             stdin=subprocess.DEVNULL,

@@ -62,6 +62,18 @@ async def read_header(
         await asyncio.wait_for(_readable(loop, sock), remaining)
 
 
+def unmapped(addr: str) -> str:
+    """``::ffff:10.0.0.5`` as ``10.0.0.5``: on a dual-stack listener ([::]) an IPv4
+    peer arrives IPv4-mapped; compared as it is with ``proxy_protocol_from``
+    (10.0.0.0/8) a trusted balancer was refused as a forger."""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return addr
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return str(mapped) if mapped is not None else addr
+
+
 class ProxyProtocolAcceptor:
     def __init__(self, bastion: Bastion, options: dict[str, Any], listener: socket.socket) -> None:
         self.bastion = bastion
@@ -80,6 +92,10 @@ class ProxyProtocolAcceptor:
         family = socket.AF_INET6 if ":" in config.listen_host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and ipaddress.ip_address(config.listen_host).is_unspecified:
+            # [::] is dual-stack whatever net.ipv6.bindv6only says: IPv4 balancers
+            # arrive as ::ffff:a.b.c.d (see unmapped).
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         listener.bind((config.listen_host, config.listen_port))
         listener.listen(1024)
         listener.setblocking(False)
@@ -98,7 +114,7 @@ class ProxyProtocolAcceptor:
         loop = asyncio.get_running_loop()
         while True:
             sock, peer = await loop.sock_accept(self._listener)
-            task = loop.create_task(self._serve(sock, str(peer[0])))
+            task = loop.create_task(self._serve(sock, unmapped(str(peer[0]))))
             self._conns.add(task)
             task.add_done_callback(self._conns.discard)
 
@@ -107,15 +123,24 @@ class ProxyProtocolAcceptor:
         try:
             if self.trusted(peer):
                 header = await read_header(sock)
-                client = header.source[0] if header.source else None
+                client = unmapped(header.source[0]) if header.source else None
             else:
                 await self._refuse_forged(sock, peer)
-            await asyncssh.run_server(
-                sock, server_factory=lambda: BastionServer(self.bastion, client), **self.options
-            )
-        except (DTError, OSError, TimeoutError, asyncssh.Error) as exc:
+        except (DTError, OSError, TimeoutError) as exc:
             reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
             self._audit(peer, client, reason)
+            sock.close()
+            return
+        # The address audit events and source-address checks see: the header's, else
+        # the socket's own (unmapped: a client reaching [::] by IPv4 is 10.0.0.5).
+        addr = client or peer
+        try:
+            await asyncssh.run_server(
+                sock, server_factory=lambda: BastionServer(self.bastion, addr), **self.options
+            )
+        except (OSError, asyncssh.Error):
+            # BastionServer.connection_lost has seen this end and audited what deserves
+            # it; the error's text may be the client's own (its disconnect reason).
             sock.close()
 
     async def _refuse_forged(self, sock: socket.socket, peer: str) -> None:
