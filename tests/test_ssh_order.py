@@ -66,7 +66,7 @@ CLIENT_KEXINIT = (
     + _s("curve25519-sha256,ecdh-sha2-nistp256,kex-strict-c-v00@openssh.com")
     + _s("ssh-ed25519-cert-v01@openssh.com,ssh-ed25519,ecdsa-sha2-nistp256,rsa-sha2-256")
     + _s("aes128-ctr,aes256-ctr") * 2
-    + _s("hmac-sha2-256") * 2
+    + _s("hmac-sha2-256-etm@openssh.com") * 2
     + _s("none") * 2
     + _s("") * 2
     + b"\x00"
