@@ -41,8 +41,12 @@ class Lab(contextlib.ExitStack):
             sshd_node(d / "node", self.cluster, extra="MaxSessions 100\nMaxStartups 1000\n")
         )
         store.add_node(Node("node-1", "127.0.0.1", self.node.port))
+        # One client process makes thousands of connections and certificates at once
+        # on purpose: not the floods the limits bound.
         (d / "bastion.toml").write_text(
             "[bastion]\nmax_connections_per_source = 100000\nmax_auth_failures_per_source = 100000\n"
+            "max_unauthenticated = 100000\nmax_unauthenticated_per_source = 100000\n"
+            "max_certs_per_user_per_minute = 0\nmax_channels_per_connection = 100000\n"
         )
         self.bastion = self.enter_context(
             bastion_server(d / "state", extra_args=("--config", str(d / "bastion.toml")))

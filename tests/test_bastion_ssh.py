@@ -75,9 +75,15 @@ def last_event(env, kind):
     return env.cluster.store.list_audit(type=kind)[-1]
 
 
-def recent_messages(env, kind, n=4):
-    """ssh tries the certificate, then the bare key: each refusal is its own event."""
-    return " | ".join(e.message for e in env.cluster.store.list_audit(type=kind)[-n:])
+def recent_messages(env, kind, n=4, *, want=""):
+    """The newest ``n`` messages, once one has ``want`` (polled, bounded: keys refused
+    at the query stage are audited as the connection ends, just after ssh exits)."""
+    deadline = time.monotonic() + 5
+    while True:
+        text = " | ".join(e.message for e in env.cluster.store.list_audit(type=kind)[-n:])
+        if want in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.05)
 
 
 # -- happy path ------------------------------------------------------------------------------
@@ -275,7 +281,7 @@ def test_certificate_from_another_ca(env):
         cluster=env.cluster,
     )
     denied(ssh(config, f"{LOGIN}@node-1", "true"), "Permission denied")
-    assert "unknown CA" in recent_messages(env, "auth.failed")
+    assert "unknown CA" in recent_messages(env, "auth.failed", want="unknown CA")
 
 
 def test_expired_certificate(env):
@@ -285,7 +291,7 @@ def test_expired_certificate(env):
     )
     (d / "id-cert.pub").write_text(issued.openssh + "\n")
     denied(ssh(config, f"{LOGIN}@node-1", "true"), "Permission denied")
-    assert "expired" in recent_messages(env, "auth.failed")
+    assert "expired" in recent_messages(env, "auth.failed", want="expired")
 
 
 def test_locked_user(env):
@@ -293,6 +299,7 @@ def test_locked_user(env):
     lock = env.cluster.store.add_lock(Lock("", "user", user, "on holiday"))
     try:
         denied(ssh(config, f"{LOGIN}@node-1", "true"), "Permission denied")
+        recent_messages(env, "auth.failed", want="on holiday")  # landed
         events = env.cluster.store.list_audit(type="auth.failed")[-4:]
         assert any(e.user == user and "on holiday" in e.message for e in events)
     finally:

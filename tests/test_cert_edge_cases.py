@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from bastion.authz.records import IssuedCert, User
 from bastion.ca.certs import user_cert_spec
 from bastion.cluster import init_cluster
+from tests.audit_rows import messages_once
 from tests.sshd import LOGIN, bastion_server, keygen, ssh, write_ssh_config
 
 pytestmark = pytest.mark.integration
@@ -127,8 +128,8 @@ def refused_with(env, config: Path, reason: str) -> None:
     before = len(env.cluster.store.list_audit(type="auth.failed"))
     result = ssh(config, "bastion")
     assert result.returncode == 255 and "Permission denied" in result.stderr, result.stderr
-    events = env.cluster.store.list_audit(type="auth.failed")[before:]
-    assert any(reason in e.message for e in events), [e.message for e in events]
+    events = messages_once(env.cluster.store, "auth.failed", reason, after=before)
+    assert any(reason in m for m in events), events
     assert env.bastion.proc.poll() is None
 
 

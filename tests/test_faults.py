@@ -108,9 +108,17 @@ def keygen_cert(
 
 
 def refused_with(env, config, reason):
+    """Refused, and the reason on record: polled (bounded), because a key refused at
+    the query stage is audited as its connection ends, just after the client exits
+    (a connection that goes on to log in leaves no refusal behind)."""
     result = ssh(config, f"{LOGIN}@node-1", "true")
     assert result.returncode == 255, result.stdout
-    recent = " | ".join(e.message for e in env.cluster.store.list_audit(limit=6))
+    deadline = time.monotonic() + 5
+    while True:
+        recent = " | ".join(e.message for e in env.cluster.store.list_audit(limit=6))
+        if reason in recent or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert reason in recent, recent
     return result
 

@@ -108,12 +108,12 @@ def test_a_flood_of_refusals_becomes_two_rows_a_minute():
     assert rows[2]["message"] == "599 more refused keys from 10.0.0.9 in the last minute"
     assert rows[2]["remote_addr"] == "10.0.0.9" and rows[2]["event"] == "auth.failed"
     assert len(rows) == 3  # 10.0.0.8 had nothing more to say
-    # A go of three (one connection's refused keys): its message says so itself; a
-    # later go in the same minute is counted, and written at shutdown.
-    digest.note("keys", "10.0.0.9", 1070.0, message="again; 2 more", summary="{n} more", count=3)
+    # A go of three (one connection's refused keys): its first is written, the other
+    # two and a later go in the same minute are counted, and written at shutdown.
+    digest.note("keys", "10.0.0.9", 1070.0, message="again", summary="{n} more", count=3)
     digest.note("keys", "10.0.0.9", 1071.0, message="-", summary="{n} more", count=4)
     digest.flush(1072.0, everything=True)
-    assert [r["message"] for r in rows[3:]] == ["again; 2 more", "4 more"]
+    assert [r["message"] for r in rows[3:]] == ["again", "6 more"]
 
 
 def test_a_burst_of_refusals_is_written_in_full_before_the_count():

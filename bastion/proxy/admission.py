@@ -115,7 +115,7 @@ class _Window:
     started: float
     summary: str  # "{n} more ... in the last minute" ({n}: how many)
     fields: dict[str, Any] = field(default_factory=dict)
-    written: int = 1  # goes written in full
+    written: int = 0  # goes whose first refusal was written in full
     more: int = 0
 
 
@@ -143,26 +143,27 @@ class RefusalDigest:
         event: str = "auth.failed",
         **fields: Any,
     ) -> None:
-        """``count`` refusals of ``kind`` for ``key`` (one go: a connection's refused
-        keys). The first ``burst`` goes of a minute are written as their ``message``;
-        the rest are counted and written once as ``summary`` with ``{n}`` replaced by
-        their number."""
+        """``count`` refusals of ``kind`` for ``key`` at once (one go: a connection's
+        refused keys). The first refusal of each of the first ``burst`` goes of a
+        minute is written as ``message``; every other refusal is counted, and the count
+        written once as ``summary`` with ``{n}`` replaced by it."""
         if count <= 0:
             return
         window = self._windows.get((kind, key))
         if window is not None and now - window.started >= WINDOW:
             self._flush(kind, key)
             window = None
-        if window is not None and window.written >= burst:
+        if window is None:
+            if len(self._windows) >= self.max_keys:
+                self.flush(now, everything=True)
+            window = self._windows[(kind, key)] = _Window(
+                now, summary, {"event": event, **fields}, written=0
+            )
+        if window.written >= burst:
             window.more += count
             return
-        if window is not None:
-            window.written += 1
-            self._write(event, success=False, message=message, **fields)
-            return
-        if len(self._windows) >= self.max_keys:
-            self.flush(now, everything=True)
-        self._windows[(kind, key)] = _Window(now, summary, {"event": event, **fields})
+        window.written += 1
+        window.more += count - 1
         self._write(event, success=False, message=message, **fields)
 
     def flush(self, now: float, *, everything: bool = False) -> None:

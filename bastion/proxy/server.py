@@ -43,7 +43,8 @@ import asyncssh
 from asyncssh.constants import MSG_DISCONNECT
 
 from bastion import accounts
-from bastion.authz import decide
+from bastion.authz import decide, limits
+from bastion.authz.limits import SlotLimits
 from bastion.ca.certs import parse_cert
 from bastion.ca.issuer import GroupCommitIssuer
 from bastion.ca.keys import public_line
@@ -52,6 +53,7 @@ from bastion.config import BastionConfig
 from bastion.protocol.errors import DTError, UsageError
 from bastion.protocol.wire import LineReader
 from bastion.proxy import connections, policy, quickack
+from bastion.proxy.admission import ConnectionSlots, RefusalDigest
 from bastion.proxy.api import ApiIdentity, ApiSession
 from bastion.proxy.connections import Connections, Credential, CredentialRevoked
 from bastion.proxy.forwarding import open_forward
@@ -60,6 +62,10 @@ from bastion.proxy.workers import Workers
 
 log = logging.getLogger("bastion.server")
 SIGNUP_USER = "-dt-signup"
+# Connections whose refused keys are audited in full, per address (and user the
+# certificate claims) and minute; the rest are counted into one row (a flood of
+# refused keys is not a flood of rows).
+KEY_REFUSAL_ROWS = 10
 USAGE = (
     "This is a dt-bastion jump host: it offers no shell.\r\n"
     "Reach a node with:  ssh -J {host} LOGIN@NODE   (see: dtclient ls)\r\n"
@@ -96,8 +102,18 @@ class Bastion:
         self.lockout = accounts.LockoutPolicy(
             config.lockout_max_failures, config.lockout_window, config.lockout_duration
         )
-        self.connections = 0
-        self.per_source: dict[str, int] = defaultdict(int)
+        # Flood limits (bastion.authz.limits decides; these count).
+        self.slots = ConnectionSlots(
+            SlotLimits(
+                max_connections=config.max_connections,
+                max_per_source=config.max_connections_per_source,
+                max_unauthenticated=config.unauthenticated_cap(),
+                max_unauthenticated_per_source=config.max_unauthenticated_per_source,
+            )
+        )
+        self.digest = RefusalDigest(self.workers.audit_soon)
+        self.registry.on_poll.append(self.digest.flush)
+        self.password_checks = 0  # waiting for or in argon2 (max_pending_password_checks)
         self.auth_failures: dict[str, list[float]] = defaultdict(list)
         self.open: set[asyncssh.SSHServerConnection] = set()
         self._refusals_audited: dict[tuple[str, str], float] = {}
@@ -126,6 +142,7 @@ class Bastion:
     def close(self) -> None:
         """After sessions and connections are over: answer what the issuer holds and
         write what the workers hold, then stop both (before the cluster closes)."""
+        self.digest.flush(time.time(), everything=True)
         self.issuer.close()
         self.workers.close()
 
@@ -152,16 +169,31 @@ class Bastion:
                 [asyncio.ensure_future(c.wait_closed()) for c in conns], timeout=timeout
             )
 
-    def too_many_failures(self, addr: str, now: float) -> bool:
+    def recent_failures(self, addr: str, now: float) -> int:
         recent = [t for t in self.auth_failures.get(addr, ()) if t > now - 60]
         if recent:
             self.auth_failures[addr] = recent
         else:
             self.auth_failures.pop(addr, None)
-        return len(recent) >= self.config.max_auth_failures_per_source
+        return len(recent)
 
-    def note_failure(self, addr: str) -> None:
-        self.auth_failures[addr].append(time.monotonic())
+    def too_many_failures(self, addr: str, now: float) -> bool:
+        return self.recent_failures(addr, now) >= self.config.max_auth_failures_per_source
+
+    def note_failure(self, addr: str) -> float:
+        """Count a failed authentication against ``addr``; returns its stamp (see
+        :meth:`forgive`)."""
+        stamp = time.monotonic()
+        self.auth_failures[addr].append(stamp)
+        return stamp
+
+    def forgive(self, addr: str, stamps: list[float]) -> None:
+        """A connection that logged in after keys were refused at the query stage
+        (ssh-agent offers plain keys first): those refusals no longer count."""
+        failures = self.auth_failures.get(addr)
+        for stamp in stamps:
+            if failures and stamp in failures:
+                failures.remove(stamp)
 
 
 class BastionServer(asyncssh.SSHServer):
@@ -182,7 +214,11 @@ class BastionServer(asyncssh.SSHServer):
         self.ending: str | None = None  # why this connection is being closed
         self._audited: set[str] = set()
         self._counted = False
+        self._logged_in = False
         self._started = time.monotonic()
+        # Keys refused at the query stage (failure stamp or None: a plain key, reason,
+        # user): forgiven if this connection logs in, else audited at its end.
+        self._refused_queries: list[tuple[float | None, str, str | None]] = []
 
     # -- connection lifecycle -----------------------------------------------------------------
 
@@ -192,29 +228,65 @@ class BastionServer(asyncssh.SSHServer):
         peer = conn.get_extra_info("peername") or ("?", 0)
         self.remote_addr = self.client_addr or str(peer[0])
         b = self.bastion
-        if b.connections >= b.config.max_connections:
-            self._refuse(conn, "the bastion is at its connection limit; try again later")
+        try:  # limits.admit_connection: failures, per address, pre-login slots
+            victim = b.slots.admit(
+                self,
+                self.remote_addr,
+                b.recent_failures(self.remote_addr, time.monotonic()),
+                b.config.max_auth_failures_per_source,
+            )
+        except DTError as exc:
+            self._refuse(conn, exc.message)
             return
-        if b.per_source[self.remote_addr] >= b.config.max_connections_per_source:
-            self._refuse(conn, "too many connections from your address")
-            return
-        if b.too_many_failures(self.remote_addr, time.monotonic()):
-            self._refuse(conn, "too many failed logins from your address; wait a minute")
-            return
-        b.connections += 1
-        b.per_source[self.remote_addr] += 1
+        if isinstance(victim, BastionServer):
+            victim.evict()
         b.open.add(conn)
         self._counted = True
         original = conn.validate_public_key
         conn.validate_public_key = functools.partial(self._validate_public_key, original)  # type: ignore[method-assign]
         # asyncssh dispatches channel opens by attribute name, so this instance's
-        # handler can be wrapped (see _direct_tcpip_open).
-        conn._process_direct_tcpip_open = functools.partial(  # type: ignore[attr-defined]
+        # handlers can be wrapped (see _direct_tcpip_open, _session_open).
+        conn._process_direct_tcpip_open = functools.partial(  # type: ignore[method-assign]
             self._direct_tcpip_open,
             conn._process_direct_tcpip_open,  # type: ignore[attr-defined]
         )
+        conn._process_session_open = functools.partial(  # type: ignore[method-assign]
+            self._session_open,
+            conn._process_session_open,  # type: ignore[attr-defined]
+        )
         quickack.until_authenticated(conn)
         self._hear_disconnect(conn)
+
+    def auth_completed(self) -> None:
+        """Logged in: the slot is no longer a pre-login one, and keys refused at the
+        query stage on the way (ssh-agent offers plain keys first) were no failure."""
+        self._logged_in = True
+        self.bastion.slots.logged_in(self)
+        stamps = [q[0] for q in self._refused_queries if q[0] is not None]
+        self.bastion.forgive(self.remote_addr or "?", stamps)
+        self._refused_queries.clear()
+
+    def evict(self) -> None:
+        """The bastion is full and a newcomer from an address holding fewer pre-login
+        slots took this one (limits.admit_connection); login_timeout would have come."""
+        addr = self.remote_addr or "?"
+        self._audited.add("evicted")  # not also "closed before login"
+        self.bastion.digest.note(
+            "evicted",
+            addr,
+            time.time(),
+            message="unfinished login closed: the bastion is full and gave its slot "
+            "to a newcomer from an address holding fewer",
+            summary=f"{{n}} more unfinished logins from {addr} closed to make room "
+            "in the last minute",
+            remote_addr=addr,
+        )
+        if self.conn is not None:
+            self.conn.disconnect(
+                asyncssh.DISC_TOO_MANY_CONNECTIONS,
+                "the bastion is full and gave this unfinished login's slot to another; "
+                "connect again and log in promptly",
+            )
 
     def _hear_disconnect(self, conn: asyncssh.SSHServerConnection) -> None:
         """asyncssh turns a client's SSH_MSG_DISCONNECT into an error carrying the
@@ -261,17 +333,40 @@ class BastionServer(asyncssh.SSHServer):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.bastion.authenticated.discard(self.registered)
+        if self._counted and not self._logged_in:
+            self._summarise_refused_queries()
         if self._counted and self.api_identity is None and not self._audited:
             self._audit_unauthenticated_end(exc)
         if self._counted:
             b = self.bastion
             if self.conn is not None:
                 b.open.discard(self.conn)
-            b.connections -= 1
-            b.per_source[self.remote_addr or "?"] -= 1
-            if b.per_source[self.remote_addr or "?"] <= 0:
-                b.per_source.pop(self.remote_addr or "?", None)
+            b.slots.release(self)
             self._counted = False
+
+    def _summarise_refused_queries(self) -> None:
+        """Keys refused at the query stage, on record only now that the connection
+        ended without logging in: the first refusal of the connection (for the first
+        few such connections from one address, and user claimed, in a minute), the rest
+        counted into one row when the minute is over (RefusalDigest)."""
+        refused, self._refused_queries = self._refused_queries, []
+        if not refused:
+            return
+        addr = self.remote_addr or "?"
+        _, reason, user = refused[0]
+        self._audited.add("refused keys")
+        claimed = f" (user {user!r})" if user else ""
+        self.bastion.digest.note(
+            "keys",
+            f"{addr}{claimed}",
+            time.time(),
+            burst=KEY_REFUSAL_ROWS,
+            message=reason,
+            summary=f"{{n}} more refused keys from {addr}{claimed} in the last minute",
+            count=len(refused),
+            user=user,
+            remote_addr=addr,
+        )
 
     def _audit_once(self, event: str, reason: str, user: str | None = None) -> None:
         """From synchronous callbacks: the row is written soon, off the loop."""
@@ -402,7 +497,20 @@ class BastionServer(asyncssh.SSHServer):
     async def _validate_public_key(
         self, original: Any, username: str, key_data: bytes, msg: bytes, signature: bytes
     ) -> bool:
-        """See the certificate blob before asyncssh does (see module docstring)."""
+        """See the certificate blob before asyncssh does (see module docstring).
+
+        A refused certificate counts against the address at the query stage too (600
+        queries with certificates of throw-away CAs once counted as nothing); past the
+        limit the connection is closed. A plain key does not count: ssh-agent and
+        OpenSSH offer them as a matter of course, and refusing one costs no more than
+        any packet. A query's refusal is audited only if the connection ends without
+        logging in, summarised (see _summarise_refused_queries).
+        """
+        addr = self.remote_addr or "?"
+        if self.bastion.too_many_failures(addr, time.monotonic()):
+            assert self.conn is not None
+            self._refuse(self.conn, limits.TOO_MANY_FAILURES)
+            return False
         try:
             cert = parse_cert(policy.openssh_line(key_data))
             ca_fingerprint, now = self.bastion.cluster.ca.user_ca_fingerprint, time.time()
@@ -411,8 +519,13 @@ class BastionServer(asyncssh.SSHServer):
             )
             policy.check_source_address(cert, self.remote_addr)
         except DTError as exc:
-            if msg:
-                self.bastion.note_failure(self.remote_addr or "?")
+            if msg or _is_certificate(key_data):
+                stamp = self.bastion.note_failure(addr)
+            else:
+                stamp = None
+            if not msg:
+                self._refused_queries.append((stamp, exc.message, _user_of(key_data)))
+                return False
             await self._audit_refusal("auth.failed", exc.message, _user_of(key_data))
             return False
         if msg and (refused := _signature_refused(signature, self.bastion.config)):
@@ -470,7 +583,9 @@ class BastionServer(asyncssh.SSHServer):
                 remote_addr=addr,
                 policy=self.bastion.lockout,
             )
-            user_record = await workers.call(login, timeout=bound)
+            user_record = await self._check_password(login, username, bound)
+            if user_record is None:
+                return False  # turned away, busy: no failure of the client's
         except DTError as exc:
             self.bastion.note_failure(addr)
             if username == SIGNUP_USER:
@@ -484,6 +599,36 @@ class BastionServer(asyncssh.SSHServer):
             user_record.name, "password", addr, password_hash=password_hash
         )
         return True
+
+    async def _check_password(self, login: Any, username: str, bound: float) -> Any:
+        """argon2 on the workers' call lane, at most max_pending_password_checks at
+        once (limits.check_password_queue): beyond that the attempt is turned away now,
+        the client told why, rather than queued behind the others; None then.
+        Certificate logins never wait here (they use the read lane)."""
+        b = self.bastion
+        try:
+            limits.check_password_queue(b.password_checks, b.config.max_pending_password_checks)
+        except DTError as exc:
+            addr = self.remote_addr or "?"
+            self._audited.add("busy")
+            b.digest.note(
+                "busy",
+                addr,
+                time.time(),
+                message=f"password login turned away: {exc.message}",
+                summary=f"{{n}} more password logins from {addr} turned away (busy) "
+                "in the last minute",
+                user=username,
+                remote_addr=addr,
+            )
+            if self.conn is not None:
+                self.conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS, exc.message)
+            return None
+        b.password_checks += 1
+        try:
+            return await b.workers.call(login, timeout=bound)
+        finally:
+            b.password_checks -= 1
 
     # -- channels ------------------------------------------------------------------------------------
 
@@ -514,6 +659,8 @@ class BastionServer(asyncssh.SSHServer):
                 issuer=self.bastion.issuer,
                 recheck=self.check_credential,
                 terminate=self.terminate,
+                max_certs_per_minute=self.bastion.config.max_certs_per_user_per_minute,
+                digest=self.bastion.digest,
             )
             try:
                 await session.run(LineReader(stdin), stdout)
@@ -552,6 +699,7 @@ class BastionServer(asyncssh.SSHServer):
         """asyncssh refuses ``direct-tcpip`` for a certificate without
         ``permit-port-forwarding`` before connection_requested runs; look first, so
         that refusal is audited like every other (checklist #9)."""
+        self._check_channel_room("direct-tcpip")
         conn, identity = self.conn, self.identity
         if (
             conn is not None
@@ -571,6 +719,32 @@ class BastionServer(asyncssh.SSHServer):
             )
         return original(packet)
 
+    def _session_open(self, original: Any, packet: Any) -> Any:
+        self._check_channel_room("session")
+        return original(packet)
+
+    def _check_channel_room(self, kind: str) -> None:
+        """At most max_channels_per_connection channels at once (one connection opened
+        2,000 dt-api channels): beyond it the open fails with the reason, and the
+        refusals are audited one row per user and minute (RefusalDigest)."""
+        cap = self.bastion.config.max_channels_per_connection
+        try:  # asyncssh holds a channel here from its open until both sides closed it
+            limits.check_channel_open(len(getattr(self.conn, "_channels", ())), cap)
+        except DTError as exc:
+            user = self.api_identity.user if self.api_identity else None
+            self.bastion.digest.note(
+                "channels",
+                user or self.remote_addr or "?",
+                time.time(),
+                event="session.denied",
+                message=f"{kind} channel refused: {exc.message}",
+                summary=f"{{n}} more channels of {user} refused (limit {cap}) in the last minute",
+                user=user,
+                device=self.identity.asset_tag if self.identity else None,
+                remote_addr=self.remote_addr,
+            )
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE, exc.message) from None
+
     def connection_requested(
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
     ) -> Any:
@@ -579,6 +753,12 @@ class BastionServer(asyncssh.SSHServer):
         assert self.conn is not None
         chan = self.conn.create_tcp_channel()
         return chan, open_forward(self, chan, self.identity, dest_host, dest_port)
+
+
+def _is_certificate(key_data: bytes) -> bool:
+    """The key's algorithm name (its first SSH string) names a certificate."""
+    length = int.from_bytes(key_data[:4], "big")
+    return key_data[4 : 4 + length].endswith(b"-cert-v01@openssh.com")
 
 
 def _user_of(key_data: bytes) -> str | None:
