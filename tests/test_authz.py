@@ -167,3 +167,18 @@ def test_device_login_needs_the_stored_credential():
     locked = facts(device=DEVICE, device_lock=Lock("l", "device", "SN1"))
     with pytest.raises(DeviceNotTrusted, match="locked"):
         decide.check_device_login(DEVICE, "alice", "cred-1", locked, NOW)
+
+
+def test_a_certificate_naming_a_device_is_held_to_it_in_optional_mode_too():
+    """Unenrolling a stolen laptop must end its certificates whatever the mode."""
+    cert, key = certificate(device=DEVICE)
+    claims = decide.claims_of(cert)
+    issued = record_of(cert, key, DEVICE)
+    decide.check_node_access(claims, facts(issued=issued, device=DEVICE), NODE, NOW)
+    unenrolled = replace(DEVICE, enroll_status="not_enrolled", credential=None)
+    with pytest.raises(DeviceNotTrusted, match="not enrolled"):
+        decide.check_node_access(claims, facts(issued=issued, device=unenrolled), NODE, NOW)
+    plain, plain_key = certificate()
+    decide.check_node_access(  # a plain certificate in optional mode: no device needed
+        decide.claims_of(plain), facts(issued=record_of(plain, plain_key)), NODE, NOW
+    )

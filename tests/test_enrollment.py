@@ -521,3 +521,34 @@ def test_a_token_for_a_device_with_an_owner_serves_only_that_owner(store, swtpm,
     assert "registered to another user" in denials(store)[-1].message
     device, _ = enroll(store, swtpm.tcti, tmp_path / "ak", user="bob", token=token)
     assert device["owner"] == "bob" and device["enroll_status"] == "enrolled"
+
+
+class MeddlingSession(LocalSession):
+    """Runs ``meanwhile`` between the challenge and the answer: the TPM round trip."""
+
+    def __init__(self, server: EnrollmentCeremony, meanwhile) -> None:
+        super().__init__(server)
+        self.meanwhile = meanwhile
+
+    async def call(self, msg, expect):
+        if isinstance(msg, wire.EnrollFinish):
+            self.meanwhile()
+        return await super().call(msg, expect)
+
+
+def test_an_owner_assigned_during_the_tpm_round_trip_is_seen_at_commit(store, swtpm, tmp_path):
+    store.add_device(Device("", "SN1", "linux"))
+    token = issue_enroll_token(store, "SN1", actor="admin")
+
+    def assign_bob():
+        store.update_device(replace(store.get_device("SN1"), owner="bob"))
+
+    session = MeddlingSession(EnrollmentCeremony(store, "alice", policy=EnrollPolicy()), assign_bob)
+    with TPM.open(swtpm.tcti) as tpm, pytest.raises(AccessDenied, match="registered to another"):
+        asyncio.run(
+            client_ceremony.enroll(
+                session, tpm, tmp_path / "ak", token=token, current_device=False, tag_override="SN1"
+            )
+        )
+    assert not store.get_device("SN1").enrolled
+    assert store.list_tokens("enroll")[0].consumed is None

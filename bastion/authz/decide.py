@@ -286,14 +286,19 @@ def check_source_address(cert: ParsedCert, client_addr: str | None) -> None:
 
 def check_device(claims: CertClaims, facts: Facts, now: float) -> str:
     """Device trust for a presented certificate, decided now. Returns the effective
-    mode; raises DeviceNotTrusted."""
+    mode; raises DeviceNotTrusted.
+
+    A certificate that names a device stands only while that device is enrolled, to
+    this user, unlocked, whatever the mode: `dtadmin device unenroll` of a stolen
+    laptop ends its certificates in optional mode too (and the node helper has always
+    held such a certificate to its device)."""
     mode = trust_mode(facts)
     if claims.has_device and facts.device_lock is not None and facts.device_lock.active(now):
         raise DeviceNotTrusted(f'device "{claims.asset_tag}" is locked')
-    if mode != "required":
-        return mode
     if not claims.has_device:
-        raise DeviceNotTrusted(f"a trusted device is required {ENROLL_HINT}")
+        if mode == "required":
+            raise DeviceNotTrusted(f"a trusted device is required {ENROLL_HINT}")
+        return mode
     device = facts.device
     if device is None or device.id != claims.device_id or device.asset_tag != claims.asset_tag:
         raise DeviceNotTrusted(f'device "{claims.asset_tag}" is not in the inventory {ENROLL_HINT}')

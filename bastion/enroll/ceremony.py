@@ -89,6 +89,7 @@ class _Pending:
     nonce: bytes
     deadline: float
     collected: dict[str, Any] = field(default_factory=dict)
+    self_enroll: bool = False  # --current-device: the role's right is decided again at commit
 
 
 class EnrollmentCeremony:
@@ -147,6 +148,7 @@ class EnrollmentCeremony:
             nonce=secrets.token_bytes(32),
             deadline=now + self.step_deadline,
             collected=dict(msg.device_data),
+            self_enroll=bool(msg.current_device) and token is None,
         )
         return EnrollChallenge(
             credential_blob=blob, encrypted_secret=encrypted, nonce=self._pending.nonce
@@ -180,11 +182,11 @@ class EnrollmentCeremony:
                 "enrolling your own device needs the editor or device-admin role; "
                 "ask an admin for an enrollment token"
             )
-        device = self.store.find_device(tag)
-        if device is None:
-            device = Device(id="", asset_tag=tag, os_type=os_type, owner=self.user)
-        self._check_not_owned_by_other(device)
-        return device, None
+        found = self.store.find_device(tag)
+        if found is None:
+            found = Device(id="", asset_tag=tag, os_type=os_type, owner=self.user)
+        self._check_not_owned_by_other(found)
+        return found, None
 
     def _auto_enroll(self, msg: EnrollBegin, tag: str) -> Device:
         """No token: allowed only with auto-enroll on and data matching the inventory profile."""
@@ -260,9 +262,16 @@ class EnrollmentCeremony:
             ):
                 raise TokenInvalid("enrollment token was already used or has expired")
             current = self.store.find_device(pending.device.asset_tag)
+            # Decided again under the write lock: an owner assigned, an enrollment by
+            # someone else or a role removed during the TPM round trip counts.
             if current is not None:
-                self._check_not_owned_by_other(current)
+                decide.check_enrollment_by(
+                    current, self.user, by_token=pending.token is not None
+                )
                 self._check_ek_identity(current, pending.ek_hash)
+            if pending.token is None and pending.self_enroll:
+                if not decide.may_self_enroll(self.store.facts(user=self.user, now=now)):
+                    raise AccessDenied("your role no longer allows enrolling your own device")
             base = current or pending.device
             device = replace(
                 base,

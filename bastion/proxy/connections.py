@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from bastion.authz.decide import CertClaims
-from bastion.protocol.errors import AccessDenied, DTError, StorageUnavailable
+from bastion.protocol.errors import AccessDenied, StorageUnavailable
 from bastion.proxy import policy
 from bastion.proxy.workers import Workers
 from bastion.storage import Store
@@ -115,8 +115,9 @@ class Connections:
             return await self._end(due, now)
         except BaseException:  # not decided (the database did not answer): next turn
             for conn in due:
-                assert conn.credential.claims is not None
-                heapq.heappush(self._expiry, (conn.credential.claims.valid_before, conn.id))
+                claims = conn.credential.claims
+                if claims is not None:  # always: add() queues only certificate connections
+                    heapq.heappush(self._expiry, (claims.valid_before, conn.id))
             raise
 
     async def _end(self, conns: list[Connection], now: float) -> int:
@@ -144,7 +145,7 @@ def _doomed(store: Store, conns: list[Connection], now: float) -> list[tuple[Con
                 verdicts[conn.credential] = exc.message
             except StorageUnavailable:
                 raise
-            except DTError:
+            except Exception:  # a corrupt row decodes as garbage: end it (fail closed)
                 log.exception("re-checking a connection of %s failed", conn.credential.user)
                 verdicts[conn.credential] = "the cluster state is unreadable"
         reason = verdicts[conn.credential]

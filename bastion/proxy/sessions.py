@@ -345,7 +345,7 @@ class Registry:
         for listener in self.on_revision:
             try:
                 await _maybe_await(listener())
-            except DTError:
+            except Exception:  # never let one listener stop the re-checks below
                 log.exception("reacting to a state change failed; trying again")
                 settled = False
         doomed = await workers.read(self._doomed, list(self.live.values()), time.time())
@@ -376,7 +376,7 @@ class Registry:
                 doomed.append((session, exc.message))
             except StorageUnavailable:
                 raise
-            except DTError:
+            except Exception:  # a corrupt row decodes as garbage: cut (fail closed)
                 log.exception("re-checking session %s failed; closing it", session.id)
                 doomed.append((session, "state unreadable"))
         return doomed
