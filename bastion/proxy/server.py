@@ -14,8 +14,10 @@ Who checks what:
   wrapper parses ``key_data`` with cryptography (:func:`parse_cert`), applies
   :func:`policy.check_certificate` (our CA, valid now, exactly the certificate issued
   under that serial and not revoked, user exists and is unlocked), audits a refusal
-  with its reason, and only then lets asyncssh do its own checks and verify the
-  signature.
+  with its reason (a refusal of a mere query only once the connection ends without
+  logging in), and only then lets asyncssh do its own checks and verify the signature.
+* :mod:`bastion.authz.limits` and :mod:`bastion.proxy.admission`: the flood limits
+  (pre-login slots, failed logins, channels, password checks, issuance rate).
 * :mod:`bastion.proxy.connections`: the credential a connection authenticated with,
   decided again before every dt-api request and channel, whenever the state changes,
   and when its certificate expires; a connection that fails is closed.
@@ -248,11 +250,11 @@ class BastionServer(asyncssh.SSHServer):
         # handlers can be wrapped (see _direct_tcpip_open, _session_open).
         conn._process_direct_tcpip_open = functools.partial(  # type: ignore[method-assign]
             self._direct_tcpip_open,
-            conn._process_direct_tcpip_open,  # type: ignore[attr-defined]
+            conn._process_direct_tcpip_open,
         )
         conn._process_session_open = functools.partial(  # type: ignore[method-assign]
             self._session_open,
-            conn._process_session_open,  # type: ignore[attr-defined]
+            conn._process_session_open,
         )
         quickack.until_authenticated(conn)
         self._hear_disconnect(conn)
