@@ -43,7 +43,7 @@ class AuditStore(SQLiteBase):
         since: float | None = None,
         limit: int = 1000,
     ) -> list[AuditEvent]:
-        sql, params = "SELECT * FROM audit WHERE 1=1", []
+        sql, params = "SELECT * FROM audit WHERE 1=1", list[str | float | int]()
         for column, value in (("type", type), ("user", user)):
             if value is not None:
                 sql += f" AND {column} = ?"

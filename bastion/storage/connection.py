@@ -186,10 +186,11 @@ class SQLiteBase:
 
     def _migrate(self) -> None:
         with self.transaction(bump=False):
-            self.db["_migrations"].create(
+            migrations = self.db.table("_migrations")
+            migrations.create(
                 {"version": int, "name": str, "applied": float}, pk="version", if_not_exists=True
             )
-            done = {row["version"] for row in self.db["_migrations"].rows}
+            done = {row["version"] for row in migrations.rows}
             newest = MIGRATIONS[-1][0]
             if done and max(done) > newest:
                 raise StateError(

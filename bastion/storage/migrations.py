@@ -26,8 +26,8 @@ def migration(version: int, name: str) -> Callable[[Migration], Migration]:
 
 @migration(1, "initial schema")
 def _initial(db: sqlite_utils.Database) -> None:
-    db["settings"].create({"key": str, "value": str}, pk="key")
-    db["users"].create(
+    db.table("settings").create({"key": str, "value": str}, pk="key")
+    db.table("users").create(
         {
             "name": str,
             "roles": str,
@@ -42,12 +42,12 @@ def _initial(db: sqlite_utils.Database) -> None:
         pk="name",
         not_null={"roles", "logins"},
     )
-    db["roles"].create(
+    db.table("roles").create(
         {"name": str, "spec": str, "preset": int, "created": float, "updated": float},
         pk="name",
         not_null={"spec"},
     )
-    db["devices"].create(
+    db.table("devices").create(
         {
             "id": str,
             "asset_tag": str,
@@ -64,8 +64,8 @@ def _initial(db: sqlite_utils.Database) -> None:
         pk="id",
         not_null={"asset_tag", "os_type", "enroll_status"},
     )
-    db["devices"].create_index(["asset_tag"], unique=True)
-    db["tokens"].create(
+    db.table("devices").create_index(["asset_tag"], unique=True)
+    db.table("tokens").create(
         {
             "token_hash": str,
             "kind": str,
@@ -79,13 +79,13 @@ def _initial(db: sqlite_utils.Database) -> None:
         pk="token_hash",
         not_null={"kind", "subject", "expires"},
     )
-    db["nodes"].create(
+    db.table("nodes").create(
         {"name": str, "host": str, "port": int, "labels": str, "created": float},
         pk="name",
         not_null={"host", "port"},
     )
-    db["nodes"].create_index(["host", "port"], unique=True)
-    db["locks"].create(
+    db.table("nodes").create_index(["host", "port"], unique=True)
+    db.table("locks").create(
         {
             "id": str,
             "target_kind": str,
@@ -98,8 +98,8 @@ def _initial(db: sqlite_utils.Database) -> None:
         pk="id",
         not_null={"target_kind", "target"},
     )
-    db["locks"].create_index(["target_kind", "target"])
-    db["issued_certs"].create(
+    db.table("locks").create_index(["target_kind", "target"])
+    db.table("issued_certs").create(
         {
             "serial": int,
             "key_id": str,
@@ -116,8 +116,8 @@ def _initial(db: sqlite_utils.Database) -> None:
         pk="serial",
         not_null={"key_id", "cert_type", "valid_after", "valid_before"},
     )
-    db["issued_certs"].create_index(["user"])
-    db["audit"].create(
+    db.table("issued_certs").create_index(["user"])
+    db.table("audit").create(
         {
             "id": int,
             "time": float,
@@ -133,15 +133,15 @@ def _initial(db: sqlite_utils.Database) -> None:
         pk="id",
         not_null={"time", "code", "type", "success"},
     )
-    db["audit"].create_index(["time"])
-    db["audit"].create_index(["type"])
-    db["trust_roots"].create(
+    db.table("audit").create_index(["time"])
+    db.table("audit").create_index(["type"])
+    db.table("trust_roots").create(
         {"fingerprint": str, "subject": str, "pem": str, "added": float},
         pk="fingerprint",
         not_null={"pem"},
     )
-    db["login_failures"].create({"user": str, "time": float, "remote_addr": str})
-    db["login_failures"].create_index(["user", "time"])
+    db.table("login_failures").create({"user": str, "time": float, "remote_addr": str})
+    db.table("login_failures").create_index(["user", "time"])
 
 
 @migration(2, "live sessions")
@@ -151,7 +151,7 @@ def _live_sessions(db: sqlite_utils.Database) -> None:
     its sessions' ``session.end``; the rows it leaves are how the next bastion to start
     (or a sibling on the same state directory) finds them and ends them in the audit log.
     """
-    db["live_sessions"].create(
+    db.table("live_sessions").create(
         {
             "instance": str,
             "session_id": int,
@@ -182,6 +182,6 @@ def _pending_login_attempts(db: sqlite_utils.Database) -> None:
         "INSERT INTO login_failures_v3 (user, time, remote_addr) "
         "SELECT user, time, remote_addr FROM login_failures"
     )
-    db["login_failures"].drop()
+    db.table("login_failures").drop()
     db.execute("ALTER TABLE login_failures_v3 RENAME TO login_failures")
-    db["login_failures"].create_index(["user", "time"])
+    db.table("login_failures").create_index(["user", "time"])
