@@ -219,6 +219,24 @@ def test_edit_adds_a_role(cluster, tmp_path):
     assert Cluster.open(cluster).store.list_audit(type="user.update")
 
 
+def test_an_edit_never_writes_over_a_change_made_while_the_editor_was_open(cluster, tmp_path):
+    """Another admin removes a role (a separate dtadmin process) while the editor is
+    open; saving the copy shown before must not put the role back."""
+    env = {"DT_STATE": str(cluster)}
+    meanwhile = (
+        f"import subprocess\nsubprocess.run([{DTADMIN!r}, 'users', 'update', 'alice', "
+        f"'--remove-roles', 'editor'], check=True, env={{**__import__('os').environ, "
+        f"'DT_STATE': {str(cluster)!r}}})\n"
+        "p.write_text(text.replace('  - access\\n', '  - access\\n  - auditor\\n'))"
+    )
+    proc = cli("edit", "users/alice", env={**env, "EDITOR": editor(tmp_path, meanwhile)})
+    assert proc.returncode != 0 and "changed by someone else" in proc.stderr, proc.stderr
+    roles = json.loads(cli("get", "users/alice", "--format", "json", env=env).stdout)["spec"][
+        "roles"
+    ]
+    assert "editor" not in roles and "auditor" not in roles
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [

@@ -32,19 +32,23 @@ OS_TYPES = ("linux", "macos", "windows")
 
 
 def unenroll(store: Store, tag: str, who: str, reason: str = "") -> bool:
-    """Mark a device not enrolled and drop its credential; False if it already was."""
-    device = store.get_device(tag)
-    if device.enroll_status == "not_enrolled" and device.credential is None:
-        return False
-    with audited(
-        store,
-        "device.unenroll",
-        message=f'Device "{tag}" unenrolled{reason}',
-        device=tag,
-        user=device.owner or None,
-        actor=who,
-    ):
+    """Mark a device not enrolled and drop its credential; False if it already was.
+
+    Read and written in one transaction: an owner or profile change committing between
+    a read outside it and this write would otherwise be reverted."""
+    with store.transaction():
+        device = store.get_device(tag)
+        if device.enroll_status == "not_enrolled" and device.credential is None:
+            return False
         store.update_device(replace(device, enroll_status="not_enrolled", credential=None))
+        audit.record(
+            store,
+            "device.unenroll",
+            message=f'Device "{tag}" unenrolled{reason}',
+            device=tag,
+            user=device.owner or None,
+            actor=who,
+        )
     return True
 
 

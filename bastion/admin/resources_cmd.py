@@ -19,7 +19,7 @@ from bastion.admin.devices import unenroll
 from bastion.authz.records import Device
 from bastion.protocol import console
 from bastion.protocol.console import Format
-from bastion.protocol.errors import DTError, UsageError
+from bastion.protocol.errors import DTError, StateError, UsageError
 from bastion.storage import Store
 
 KINDS = {
@@ -107,7 +107,16 @@ def edit(ctx: typer.Context, ref: RefArg, state: StateOpt = None) -> None:
             console.say("No changes.")
             path.unlink()
             return
-        _apply(store, kind, name, resources.load(edited))
+        with store.transaction():
+            # Compare-and-set: the editor was open for as long as the admin liked; a
+            # change someone else made meanwhile (a role removed, an unenroll) must
+            # not be written over with the copy shown before it.
+            if resources.dump(_document(store, kind, name)) != original:
+                raise StateError(
+                    f'{kind} "{name}" was changed by someone else while you edited it; '
+                    "run dtadmin edit again to start from the current version"
+                )
+            _apply(store, kind, name, resources.load(edited))
     except DTError as exc:
         raise type(exc)(
             f"{exc.message}; nothing was changed (your edit is kept in {path})"
@@ -133,8 +142,7 @@ def _apply(store: Store, kind: str, name: str, doc: dict) -> None:
             store.set_user_roles(name, user.roles)
             store.set_user_logins(name, user.logins)
     elif kind == "role":
-        current = store.get_role(name)
-        if current.preset:
+        if store.get_role(name).preset:
             raise UsageError(f'role "{name}" is a preset role and cannot be edited')
         role = resources.role_from_doc(doc, name)
         with audited(store, "role.update", message=f'role "{name}" edited', actor=who):
