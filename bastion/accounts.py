@@ -165,12 +165,12 @@ def check_password_login(
             reason = "too many failed or pending logins; not checked"
         _fail(store, user_name, remote_addr, reason, now, count=False)
         raise AccountLocked(f'account "{user_name}" is locked; ask an admin (dtadmin lock rm)')
-    reason, step = _check_factors(user, password, code, now)
-    if reason is None:
-        admitted, reason = _spend_step(store, user, step, attempt, remote_addr, now)
+    failure, step = _check_factors(user, password, code, now)
+    if failure is None:
+        admitted, failure = _spend_step(store, user, step, attempt, remote_addr, now)
         if admitted is not None:
             return admitted
-    raise _failed_attempt(store, user_name, attempt, reason, remote_addr, policy, now)
+    raise _failed_attempt(store, user_name, attempt, failure, remote_addr, policy, now)
 
 
 def password_lock(store: Store, user: str, now: float) -> Lock | None:

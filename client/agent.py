@@ -100,9 +100,9 @@ async def remove(cluster: str | None, known: set[bytes]) -> int:
 async def _remove(agent: asyncssh.SSHAgentClient, cluster: str | None, known: set[bytes]) -> int:
     removed = 0
     for identity in await agent.get_keys():
-        comment = identity.get_comment_bytes().decode("utf-8", "replace")
+        comment = (identity.get_comment_bytes() or b"").decode("utf-8", "replace")
         if (cluster is not None and is_ours(comment, cluster)) or identity.public_data in known:
-            await identity.remove()
+            await agent.remove_keys([identity])  # what SSHAgentKeyPair.remove() does
             removed += 1
     return removed
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
@@ -14,7 +15,8 @@ from bastion.protocol.errors import UsageError
 
 app = new_app("Cluster-wide settings.")
 
-SETTINGS = {
+# Each setting: its key in the store, and the check that parses the value typed.
+SETTINGS: dict[str, tuple[str, Callable[[str], object]]] = {
     "device-trust-mode": ("device_trust_mode", check_trust_mode),
     "auto-enroll": ("auto_enroll", lambda v: {"on": True, "off": False}[v]),
 }

@@ -9,7 +9,7 @@ within its ``session_sweep_interval``) ends it in the audit log.
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -39,7 +39,7 @@ def ls(
         name: instances.is_alive(cluster.state_dir, name) for name in {s.instance for s in sessions}
     }
     now = time.time()
-    docs = [
+    docs: list[dict[str, Any]] = [
         {
             "bastion": s.instance,
             "session_id": s.session_id,

@@ -66,7 +66,7 @@ PRESET_ROLES: tuple[Role, ...] = (
 _STRICTNESS = {mode: i for i, mode in enumerate(TRUST_MODES)}
 
 
-def check_name(kind: str, name: str) -> str:
+def check_name(kind: str, name: object) -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise UsageError(
             f"invalid {kind} name {name!r}: use 1-128 letters, digits, '.', '_', '@' or '-'"

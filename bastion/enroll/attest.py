@@ -26,6 +26,7 @@ import hmac
 import importlib.resources
 import ssl
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -78,7 +79,7 @@ class QuoteInfo:
 # -- parsing helpers ------------------------------------------------------------------------
 
 
-def _unmarshal(cls: type, data: bytes, what: str):  # type: ignore[no-untyped-def]
+def _unmarshal(cls: Any, data: bytes, what: str) -> Any:  # tpm2_pytss has no types
     if not isinstance(data, bytes) or not data or len(data) > MAX_BLOB:
         raise MalformedTPMData(f"{what} is empty or too large")
     try:

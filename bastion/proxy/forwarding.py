@@ -138,7 +138,7 @@ async def _connect(server: BastionServer, live: LiveSession) -> CountingForwarde
         _, peer = task.result()
     except (OSError, TimeoutError) as exc:
         raise _Unreachable(f"node {node.name} ({node.addr}) is unreachable: {_why(exc)}") from None
-    return peer  # type: ignore[no-any-return]
+    return peer
 
 
 def _watch_node_host_key(
