@@ -73,7 +73,7 @@ class BastionConfig:
     # are taken, a newcomer takes the oldest pre-login slot of the address holding
     # the most; login_timeout drops the silent ones.
     max_unauthenticated: int = 0
-    max_unauthenticated_per_source: int = 32
+    max_unauthenticated_per_source: int = 128  # 100 parallel `ssh -J` from one host pass
     # dt-api sessions and forwarded connections open at once on one SSH connection
     # (one connection opened 2,000 dt-api channels).
     max_channels_per_connection: int = 16

@@ -182,9 +182,10 @@ def test_1000_parallel_jumps_respect_the_nodes_max_startups(dt_cluster, tmp_path
     success or a clean error, the bastion survives, serves `ssh -J` afterwards and
     gives back every socket and session.
 
-    The bastion's per-source cap (200) is raised to 2,000 here: in production a burst
-    like this comes from many addresses, and the point is what reaches the node, not
-    the bastion's per-address refusal (test_bastion_robustness).
+    The bastion's per-source caps (200 connections, 128 of them still logging in) are
+    raised to 2,000 here: in production a burst like this comes from many addresses,
+    and the point is what reaches the node, not the bastion's per-address refusal
+    (test_bastion_robustness, test_floods).
     """
     _raise_fd_limit(4096)
     with sshd_node(
@@ -200,7 +201,13 @@ def test_1000_parallel_jumps_respect_the_nodes_max_startups(dt_cluster, tmp_path
         assert f"maxstartups {NODE_MAX_STARTUPS}" in effective
         dt_cluster.store.add_node(Node("node-1", "127.0.0.1", node.port, {"env": "test"}))
         with bastion_server(
-            dt_cluster.state_dir, extra_args=("--set", "max_connections_per_source=2000")
+            dt_cluster.state_dir,
+            extra_args=(
+                "--set",
+                "max_connections_per_source=2000",
+                "--set",
+                "max_unauthenticated_per_source=2000",
+            ),
         ) as bastion:
             key, cert = _user_with_cert(dt_cluster, tmp_path / "alice", "alice")
             jumper = Jumper(dt_cluster, key, cert, bastion.port)
