@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, overload
 
 import asyncssh
 import typer
@@ -98,6 +98,14 @@ ARGV_WARNING = (
 )
 
 
+@overload
+def read_token(
+    value: str | None, path: str | None, prompt: str, *, required: Literal[True]
+) -> str: ...
+@overload
+def read_token(
+    value: str | None, path: str | None, prompt: str, *, required: bool
+) -> str | None: ...
 def read_token(value: str | None, path: str | None, prompt: str, *, required: bool) -> str | None:
     """A token from a file, standard input or a prompt; from argv only with a warning.
 
@@ -167,7 +175,6 @@ def signup(
     home = Home.open()
     host, port = split_hostport(proxy)
     secret = read_token(token, token_file, "Signup token (not shown as you type): ", required=True)
-    assert secret is not None
     _run(_signup(home, host, port, secret, _trust(home, ca_pin)))
 
 
@@ -330,14 +337,16 @@ async def _request_cert(
     tcti: str | None,
 ) -> Any:
     device = home.load_device()
-    use_device = device is not None and device.cluster == cluster
-    await session.send(wire.CertRequest(public_key=public_line, device=use_device, ttl_seconds=ttl))
-    if not use_device:
+    if device is not None and device.cluster != cluster:
+        device = None  # enrolled with another cluster: no use here
+    await session.send(
+        wire.CertRequest(public_key=public_line, device=device is not None, ttl_seconds=ttl)
+    )
+    if device is None:
         return await session.receive(wire.CertIssued)
     answer = await session.receive((wire.DeviceChallenge, wire.CertIssued))
     if isinstance(answer, wire.CertIssued):
         return answer  # device trust is off for this cluster: no ceremony
-    assert device is not None
     try:
         with console.spinner("Asking this device's TPM to prove it is here"):
             response = _device_response(device, tcti, answer.nonce, public_line, home)

@@ -32,11 +32,13 @@ def lock(
     """Lock a user or a device. Example: dtadmin lock --user alice --message "left" --ttl 24h"""
     if ctx.invoked_subcommand is not None:
         return
-    if (user is None) == (device is None):
+    if user is not None and device is None:
+        kind, target = "user", user
+    elif device is not None and user is None:
+        kind, target = "device", device
+    else:
         raise UsageError("give exactly one of --user or --device")
     store = open_cluster(ctx, state).store
-    kind, target = ("user", user) if user else ("device", device)
-    assert target is not None
     if kind == "user":
         store.get_user(target)
     else:

@@ -58,7 +58,8 @@ class DeviceAuthentication:
             if now > challenge.expires:
                 raise NonceExpired("device challenge expired (60 s); log in again")
             device = self._device(msg, now)
-            assert device.credential is not None
+            if device.credential is None:  # check_device_login refused it already
+                raise DeviceNotTrusted(f'device "{device.asset_tag}" is not enrolled')
             attest.verify_quote(
                 device.credential.ak_public,
                 msg.attest,

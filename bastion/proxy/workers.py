@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import queue
 import sqlite3
@@ -155,9 +156,10 @@ class Workers:
         else:
             self._reads = queue.SimpleQueue()
             self._calls = queue.SimpleQueue()
-            self._spawn("dt-write", self._writes, self._write_loop, self._open_own)
+            own = functools.partial(self._open_own, store.path)
+            self._spawn("dt-write", self._writes, self._write_loop, own)
             for i in range(readers):
-                self._spawn(f"dt-read-{i}", self._reads, self._serve_loop, self._open_own)
+                self._spawn(f"dt-read-{i}", self._reads, self._serve_loop, own)
             for i in range(callers):
                 self._spawn(f"dt-call-{i}", self._calls, self._serve_loop, self._shared)
         # Every thread's connection is made before anyone is served: the same
@@ -299,9 +301,8 @@ class Workers:
     def _shared(self) -> Store:
         return self.store
 
-    def _open_own(self) -> Store:
-        assert self.store.path is not None
-        store = Store.open(Path(self.store.path).parent, check=False)
+    def _open_own(self, path: Path) -> Store:
+        store = Store.open(path.parent, check=False)
         with contextlib.suppress(Exception):  # our own bound, not the 10 s default
             store.db.execute(f"PRAGMA busy_timeout = {max(1, int(self.timeout * 1000))}")
         with self._lock:

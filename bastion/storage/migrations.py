@@ -17,7 +17,8 @@ MIGRATIONS: list[tuple[int, str, Migration]] = []
 
 def migration(version: int, name: str) -> Callable[[Migration], Migration]:
     def register(fn: Migration) -> Migration:
-        assert not MIGRATIONS or MIGRATIONS[-1][0] == version - 1, "migrations must be sequential"
+        if MIGRATIONS and MIGRATIONS[-1][0] != version - 1:
+            raise ValueError(f"migration {version} does not follow {MIGRATIONS[-1][0]}")
         MIGRATIONS.append((version, name, fn))
         return fn
 
