@@ -41,11 +41,13 @@ class OpenSessionStore(SQLiteBase):
             )
 
     def list_open_sessions(self, instance: str | None = None) -> list[OpenSession]:
-        where, params = ("WHERE instance = ?", (instance,)) if instance else ("", ())
-        return [
-            OpenSession(**row)
-            for row in self._all(f"SELECT * FROM live_sessions {where} ORDER BY started", params)
-        ]
+        if instance:
+            rows = self._all(
+                "SELECT * FROM live_sessions WHERE instance = ? ORDER BY started", (instance,)
+            )
+        else:
+            rows = self._all("SELECT * FROM live_sessions ORDER BY started")
+        return [OpenSession(**row) for row in rows]
 
     def open_session_instances(self) -> list[str]:
         return [r["instance"] for r in self._all("SELECT DISTINCT instance FROM live_sessions")]

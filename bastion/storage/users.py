@@ -96,10 +96,14 @@ class UserStore(SQLiteBase):
     # editor) cannot undo another's meanwhile. Prefer them to update_user.
 
     def set_user_roles(self, name: str, roles: tuple[str, ...]) -> None:
-        self._set_user_fields(name, roles=_j(list(roles)))
+        self._set_user_fields(
+            name, "UPDATE users SET roles = ?, updated = ? WHERE name = ?", _j(list(roles))
+        )
 
     def set_user_logins(self, name: str, logins: tuple[str, ...]) -> None:
-        self._set_user_fields(name, logins=_j(list(logins)))
+        self._set_user_fields(
+            name, "UPDATE users SET logins = ?, updated = ? WHERE name = ?", _j(list(logins))
+        )
 
     def set_user_secrets(
         self,
@@ -111,17 +115,17 @@ class UserStore(SQLiteBase):
         """Set (or with None, clear) the password and one-time-code app together."""
         self._set_user_fields(
             name,
-            password_hash=password_hash,
-            totp_secret=totp_secret,
-            totp_last_step=totp_last_step,
+            "UPDATE users SET password_hash = ?, totp_secret = ?, totp_last_step = ?, "
+            "updated = ? WHERE name = ?",
+            password_hash,
+            totp_secret,
+            totp_last_step,
         )
 
-    def _set_user_fields(self, name: str, **fields: Any) -> None:
-        columns = ", ".join(f"{column} = ?" for column in fields)
-        count = self._exec(
-            f"UPDATE users SET {columns}, updated = ? WHERE name = ?",
-            (*fields.values(), time.time(), name),
-        )
+    def _set_user_fields(self, name: str, sql: str, *values: Any) -> None:
+        """Run ``sql``, an UPDATE written out by the caller (no SQL is assembled here),
+        with ``values``, then the ``updated`` time and ``name``."""
+        count = self._exec(sql, (*values, time.time(), name))
         if count != 1:
             raise NotFound(f'user "{name}" not found')
 
