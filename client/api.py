@@ -148,14 +148,13 @@ async def open_session(host: str, port: int, creds: Credentials, trust: HostTrus
         "agent_path": None,
         "config": None,
         "connect_timeout": CONNECT_TIMEOUT,
-        "password_auth": False,
         "kbdint_auth": creds.client_key is None,
         "public_key_auth": creds.client_key is not None,
         "client_keys": [(creds.client_key, creds.certificate)] if creds.client_key else None,
     }
     try:
         conn, _ = await asyncssh.create_connection(
-            lambda: _Client(trust, creds), host, port, **options
+            lambda: _Client(trust, creds), host, port, password_auth=False, **options
         )
     except asyncssh.HostKeyNotVerifiable as exc:
         raise ConnectionFailed(
