@@ -13,6 +13,7 @@ demo: setup
 lint: setup
 	$(PY) -m ruff check bastion client tests scripts bench
 	.venv/bin/lint-imports --no-cache
+	$(PY) -m bandit -q -c pyproject.toml -r bastion client
 
 test: setup lint
 	$(PY) -m pytest -q -p no:cacheprovider
