@@ -47,6 +47,7 @@ from asyncssh.constants import MSG_DISCONNECT
 from bastion import accounts
 from bastion.authz import decide, limits
 from bastion.authz.limits import SlotLimits
+from bastion.ca.authority import USER_CA_SETTING
 from bastion.ca.certs import parse_cert
 from bastion.ca.issuer import GroupCommitIssuer
 from bastion.ca.keys import public_line
@@ -132,6 +133,11 @@ class Bastion:
         the next poll rather than waiting for the next change.
         """
         before = self.cluster.ca.user_ca_fingerprint
+        # A cheap read first: the revision moves for every change, a rotation is rare,
+        # and the ceremony lane (argon2) can be busy with other people's logins.
+        named = await self.workers.read(lambda store: store.get_setting(USER_CA_SETTING, before))
+        if named == before and not self._ca_pending:
+            return
         self._ca_pending = not await self.workers.call(self.cluster.refresh_user_ca)
         if self.cluster.ca.user_ca_fingerprint != before:
             self.authorized_keys = self._trust_user_ca()

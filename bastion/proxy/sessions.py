@@ -318,13 +318,17 @@ class Registry:
         workers = self._workers()
         next_sweep = 0.0
         stale_files = True  # the first sweep also looks for lock files of dead bastions
+        sweeping: asyncio.Future[None] | None = None
         while True:
             try:
-                if time.monotonic() >= next_sweep:
+                # The sweep runs beside the re-checks, never in front of them: a busy
+                # ceremony lane (a flood of password attempts) must not delay a cut.
+                if time.monotonic() >= next_sweep and (sweeping is None or sweeping.done()):
                     next_sweep = time.monotonic() + self.sweep_interval
-                    await workers.call(
-                        functools.partial(self._sweep_safely, stale_files=stale_files)
+                    sweeping = asyncio.ensure_future(
+                        workers.call(functools.partial(self._sweep_safely, stale_files=stale_files))
                     )
+                    sweeping.add_done_callback(_log_failure)
                     stale_files = False
                 await self._follow_revision(workers)
                 for listener in self.on_poll:
@@ -433,6 +437,11 @@ class Registry:
 def _refuse_if_ended(session: LiveSession) -> None:
     if session.ended:
         raise AccessDenied(session.terminated_reason or "the session was closed while it opened")
+
+
+def _log_failure(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("sweeping sessions of stopped bastions failed: %s", future.exception())
 
 
 async def _maybe_await(result: Any) -> None:
