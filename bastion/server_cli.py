@@ -66,7 +66,7 @@ def serve(
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
     host, port = parse_listen(listen) if listen else (None, None)
     overrides = dict(parse_setting(item) for item in settings or ())
-    explicit = {"state_dir": state, "listen_host": host, "listen_port": port}
+    explicit: dict[str, Any] = {"state_dir": state, "listen_host": host, "listen_port": port}
     explicit["host_names"] = tuple(host_name) if host_name else None
     overrides.update({k: v for k, v in explicit.items() if v is not None})
     cfg = load_config(config, defaults={"state_dir": default_state_dir()}, **overrides)

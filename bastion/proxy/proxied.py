@@ -28,7 +28,12 @@ HEADER_TIMEOUT = 10.0
 
 async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
     fut = loop.create_future()
-    loop.add_reader(sock.fileno(), lambda: fut.done() or fut.set_result(None))
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(sock.fileno(), ready)
     try:
         await fut
     finally:

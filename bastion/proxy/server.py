@@ -302,7 +302,7 @@ class BastionServer(asyncssh.SSHServer):
         text is recorded as the client's words (quoted), never as the bastion's reason.
         (asyncssh dispatches packets through ``_packet_handlers``; this connection
         gets its own copy.)"""
-        handlers = dict(conn._packet_handlers)  # type: ignore[attr-defined]
+        handlers = dict(conn._packet_handlers)
         process = handlers[MSG_DISCONNECT]
 
         def heard(owner: Any, pkttype: int, pktid: int, packet: Any) -> Any:
@@ -310,7 +310,7 @@ class BastionServer(asyncssh.SSHServer):
             return process(owner, pkttype, pktid, packet)
 
         handlers[MSG_DISCONNECT] = heard
-        conn._packet_handlers = handlers  # type: ignore[attr-defined]
+        conn._packet_handlers = handlers
 
     def _audit_unauthenticated_end(self, exc: Exception | None) -> None:
         """Garbage and stalled handshakes get an audit event (DESIGN.md, Security rules);
