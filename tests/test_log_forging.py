@@ -6,24 +6,34 @@ printed it as a line of its own (and the audit message kept the raw newline). Ev
 string in an audit row is now escaped (:func:`bastion.audit.escape_control`), and
 ``dt-bastion serve`` escapes every log record (:class:`bastion.server_cli.OneLineFormatter`).
 A peer's disconnect reason is recorded quoted, as the client's words.
+
+Also here: an ssh-agent offers the plain key before the certificate, and a refused
+*query* is no failure when the connection then logs in (four agent logins once left four
+false ``auth.failed`` rows); a connection that only offers unknown keys still leaves one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
+import signal
 import socket
 import struct
+import subprocess
 import time
+from pathlib import Path
 
 import asyncssh
 import pytest
 
 from bastion import audit
 from bastion.authz.records import Node, User
+from bastion.ca.certs import load_public_key
 from bastion.cluster import init_cluster
 from bastion.server_cli import OneLineFormatter
-from tests.sshd import LOGIN, bastion_server, sshd_node
+from tests.sshd import LOGIN, bastion_server, keygen, ssh, sshd_node, write_known_hosts
 
 FORGED = "DT3101I session.start allow user=admin device=None addr=10.0.0.1 forged"
 
@@ -222,3 +232,94 @@ def test_a_user_name_forges_no_log_line(own, monkeypatch):
     lines = _log_lines_after(env, offset, "auth.failed")
     assert not [line for line in lines if line.startswith("DT3101I")], lines
     assert not [line for line in lines if "\x1b" in line], lines
+
+
+# -- ssh-agent: the plain key first, then the certificate ---------------------------------------
+
+
+@pytest.fixture
+def agent(tmp_path):
+    sock = tmp_path / "agent.sock"
+    proc = subprocess.Popen(
+        ["ssh-agent", "-D", "-a", str(sock)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert time.monotonic() < deadline, "ssh-agent did not start"
+            time.sleep(0.05)
+        yield sock
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(5)
+
+
+def _ssh_add(sock: Path, *paths: Path) -> None:
+    env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
+    for path in paths:
+        subprocess.run(["ssh-add", "-q", str(path)], env=env, check=True, capture_output=True)
+
+
+def _agent_config(env, directory: Path, sock: Path) -> Path:
+    """ssh_config using only the agent, as a person's does: every identity it holds, in
+    its order (the plain key first)."""
+    known = write_known_hosts(directory / "known_hosts", env.cluster)
+    common = f"""    IdentityAgent {sock}
+    IdentityFile none
+    UserKnownHostsFile {known}
+    GlobalKnownHostsFile /dev/null
+    StrictHostKeyChecking yes
+    BatchMode yes
+    ConnectTimeout 10
+"""
+    config = directory / "ssh_config"
+    config.write_text(
+        f"Host bastion\n    HostName 127.0.0.1\n    Port {env.bastion.port}\n    User dt\n"
+        f"    HostKeyAlias 127.0.0.1\n{common}\nHost * !bastion\n    ProxyJump bastion\n{common}"
+    )
+    return config
+
+
+@pytest.mark.integration
+def test_agent_logins_leave_no_false_failures(env, agent, tmp_path):
+    key = keygen(tmp_path / "id", "alice")
+    issued = env.cluster.ca.sign_user("alice", load_public_key((tmp_path / "id.pub").read_bytes()))
+    (tmp_path / "id-cert.pub").write_text(issued.openssh + "\n")
+    _ssh_add(agent, key)  # adds the key, then its certificate beside it
+    listed = subprocess.run(
+        ["ssh-add", "-L"],
+        env={**os.environ, "SSH_AUTH_SOCK": str(agent)},
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
+    assert len(listed) == 2 and "cert" not in listed[0].split()[0], listed  # plain key first
+    config = _agent_config(env, tmp_path, agent)
+    mark = _mark(env)
+    for _ in range(4):
+        result = ssh(config, f"{LOGIN}@node-1", "true")
+        assert result.returncode == 0, result.stderr
+    rows = _rows(
+        env, mark, want=lambda rows: len([e for e in rows if e.type == "session.end"]) >= 4
+    )
+    assert len([e for e in rows if e.type == "session.start"]) == 4, rows
+    assert [e for e in rows if e.type == "auth.failed"] == []
+
+
+@pytest.mark.integration
+def test_only_unknown_keys_still_leave_one_failure(own, agent, tmp_path):
+    keys = [keygen(tmp_path / f"stranger{i}", "stranger") for i in range(3)]
+    _ssh_add(agent, *keys)
+    _one_failure_for(own, _agent_config(own, tmp_path, agent))
+
+
+def _one_failure_for(env, config: Path) -> None:
+    mark = _mark(env)
+    result = ssh(config, "bastion")
+    assert result.returncode == 255 and "Permission denied" in result.stderr, result.stderr
+    rows = _rows(env, mark, want=lambda rows: any(e.type == "auth.failed" for e in rows))
+    failed = [e for e in rows if e.type == "auth.failed"]
+    assert len(failed) == 1, [(e.message, e.fields) for e in failed]
+    assert re.search(r"plain public key, not a certificate", failed[0].message), failed
+    assert failed[0].remote_addr == "127.0.0.1"
