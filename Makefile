@@ -14,6 +14,7 @@ lint: setup
 	$(PY) -m ruff check bastion client tests scripts bench
 	.venv/bin/lint-imports --no-cache
 	$(PY) -m bandit -q -c pyproject.toml -r bastion client
+	$(PY) -m mypy
 
 test: setup lint
 	$(PY) -m pytest -q -p no:cacheprovider

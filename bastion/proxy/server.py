@@ -39,7 +39,8 @@ import functools
 import logging
 import time
 from collections import defaultdict
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import asyncssh
 from asyncssh.constants import MSG_DISCONNECT
@@ -566,7 +567,7 @@ class BastionServer(asyncssh.SSHServer):
             return ("dt-bastion signup", "", "", [("Signup token: ", False)])
         return ("dt-bastion login", "", "", [("Password: ", False), ("One-time code: ", True)])
 
-    async def validate_kbdint_response(self, username: str, responses: list[str]) -> bool:
+    async def validate_kbdint_response(self, username: str, responses: Sequence[str]) -> bool:
         addr = self.remote_addr or "?"
         if self.bastion.too_many_failures(addr, time.monotonic()):
             await self._audit_refusal(
@@ -646,7 +647,8 @@ class BastionServer(asyncssh.SSHServer):
     async def _session(
         self, stdin: asyncssh.SSHReader, stdout: asyncssh.SSHWriter, stderr: asyncssh.SSHWriter
     ) -> None:
-        chan = stdout.channel
+        # A session channel of this server: asyncssh types SSHWriter.channel as the base.
+        chan = cast(asyncssh.SSHServerChannel[bytes], stdout.channel)
         subsystem = chan.get_subsystem()
         identity = self.api_identity
         if subsystem == "dt-api" and identity is not None:
