@@ -94,6 +94,7 @@ class Registry:
         self._own_workers = False
         self.live: dict[int, LiveSession] = {}
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False  # set by stop(): the watcher ends at its next turn
         self._revision = -1
         # Set by start() when the store is on disk; sessions are then also recorded
         # in live_sessions under this name.
@@ -229,6 +230,7 @@ class Registry:
             self._instance = instances.InstanceLock.acquire(self.store.path.parent)
         if self.workers is None:
             self.workers, self._own_workers = Workers(self.store), True
+        self._stopping = False
         self._task = asyncio.get_running_loop().create_task(self._watch())
 
     def _workers(self) -> Workers:
@@ -292,12 +294,15 @@ class Registry:
         return len(orphans)
 
     async def stop(self, reason: str = "bastion shutting down") -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        self._stopping = True
+        task, self._task = self._task, None
+        while task is not None and not task.done():
+            # Python 3.11's wait_for can swallow a cancellation that lands as its inner
+            # future completes (gh-86296): the watcher then ran on and a SIGTERM right
+            # after start hung forever. So cancel again until it is over; the loop
+            # also checks the flag.
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.5)
         doomed = [(session, reason) for session in self.live.values()]
         if self.workers is not None:
             await self.cut(doomed, audit_it=False, wait=5.0)
@@ -319,7 +324,7 @@ class Registry:
         next_sweep = 0.0
         stale_files = True  # the first sweep also looks for lock files of dead bastions
         sweeping: asyncio.Future[None] | None = None
-        while True:
+        while not self._stopping:
             try:
                 # The sweep runs beside the re-checks, never in front of them: a busy
                 # ceremony lane (a flood of password attempts) must not delay a cut.
