@@ -29,11 +29,9 @@ __all__ = [
     "check_live_session",
     "check_node_access",
     "check_node_host_cert",
-    "disconnect_expired_cert",
     "open_channel",
     "openssh_line",
     "check_source_address",
-    "recheck_connection",
     "recheck_live_connection",
     "recheck_password",
     "resolve_node",
@@ -56,15 +54,9 @@ def check_certificate(
     return decide.check_certificate(cert, facts, now)
 
 
-def recheck_connection(store: Store, claims: CertClaims, now: float) -> None:
-    """The certificate a connection authenticated with still stands (any moment)."""
-    facts = store.facts(user=claims.user, serial=claims.serial, now=now)
-    decide.check_cert_connection(claims, facts, now)
-
-
 def recheck_live_connection(store: Store, claims: CertClaims, now: float) -> None:
-    """As :func:`recheck_connection`, and an expired certificate ends the connection
-    where a role says so (``disconnect_expired_cert``)."""
+    """The certificate a connection authenticated with still stands, and an expired
+    one ends the connection where a role says so (``disconnect_expired_cert``)."""
     facts = store.facts(user=claims.user, serial=claims.serial, now=now)
     decide.check_live_connection(claims, facts, now)
 
@@ -73,10 +65,6 @@ def recheck_password(store: Store, user: str, password_hash: str | None, now: fl
     """A password connection's user still exists, is unlocked, and has the password
     the connection authenticated with."""
     decide.check_password_connection(user, password_hash, store.facts(user=user, now=now), now)
-
-
-def disconnect_expired_cert(store: Store, user: str, now: float) -> bool:
-    return decide.disconnect_expired_cert(store.facts(user=user, now=now))
 
 
 def trust_mode(store: Store, user: str) -> str:
