@@ -3,6 +3,12 @@
 People get Rich tables and spinners; scripts get ``--format json``. Errors always
 end as one clear line on stderr and an exit code, never a traceback (set
 ``DT_DEBUG=1`` to see one when reporting a bug).
+
+``--format json`` is a contract, the same for every command: a list is a top-level
+JSON array of objects; a time is an RFC 3339 UTC string (``rfc3339``); a serial
+or any other 64-bit number is a string, since ``jq`` and JavaScript round a JSON
+number above 2**53. A table piped off a terminal becomes tab-separated lines
+(header first) that never wrap, for ``cut`` and ``awk``.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from enum import StrEnum
 from typing import Any, NoReturn
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bastion.protocol.errors import DTError
@@ -32,9 +39,23 @@ class Format(StrEnum):
     json = "json"
 
 
+def rfc3339(ts: float | None) -> str | None:
+    """A time for JSON output: RFC 3339 in UTC to the second, None when unset."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
     sys.stdout.flush()
+
+
+def _cell(value: Any) -> str:
+    """One table cell; a tab or newline inside would break the TSV a script reads."""
+    if value is None:
+        return ""
+    return " ".join(str(value).split()) if not out.is_terminal else str(value)
 
 
 def print_table(
@@ -45,13 +66,19 @@ def print_table(
     empty: str = "(none)",
 ) -> None:
     if not rows:
-        out.print(empty)
+        out.print(empty, markup=False)
+        return
+    if not out.is_terminal:
+        sys.stdout.write("\t".join(columns) + "\n")
+        for row in rows:
+            sys.stdout.write("\t".join(_cell(v) for v in row) + "\n")
+        sys.stdout.flush()
         return
     table = Table(title=title, show_lines=False, header_style="bold")
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
+        table.add_row(*(escape(_cell(v)) for v in row))
     out.print(table)
 
 
