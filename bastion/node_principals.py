@@ -1,10 +1,10 @@
 """``dt-node-principals``: sshd's AuthorizedPrincipalsCommand for device trust on nodes.
 
-A node reachable without the bastion must not accept a certificate lacking device
-extensions when device trust is required. sshd runs us as::
+A node reachable without the bastion must decide device trust as the bastion does.
+sshd runs us as (``dtadmin nodes sshd-config NAME`` prints these lines)::
 
     AuthorizedPrincipalsCommand /usr/local/bin/dt-node-principals \
-        --ca /etc/ssh/dt_user_ca.pub %u %t %k
+        --ca /etc/ssh/dt_user_ca.pub --state /etc/ssh/dt_node_state.json %u %t %k
     AuthorizedPrincipalsCommandUser nobody
 
 and accepts the certificate only if we print a principal it carries. We print the
@@ -12,24 +12,43 @@ login (``%u``) when, and only when, every check passes; on any doubt we print no
 and exit 0, which sshd takes as "no principals": access denied. The reason goes to
 stderr, which sshd logs.
 
-With ``--state DIR`` (the node can read the cluster state, e.g. on the bastion host)
-the device must also be enrolled *now*, owned by the certificate's user and unlocked.
+``--state`` is the document ``dtadmin nodes publish`` writes (:mod:`bastion.authz.published`):
+with it the cluster's and the user's roles' device-trust modes decide (a certificate
+without device extensions logs in where the effective mode is ``optional`` or ``off``),
+the user must exist and be unlocked, and a certificate naming a device stands only while
+that device is enrolled to the user, with that credential, unlocked. The rules are the
+bastion's own (:func:`bastion.authz.decide.node_principals`); nothing is copied here.
+Without ``--state``, or once the document has expired, only the certificate can be
+checked and a trusted device is required (``--allow-untrusted-device`` lifts that where
+there is no state at all).
+
+Light by design: this module imports only the contract (``bastion.protocol``: certificate
+parsing, errors) and the decision core (``bastion.authz``), so a node needs Python and
+``cryptography`` and nothing else of the bastion (``dtadmin nodes helper`` writes it as
+one file; tests/test_node_install.py checks what it imports).
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import os
+import stat
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from bastion.authz import decide as authz_decide
-from bastion.ca.keys import fingerprint
-from bastion.protocol.certs import EXT_ASSET_TAG, ParsedCert, parse_cert
-from bastion.protocol.errors import AccessDenied, CertificateError, DTError
-from bastion.storage import Store
+from bastion.authz import published
+from bastion.protocol.certs import (
+    EXT_ASSET_TAG,
+    ParsedCert,
+    fingerprint,
+    load_public_key,
+    parse_cert,
+)
+from bastion.protocol.errors import AccessDenied, CertificateError, DTError, StateError
 
 CERT_TYPES = (
     "ssh-ed25519-cert-v01@openssh.com",
@@ -46,6 +65,7 @@ CERT_TYPES = (
 class Decision:
     principals: tuple[str, ...]
     reason: str
+    note: str = ""  # worth logging even when the login is accepted
 
 
 def decide(
@@ -54,18 +74,26 @@ def decide(
     *,
     ca_fingerprints: set[str],
     require_device: bool,
-    store: Store | None = None,
+    state: published.NodeState | None = None,
     now: float | None = None,
 ) -> Decision:
     """Which principals to print for this login and certificate.
 
-    The rules are the bastion's own (:func:`bastion.authz.decide.node_principals`);
-    this only reads the state, when the node has it."""
+    With a (current) published ``state``, the cluster's and roles' modes decide and
+    ``require_device`` only makes the node stricter; without one, ``require_device``
+    is the whole policy on devices."""
     now = time.time() if now is None else now
-    facts = None
-    if store is not None:
+    facts, note = None, ""
+    if state is not None and state.expired(now):
+        note = (
+            f"published state of cluster {state.cluster!r} expired at "
+            f"{published._rfc3339(state.expires)} (run dtadmin nodes publish); "
+            "deciding as if a trusted device were required"
+        )
+        state, require_device = None, True
+    if state is not None:
         tag = (cert.device_extensions or {}).get(EXT_ASSET_TAG)
-        facts = store.facts(user=cert.user, serial=cert.serial, asset_tag=tag, now=now)
+        facts = state.facts(user=cert.user, asset_tag=tag, now=now)
     try:
         principals = authz_decide.node_principals(
             login,
@@ -74,15 +102,32 @@ def decide(
             require_device=require_device,
             facts=facts,
             now=now,
+            issued_known=False,
         )
     except AccessDenied as exc:
-        return Decision((), exc.message)
-    return Decision(principals, "ok")
+        return Decision((), exc.message, note)
+    return Decision(principals, "ok", note)
+
+
+def read_state(path: Path) -> published.NodeState:
+    """The published state file, which decides who gets in: it must be a regular file
+    owned by root (or by us) and writable by nobody else, as sshd asks of its own."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY)
+    except OSError as exc:
+        raise StateError(f"cannot read the published state {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise StateError(f"published state {path} is not a regular file")
+        if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+            raise StateError(
+                f"published state {path} must be owned by root and writable only by its owner"
+            )
+        return published.parse(f.read(published.MAX_BYTES + 1))
 
 
 def _ca_fingerprints(path: Path) -> set[str]:
-    from bastion.ca.certs import load_public_key
-
     out = set()
     for line in path.read_text().splitlines():
         line = line.strip()
@@ -95,15 +140,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="dt-node-principals",
         description="sshd AuthorizedPrincipalsCommand: print the login only for a "
-        "certificate that satisfies dt-bastion's device trust.",
+        "certificate that satisfies dt-bastion's device trust, as the bastion decides it.",
     )
     parser.add_argument("--ca", required=True, type=Path, help="the cluster's user CA public key")
     parser.add_argument(
+        "--state",
+        type=Path,
+        help="the cluster's published state (dtadmin nodes publish): its device-trust "
+        "modes, users, roles, devices and locks decide",
+    )
+    parser.add_argument(
+        "--require-device",
+        action="store_true",
+        help="require a trusted device on this node whatever the cluster's modes say",
+    )
+    parser.add_argument(
         "--allow-untrusted-device",
         action="store_true",
-        help="accept certificates without device extensions (device trust optional)",
+        help="without --state: accept certificates without device extensions",
     )
-    parser.add_argument("--state", type=Path, help="cluster state dir, to check the device now")
     parser.add_argument("login", help="%%u: the account being logged into")
     parser.add_argument("key_type", help="%%t: the certificate's key type")
     parser.add_argument("key", help="%%k: the base64 certificate blob")
@@ -113,17 +168,23 @@ def main(argv: list[str] | None = None) -> int:
             raise CertificateError(f"{args.key_type} is not a certificate type")
         base64.b64decode(args.key, validate=True)
         cert = parse_cert(f"{args.key_type} {args.key}".encode())
-        store = Store.open(args.state) if args.state else None
+        state = read_state(args.state) if args.state else None
+        if state is None:
+            require = not args.allow_untrusted_device or args.require_device
+        else:
+            require = args.require_device
         decision = decide(
             args.login,
             cert,
             ca_fingerprints=_ca_fingerprints(args.ca),
-            require_device=not args.allow_untrusted_device,
-            store=store,
+            require_device=require,
+            state=state,
         )
     except (DTError, OSError, ValueError) as exc:
         print(f"dt-node-principals: denied: {exc}", file=sys.stderr)
         return 0
+    if decision.note:
+        print(f"dt-node-principals: {decision.note}", file=sys.stderr)
     for principal in decision.principals:
         print(principal)
     if not decision.principals:

@@ -17,6 +17,11 @@ ALLOWED = {
         "bastion.authz",
     },
     "dtclient imports nothing of bastion but the contract": {"bastion.protocol"},
+    "dt-node-principals is light: the contract and the core only, for a node to install": {
+        "bastion.protocol",
+        "bastion.authz",
+        "bastion.node_principals",
+    },
 }
 
 

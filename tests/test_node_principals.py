@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import base64
+import json
 import subprocess
 import sys
+import time
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from bastion.authz.records import Device, DeviceCredential, Lock, User
+from bastion.admin.nodes import node_state
+from bastion.authz import published
+from bastion.authz.records import Device, DeviceCredential, Lock, Role, User
 from bastion.ca.certs import parse_cert
 from bastion.cluster import init_cluster
 from bastion.node_principals import decide, main
@@ -34,6 +38,12 @@ def fps(cluster):
     return {cluster.ca.user_ca_fingerprint}
 
 
+def publish(cluster, valid_for=3600.0, now=None):
+    """What `dtadmin nodes publish` writes, as the node helper reads it."""
+    doc = node_state(cluster, now=time.time() if now is None else now, valid_for=valid_for)
+    return published.parse(json.dumps(doc).encode())
+
+
 def test_device_cert_accepted_plain_refused(cluster):
     device = cluster.store.add_device(Device("", "SN1", "linux", "enrolled", "alice", CRED))
     good = decide("root", sign(cluster, device), ca_fingerprints=fps(cluster), require_device=True)
@@ -55,15 +65,15 @@ def test_state_check_sees_unenrollment_and_locks(cluster):
     store = cluster.store
     device = store.add_device(Device("", "SN1", "linux", "enrolled", "alice", CRED))
     cert = sign(cluster, device)
-    kw = dict(ca_fingerprints=fps(cluster), require_device=True, store=store)
-    assert decide("root", cert, **kw).principals == ("root",)
+    kw = dict(ca_fingerprints=fps(cluster), require_device=True)
+    assert decide("root", cert, state=publish(cluster), **kw).principals == ("root",)
     store.add_lock(Lock("", "device", "SN1"))
-    assert "locked" in decide("root", cert, **kw).reason
+    assert "locked" in decide("root", cert, state=publish(cluster), **kw).reason
     store.remove_locks_for("device", "SN1")
     store.update_device(
         Device(device.id, "SN1", "linux", "not_enrolled", "alice", None, created=device.created)
     )
-    assert "not enrolled" in decide("root", cert, **kw).reason
+    assert "not enrolled" in decide("root", cert, state=publish(cluster), **kw).reason
 
 
 def test_state_check_sees_a_re_enrolled_device_as_the_bastion_does(cluster):
@@ -75,10 +85,10 @@ def test_state_check_sees_a_re_enrolled_device_as_the_bastion_does(cluster):
     store = cluster.store
     device = store.add_device(Device("", "SN1", "linux", "enrolled", "alice", CRED))
     cert = sign(cluster, device)
-    kw = dict(ca_fingerprints=fps(cluster), require_device=True, store=store)
-    assert decide("root", cert, **kw).principals == ("root",)
+    kw = dict(ca_fingerprints=fps(cluster), require_device=True)
+    assert decide("root", cert, state=publish(cluster), **kw).principals == ("root",)
     store.update_device(replace(store.get_device("SN1"), credential=replace(CRED, id="cred-2")))
-    refused = decide("root", cert, **kw)
+    refused = decide("root", cert, state=publish(cluster), **kw)
     assert refused.principals == () and "re-enrolled" in refused.reason
 
 
@@ -109,3 +119,53 @@ def test_cli_garbage_is_denied_without_traceback(cluster, args):
     )
     assert proc.returncode == 0 and proc.stdout == ""
     assert "denied" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- the cluster's and the roles' modes, from the published state ------------------------------
+
+
+def test_published_modes_decide_as_the_bastion_does(cluster):
+    """The node followed neither the cluster's nor the roles' mode: every certificate
+    without device extensions was refused, even in `optional` mode."""
+    store, plain = cluster.store, sign(cluster)
+    kw = dict(ca_fingerprints=fps(cluster), require_device=False)
+    assert store.get_setting("device_trust_mode") == "optional"
+    assert decide("root", plain, state=publish(cluster), **kw).principals == ("root",)
+    store.set_setting("device_trust_mode", "off")
+    assert decide("root", plain, state=publish(cluster), **kw).principals == ("root",)
+    store.set_setting("device_trust_mode", "required")
+    assert "trusted device is required" in decide("root", plain, state=publish(cluster), **kw).reason
+    store.set_setting("device_trust_mode", "optional")
+    store.set_user_roles("alice", ("access", "require-trusted-device"))
+    assert decide("root", plain, state=publish(cluster), **kw).principals == ()
+    store.put_role(Role("strict-ops", device_trust_mode="required"))
+    store.set_user_roles("alice", ("access", "strict-ops"))
+    assert decide("root", plain, state=publish(cluster), **kw).principals == ()
+    # the node may be stricter than the cluster, never laxer
+    store.set_user_roles("alice", ("access",))
+    strict = dict(kw, require_device=True)
+    assert decide("root", plain, state=publish(cluster), **strict).principals == ()
+
+
+def test_published_state_refuses_unknown_users_locks_and_expired_copies(cluster):
+    store, plain = cluster.store, sign(cluster)
+    kw = dict(ca_fingerprints=fps(cluster), require_device=False)
+    store.add_lock(Lock("", "user", "alice", message="laptop reported lost"))
+    refused = decide("root", plain, state=publish(cluster), **kw)
+    assert refused.principals == () and "laptop reported lost" in refused.reason
+    store.remove_locks_for("user", "alice")
+    store.remove_user("alice")
+    assert "does not exist" in decide("root", plain, state=publish(cluster), **kw).reason
+    store.add_user(User("alice", ("access",), ("root",)))
+    old = publish(cluster, valid_for=60, now=time.time() - 120)
+    stale = decide("root", plain, state=old, **kw)
+    assert stale.principals == () and "expired" in stale.note
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [b"", b"[]", b'{"format": "other"}', b'{"format": "dt-node-state/1", "users": 1}'],
+)
+def test_malformed_published_state_is_refused(doc):
+    with pytest.raises(published.StateError):
+        published.parse(doc)

@@ -87,28 +87,83 @@ def direct_ssh(node, key, tmp_path, cluster):
     )
 
 
-def test_node_refuses_direct_logins_without_device_extensions(cluster, tmp_path):
+def dtadmin(cluster, *args):
+    return subprocess.run(
+        [BIN / "dtadmin", "--state", str(cluster.state_dir), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
+def printed_sshd_config(cluster, tmp_path, node_name="node-1"):
+    """The lines `dtadmin nodes sshd-config` prints, with the node's files where the
+    test keeps them, and the helper written by `dtadmin nodes helper`."""
+    helper = tmp_path / "dt-node-principals"
+    dtadmin(cluster, "nodes", "helper", "--out", str(helper), "--python", sys.executable)
+    _skip_unless_sshd_would_run(Path(sys.executable))
+    files = {
+        "/etc/ssh/dt_user_ca.pub": str(cluster.state_dir / "ca" / "user_ca.pub"),
+        "/etc/ssh/dt_node_state.json": str(tmp_path / "dt_node_state.json"),
+        "/etc/ssh/dt_revoked.krl": str(tmp_path / "dt_revoked.krl"),
+        # sshd checks the command's own path; the helper is one file Python runs
+        "/usr/local/bin/dt-node-principals": f"{sys.executable} {helper}",
+    }
+    text = dtadmin(cluster, "nodes", "sshd-config", node_name)
+    assert "--state /etc/ssh/dt_node_state.json" in text
+    kept = []
+    for line in text.splitlines():
+        # the fixture's sshd already has the CA and host certificate lines
+        if line.startswith(("RevokedKeys", "AuthorizedPrincipalsCommand")):
+            for old, new in files.items():
+                line = line.replace(old, new)
+            kept.append(line)
+    # the temp dir is root's alone (0700): `nobody` could not read the files in it
+    return "\n".join(kept).replace("CommandUser nobody", "CommandUser root") + "\n"
+
+
+def publish(cluster, tmp_path):
+    dtadmin(cluster, "nodes", "publish", "--out", str(tmp_path / "dt_node_state.json"))
+    dtadmin(cluster, "ca", "krl", "--out", str(tmp_path / "dt_revoked.krl"))
+
+
+def test_node_follows_the_cluster_and_role_modes_with_the_printed_config(cluster, tmp_path):
+    """The printed sshd-config denied every certificate without device extensions even
+    in `optional` mode: users without a device were locked out of every node."""
     device = cluster.store.add_device(Device("", "SN1", "linux", "enrolled", "alice", CRED))
     plain, _ = cert_for(cluster, tmp_path, "plain")
     trusted, _ = cert_for(cluster, tmp_path, "trusted", device)
-    ca = cluster.state_dir / "ca" / "user_ca.pub"
-    command = BIN / "dt-node-principals"
-    _skip_unless_sshd_would_run(command)
-    extra = (
-        f"AuthorizedPrincipalsCommand {command} --ca {ca} --state {cluster.state_dir} %u %t %k\n"
-        "AuthorizedPrincipalsCommandUser root\n"
-    )
+    dtadmin(cluster, "nodes", "add", "node-1", "--addr", "127.0.0.1:22")
+    extra = printed_sshd_config(cluster, tmp_path)
+    publish(cluster, tmp_path)
     with sshd_node(tmp_path / "node", cluster, extra=extra) as node:
+        # optional (the default): both log in
+        accepted = direct_ssh(node, plain, tmp_path, cluster)
+        assert accepted.returncode == 0 and accepted.stdout.strip() == "direct", node.log()
+        assert direct_ssh(node, trusted, tmp_path, cluster).returncode == 0
+        # required by the cluster: only the device's certificate
+        dtadmin(cluster, "cluster", "set", "device-trust-mode", "required")
+        publish(cluster, tmp_path)
         refused = direct_ssh(node, plain, tmp_path, cluster)
         assert refused.returncode == 255 and "Permission denied" in refused.stderr
-        accepted = direct_ssh(node, trusted, tmp_path, cluster)
-        assert accepted.returncode == 0 and accepted.stdout.strip() == "direct", accepted.stderr
-        # unenrolled now: refused at the node too (it reads the cluster state)
+        assert "does not contain an authorized principal" in node.log()
+        assert direct_ssh(node, trusted, tmp_path, cluster).returncode == 0
+        # optional cluster, but a role of alice's requires a device
+        dtadmin(cluster, "cluster", "set", "device-trust-mode", "optional")
+        cluster.store.set_user_roles("alice", ("access", "require-trusted-device"))
+        publish(cluster, tmp_path)
+        assert direct_ssh(node, plain, tmp_path, cluster).returncode == 255
+        assert direct_ssh(node, trusted, tmp_path, cluster).returncode == 0
+        cluster.store.set_user_roles("alice", ("access",))
+        publish(cluster, tmp_path)
+        assert direct_ssh(node, plain, tmp_path, cluster).returncode == 0
+        # unenrolled now: its certificate is refused at the node too, whatever the mode
         from dataclasses import replace
 
         cluster.store.update_device(
             replace(cluster.store.get_device("SN1"), enroll_status="not_enrolled", credential=None)
         )
+        publish(cluster, tmp_path)
         assert direct_ssh(node, trusted, tmp_path, cluster).returncode == 255
         assert "does not contain an authorized principal" in node.log()
 

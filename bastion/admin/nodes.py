@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import io
 import ipaddress
+import json
 import re
-from typing import Annotated
+import sys
+import time
+import zipfile
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
+import bastion as bastion_pkg
 from bastion import audit
 from bastion.admin.common import StateOpt, actor, audited, new_app, open_cluster, split_csv
+from bastion.authz import published
 from bastion.authz.rbac import check_name
-from bastion.authz.records import Node
+from bastion.authz.records import Node, Role
+from bastion.cluster import Cluster
 from bastion.protocol import console
 from bastion.protocol.console import Format
-from bastion.protocol.errors import NotFound, UsageError
+from bastion.protocol.durations import parse_duration
+from bastion.protocol.errors import NotFound, StateError, UsageError
+from bastion.protocol.files import atomic_write
 
 app = new_app("Manage nodes: the only places the bastion forwards to.")
 
@@ -117,26 +128,153 @@ def rm(
     console.say(f'node "{name}" removed')
 
 
+HELPER = "/usr/local/bin/dt-node-principals"
+NODE_STATE = "/etc/ssh/dt_node_state.json"
+
+
 @app.command("sshd-config")
 def sshd_config(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="The node to print sshd_config lines for.")],
+    helper: Annotated[
+        str, typer.Option("--helper", help="Where the node has dt-node-principals.")
+    ] = HELPER,
+    require_device: Annotated[
+        bool,
+        typer.Option(
+            "--require-device",
+            help="Require a trusted device on this node whatever the cluster's modes say.",
+        ),
+    ] = False,
     state: StateOpt = None,
 ) -> None:
-    """Print the sshd_config lines that make a node trust this cluster and enforce devices."""
-    node = open_cluster(ctx, state).store.find_node(name)
+    """Print the sshd_config lines that make a node trust this cluster and enforce devices.
+
+    The node's dt-node-principals decides device trust as the bastion does, from the
+    cluster's and each role's device-trust mode in the state `dtadmin nodes publish`
+    writes; see docs/getting-started.md, "Nodes reachable without the bastion".
+    """
+    cluster = open_cluster(ctx, state)
+    node = cluster.store.find_node(name)
     if node is None:
         raise NotFound(f'node "{name}" not found')
+    mode = cluster.store.get_setting("device_trust_mode")
+    strict = " --require-device" if require_device else ""
     lines = [
-        f"# sshd_config for node {node.name}",
+        f"# sshd_config for node {node.name} (cluster {cluster.name}, device trust {mode})",
         "# /etc/ssh/dt_user_ca.pub: from `dtadmin ca export --type user`",
         "TrustedUserCAKeys /etc/ssh/dt_user_ca.pub",
         f"# from `dtadmin host sign KEY.pub --principals {node.name},{node.host}`",
         "HostCertificate /etc/ssh/ssh_host_ed25519_key-cert.pub",
         "# from `dtadmin ca krl --out /etc/ssh/dt_revoked.krl`",
         "RevokedKeys /etc/ssh/dt_revoked.krl",
-        "AuthorizedPrincipalsCommand /usr/local/bin/dt-node-principals "
-        "--ca /etc/ssh/dt_user_ca.pub %u %t %k",
+        f"# {helper}: from `dtadmin nodes helper --out dt-node-principals`;",
+        f"# {NODE_STATE}: from `dtadmin nodes publish --out dt_node_state.json`,",
+        "# copied again whenever it changes (its cluster and role modes decide)",
+        f"AuthorizedPrincipalsCommand {helper} --ca /etc/ssh/dt_user_ca.pub "
+        f"--state {NODE_STATE}{strict} %u %t %k",
         "AuthorizedPrincipalsCommandUser nobody",
     ]
     console.say("\n".join(lines))
+
+
+def node_state(cluster: Cluster, *, now: float, valid_for: float) -> dict[str, Any]:
+    """The published document (bastion.authz.published), read in one snapshot."""
+    store = cluster.store
+    with store.read_transaction():
+        try:
+            mode: object = store.get_setting("device_trust_mode")
+        except StateError:
+            mode = None  # nodes read it as required
+        users = store.list_users()
+        roles: list[Role] = []
+        unreadable: list[str] = []
+        for role_name in sorted({r for u in users for r in u.roles}):
+            try:
+                role = store.find_role(role_name)
+            except StateError:
+                unreadable.append(role_name)
+                continue
+            if role is not None:
+                roles.append(role)
+        doc = published.build(
+            cluster=cluster.name,
+            user_ca_fingerprint=cluster.ca.user_ca_fingerprint,
+            cluster_mode=mode,
+            users=users,
+            roles=roles,
+            devices=store.list_devices(),
+            locks=store.list_locks(now=now),
+            published=now,
+            expires=now + valid_for,
+        )
+    for role_name in unreadable:  # a role nodes cannot read requires a device there
+        doc["roles"][role_name] = None
+    return doc
+
+
+@app.command("publish")
+def publish(
+    ctx: typer.Context,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write here (atomically) instead of stdout.")
+    ] = None,
+    valid_for: Annotated[
+        str,
+        typer.Option(
+            "--valid-for",
+            help="How long nodes believe it (90m, 1d, ...); an expired copy makes a node "
+            "require a trusted device. Publish again well before.",
+        ),
+    ] = "1d",
+    state: StateOpt = None,
+) -> None:
+    """Write the state nodes decide device trust over (for dt-node-principals --state).
+
+    It holds the cluster's and every role's device-trust mode, users and their roles,
+    devices (no keys) and locks; no secrets. Copy it to each node as
+    /etc/ssh/dt_node_state.json (root-owned, mode 0644) whenever it changes.
+    Example: dtadmin nodes publish --out /var/lib/dt-bastion/node-state.json
+    """
+    seconds = parse_duration(valid_for)
+    doc = node_state(open_cluster(ctx, state), now=time.time(), valid_for=seconds)
+    data = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+    if out is None:
+        sys.stdout.write(data.decode())
+        return
+    atomic_write(out, data, 0o644)
+    console.note(f"node state written to {out} (valid until {doc['expires']})")
+
+
+# What the node helper is made of: the contract and the decision core, nothing else.
+_HELPER_PACKAGES = ("bastion/protocol", "bastion/authz")
+
+
+@app.command("helper")
+def helper_cmd(
+    out: Annotated[Path, typer.Option("--out", help="The file to write (mode 0755).")],
+    python: Annotated[
+        str,
+        typer.Option("--python", help="The node's Python (3.11+, with cryptography >= 42)."),
+    ] = "/opt/dt-node/bin/python3",
+) -> None:
+    """Write dt-node-principals as one executable file for a node.
+
+    It carries the certificate parser and the decision core the bastion itself uses;
+    the node needs only Python 3.11+ and cryptography (see docs/getting-started.md).
+    Example: dtadmin nodes helper --out dt-node-principals
+    """
+    root = Path(bastion_pkg.__file__).resolve().parent.parent
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("bastion/__init__.py", "")
+        zf.write(root / "bastion" / "node_principals.py", "bastion/node_principals.py")
+        for package in _HELPER_PACKAGES:
+            for path in sorted((root / package).glob("*.py")):
+                zf.write(path, f"{package}/{path.name}")
+        zf.writestr(
+            "__main__.py",
+            "import sys\nfrom bastion.node_principals import main\nsys.exit(main())\n",
+        )
+    atomic_write(out, f"#!{python}\n".encode() + buf.getvalue(), 0o755)
+    console.say(f"wrote {out}: install it on the node as {HELPER} (owned by root, mode 0755)")

@@ -407,12 +407,17 @@ def node_principals(
     require_device: bool,
     facts: Facts | None,
     now: float,
+    issued_known: bool = True,
 ) -> tuple[str, ...]:
     """What ``dt-node-principals`` prints for sshd: the login, or raises with why not.
 
     Without the cluster state (``facts`` None) it can check only the certificate; with
-    it, the same rules as the bastion's, so a node never admits what the bastion would
-    refuse.
+    it, the same rules as the bastion's (the cluster's and the user's roles' device-trust
+    modes, locks, the device enrolled now), so a node never admits what the bastion would
+    refuse. ``require_device`` makes the node stricter than the cluster, never laxer.
+    ``issued_known`` False: the facts carry no issued-certificate records (the state a
+    cluster publishes for nodes, :mod:`bastion.authz.published`); revocation then
+    reaches the node through its KRL instead.
     """
     if cert.cert_type != "user":
         raise AccessDenied("not a user certificate")
@@ -428,7 +433,8 @@ def node_principals(
         claims = claims_of(cert)
         if not valid_extension_value(cert.user):
             raise AccessDenied("certificate names no dt-bastion user")
-        check_issued(claims, facts)
+        if issued_known:
+            check_issued(claims, facts)
         check_user(facts, now, claims.user)
         # A certificate that names a device is held to it; a node told to require
         # one decides as if the cluster required it.

@@ -1,0 +1,244 @@
+"""The state a cluster publishes for its nodes, and the :class:`Facts` a node reads from it.
+
+A node that users can reach without the bastion runs ``dt-node-principals``, which
+must decide device trust as the bastion does: the cluster's mode and every role's
+(the strictest wins), the user's lock, and the device named by a certificate, enrolled
+now to that user with that credential. The node has no database, so
+``dtadmin nodes publish`` writes what those rules read into one JSON document
+(:func:`build`), and the helper turns it back into the same :class:`Facts` the bastion
+hands to :mod:`bastion.authz.decide` (:func:`parse`, :meth:`NodeState.facts`).
+
+It holds no secret: no password hash, TOTP secret, key or token, only names, modes,
+device identifiers and locks. What it cannot hold is the record of every issued
+certificate (one per login); revocation reaches nodes through the KRL
+(``RevokedKeys``). A document past its ``expires`` is not believed: the helper then
+decides as if the cluster required a trusted device (DESIGN.md: an unreadable mode is
+``required``, never ``off``).
+
+Pure: no file, clock or JSON parser of its own beyond :mod:`json`; times are passed in.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from bastion.authz.facts import Facts
+from bastion.authz.records import Device, DeviceCredential, Lock, Role, User
+from bastion.protocol.errors import StateError
+
+FORMAT = "dt-node-state/1"
+MAX_BYTES = 64 * 1024 * 1024
+
+
+def _rfc3339(ts: float | None) -> str | None:
+    # The JSON contract's time form (bastion.protocol.console.rfc3339, which would pull
+    # Rich into the node helper).
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _epoch(value: object, what: str) -> float:
+    if not isinstance(value, str):
+        raise StateError(f"published state: {what} is not an RFC 3339 time")
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise StateError(
+            f"published state: {what} {value[:40]!r} is not an RFC 3339 time"
+        ) from None
+    if parsed.tzinfo is None:
+        raise StateError(f"published state: {what} has no time zone")
+    return parsed.timestamp()
+
+
+def build(
+    *,
+    cluster: str,
+    user_ca_fingerprint: str,
+    cluster_mode: object,
+    users: Iterable[User],
+    roles: Iterable[Role],
+    devices: Iterable[Device],
+    locks: Iterable[Lock],
+    published: float,
+    expires: float,
+) -> dict[str, Any]:
+    """The document for nodes, from records read in one transaction."""
+    return {
+        "format": FORMAT,
+        "cluster": cluster,
+        "published": _rfc3339(published),
+        "expires": _rfc3339(expires),
+        "user_ca_fingerprint": user_ca_fingerprint,
+        # The raw setting: anything unreadable is decided as "required" by the reader.
+        "device_trust_mode": cluster_mode if isinstance(cluster_mode, str) else None,
+        "roles": {
+            r.name: {
+                "device_trust_mode": r.device_trust_mode,
+                "device_attestation": r.device_attestation,
+            }
+            for r in roles
+        },
+        "users": {u.name: {"roles": list(u.roles)} for u in users},
+        "devices": {
+            d.asset_tag: {
+                "id": d.id,
+                "owner": d.owner,
+                "enroll_status": d.enroll_status,
+                "credential": None
+                if d.credential is None
+                else {"id": d.credential.id, "attestation_type": d.credential.attestation_type},
+            }
+            for d in devices
+        },
+        "locks": [
+            {
+                "target_kind": lock.target_kind,
+                "target": lock.target,
+                "message": lock.message,
+                "expires": _rfc3339(lock.expires),
+            }
+            for lock in locks
+            if lock.expires is None or lock.expires > published
+        ],
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class NodeState:
+    cluster: str
+    published: float
+    expires: float
+    user_ca_fingerprint: str | None
+    cluster_mode: object
+    users: Mapping[str, User] = field(default_factory=dict)
+    roles: Mapping[str, Role | None] = field(default_factory=dict)
+    devices: Mapping[str, Device] = field(default_factory=dict)
+    locks: Mapping[tuple[str, str], Lock] = field(default_factory=dict)
+
+    def expired(self, now: float) -> bool:
+        return now >= self.expires
+
+    def facts(self, *, user: str | None, asset_tag: str | None, now: float) -> Facts:
+        """What the bastion's own ``StateStore.facts`` would return, minus the issued
+        record (nodes have none; see the module's docstring)."""
+        record = self.users.get(user) if user else None
+        roles = tuple(self.roles.get(name) for name in record.roles) if record else ()
+        return Facts(
+            cluster_mode=self.cluster_mode,
+            user_ca_fingerprint=self.user_ca_fingerprint,
+            user=record,
+            roles=roles,
+            user_lock=self._lock("user", user, now),
+            device=self.devices.get(asset_tag) if asset_tag else None,
+            device_lock=self._lock("device", asset_tag, now),
+        )
+
+    def _lock(self, kind: str, target: str | None, now: float) -> Lock | None:
+        lock = self.locks.get((kind, target)) if target else None
+        return lock if lock is not None and lock.active(now) else None
+
+
+def _str(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise StateError(f"published state: {what} is not a string")
+    return value
+
+
+def _role(name: str, raw: object) -> Role | None:
+    """A role as the decision reads it; one it cannot read is None (grants nothing,
+    requires a trusted device), as the bastion treats a corrupt role row."""
+    if not isinstance(raw, dict):
+        return None
+    mode, attestation = raw.get("device_trust_mode"), raw.get("device_attestation")
+    if not (mode is None or isinstance(mode, str)) or not (
+        attestation is None or isinstance(attestation, str)
+    ):
+        return None
+    return Role(name=name, device_trust_mode=mode, device_attestation=attestation)
+
+
+def _device(tag: str, raw: object) -> Device:
+    if not isinstance(raw, dict):
+        raise StateError(f"published state: device {tag[:64]!r} is not an object")
+    cred = raw.get("credential")
+    credential = None
+    if cred is not None:
+        if not isinstance(cred, dict):
+            raise StateError(f"published state: device {tag[:64]!r} has a malformed credential")
+        credential = DeviceCredential(
+            id=_str(cred.get("id"), "credential id"),
+            public_key_der=b"",
+            attestation_type=_str(cred.get("attestation_type"), "attestation type"),
+            ek_pub_hash="",
+        )
+    return Device(
+        id=_str(raw.get("id"), "device id"),
+        asset_tag=tag,
+        os_type="",
+        enroll_status=_str(raw.get("enroll_status"), "enroll status"),
+        owner=_str(raw.get("owner"), "device owner"),
+        credential=credential,
+    )
+
+
+def parse(data: bytes) -> NodeState:
+    """Read a published document, refusing anything malformed (StateError)."""
+    if len(data) > MAX_BYTES:
+        raise StateError("published state is too large")
+    try:
+        doc = json.loads(data)
+    except ValueError as exc:
+        raise StateError(f"published state is not JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise StateError(f"not a published node state (expected format {FORMAT!r})")
+    sections: dict[str, dict[str, Any]] = {}
+    for key in ("roles", "users", "devices"):
+        value = doc.get(key)
+        if not isinstance(value, dict):
+            raise StateError(f"published state: {key} is malformed")
+        sections[key] = value
+    if not isinstance(doc.get("locks"), list):
+        raise StateError("published state: locks is malformed")
+    users: dict[str, User] = {}
+    for name, raw in sections["users"].items():
+        roles = raw.get("roles") if isinstance(raw, dict) else None
+        if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+            raise StateError(f"published state: user {name[:64]!r} is malformed")
+        users[name] = User(name=name, roles=tuple(roles))
+    locks: dict[tuple[str, str], Lock] = {}
+    for raw in doc["locks"]:
+        if not isinstance(raw, dict):
+            raise StateError("published state: a lock is malformed")
+        kind, target = _str(raw.get("target_kind"), "lock kind"), _str(raw.get("target"), "lock")
+        expires = raw.get("expires")
+        lock = Lock(
+            id="",
+            target_kind=kind,
+            target=target,
+            message=_str(raw.get("message", ""), "lock message"),
+            expires=None if expires is None else _epoch(expires, "lock expiry"),
+        )
+        # Two locks on one target: the one that lasts longer (None: for ever) counts.
+        held = locks.get((kind, target))
+        if held is None or (
+            held.expires is not None and (lock.expires or float("inf")) > held.expires
+        ):
+            locks[(kind, target)] = lock
+    ca = doc.get("user_ca_fingerprint")
+    return NodeState(
+        cluster=_str(doc.get("cluster"), "cluster"),
+        published=_epoch(doc.get("published"), "published"),
+        expires=_epoch(doc.get("expires"), "expires"),
+        user_ca_fingerprint=ca if isinstance(ca, str) else None,
+        cluster_mode=doc.get("device_trust_mode"),
+        users=users,
+        roles={name: _role(name, raw) for name, raw in sections["roles"].items()},
+        devices={tag: _device(tag, raw) for tag, raw in sections["devices"].items()},
+        locks=locks,
+    )
