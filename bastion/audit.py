@@ -54,6 +54,7 @@ EVENT_CODES: dict[str, str] = {
     "device.authenticate": "DT4007",
     "device.trust_root": "DT4008",
     "api.error": "DT5001",
+    "token.delete": "DT5101",
 }
 
 # Human names for the seed's best-known events, shown by `dtadmin audit ls`.

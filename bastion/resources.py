@@ -39,7 +39,9 @@ def load(text: str) -> dict[str, Any]:
 def _iso(ts: float) -> str | None:
     if not ts:
         return None
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds")
+    # The JSON contract's form (bastion.protocol.console.rfc3339): RFC 3339, UTC, "Z".
+    stamp = datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds")
+    return stamp.replace("+00:00", "Z")
 
 
 def _keys(where: str, value: Any, allowed: set[str]) -> dict[str, Any]:

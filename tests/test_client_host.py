@@ -219,7 +219,7 @@ def test_token_options_refuse_clearly(env, tmp_path):
 def test_admin_output_shows_the_safe_commands(env):
     out = run(env, env.tmp, "dtadmin", "users", "add", f"h{next(_names)}", "--roles", "access")
     token = printed_token(out.stdout)
-    assert "dtclient signup --proxy <bastion-host>:3022\n" in out.stdout
+    assert "dtclient signup --proxy BASTION-HOST:3022 --ca-pin SHA256:" in out.stdout
     assert "--token " not in out.stdout and out.stdout.count(token) == 1
     dev = run(env, env.tmp, "dtadmin", "device", "add", "--asset-tag", "SAFE-1", "--enroll")
     token = printed_token(dev.stdout)

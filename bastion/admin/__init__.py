@@ -22,6 +22,7 @@ from bastion.admin import (
     resources_cmd,
     roles,
     sessions,
+    tokens,
     users,
 )
 from bastion.protocol import console
@@ -50,21 +51,27 @@ def _root(
 app.command("init")(ca.init)
 app.command("get")(resources_cmd.get)
 app.command("edit")(resources_cmd.edit)
-app.add_typer(users.app, name="users")
-app.add_typer(roles.app, name="roles")
-app.add_typer(nodes.app, name="nodes")
-app.add_typer(devices.app, name="device")
+# Every noun answers to its singular and its plural; --help shows the plural.
+NOUNS = (
+    ("users", "user", users.app),
+    ("roles", "role", roles.app),
+    ("nodes", "node", nodes.app),
+    ("devices", "device", devices.app),
+    ("locks", "lock", locks.app),
+    ("tokens", "token", tokens.app),
+    ("certs", "cert", certs.app),
+    ("sessions", "session", sessions.app),
+)
+for plural, singular, noun_app in NOUNS:
+    app.add_typer(noun_app, name=plural)
+    app.add_typer(noun_app, name=singular, hidden=True)
 # Also at the top, where the issue and a Teleport admin look for it.
 app.add_typer(devices.roots_app, name="trust-root")
-app.add_typer(locks.app, name="lock")
 app.add_typer(ca.ca_app, name="ca")
-app.add_typer(certs.app, name="cert")
-app.add_typer(sessions.app, name="sessions")
 app.add_typer(ca.auth_app, name="auth")
 app.add_typer(ca.host_app, name="host")
 app.add_typer(audit_cmd.app, name="audit")
 app.add_typer(cluster_cmd.app, name="cluster")
-
 
 def main() -> None:
     console.run_cli(app, "dtadmin")

@@ -24,17 +24,19 @@ app = new_app("List issued certificates and revoke them (by serial, key id or us
 
 
 def _doc(c: IssuedCert) -> dict:
+    # The JSON contract: a 64-bit serial as a string (jq rounds a number above 2**53),
+    # times in RFC 3339.
     return {
-        "serial": c.serial,
+        "serial": str(c.serial),
         "key_id": c.key_id,
         "type": c.cert_type,
         "user": c.user,
         "principals": list(c.principals),
-        "valid_after": c.valid_after,
-        "valid_before": c.valid_before,
+        "valid_after": console.rfc3339(c.valid_after),
+        "valid_before": console.rfc3339(c.valid_before),
         "device_id": c.device_id,
-        "issued": c.issued,
-        "revoked": c.revoked,
+        "issued": console.rfc3339(c.issued or None),
+        "revoked": console.rfc3339(c.revoked),
     }
 
 

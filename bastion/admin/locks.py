@@ -74,7 +74,9 @@ def ls(
                 "kind": lk.target_kind,
                 "target": lk.target,
                 "message": lk.message,
-                "expires": lk.expires,
+                "expires": console.rfc3339(lk.expires),
+                "created": console.rfc3339(lk.created or None),
+                "created_by": lk.created_by or None,
             }
             for lk in locks
         ],
@@ -85,9 +87,7 @@ def ls(
                 lk.target_kind,
                 lk.target,
                 lk.message,
-                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lk.expires))
-                if lk.expires
-                else "never",
+                console.when(lk.expires) if lk.expires else "never",
             )
             for lk in locks
         ],

@@ -95,23 +95,45 @@ def add(
 @app.command("ls")
 def ls(
     ctx: typer.Context,
+    selectors: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Only nodes with these labels (KEY=VALUE, all must match), e.g. env=prod.",
+            show_default=False,
+        ),
+    ] = None,
     fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.text,
     state: StateOpt = None,
 ) -> None:
-    """List the node inventory."""
-    nodes = open_cluster(ctx, state).store.list_nodes()
-    if fmt is Format.json:
-        console.print_json(
-            [{"name": n.name, "addr": n.host, "port": n.port, "labels": n.labels} for n in nodes]
-        )
-        return
-    console.print_table(
+    """List the node inventory. Example: dtadmin nodes ls env=prod team=db"""
+    wanted: dict[str, str] = {}
+    for selector in selectors or ():
+        wanted.update(parse_labels(selector))
+    nodes = [
+        n
+        for n in open_cluster(ctx, state).store.list_nodes()
+        if all(n.labels.get(k) == v for k, v in wanted.items())
+    ]
+    console.emit(
+        fmt,
+        [
+            {
+                "name": n.name,
+                "addr": n.host,
+                "port": n.port,
+                "labels": n.labels,
+                "created": console.rfc3339(n.created or None),
+            }
+            for n in nodes
+        ],
         ["Node", "Address", "Labels"],
         [
             (n.name, n.addr, ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())))
             for n in nodes
         ],
-        empty="(no nodes; add one with: dtadmin nodes add NAME --addr HOST:PORT)",
+        empty="(no nodes match)"
+        if wanted
+        else "(no nodes; add one with: dtadmin nodes add NAME --addr HOST:PORT)",
     )
 
 

@@ -34,13 +34,21 @@ KINDS = {
 }
 
 RefArg = Annotated[str, typer.Argument(help="KIND/NAME: users/alice, roles/access, device/TAG")]
+GetRefArg = Annotated[
+    str,
+    typer.Argument(
+        help="KIND/NAME (users/alice, roles/access, devices/TAG, nodes/node-1), "
+        "or KIND alone for all of them (roles)."
+    ),
+]
 
 
 def _parse_ref(ref: str) -> tuple[str, str]:
     kind, sep, name = ref.partition("/")
     if not sep or kind not in KINDS or not name:
         raise UsageError(
-            f"invalid resource {ref!r}: use users/NAME, roles/NAME, device/TAG or nodes/NAME"
+            f"invalid resource {ref!r}: use users/NAME, roles/NAME, devices/TAG or nodes/NAME, "
+            "or the kind alone for all (roles)"
         )
     return KINDS[kind], name
 
@@ -61,15 +69,39 @@ def _document(store: Store, kind: str, name: str) -> dict:
     return resources.node_doc(node)
 
 
+def _all_names(store: Store, kind: str) -> list[str]:
+    if kind == "user":
+        return [u.name for u in store.list_users()]
+    if kind == "role":
+        return [r.name for r in store.list_roles()]
+    if kind == "device":
+        return [d.asset_tag for d in store.list_devices()]
+    return [n.name for n in store.list_nodes()]
+
+
 def get(
     ctx: typer.Context,
-    ref: RefArg,
+    ref: GetRefArg,
     fmt: Annotated[Format, typer.Option("--format", help="yaml (text) or json.")] = Format.text,
     state: StateOpt = None,
 ) -> None:
-    """Print a resource as YAML. Example: dtadmin get users/alice"""
+    """Print a resource as YAML, or every resource of a kind.
+
+    Examples: dtadmin get users/alice; dtadmin get roles (all roles, as a YAML stream
+    of documents separated by ---, or with --format json a JSON array)
+    """
+    store = open_cluster(ctx, state).store
+    if "/" not in ref.rstrip("/") and ref.rstrip("/") in KINDS:
+        kind = KINDS[ref.rstrip("/")]
+        with store.read_transaction():
+            docs = [_document(store, kind, name) for name in _all_names(store, kind)]
+        if fmt is Format.json:
+            console.print_json(docs)
+        elif docs:
+            console.say("\n".join(f"---\n{resources.dump(d).rstrip()}" for d in docs))
+        return
     kind, name = _parse_ref(ref)
-    doc = _document(open_cluster(ctx, state).store, kind, name)
+    doc = _document(store, kind, name)
     if fmt is Format.json:
         console.print_json(doc)
     else:

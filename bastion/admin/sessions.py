@@ -48,7 +48,7 @@ def ls(
             "node": s.node,
             "remote_addr": s.remote_addr,
             "serial": s.serial,
-            "started": s.started,
+            "started": console.rfc3339(s.started),
             "state": "live" if alive[s.instance] else "orphaned",
         }
         for s in sessions
@@ -65,11 +65,11 @@ def ls(
                 d["device"] or "",
                 d["node"] or "",
                 d["remote_addr"] or "",
-                console.when(d["started"]),
-                f"{int(now - d['started'])} s",
+                console.when(s.started),
+                f"{int(now - s.started)} s",
                 d["state"],
             )
-            for d in docs
+            for d, s in zip(docs, sessions, strict=True)
         ],
         empty="(no open sessions)",
     )

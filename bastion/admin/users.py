@@ -10,6 +10,7 @@ from bastion import audit
 from bastion.admin.common import StateOpt, actor, audited, new_app, open_cluster, split_csv
 from bastion.authz.rbac import check_logins, check_name
 from bastion.authz.records import User
+from bastion.cluster import Cluster
 from bastion.protocol import console
 from bastion.protocol.console import Format
 from bastion.protocol.errors import NotFound, UsageError
@@ -65,7 +66,7 @@ def add(
             store.add_user(User(name, role_list, check_logins(split_csv(logins)), created_by=who))
         token = issue_signup_token(store, name, ttl=ttl_seconds, actor=who)
     console.say(f'User "{name}" has been created with roles {", ".join(role_list)}.')
-    _print_signup(token, f"it works once and expires in {ttl}")
+    _print_signup(cluster, token, f"it works once and expires in {ttl}")
 
 
 @app.command("reset")
@@ -79,7 +80,8 @@ def reset(
     from bastion.accounts import issue_signup_token
     from bastion.protocol.durations import parse_duration
 
-    store = open_cluster(ctx, state).store
+    cluster = open_cluster(ctx, state)
+    store = cluster.store
     who = actor()
     with store.transaction():
         # Only the secrets: roles and logins someone changes meanwhile stay as they set them.
@@ -87,16 +89,29 @@ def reset(
         token = issue_signup_token(store, name, ttl=parse_duration(ttl), actor=who)
         audit.record(store, "user.update", message=f'user "{name}" reset', user=name, actor=who)
     console.say(f'Password and one-time code of "{name}" cleared.')
-    _print_signup(token, f"it works once and expires in {ttl}")
+    _print_signup(cluster, token, f"it works once and expires in {ttl}")
 
 
-def _print_signup(token: str, validity: str) -> None:
+def _print_signup(cluster: Cluster, token: str, validity: str) -> None:
     """The token on a line of its own, and the command that asks for it: a token on a
-    command line can be read by every local user while the command runs."""
+    command line can be read by every local user while the command runs. The command
+    names the bastion's public address and pins its host CA, so the first contact
+    cannot be answered by another server."""
+    from bastion.admin.cluster_cmd import public_addr
+
+    addr = public_addr(cluster.store)
     console.say(f"Their signup token ({validity}); give it to them privately:")
     console.say(f"  {token}")
     console.say("They run this and paste the token when it asks:")
-    console.say("  dtclient signup --proxy <bastion-host>:3022")
+    console.say(
+        f"  dtclient signup --proxy {addr or 'BASTION-HOST:3022'} "
+        f"--ca-pin {cluster.ca.host_ca_fingerprint}"
+    )
+    if addr is None:
+        console.note(
+            "The bastion's public address is not set; replace BASTION-HOST:3022 above, "
+            "and set it once with: dtadmin cluster set public-addr bastion.example.com:3022"
+        )
 
 
 @app.command("ls")

@@ -9,6 +9,7 @@ import time
 from dataclasses import replace
 
 from bastion.authz.records import Token
+from bastion.protocol.errors import NotFound
 from bastion.storage.connection import SQLiteBase
 
 
@@ -58,3 +59,7 @@ class TokenStore(SQLiteBase):
         else:
             rows = self._all("SELECT * FROM tokens WHERE kind = ? ORDER BY created", (kind,))
         return [Token(**r) for r in rows]
+
+    def remove_token(self, token_hash: str) -> None:
+        if self._exec("DELETE FROM tokens WHERE token_hash = ?", (token_hash,)) != 1:
+            raise NotFound("token not found")
