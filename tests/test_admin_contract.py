@@ -219,3 +219,31 @@ def test_users_add_prints_the_real_address_and_ca_pin(tmp_path):
     assert "--proxy [2001:db8::1]:2222 " in dtadmin(state, "users", "reset", "dave").stdout
     bad = dtadmin(state, "cluster", "set", "public-addr", "not a host", check=False)
     assert bad.returncode == 2 and "invalid host" in bad.stderr
+
+
+def test_the_exit_codes_in_the_docs_are_the_ones_the_commands_use():
+    """docs/getting-started.md, "Scripting", lists every error's exit code and code name."""
+    from bastion.protocol import errors
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "getting-started.md").read_text()
+    table = {}
+    for line in docs[docs.index("## 6. Scripting") :].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].isdigit():
+            table[int(cells[0])] = set(re.findall(r"`([a-z_]+)`", cells[1]))
+
+    def walk(cls):
+        yield cls
+        for sub in cls.__subclasses__():
+            yield from walk(sub)
+
+    for cls in walk(errors.DTError):
+        assert cls.code in table.get(cls.exit_code, set()), (cls.__name__, cls.exit_code)
+    # and a real failure ends with the documented code
+    missing = subprocess.run(
+        [DTADMIN, "--state", "/nonexistent/dt-state", "users", "ls"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode == errors.StateError.exit_code and "error:" in missing.stderr
