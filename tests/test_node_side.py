@@ -150,11 +150,11 @@ def test_node_follows_the_cluster_and_role_modes_with_the_printed_config(cluster
         assert direct_ssh(node, trusted, tmp_path, cluster).returncode == 0
         # optional cluster, but a role of alice's requires a device
         dtadmin(cluster, "cluster", "set", "device-trust-mode", "optional")
-        cluster.store.set_user_roles("alice", ("access", "require-trusted-device"))
+        dtadmin(cluster, "users", "update", "alice", "--add-roles", "require-trusted-device")
         publish(cluster, tmp_path)
         assert direct_ssh(node, plain, tmp_path, cluster).returncode == 255
         assert direct_ssh(node, trusted, tmp_path, cluster).returncode == 0
-        cluster.store.set_user_roles("alice", ("access",))
+        dtadmin(cluster, "users", "update", "alice", "--remove-roles", "require-trusted-device")
         publish(cluster, tmp_path)
         assert direct_ssh(node, plain, tmp_path, cluster).returncode == 0
         # unenrolled now: its certificate is refused at the node too, whatever the mode
