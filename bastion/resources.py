@@ -226,6 +226,14 @@ def _rules(value: Any) -> tuple[Rule, ...]:
 # -- devices ---------------------------------------------------------------------------------
 
 
+def _collected(entry: dict[str, Any]) -> dict[str, Any]:
+    """One collected_data entry for output: its epoch ``time`` as RFC 3339."""
+    when = entry.get("time")
+    if isinstance(when, int | float) and not isinstance(when, bool):
+        return {**entry, "time": _iso(float(when))}
+    return dict(entry)
+
+
 def device_doc(device: Device) -> dict[str, Any]:
     cred = device.credential
     return {
@@ -245,7 +253,7 @@ def device_doc(device: Device) -> dict[str, Any]:
                 "attestation_type": cred.attestation_type,
                 "ek_pub_hash": cred.ek_pub_hash,
             },
-            "collected_data": list(device.collected_data),
+            "collected_data": [_collected(c) for c in device.collected_data],
             "profile": dict(device.profile),
             "ek_pub_hash": device.ek_pub_hash,
             "id": device.id,

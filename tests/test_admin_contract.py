@@ -64,6 +64,12 @@ def state(tmp_path_factory):
     dtadmin(state, "lock", "--user", "bob", "--message", "on leave", "--ttl", "1d")
     cluster = Cluster.open(state)
     try:
+        from dataclasses import replace
+
+        # what an enrollment ceremony records: the client's data, with an epoch time
+        device = cluster.store.get_device("SN1")
+        collected = ({"os_type": "linux", "time": 1767225600.25},)
+        cluster.store.update_device(replace(device, collected_data=collected))
         for _ in range(3):
             cluster.ca.sign_user("alice", ed25519.Ed25519PrivateKey.generate().public_key())
     finally:
