@@ -44,6 +44,7 @@ from bastion.authz import published
 from bastion.protocol.certs import (
     EXT_ASSET_TAG,
     ParsedCert,
+    PublicKey,
     fingerprint,
     load_public_key,
     parse_cert,
@@ -109,7 +110,7 @@ def decide(
     return Decision(principals, "ok", note)
 
 
-def read_state(path: Path) -> published.NodeState:
+def read_state(path: Path, keys: dict[str, PublicKey]) -> published.NodeState:
     """The published state file, which decides who gets in: it must be a regular file
     owned by root (or by us) and writable by nobody else, as sshd asks of its own."""
     try:
@@ -124,15 +125,17 @@ def read_state(path: Path) -> published.NodeState:
             raise StateError(
                 f"published state {path} must be owned by root and writable only by its owner"
             )
-        return published.parse(f.read(published.MAX_BYTES + 1))
+        return published.parse(f.read(published.MAX_BYTES + 1), keys)
 
 
-def _ca_fingerprints(path: Path) -> set[str]:
-    out = set()
+def _ca_keys(path: Path) -> dict[str, PublicKey]:
+    """The trusted user CA keys, by fingerprint (the TrustedUserCAKeys file)."""
+    out = {}
     for line in path.read_text().splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
-            out.add(fingerprint(load_public_key(line.encode())))
+            key = load_public_key(line.encode())
+            out[fingerprint(key)] = key
     return out
 
 
@@ -168,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             raise CertificateError(f"{args.key_type} is not a certificate type")
         base64.b64decode(args.key, validate=True)
         cert = parse_cert(f"{args.key_type} {args.key}".encode())
-        state = read_state(args.state) if args.state else None
+        keys = _ca_keys(args.ca)
+        state = read_state(args.state, keys) if args.state else None
         if state is None:
             require = not args.allow_untrusted_device or args.require_device
         else:
@@ -176,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         decision = decide(
             args.login,
             cert,
-            ca_fingerprints=_ca_fingerprints(args.ca),
+            ca_fingerprints=set(keys),
             require_device=require,
             state=state,
         )

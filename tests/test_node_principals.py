@@ -41,7 +41,11 @@ def fps(cluster):
 def publish(cluster, valid_for=3600.0, now=None):
     """What `dtadmin nodes publish` writes, as the node helper reads it."""
     doc = node_state(cluster, now=time.time() if now is None else now, valid_for=valid_for)
-    return published.parse(json.dumps(doc).encode())
+    return published.parse(json.dumps(doc).encode(), trusted(cluster))
+
+
+def trusted(cluster):
+    return {cluster.ca.user_ca_fingerprint: cluster.ca.user_ca.public_key()}
 
 
 def test_device_cert_accepted_plain_refused(cluster):
@@ -168,4 +172,20 @@ def test_published_state_refuses_unknown_users_locks_and_expired_copies(cluster)
 )
 def test_malformed_published_state_is_refused(doc):
     with pytest.raises(published.StateError):
-        published.parse(doc)
+        published.parse(doc, {})
+
+
+def test_published_state_must_be_signed_by_a_trusted_user_ca(cluster):
+    """Whoever carries the file to the node cannot relax a mode or drop a lock."""
+    cluster.store.set_setting("device_trust_mode", "required")
+    doc = node_state(cluster, now=time.time(), valid_for=600)
+    assert published.parse(json.dumps(doc).encode(), trusted(cluster)).cluster_mode == "required"
+    relaxed = dict(doc, device_trust_mode="off")
+    with pytest.raises(published.StateError, match="does not verify"):
+        published.parse(json.dumps(relaxed).encode(), trusted(cluster))
+    unsigned = {k: v for k, v in doc.items() if k != "signature"}
+    with pytest.raises(published.StateError, match="not signed"):
+        published.parse(json.dumps(unsigned).encode(), trusted(cluster))
+    other = ed25519.Ed25519PrivateKey.generate().public_key()
+    with pytest.raises(published.StateError, match="not a user CA this node trusts"):
+        published.parse(json.dumps(doc).encode(), {"SHA256:other": other})

@@ -201,7 +201,8 @@ def sshd_config(
 
 
 def node_state(cluster: Cluster, *, now: float, valid_for: float) -> dict[str, Any]:
-    """The published document (bastion.authz.published), read in one snapshot."""
+    """The published document (bastion.authz.published), read in one snapshot and
+    signed with the user CA key that nodes already trust."""
     store = cluster.store
     with store.read_transaction():
         try:
@@ -232,6 +233,7 @@ def node_state(cluster: Cluster, *, now: float, valid_for: float) -> dict[str, A
         )
     for role_name in unreadable:  # a role nodes cannot read requires a device there
         doc["roles"][role_name] = None
+    published.sign(doc, cluster.ca.user_ca_fingerprint, cluster.ca.user_ca.sign)
     return doc
 
 

@@ -8,6 +8,12 @@ now to that user with that credential. The node has no database, so
 (:func:`build`), and the helper turns it back into the same :class:`Facts` the bastion
 hands to :mod:`bastion.authz.decide` (:func:`parse`, :meth:`NodeState.facts`).
 
+The document is signed with the cluster's user CA key (Ed25519, over a payload
+prefixed with the format name, so the signature can never pass for a certificate's or
+anything else's): a node already trusts that key (``TrustedUserCAKeys``), so it can
+take the file from any channel, and nobody between the bastion and the node can relax
+a mode or drop a lock without the CA key.
+
 It holds no secret: no password hash, TOTP secret, key or token, only names, modes,
 device identifiers and locks. What it cannot hold is the record of every issued
 certificate (one per login); revocation reaches nodes through the KRL
@@ -20,11 +26,15 @@ Pure: no file, clock or JSON parser of its own beyond :mod:`json`; times are pas
 
 from __future__ import annotations
 
+import base64
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from bastion.authz.facts import Facts
 from bastion.authz.records import Device, DeviceCredential, Lock, Role, User
@@ -54,6 +64,43 @@ def _epoch(value: object, what: str) -> float:
     if parsed.tzinfo is None:
         raise StateError(f"published state: {what} has no time zone")
     return parsed.timestamp()
+
+
+def signing_payload(doc: Mapping[str, Any]) -> bytes:
+    """The bytes signed: the format name, then the document without its signature in
+    one canonical JSON form (sorted keys, no spaces, ASCII)."""
+    body = {k: v for k, v in doc.items() if k != "signature"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return f"{FORMAT} signed state\n".encode() + canonical.encode()
+
+
+def sign(doc: dict[str, Any], key_fingerprint: str, sign_bytes: Callable[[bytes], bytes]) -> None:
+    """Add the signature (``sign_bytes``: the CA key's Ed25519 signing)."""
+    doc["signature"] = {
+        "key": key_fingerprint,
+        "ed25519": base64.b64encode(sign_bytes(signing_payload(doc))).decode(),
+    }
+
+
+def _check_signature(doc: dict[str, Any], keys: Mapping[str, object]) -> None:
+    sig = doc.get("signature")
+    if not isinstance(sig, dict) or not isinstance(sig.get("key"), str):
+        raise StateError("published state is not signed (publish it with dtadmin nodes publish)")
+    key = keys.get(sig["key"])
+    if key is None:
+        raise StateError(
+            f"published state is signed by {sig['key'][:80]}, which is not a user CA this "
+            "node trusts (--ca)"
+        )
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise StateError("published state: its signing key is not Ed25519")
+    try:
+        key.verify(
+            base64.b64decode(_str(sig.get("ed25519"), "signature"), validate=True),
+            signing_payload(doc),
+        )
+    except (InvalidSignature, ValueError):
+        raise StateError("published state: the signature does not verify (altered?)") from None
 
 
 def build(
@@ -187,8 +234,10 @@ def _device(tag: str, raw: object) -> Device:
     )
 
 
-def parse(data: bytes) -> NodeState:
-    """Read a published document, refusing anything malformed (StateError)."""
+def parse(data: bytes, keys: Mapping[str, object]) -> NodeState:
+    """Read a published document signed by one of ``keys`` (fingerprint -> public key,
+    the node's trusted user CAs), refusing anything unsigned, altered or malformed
+    (StateError)."""
     if len(data) > MAX_BYTES:
         raise StateError("published state is too large")
     try:
@@ -197,6 +246,7 @@ def parse(data: bytes) -> NodeState:
         raise StateError(f"published state is not JSON: {exc}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise StateError(f"not a published node state (expected format {FORMAT!r})")
+    _check_signature(doc, keys)
     sections: dict[str, dict[str, Any]] = {}
     for key in ("roles", "users", "devices"):
         value = doc.get(key)
