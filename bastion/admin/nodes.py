@@ -98,7 +98,8 @@ def ls(
     selectors: Annotated[
         list[str] | None,
         typer.Argument(
-            help="Only nodes with these labels (KEY=VALUE, all must match), e.g. env=prod.",
+            help="Only nodes with these labels (all must match), e.g. env=prod.",
+            metavar="KEY=VALUE",
             show_default=False,
         ),
     ] = None,
@@ -266,8 +267,15 @@ def publish(
     if out is None:
         sys.stdout.write(data.decode())
         return
-    atomic_write(out, data, 0o644)
+    _write(out, data, 0o644)
     console.note(f"node state written to {out} (valid until {doc['expires']})")
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    try:
+        atomic_write(path, data, mode)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 # What the node helper is made of: the contract and the decision core, nothing else.
@@ -300,5 +308,5 @@ def helper_cmd(
             "__main__.py",
             "import sys\nfrom bastion.node_principals import main\nsys.exit(main())\n",
         )
-    atomic_write(out, f"#!{python}\n".encode() + buf.getvalue(), 0o755)
+    _write(out, f"#!{python}\n".encode() + buf.getvalue(), 0o755)
     console.say(f"wrote {out}: install it on the node as {HELPER} (owned by root, mode 0755)")
