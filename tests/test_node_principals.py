@@ -189,3 +189,24 @@ def test_published_state_must_be_signed_by_a_trusted_user_ca(cluster):
     other = ed25519.Ed25519PrivateKey.generate().public_key()
     with pytest.raises(published.StateError, match="not a user CA this node trusts"):
         published.parse(json.dumps(doc).encode(), {"SHA256:other": other})
+
+
+def test_cli_with_the_published_state(cluster, tmp_path, capsys):
+    ca_pub = cluster.state_dir / "ca" / "user_ca.pub"
+    state = tmp_path / "dt_node_state.json"
+    state.write_text(json.dumps(node_state(cluster, now=time.time(), valid_for=600)))
+    key = ed25519.Ed25519PrivateKey.generate().public_key()
+    line = cluster.ca.sign_user("alice", key).openssh.split()
+    argv = ["--ca", str(ca_pub), "--state", str(state), "root", line[0], line[1]]
+    assert main(argv) == 0 and capsys.readouterr().out == "root\n"  # optional: in
+    assert main(["--require-device", *argv]) == 0
+    assert capsys.readouterr().out == ""  # the node asks for more than the cluster
+    state.chmod(0o666)  # anyone could have relaxed it
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert out.out == "" and "writable only by its owner" in out.err
+    state.chmod(0o644)
+    link = tmp_path / "link.json"
+    link.symlink_to(state)
+    assert main([*argv[:2], "--state", str(link), *argv[4:]]) == 0
+    assert capsys.readouterr().out == ""
