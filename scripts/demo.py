@@ -183,6 +183,9 @@ def story(demo: Demo) -> None:
         ]
     )
 
+    # so that `users add` prints the signup command alice runs, address and pin included
+    demo.run(["dtadmin", "cluster", "set", "public-addr", proxy])
+
     demo.heading("Add alice with the access, auditor and editor roles")
     out = demo.run(
         ["dtadmin", "users", "add", "alice", "--roles", "access,auditor,editor", "--logins", LOGIN]
