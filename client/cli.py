@@ -29,6 +29,8 @@ from client.profile import (
     DeviceState,
     Home,
     Profile,
+    config_node_names,
+    jump_alias,
     split_hostport,
     ssh_config,
     status_lines,
@@ -391,11 +393,27 @@ def status(fmt: FormatOpt = Format.text) -> None:
 
 
 @app.command(name="ls")
-def list_nodes(fmt: FormatOpt = Format.text) -> None:
-    """List the nodes you may reach through the bastion."""
+def list_nodes(
+    labels: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="[KEY=VALUE]...",
+            help="Only nodes with these labels (all of them), e.g. env=prod role=db.",
+            show_default=False,
+        ),
+    ] = None,
+    fmt: FormatOpt = Format.text,
+) -> None:
+    """List the nodes you may reach through the bastion, optionally only those with labels.
+
+    Example: dtclient ls env=prod role=db --format json
+    """
+    from client.labels import matches, parse_filters
+
+    wanted = parse_filters(labels or [])
     home = Home.open()
     profile = home.load_profile()
-    nodes = _run(_with_cert_session(home, profile, _ls))
+    nodes = [n for n in _run(_with_cert_session(home, profile, _ls)) if matches(n, wanted)]
     if fmt is Format.json:
         console.print_json(nodes)
         return
@@ -407,7 +425,10 @@ def list_nodes(fmt: FormatOpt = Format.text) -> None:
         )
         for n in nodes
     ]
-    console.print_table(["Node", "Address", "Labels"], rows, empty="(no nodes you may reach)")
+    empty = "(no nodes you may reach)"
+    if wanted:
+        empty = "(no nodes you may reach with " + " ".join(labels or []) + ")"
+    console.print_table(["Node", "Address", "Labels"], rows, empty=empty)
 
 
 async def _ls(session: ApiSession) -> list[dict[str, Any]]:
@@ -436,40 +457,79 @@ async def _with_cert_session(home: Home, profile: Profile, action: Any) -> Any:
 
 @app.command()
 def config() -> None:
-    """Print an ssh_config block so plain `ssh -J bastion login@node` works.
+    """Print an ssh_config block for this cluster's jump host and nodes, and nothing else.
 
-    Example: dtclient config > ~/.ssh/dt_config; ssh -F ~/.ssh/dt_config root@node-1
+    The jump host is dt-CLUSTER; each node you may reach is NAME and NAME.CLUSTER, both
+    through the bastion with your dt key and certificate. No other host is matched, so
+    git@github.com and the rest of ~/.ssh/config keep working as before. The node names
+    come from the bastion (as in `dtclient ls`): run it again when nodes are added.
+    Example: dtclient config >> ~/.ssh/config; ssh root@node-1
     """
     home = Home.open()
-    console.say(ssh_config(home.load_profile(), home))
+    profile = home.load_profile()
+    try:
+        nodes = [n["name"] for n in _run(_with_cert_session(home, profile, _ls))]
+    except DTError as exc:
+        console.note(
+            f"warning: cannot list the nodes ({exc.message}); the block names only the "
+            f"jump host: ssh -J {jump_alias(profile.cluster)} LOGIN@NODE"
+        )
+        nodes = []
+    _, skipped = config_node_names(nodes)
+    if skipped:
+        console.note(f"left out (not usable as an ssh_config Host name): {', '.join(skipped)}")
+    console.say(ssh_config(profile, home, nodes))
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(
+    options_metavar="",
+    context_settings={
+        "ignore_unknown_options": True,
+        "allow_interspersed_args": False,
+        "help_option_names": [],
+    },
+)
 def ssh(
     ctx: typer.Context,
-    target: Annotated[str, typer.Argument(help="[LOGIN@]NODE: a node name from `dtclient ls`.")],
+    args: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="[SSH OPTIONS] [LOGIN@]NODE [COMMAND]",
+            help="Anything the system ssh takes; NODE is a name from `dtclient ls` "
+            "(or NODE.CLUSTER).",
+            show_default=False,
+        ),
+    ],
 ) -> None:
     """Run the system ssh to NODE through the bastion; the remote exit code comes back.
 
-    Example: dtclient ssh root@node-1 uptime
+    ssh's own options pass through as typed (-v, -p PORT, -L ..., -o ...); put `--`
+    first if one could be read as dtclient's. Without LOGIN@ (or -l), your first
+    login is used. Example: dtclient ssh -v root@node-1 uptime
     """
+    from client import ssh_args
+
+    argv = list(args)
+    if argv in (["-h"], ["--help"]):
+        console.say(ctx.get_help())
+        raise typer.Exit(0)
+    command = ssh_args.parse(argv)
     home = Home.open()
     profile = home.load_profile()
     if shutil.which("ssh") is None:
         raise UsageError("the OpenSSH client (ssh) is not installed")
+    node = command.host.removesuffix("." + jump_alias(profile.cluster)[3:])
     config_path = home.root / "ssh_config"
     from bastion.protocol.files import atomic_write
 
-    atomic_write(config_path, ssh_config(profile, home).encode(), 0o600)
-    login, _, node = target.rpartition("@")
-    if not login:
-        logins = [x for x in profile.logins]
-        if not logins:
+    atomic_write(config_path, ssh_config(profile, home, [node]).encode(), 0o600)
+    extra: list[str] = []
+    if command.login is None:
+        if not profile.logins:
             raise UsageError("your roles grant no logins; ask an admin")
-        login = logins[0]
-    args = ["ssh", "-F", str(config_path), f"{login}@{node}", *ctx.args]
+        extra = ["-l", profile.logins[0]]
     # The user's own ssh with their own arguments, as if typed; no shell.
-    rc = subprocess.call(args)  # nosec B603
+    rc = subprocess.call(["ssh", "-F", str(config_path), *extra, *argv])  # nosec B603
     raise typer.Exit(rc)
 
 
