@@ -16,11 +16,8 @@ from bastion.cluster import Cluster, default_state_dir
 from bastion.config import BastionConfig, load_config, parse_listen, parse_setting
 from bastion.protocol import console
 
-app = typer.Typer(
-    help="dt-bastion: the SSH jump host and CA endpoint of a device-trusted cluster.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
+app = console.cli_app(
+    help="dt-bastion: the SSH jump host and CA endpoint of a device-trusted cluster."
 )
 log = logging.getLogger("bastion")
 

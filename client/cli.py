@@ -7,24 +7,19 @@ failure ends in one line on stderr and a non-zero exit code.
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import os
 import shutil
-import subprocess  # nosec B404  # runs the system ssh, argv as a list
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal, overload
+from typing import TYPE_CHECKING, Annotated, Any, Literal, overload
 
-import asyncssh
 import typer
 
-from bastion.protocol import console, wire
+from bastion.protocol import console
 from bastion.protocol.console import Format
 from bastion.protocol.errors import ConnectionFailed, DTError, NotLoggedIn, TPMError, UsageError
-from client import agent, ceremony
-from client.api import ApiSession, Credentials, HostTrust, open_session, parse_pin
 from client.profile import (
     DeviceState,
     Home,
@@ -37,11 +32,15 @@ from client.profile import (
     status_view,
 )
 
-app = typer.Typer(
-    help="dt-bastion client: log in, see where you can go, and SSH there from a trusted device.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
+# What only a connection needs (asyncssh, cryptography, asyncio, the TPM binding) is
+# imported where it is used, so --help, --version, status and config start quickly;
+# tests/test_cli_conventions.py checks that `dtclient --version` loads none of it.
+if TYPE_CHECKING:
+    from bastion.protocol import wire
+    from client.api import ApiSession, Credentials, HostTrust
+
+app = console.cli_app(
+    help="dt-bastion client: log in, see where you can go, and SSH there from a trusted device."
 )
 device_app = typer.Typer(
     help="Enroll this device and show what it reports.",
@@ -143,12 +142,16 @@ def confirm_ca(fingerprint: str) -> bool:
 
 def _trust(home: Home, pin: str | None) -> HostTrust:
     """An explicit pin is always checked, even against a CA trusted before."""
+    from client.api import HostTrust, parse_pin
+
     pin = parse_pin(pin)
     trusted = () if pin else home.trusted_host_cas()
     return HostTrust(trusted=trusted, pin=pin, confirm=confirm_ca)
 
 
 def _run(coro: Any) -> Any:
+    import asyncio
+
     return asyncio.run(coro)
 
 
@@ -181,7 +184,9 @@ def signup(
 
 
 async def _signup(home: Home, host: str, port: int, token: str, trust: HostTrust) -> None:
+    from bastion.protocol import wire
     from bastion.protocol.tokens import check_token_format
+    from client.api import Credentials, open_session
 
     check_token_format(token)
     with console.spinner(f"Connecting to {host}:{port}"):
@@ -262,6 +267,8 @@ def login(
     else:
         secret = ask(f"Password for {user}: ", secret=True)
         code = ask("One-time code: ")
+        from client.api import Credentials
+
         creds = Credentials(user, password=secret, totp_code=code.strip())
         trust = _trust(home, ca_pin)
     profile = _run(_login(home, host, port, creds, trust, ttl_seconds, tpm))
@@ -270,6 +277,10 @@ def login(
 
 def _renewal(home: Home, proxy: str, user: str) -> tuple[Credentials, HostTrust] | None:
     """Credentials from a certificate still valid for a minute, for the same bastion and user."""
+    import asyncssh
+
+    from client.api import Credentials, HostTrust
+
     try:
         profile = home.load_profile()
         cert = home.load_cert()
@@ -292,6 +303,11 @@ async def _login(
     ttl: int | None,
     tcti: str | None,
 ) -> Profile:
+    import asyncssh
+
+    from client import agent
+    from client.api import open_session
+
     with console.spinner(f"Logging in to {host}:{port}"):
         session = await open_session(host, port, creds, trust)
     try:
@@ -338,6 +354,8 @@ async def _request_cert(
     ttl: int | None,
     tcti: str | None,
 ) -> Any:
+    from bastion.protocol import wire
+
     device = home.load_device()
     if device is not None and device.cluster != cluster:
         device = None  # enrolled with another cluster: no use here
@@ -362,6 +380,7 @@ async def _request_cert(
 def _device_response(
     device: DeviceState, tcti: str | None, nonce: bytes, public_line: str, home: Home
 ) -> wire.DeviceResponse:
+    from client import ceremony
     from client.tpm import TPM
 
     with TPM.open(tcti or device.tpm or None) as tpm:
@@ -432,10 +451,16 @@ def list_nodes(
 
 
 async def _ls(session: ApiSession) -> list[dict[str, Any]]:
+    from bastion.protocol import wire
+
     return list((await session.call(wire.ListNodes(), wire.Nodes)).nodes)
 
 
 async def _with_cert_session(home: Home, profile: Profile, action: Any) -> Any:
+    import asyncssh
+
+    from client.api import Credentials, HostTrust, open_session
+
     cert = home.load_cert()
     if not cert.valid_at(time.time()):
         raise NotLoggedIn("your certificate has expired (run: dtclient login)")
@@ -528,14 +553,19 @@ def ssh(
         if not profile.logins:
             raise UsageError("your roles grant no logins; ask an admin")
         extra = ["-l", profile.logins[0]]
+    import subprocess  # nosec B404  # runs the system ssh, argv as a list
+
+    ssh_argv = ["ssh", "-F", str(config_path), *extra, *argv]
     # The user's own ssh with their own arguments, as if typed; no shell.
-    rc = subprocess.call(["ssh", "-F", str(config_path), *extra, *argv])  # nosec B603
+    rc = subprocess.call(ssh_argv)  # nosec B603
     raise typer.Exit(rc)
 
 
 @app.command()
 def logout() -> None:
     """Delete your key and certificate, and remove this cluster's keys from ssh-agent."""
+    from client import agent
+
     home = Home.open()
     known = agent.public_blobs(home.public_key_path, home.cert_path)
     if agent.agent_configured():
@@ -608,6 +638,7 @@ async def _enroll(
     current_device: bool,
     tag: str | None,
 ) -> dict[str, Any]:
+    from client import ceremony
     from client.tpm import TPM
 
     with (

@@ -27,11 +27,13 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bastion.protocol.certs import DEVICE_EXTENSIONS, ParsedCert, parse_cert
 from bastion.protocol.errors import CertificateError, NotLoggedIn, StateError
 from bastion.protocol.files import atomic_write, check_ancestors, check_own_dir, private_dir
+
+if TYPE_CHECKING:  # certs needs cryptography: imported where a certificate is read
+    from bastion.protocol.certs import ParsedCert
 
 KEY_NAME = "id_ed25519"
 
@@ -202,6 +204,8 @@ class Home:
             data = self.cert_path.read_bytes()
         except FileNotFoundError:
             raise NotLoggedIn("not logged in (run: dtclient login)") from None
+        from bastion.protocol.certs import parse_cert
+
         try:
             return parse_cert(data)
         except CertificateError as exc:
@@ -271,6 +275,8 @@ def format_duration(seconds: float) -> str:
 
 
 def status_view(profile: Profile, cert: ParsedCert, now: float | None = None) -> dict[str, Any]:
+    from bastion.protocol.certs import DEVICE_EXTENSIONS
+
     now = time.time() if now is None else now
     remaining = cert.valid_before - now
     return {

@@ -89,6 +89,8 @@ def parse(argv: list[str]) -> SshCommand:
     if i >= len(argv):
         raise UsageError("give a destination: dtclient ssh [SSH OPTIONS] [LOGIN@]NODE [COMMAND]")
     index = i
+    if argv[index].startswith("-"):
+        raise UsageError(f"destination {argv[index]!r} starts with '-'; put ssh's options first")
     login, host = split_destination(argv[index])
     if not host:
         raise UsageError(f"no host in destination {argv[index]!r}")

@@ -27,11 +27,8 @@ from bastion.admin import (
 )
 from bastion.protocol import console
 
-app = typer.Typer(
-    help="Administer a dt-bastion cluster: users, roles, nodes, devices, tokens, locks, audit.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
+app = console.cli_app(
+    help="Administer a dt-bastion cluster: users, roles, nodes, devices, tokens, locks, audit."
 )
 
 
