@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import figures  # noqa: E402
+from bench.client import client  # noqa: E402
 from bench.interactive import interactive  # noqa: E402
 from bench.lab import Lab  # noqa: E402
 
@@ -33,11 +34,13 @@ FIGURES = (
     "ca",
     "revocation",
     "login",
+    "client",
     "concurrency",
 )
 
 FIGURE_FUNCTIONS = {name: getattr(figures, name, None) for name in FIGURES}
 FIGURE_FUNCTIONS["interactive"] = interactive
+FIGURE_FUNCTIONS["client"] = client
 
 
 def summarise(samples: list[float]) -> dict[str, float]:

@@ -18,10 +18,9 @@ import os
 import time
 from pathlib import Path
 
-import asyncssh
-
 from bastion.protocol import console
 from bastion.protocol.errors import DTError
+from client.sshlib import asyncssh
 
 COMMENT_PREFIX = "dtclient:"
 

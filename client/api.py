@@ -14,8 +14,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncssh
-
 from bastion.protocol import wire
 from bastion.protocol.certs import fingerprint, load_public_key
 from bastion.protocol.errors import (
@@ -25,6 +23,7 @@ from bastion.protocol.errors import (
     ProtocolError,
     UsageError,
 )
+from client.sshlib import asyncssh
 
 CLIENT_NAME = "dtclient/0.1"
 SUBSYSTEM = "dt-api"

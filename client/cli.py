@@ -277,9 +277,8 @@ def login(
 
 def _renewal(home: Home, proxy: str, user: str) -> tuple[Credentials, HostTrust] | None:
     """Credentials from a certificate still valid for a minute, for the same bastion and user."""
-    import asyncssh
-
     from client.api import Credentials, HostTrust
+    from client.sshlib import asyncssh
 
     try:
         profile = home.load_profile()
@@ -303,10 +302,9 @@ async def _login(
     ttl: int | None,
     tcti: str | None,
 ) -> Profile:
-    import asyncssh
-
     from client import agent
     from client.api import open_session
+    from client.sshlib import asyncssh
 
     with console.spinner(f"Logging in to {host}:{port}"):
         session = await open_session(host, port, creds, trust)
@@ -457,9 +455,8 @@ async def _ls(session: ApiSession) -> list[dict[str, Any]]:
 
 
 async def _with_cert_session(home: Home, profile: Profile, action: Any) -> Any:
-    import asyncssh
-
     from client.api import Credentials, HostTrust, open_session
+    from client.sshlib import asyncssh
 
     cert = home.load_cert()
     if not cert.valid_at(time.time()):

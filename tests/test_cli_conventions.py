@@ -107,3 +107,15 @@ def test_dtclient_starts_without_loading_what_only_a_connection_needs(argv: tupl
     }
     heavy = sorted(m for m in loaded if m.split(".")[0] in HEAVY)
     assert not heavy, f"dtclient {' '.join(argv)} imports {heavy[:10]}"
+
+
+def test_asyncssh_is_imported_without_the_slow_liboqs_search():
+    # asyncssh asks ctypes.util.find_library for liboqs; absent, that ran ldconfig, gcc
+    # and ld (50-150 ms a run). client.sshlib answers from the linker cache instead.
+    import ctypes.util
+
+    from client import sshlib
+
+    assert ctypes.util.find_library is sshlib._standard, "find_library was left patched"
+    assert sshlib.find_library("c") == ctypes.util.find_library("c")  # found as before
+    assert sshlib.find_library("dt-bastion-no-such-library") is None
