@@ -6,7 +6,11 @@
 * AK: an ECC P-256 restricted signing key created under the EK, kept as a
   TPM-wrapped blob (public + encrypted private) under ``~/.dt/tpm`` so the next
   login loads the same key. Using the EK as a parent needs a policy session with
-  PolicySecret(ENDORSEMENT): the EK's default policy.
+  PolicySecret(ENDORSEMENT): the EK's default policy. Once loaded, the AK's saved
+  context (TPM2_ContextSave, sealed by the TPM to this boot) is kept beside it, so a
+  login's quote loads it directly instead of re-deriving the EK (an RSA primary, the
+  slowest step of a login); after a reboot, or if it is not the enrolled AK, the
+  full path runs again.
 * ActivateCredential and Quote (sha256 bank, PCRs 0-7).
 
 TCTI: ``--tpm`` / ``DT_TPM_TCTI`` / ``device:/dev/tpmrm0``; ``swtpm:host=...,port=N``
@@ -41,6 +45,7 @@ from tpm2_pytss.types import (  # noqa: E402
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
     TPML_PCR_SELECTION,
+    TPMS_CONTEXT,
     TPMT_SIG_SCHEME,
     TPMT_SYM_DEF,
 )
@@ -64,7 +69,7 @@ AK_ATTRIBUTES = (
     | TPMA_OBJECT.SENSITIVEDATAORIGIN
     | TPMA_OBJECT.USERWITHAUTH
 )
-AK_PUB, AK_PRIV = "ak.pub", "ak.priv"
+AK_PUB, AK_PRIV, AK_CONTEXT = "ak.pub", "ak.priv", "ak.ctx"
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +218,7 @@ class TPM:
         return bytes(public.marshal())
 
     @contextlib.contextmanager
-    def _ak(self, directory: Path) -> Iterator[ESYS_TR]:
+    def _ak(self, directory: Path, *, saved: bool = True) -> Iterator[ESYS_TR]:
         try:
             public, _ = TPM2B_PUBLIC.unmarshal((directory / AK_PUB).read_bytes())
             private, _ = TPM2B_PRIVATE.unmarshal((directory / AK_PRIV).read_bytes())
@@ -221,19 +226,61 @@ class TPM:
             raise TPMError(
                 "this device has no attestation key yet (run: dtclient device enroll)"
             ) from None
-        ek, _ = self._endorsement()
-        try:
-            with self._ek_session() as session:
-                handle = self._esapi.load(ek, private, public, session1=session)
-        except TSS2_Exception as exc:
-            raise _tpm_error(
-                "loading the attestation key (was the TPM cleared? enroll again)", exc
-            ) from None
+        handle = self._saved_ak(directory, public) if saved else None
+        if handle is None:
+            ek, _ = self._endorsement()
+            try:
+                with self._ek_session() as session:
+                    handle = self._esapi.load(ek, private, public, session1=session)
+            except TSS2_Exception as exc:
+                raise _tpm_error(
+                    "loading the attestation key (was the TPM cleared? enroll again)", exc
+                ) from None
+            self._save_ak(directory, handle)
         try:
             yield handle
         finally:
             with contextlib.suppress(TSS2_Exception):
                 self._esapi.flush_context(handle)
+
+    def _saved_ak(self, directory: Path, public: TPM2B_PUBLIC) -> ESYS_TR | None:
+        """The AK from its saved context, if the TPM still takes it and it is this AK."""
+        try:
+            blob = (directory / AK_CONTEXT).read_bytes()
+        except OSError:
+            return None  # none yet: load it the long way
+        try:
+            context, _ = TPMS_CONTEXT.unmarshal(blob)
+            handle = self._esapi.context_load(context)
+        except (ValueError, TSS2_Exception):
+            # From before a reboot, or not a context at all. ESYS is left unusable when
+            # its own parsing of the blob fails, so start a fresh ESAPI for the long way.
+            if self._ek is not None:
+                with contextlib.suppress(TSS2_Exception):
+                    self._esapi.flush_context(self._ek[0])
+                self._ek = None
+            self._esapi.close()
+            try:
+                self._esapi = ESAPI(self.tcti)
+            except (TSS2_Exception, OSError, RuntimeError) as exc:
+                raise _open_error(self.tcti, exc) from None
+            return None
+        try:
+            loaded, _, _ = self._esapi.read_public(handle)
+            if bytes(loaded.marshal()) == bytes(public.marshal()):
+                return handle
+        except TSS2_Exception:
+            pass
+        with contextlib.suppress(TSS2_Exception):
+            self._esapi.flush_context(handle)
+        return None
+
+    def _save_ak(self, directory: Path, handle: ESYS_TR) -> None:
+        try:
+            context = self._esapi.context_save(handle)
+            atomic_write(directory / AK_CONTEXT, bytes(context.marshal()), 0o600)
+        except (OSError, TSS2_Exception):
+            pass  # only a shortcut for the next login
 
     # -- ceremonies ----------------------------------------------------------------------------
 
@@ -246,7 +293,7 @@ class TPM:
         except Exception:
             raise TPMError("the bastion sent a malformed credential challenge") from None
         ek, _ = self._endorsement()
-        with self._ak(directory) as ak:
+        with self._ak(directory, saved=False) as ak:  # the EK is loaded anyway
             try:
                 with self._ek_session() as session:
                     cert_info = self._esapi.activate_credential(
