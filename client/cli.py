@@ -425,7 +425,7 @@ def list_nodes(
 
     Example: dtclient ls env=prod role=db --format json
     """
-    from client.labels import matches, parse_filters
+    from bastion.protocol.labels import matches, parse_filters
 
     wanted = parse_filters(labels or [])
     home = Home.open()

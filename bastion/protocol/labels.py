@@ -1,4 +1,5 @@
-"""Label filters for `dtclient ls`: ``KEY=VALUE`` words, all of which a node must carry."""
+"""Label filters as `tsh ls env=prod` takes them: ``KEY=VALUE`` words, all of which a node
+must carry. `dtclient ls` uses them; in the contract so `dtadmin nodes ls` can too."""
 
 from __future__ import annotations
 
