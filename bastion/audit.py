@@ -10,18 +10,24 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from bastion.authz.records import AuditEvent
 from bastion.storage import Store
 
 log = logging.getLogger("bastion.audit")
+# Told of each event once its row has committed (never of one rolled back): the running
+# service's metrics count them here (bastion.service.metrics). Empty otherwise.
+observers: list[Callable[[AuditEvent], None]] = []
 
 # Stable codes, in the manner of the seed's audit events: a code names the event kind
 # and whether it is a success (I) or a failure (W).
 EVENT_CODES: dict[str, str] = {
     "cluster.init": "DT0001",
     "cluster.setting": "DT0002",
+    "bastion.reload": "DT0003",
+    "bastion.drain": "DT0004",
     "user.create": "DT1001",
     "user.update": "DT1002",
     "user.delete": "DT1003",
@@ -130,17 +136,22 @@ def record(
     )
     event_id = store.append_audit(event)
     if log.isEnabledFor(logging.INFO):
-        store.after_commit(
-            functools.partial(
-                log.info,
-                "%s %s %s user=%s device=%s addr=%s %s",
-                event.code,
-                event_type,
-                "allow" if success else "deny",
-                event.user,
-                event.device,
-                event.remote_addr,
-                event.message,
-            )
-        )
+        store.after_commit(functools.partial(_log_event, event))
+    for observer in observers:
+        store.after_commit(functools.partial(observer, event))
     return event_id
+
+
+def _log_event(event: AuditEvent) -> None:
+    """One line per event, naming only the fields it has (no ``user=None``); the same
+    fields go to a JSON log line as its own keys (``--log-format json``)."""
+    fields = {"user": event.user, "device": event.device, "addr": event.remote_addr}
+    named = " ".join(f"{k}={v}" for k, v in fields.items() if v)
+    result = "allow" if event.success else "deny"
+    extra = {"event": event.type, "code": event.code, "result": result}
+    extra.update({k: v for k, v in fields.items() if v})
+    log.info(
+        "%s",
+        " ".join(p for p in (event.code, event.type, result, named, event.message) if p),
+        extra={"audit": extra},
+    )

@@ -84,6 +84,15 @@ class BastionConfig:
     # is turned away at once with "busy" rather than queued (60 queued attempts
     # delayed a real login from 0.06 s to 3.6 s). Certificate logins never wait on it.
     max_pending_password_checks: int = 8
+    # -- running as a service (docs/getting-started.md, "Running as a service")
+    # On SIGTERM: stop accepting, let live sessions run for up to this long, then cut
+    # them (each told why); a second SIGTERM cuts at once.
+    drain_timeout: float = 30.0
+    # HOST:PORT (or PORT: on 127.0.0.1) of the plain-HTTP /metrics and /healthz
+    # listener, never the SSH port. Empty: no such listener.
+    metrics_listen: str = ""
+    log_level: str = "info"  # one of LOG_LEVELS
+    log_format: str = "text"  # "text" (one line per record) or "json" (one object per line)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def unauthenticated_cap(self) -> int:
@@ -169,7 +178,39 @@ def load_config(
     for name in _AT_LEAST_ONE:  # 0 would refuse everyone, not lift the limit
         if values.get(name, 1) < 1:
             raise UsageError(f"config: {name} must be at least 1")
+    _check_service_settings(values)
     return BastionConfig(**values)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+METRICS_HOST = "127.0.0.1"  # the metrics listener's host when only a port is named
+
+
+def _check_service_settings(values: dict[str, Any]) -> None:
+    for name, allowed in (("log_level", LOG_LEVELS), ("log_format", LOG_FORMATS)):
+        if name in values:
+            values[name] = values[name].lower()
+            if values[name] not in allowed:
+                raise UsageError(
+                    f"config: {name} {values[name]!r} is not one of: {', '.join(allowed)}"
+                )
+    if values.get("metrics_listen"):
+        host, port = metrics_address(values["metrics_listen"])
+        ssh_host = values.get("listen_host", _default("listen_host"))
+        if port and port == values.get("listen_port", _default("listen_port")) and (
+            host == ssh_host or ssh_host in ("0.0.0.0", "::", "")
+        ):
+            raise UsageError(
+                f"config: metrics_listen {host}:{port} is the SSH port; "
+                "/metrics and /healthz need a port of their own"
+            )
+
+
+def metrics_address(value: str) -> tuple[str, int]:
+    """``metrics_listen`` as (host, port): a port alone means loopback."""
+    host, port = parse_listen(value, what="metrics_listen", default_port=None)
+    return host or METRICS_HOST, port
 
 
 _AT_LEAST_ONE = (
@@ -287,11 +328,31 @@ def parse_setting(item: str) -> tuple[str, Any]:
     return name, value
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep:
-        host, port = value, "3022"
-    host = host.strip("[]") or "0.0.0.0"
+def parse_listen(
+    value: str, *, what: str = "--listen", default_port: int | None = 3022
+) -> tuple[str | None, int]:
+    """``HOST:PORT``, ``[V6ADDR]:PORT``, ``HOST``, ``V6ADDR`` or ``PORT`` alone.
+
+    The host is None when only a port is given (``--listen 56069``: that port on the
+    configured host, not the IPv4 address 0.0.0.219).
+    """
+    text = value.strip()
+    host: str | None
+    if text.isdigit():
+        host, port = None, text
+    elif text.startswith("["):
+        inside, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise UsageError(f"invalid {what} {value!r}: expected HOST:PORT or [ADDRESS]:PORT")
+        host, port = inside, rest[1:]
+    elif text.count(":") > 1:  # a bare IPv6 address: no port in it
+        host, port = text, ""
+    else:
+        host, _, port = text.partition(":")
+    if not port:
+        if default_port is None:
+            raise UsageError(f"invalid {what} {value!r}: expected HOST:PORT or PORT")
+        port = str(default_port)
     if not port.isdigit() or not 0 <= int(port) < 65536:
-        raise UsageError(f"invalid --listen {value!r}: expected HOST:PORT")
-    return host, int(port)
+        raise UsageError(f"invalid {what} {value!r}: expected HOST:PORT or PORT (0-65535)")
+    return host or None, int(port)

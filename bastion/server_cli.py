@@ -1,20 +1,20 @@
-"""``dt-bastion serve``: run the bastion until SIGTERM/SIGINT, then end sessions cleanly."""
+"""``dt-bastion serve``: the command line; :mod:`bastion.service` runs the process."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from bastion.audit import escape_control
-from bastion.cluster import Cluster, default_state_dir
-from bastion.config import BastionConfig, load_config, parse_listen, parse_setting
+from bastion.cluster import default_state_dir
+from bastion.config import LOG_LEVELS, BastionConfig, load_config, parse_listen, parse_setting
 from bastion.protocol import console
+from bastion.service.logs import OneLineFormatter
+
+__all__ = ["OneLineFormatter", "app", "main", "serve"]
 
 app = console.cli_app(
     help="dt-bastion: the SSH jump host and CA endpoint of a device-trusted cluster."
@@ -33,10 +33,16 @@ def serve(
         Path | None, typer.Option("--state", help="Cluster state directory (default: $DT_STATE).")
     ] = None,
     listen: Annotated[
-        str | None, typer.Option("--listen", help="HOST:PORT to listen on (default 0.0.0.0:3022).")
+        str | None,
+        typer.Option(
+            "--listen",
+            help="HOST:PORT, [ADDRESS]:PORT, HOST or PORT to listen on for SSH "
+            "(default 0.0.0.0:3022; a port alone keeps the configured host).",
+        ),
     ] = None,
     config: Annotated[
-        Path | None, typer.Option("--config", help="TOML file with [bastion] settings.")
+        Path | None,
+        typer.Option("--config", help="TOML file with [bastion] settings (read again on SIGHUP)."),
     ] = None,
     host_name: Annotated[
         list[str] | None,
@@ -51,50 +57,60 @@ def serve(
             "(repeatable; see bastion/config.py for every key).",
         ),
     ] = None,
-    log_level: Annotated[str, typer.Option("--log-level", help="debug, info or warning.")] = "info",
+    metrics_listen: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics-listen",
+            metavar="[HOST:]PORT",
+            help="Serve Prometheus /metrics and /healthz over HTTP here (a port alone: "
+            "127.0.0.1). Off unless set.",
+        ),
+    ] = None,
+    log_level: Annotated[
+        str | None,
+        typer.Option("--log-level", help=f"One of: {', '.join(LOG_LEVELS)} (default info)."),
+    ] = None,
+    log_format: Annotated[
+        str | None,
+        typer.Option(
+            "--log-format",
+            help="text (one line per record, the default) or json (one object per line).",
+        ),
+    ] = None,
 ) -> None:
     """Serve SSH: certificate and password logins, dt-api, and ssh -J forwarding.
 
+    Runs until SIGTERM or SIGINT, then drains: no new connections, open sessions may
+    finish for drain_timeout seconds (default 30) before they are cut with the reason.
+    SIGHUP reloads the config file and the trust roots. Under systemd it reports
+    readiness (Type=notify).
+
     Example: dt-bastion serve --state /var/lib/dt-bastion --listen 0.0.0.0:3022
     """
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), handlers=[handler])
-    logging.getLogger("asyncssh").setLevel(logging.WARNING)
-    host, port = parse_listen(listen) if listen else (None, None)
+    from bastion.service import logs
+    from bastion.service.run import Service
+
+    explicit: dict[str, Any] = {"state_dir": state, "metrics_listen": metrics_listen}
+    explicit["log_level"] = logs.check_level(log_level) if log_level is not None else None
+    explicit["log_format"] = logs.check_format(log_format) if log_format is not None else None
+    if listen:
+        explicit["listen_host"], explicit["listen_port"] = parse_listen(listen)
     overrides = dict(parse_setting(item) for item in settings or ())
-    explicit: dict[str, Any] = {"state_dir": state, "listen_host": host, "listen_port": port}
     explicit["host_names"] = tuple(host_name) if host_name else None
     overrides.update({k: v for k, v in explicit.items() if v is not None})
-    cfg = load_config(config, defaults={"state_dir": default_state_dir()}, **overrides)
+
+    def load() -> BastionConfig:  # at start, and again on each SIGHUP
+        return load_config(config, defaults={"state_dir": default_state_dir()}, **overrides)
+
+    cfg = load()
+    logs.configure(cfg.log_level, cfg.log_format)
     try:
         import uvloop  # optional: faster event loop when installed
 
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(_serve(cfg))
-
-
-class OneLineFormatter(logging.Formatter):
-    """No record can forge another: its message is escaped onto one line
-    (:func:`bastion.audit.escape_control`; a client's disconnect reason holding a
-    newline once wrote a fake ``session.start allow`` line), and a traceback keeps
-    its own lines but each is indented, so none starts like a record."""
-
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = escape_control(record.message)
-        return super().formatMessage(record)
-
-    def formatException(self, ei: Any) -> str:
-        return _indented(super().formatException(ei))
-
-    def formatStack(self, stack_info: str) -> str:
-        return _indented(super().formatStack(stack_info))
-
-
-def _indented(text: str) -> str:
-    return "\n".join("    " + escape_control(line) for line in text.splitlines())
+    asyncio.run(Service(load, cfg).run())
 
 
 def _tune_socket_reads(size: int) -> None:
@@ -106,39 +122,6 @@ def _tune_socket_reads(size: int) -> None:
     transport = getattr(selector_events, "_SelectorSocketTransport", None)
     if transport is not None and isinstance(getattr(transport, "max_size", None), int):
         transport.max_size = max(4096, size)
-
-
-async def _serve(cfg: BastionConfig) -> None:
-    _tune_socket_reads(cfg.socket_read_size)
-    from bastion.proxy.server import Bastion, start_server
-
-    cluster = Cluster.open(cfg.state_dir)
-    try:
-        # Once, before anyone is let in: the open-time check skips indexes, and a
-        # broken index answers "no lock", "no such serial" wrongly.
-        cluster.store.integrity_check()
-    except BaseException:
-        cluster.close()
-        raise
-    cert_path = cluster.ensure_bastion_host_cert(cfg.names())
-    bastion = Bastion(cluster, cfg)
-    acceptor = await start_server(bastion, str(cluster.bastion_host_key_path()), str(cert_path))
-    bastion.registry.start()
-    addrs = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in acceptor.sockets)
-    log.info("dt-bastion serving cluster %s on %s", cluster.name, addrs)
-    print(f"dt-bastion ready on {addrs}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("dt-bastion stopping: ending live sessions")
-    acceptor.close()
-    await bastion.registry.stop("bastion shutting down")
-    await bastion.disconnect_all("the bastion is shutting down")
-    await acceptor.wait_closed()
-    bastion.close()  # the issuer's queue answered, the workers' writes landed
-    cluster.close()
 
 
 def main() -> None:

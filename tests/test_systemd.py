@@ -39,3 +39,22 @@ def test_exposure_is_at_most_two():
     match = re.search(r"Overall exposure level for dt-bastion.service: ([0-9.]+)", result.stdout)
     assert match, result.stdout + result.stderr
     assert float(match.group(1)) <= 2.0
+
+
+def unit_settings() -> dict[str, str]:
+    settings = {}
+    for line in UNIT.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            settings[key.strip()] = value.strip()
+    return settings
+
+
+def test_unit_waits_for_readiness_reloads_and_leaves_time_to_drain():
+    from bastion.config import BastionConfig
+
+    s = unit_settings()
+    assert s["Type"] == "notify" and s["NotifyAccess"] == "main"
+    assert s["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    stop = float(s["TimeoutStopSec"].removesuffix("s"))
+    assert stop >= BastionConfig().drain_timeout + 10, "systemd would SIGKILL a draining bastion"

@@ -39,7 +39,7 @@ import functools
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import asyncssh
@@ -120,6 +120,9 @@ class Bastion:
         self.password_checks = 0  # waiting for or in argon2 (max_pending_password_checks)
         self.auth_failures: dict[str, list[float]] = defaultdict(list)
         self.open: set[asyncssh.SSHServerConnection] = set()
+        # Told how each connection logged in ("certificate", "password", "signup"):
+        # the service's metrics (bastion.service.metrics).
+        self.on_login: list[Callable[[str], None]] = []
         self._refusals_audited: dict[tuple[str, str], float] = {}
 
     def _trust_user_ca(self) -> Any:
@@ -271,6 +274,8 @@ class BastionServer(asyncssh.SSHServer):
         query stage on the way (ssh-agent offers plain keys first) were no failure."""
         self._logged_in = True
         self.bastion.slots.logged_in(self)
+        for listener in self.bastion.on_login:
+            listener(self.api_identity.auth if self.api_identity else "unknown")
         stamps = [q[0] for q in self._refused_queries if q[0] is not None]
         self.bastion.forgive(self.remote_addr or "?", stamps)
         self._refused_queries.clear()

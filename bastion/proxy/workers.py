@@ -147,6 +147,8 @@ class Workers:
         self._pending = 0  # fire-and-forget jobs not yet landed
         self._dropped = 0
         self._closed = False
+        # Told (lane, seconds) of every answered read/write/call (the service's metrics).
+        self.observe: Callable[[str, float], None] | None = None
         self._writes: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._threads: list[tuple[threading.Thread, queue.SimpleQueue[Any]]] = []
         self._ready = threading.Semaphore(0)
@@ -174,19 +176,20 @@ class Workers:
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn(store, *args)`` on a reader's own connection; bounded."""
         job = _Job(lambda store: fn(store, *args, **kwargs), write=False)
-        return await self._await(self._reads, job, self.timeout)
+        return await self._await(self._reads, job, self.timeout, "read")
 
     async def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn(store, *args)`` in the writer's next transaction, answered once that
         committed; raises StorageUnavailable if it cannot be (never retried: the
         caller refuses what it was about to grant)."""
         job = _Job(lambda store: fn(store, *args, **kwargs), write=True)
-        return await self._await(self._writes, job, self.timeout)
+        return await self._await(self._writes, job, self.timeout, "write")
 
     async def call(self, fn: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
         """``fn(*args)``: blocking work that uses a store of its own; bounded."""
         job = _Job(lambda _store: fn(*args), write=False)
-        return await self._await(self._calls, job, self.timeout if timeout is None else timeout)
+        bound = self.timeout if timeout is None else timeout
+        return await self._await(self._calls, job, bound, "call")
 
     def write_soon(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Fire and forget, from synchronous callbacks: written as soon as the
@@ -229,7 +232,20 @@ class Workers:
 
     # -- callers' side --------------------------------------------------------------------
 
-    async def _await(self, lane: queue.SimpleQueue[Any], job: _Job, bound: float) -> Any:
+    def queued(self) -> dict[str, int]:
+        """Jobs waiting in each lane, and fire-and-forget rows not yet written."""
+        lanes = {"read": self._reads, "write": self._writes, "call": self._calls}
+        return {name: lane.qsize() for name, lane in lanes.items()} | {"unwritten": self._pending}
+
+    async def _await(self, lane: queue.SimpleQueue[Any], job: _Job, bound: float, name: str) -> Any:
+        started = time.monotonic()
+        try:
+            return await self._answer(lane, job, bound)
+        finally:
+            if self.observe is not None:
+                self.observe(name, time.monotonic() - started)
+
+    async def _answer(self, lane: queue.SimpleQueue[Any], job: _Job, bound: float) -> Any:
         if self._closed:
             raise StorageUnavailable("the bastion is shutting down; try again")
         loop = asyncio.get_running_loop()

@@ -199,8 +199,9 @@ class Deployment(contextlib.ExitStack):
         self.admin("nodes", "add", name, "--addr", f"127.0.0.1:{port}", "--labels", "env=test")
         return Node(name, port, d, proc)
 
-    def start_bastion(self, *extra_args: str) -> Bastion:
-        """`dt-bastion serve` on a free port (the same port again after a restart)."""
+    def start_bastion(self, *extra_args: str, env: dict[str, str] | None = None) -> Bastion:
+        """`dt-bastion serve` on a free port (the same port again after a restart);
+        ``env``: variables added to its environment (NOTIFY_SOCKET, as systemd sets)."""
         if self.bastion is not None and self.bastion.proc.poll() is None:
             raise DeployedError("the bastion is already running")
         if self.bastion is None:  # stopped before whatever was started before it
@@ -213,7 +214,7 @@ class Deployment(contextlib.ExitStack):
                 [str(BIN / "dt-bastion"), "serve", "--state", str(self.state),
                  "--listen", f"127.0.0.1:{port}", *extra_args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env={**self.env, "PYTHONUNBUFFERED": "1"},
+                env={**self.env, "PYTHONUNBUFFERED": "1", **(env or {})},
             )  # fmt: skip
         self.bastion = bastion = Bastion(port, proc, log_path)
 

@@ -190,8 +190,18 @@ class Person:
 
     def hold(self, node: str = "node-1", seconds: int = 90) -> Held:
         """A live `ssh -J` session running ``sleep`` on the node, once it is through."""
+        return self._hold(node, f"echo held; exec sleep {seconds}")
+
+    def hold_until(self, path: Path, node: str = "node-1") -> Held:
+        """A live `ssh -J` session that prints ``finished`` and ends once ``path``
+        exists (the node is on this host, so the test decides when it ends)."""
+        return self._hold(
+            node, f"echo held; while [ ! -e {path} ]; do sleep 0.1; done; echo finished"
+        )
+
+    def _hold(self, node: str, command: str) -> Held:
         proc = subprocess.Popen(
-            self.ssh_args(node, f"echo held; exec sleep {seconds}"),
+            self.ssh_args(node, command),
             env=self.env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
