@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from bastion.config import BastionConfig, load_config, parse_setting
+from bastion.config import BastionConfig, load_config, parse_listen, parse_setting
 from bastion.protocol.errors import UsageError
+from tests.deployed.processes import free_port
 
 DT_BASTION = Path(sys.executable).parent / "dt-bastion"
 
@@ -110,3 +114,87 @@ def test_serve_uses_the_state_dir_from_the_config_file(tmp_path):
     path.write_text(f'[bastion]\nstate_dir = "{tmp_path / "nowhere"}"\n')
     result = serve("--config", str(path), env={"PATH": "/usr/bin:/bin", "DT_STATE": "/elsewhere"})
     assert result.returncode != 0 and str(tmp_path / "nowhere") in result.stderr
+
+
+# -- dt-bastion serve's command line, as an admin or systemd runs it ----------------------------
+
+
+@pytest.fixture
+def cluster_env(tmp_path):
+    """A fresh cluster (``dtadmin init``); the environment that finds it."""
+    env = {"PATH": f"{DT_BASTION.parent}:/usr/bin:/bin", "DT_STATE": str(tmp_path / "state")}
+    subprocess.run(
+        [str(DT_BASTION.parent / "dtadmin"), "init", "--cluster", "cli.test"],
+        env=env, capture_output=True, check=True, timeout=60,
+    )  # fmt: skip
+    return env
+
+
+@contextlib.contextmanager
+def running(*args, env):
+    """``dt-bastion serve ARGS`` until it says it is ready; its ready line. Stopped
+    (SIGTERM) on exit, its stderr then in ``result["stderr"]``."""
+    proc = subprocess.Popen(
+        [str(DT_BASTION), "serve", *args],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    result = {}
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("dt-bastion ready on"), line + proc.stderr.read()
+        result["ready"] = line.strip()
+        yield result
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, result["stderr"] = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        result["code"] = proc.returncode
+
+
+def test_serve_refuses_an_unknown_log_level_naming_the_levels(tmp_path):
+    bad = serve("--state", str(tmp_path), "--log-level", "verbose")
+    assert bad.returncode == 2, bad.stderr
+    assert "'verbose'" in bad.stderr and "debug, info, warning, error" in bad.stderr
+    bad = serve("--state", str(tmp_path), "--log-format", "xml")
+    assert bad.returncode == 2 and "text, json" in bad.stderr, bad.stderr
+
+
+def test_listen_with_a_port_alone_is_that_port_on_the_configured_host(tmp_path, cluster_env):
+    assert parse_listen("56069") == (None, 56069)
+    assert parse_listen("[::1]:3022") == ("::1", 3022) and parse_listen("::1") == ("::1", 3022)
+    config = tmp_path / "bastion.toml"
+    config.write_text('[bastion]\nlisten_host = "127.0.0.1"\n')
+    port = free_port()
+    with running("--config", str(config), "--listen", str(port), env=cluster_env) as out:
+        assert out["ready"] == f"dt-bastion ready on 127.0.0.1:{port}"
+    assert out["code"] == 0, out["stderr"]
+
+
+def test_an_address_in_use_is_named_not_an_internal_error(tmp_path, cluster_env):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        bad = serve("--listen", f"127.0.0.1:{port}", env=cluster_env)
+        assert bad.returncode == 2 and "internal error" not in bad.stderr, bad.stderr
+        assert f"cannot listen on 127.0.0.1:{port}: address already in use" in bad.stderr
+        bad = serve("--metrics-listen", str(port), env=cluster_env)
+        assert f"cannot listen on 127.0.0.1:{port}: address already in use" in bad.stderr
+
+
+def test_metrics_are_never_on_the_ssh_port(tmp_path, cluster_env):
+    bad = serve("--listen", "127.0.0.1:4022", "--metrics-listen", "4022", env=cluster_env)
+    assert bad.returncode == 2 and "is the SSH port" in bad.stderr, bad.stderr
+
+
+def test_log_lines_name_no_python_none(tmp_path, cluster_env):
+    """The first start signs the host certificate: its audit line once read
+    ``user=None device=None addr=None``."""
+    with running("--listen", "127.0.0.1:0", env=cluster_env) as out:
+        pass
+    assert out["code"] == 0 and "host_cert.create allow" in out["stderr"], out["stderr"]
+    assert "None" not in out["stderr"], out["stderr"]
