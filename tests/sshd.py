@@ -148,6 +148,10 @@ def bastion_server(
                 str(state_dir),
                 "--listen",
                 f"{listen}:{port}",
+                # SIGTERM drains: sessions a test leaves open are cut after this, not
+                # after the 30 s default (a test asks for more with extra_args).
+                "--set",
+                "drain_timeout=2",
                 *extra_args,
             ],
             stdin=subprocess.DEVNULL,

@@ -33,6 +33,7 @@ from bastion.service.notify import Notifier
 
 log = logging.getLogger("bastion")
 SHUTDOWN = "the bastion is shutting down"
+STOPPED = "bastion shutting down"  # a session's end at shutdown (Registry.stop)
 DRAIN_POLL = 0.2
 
 
@@ -210,8 +211,8 @@ class Service:
         status = f"draining: {sessions} session(s) on {conns} connection(s); cut in {timeout:g} s"
         self.notifier.stopping(status)
         log.warning(
-            "dt-bastion draining: no new connections; %d session(s) on %d connection(s) "
-            "may run for up to %g s (drain_timeout; SIGTERM again to cut now)",
+            "dt-bastion stopping: draining; no new connections; %d session(s) on %d "
+            "connection(s) may run for up to %g s (drain_timeout; SIGTERM again to cut now)",
             sessions,
             conns,
             timeout,
@@ -247,7 +248,7 @@ class Service:
             await self._cut_all(reason)
         else:
             log.info("drained: every session ended on its own")
-        await b.registry.stop(SHUTDOWN)
+        await b.registry.stop(STOPPED)
         await b.disconnect_all(SHUTDOWN)
         await _closed(self.acceptor)
 
@@ -303,8 +304,8 @@ async def _cut(server: Any, reason: str) -> None:
         )
     if server.conn is not None:
         disconnect_first(server.conn, f"dt-bastion closed this connection: {reason}")
-    sessions = b.registry.sessions_of(server)
-    await b.registry.cut([(s, reason) for s in sessions])
+    # session.terminated and session.end say what every shutdown's session end says
+    await b.registry.cut([(s, STOPPED) for s in b.registry.sessions_of(server)])
 
 
 def disconnect_first(conn: asyncssh.SSHServerConnection, reason: str) -> None:

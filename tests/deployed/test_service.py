@@ -97,7 +97,7 @@ def test_sigterm_drains_sessions_then_cuts_the_rest_with_the_reason(
     lingering = dora.hold()
 
     bastion.proc.send_signal(signal.SIGTERM)
-    logged(bastion, "dt-bastion draining")
+    logged(bastion, "dt-bastion stopping: draining")
     assert not listening(bastion.port), "the bastion still accepts connections while draining"
     status, body = http(metrics, "/healthz")
     assert status == 503 and "draining" in body, (status, body)
