@@ -198,8 +198,10 @@ def _check_service_settings(values: dict[str, Any]) -> None:
     if values.get("metrics_listen"):
         host, port = metrics_address(values["metrics_listen"])
         ssh_host = values.get("listen_host", _default("listen_host"))
-        if port and port == values.get("listen_port", _default("listen_port")) and (
-            host == ssh_host or ssh_host in ("0.0.0.0", "::", "")
+        if (
+            port
+            and port == values.get("listen_port", _default("listen_port"))
+            and (host == ssh_host or ssh_host in ("0.0.0.0", "::", ""))
         ):
             raise UsageError(
                 f"config: metrics_listen {host}:{port} is the SSH port; "
