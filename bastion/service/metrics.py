@@ -46,6 +46,7 @@ PREFIX = "dt_bastion"
 HEALTH_TIMEOUT = 2.0
 REQUEST_TIMEOUT = 5.0
 MAX_REQUEST = 8192
+MAX_CLIENTS = 16  # scrapes and probes at once; more are closed unanswered
 
 # Why a login was refused, as a bounded label: the first phrase found in the audited
 # reason names it (the reason itself is free text, and would be a label per user).
@@ -199,6 +200,7 @@ class MetricsServer:
         self.metrics = metrics
         self.health = health  # async () -> None, raising DTError when not healthy
         self.server: asyncio.Server | None = None
+        self.clients = 0
 
     async def start(self, host: str, port: int) -> str:
         self.server = await asyncio.start_server(
@@ -217,6 +219,16 @@ class MetricsServer:
                 await asyncio.wait_for(self.server.wait_closed(), 2)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.clients >= MAX_CLIENTS:
+            writer.close()
+            return
+        self.clients += 1
+        try:
+            await self._serve_one(reader, writer)
+        finally:
+            self.clients -= 1
+
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         request = b""
         try:
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
