@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import signal
 import time
@@ -119,6 +120,8 @@ class Service:
         server = MetricsServer(self.metrics, self.health)
         where = await _listening(f"{host}:{port}", server.start(host, port))
         log.info("metrics: /metrics and /healthz on http://%s", where)
+        if not _loopback(host):
+            log.warning("metrics: %s is not loopback; nothing on it authenticates", where)
         return server
 
     async def health(self) -> None:
@@ -335,6 +338,13 @@ async def _closed(acceptor: Any) -> None:
         await asyncio.wait_for(acceptor.wait_closed(), 5)
     except TimeoutError:
         log.warning("some connections did not close within 5 s of the drain")
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _addr(sockname: tuple[Any, ...]) -> str:
