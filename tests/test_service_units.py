@@ -94,3 +94,46 @@ def test_notify_sends_one_datagram_of_key_value_lines():
     os.rmdir(folder)
     assert lines[0] == "READY=1" and "STATUS=serving" in lines
     Notifier("").ready("nobody listens")  # no NOTIFY_SOCKET: nothing, no error
+
+
+def test_healthz_is_503_once_the_cluster_database_does_not_answer(dt_cluster):
+    """The real Bastion and HTTP listener in this process: 200 while its workers
+    answer, 503 naming storage once they cannot (closed, as when the disk is gone)."""
+    import asyncio
+    import urllib.error
+    import urllib.request
+
+    from bastion.proxy.server import Bastion
+    from bastion.service.metrics import MetricsServer
+    from bastion.service.run import Service
+
+    def get(port: int) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    async def scenario() -> list[tuple[int, str]]:
+        config = BastionConfig(state_dir=dt_cluster.state_dir)
+        service = Service(lambda: config, config)
+        service.bastion = bastion = Bastion(dt_cluster, config)
+        server = MetricsServer(service.metrics, service.health)
+        port = int((await server.start("127.0.0.1", 0)).rsplit(":", 1)[1])
+        loop = asyncio.get_running_loop()
+        try:
+            seen = [await loop.run_in_executor(None, get, port)]
+            bastion.workers.close()
+            seen.append(await loop.run_in_executor(None, get, port))
+            service.draining = True
+            seen.append(await loop.run_in_executor(None, get, port))
+        finally:
+            server.close()
+            await server.wait_closed()
+            bastion.close()
+        return seen
+
+    ok, down, draining = asyncio.run(scenario())
+    assert ok == (200, "ok\n")
+    assert down[0] == 503 and down[1].startswith("storage:"), down
+    assert draining[0] == 503 and "draining" in draining[1], draining

@@ -69,6 +69,7 @@ class Service:
             raise
         self.bastion = bastion = Bastion(cluster, cfg)
         key_path = str(cluster.bastion_host_key_path())
+        acceptor = None
         try:
             acceptor = await _listening(
                 f"{cfg.listen_host}:{cfg.listen_port}",
@@ -77,7 +78,7 @@ class Service:
             self.acceptor = acceptor
             metrics_server = await self._start_metrics()
         except BaseException:
-            if "acceptor" in locals():
+            if acceptor is not None:
                 acceptor.close()
             bastion.close()
             cluster.close()
@@ -102,15 +103,15 @@ class Service:
         try:
             await self._stop.wait()
             await self._drain()
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
+        finally:  # signals stay handled: one more SIGTERM must not lose the last rows
             self.metrics.detach()
             if metrics_server is not None:
                 metrics_server.close()
                 await metrics_server.wait_closed()
             bastion.close()  # the issuer's queue answered, the workers' writes landed
             cluster.close()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
         log.info("dt-bastion stopped")
 
     async def _start_metrics(self) -> MetricsServer | None:
@@ -159,7 +160,8 @@ class Service:
             except Exception:  # a bug: the bastion goes on with what it had
                 log.exception("reload failed; the running configuration is kept")
             finally:
-                self.notifier.ready("serving; configuration reloaded")
+                if not self.draining:  # after STOPPING=1, never READY=1 again
+                    self.notifier.ready("serving; configuration reloaded")
             if not self._reload_again or self.draining:
                 return
 
