@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import tempfile
 import urllib.error
 import urllib.request
@@ -260,3 +261,34 @@ def test_json_logs_are_one_object_per_line_without_nones(deployment: Deployment)
     assert not any("None" in line for line in lines), [line for line in lines if "None" in line]
     starts = [r for r in records if r.get("event") == "session.start"]
     assert starts and starts[0]["user"] == "hana" and starts[0]["result"] == "allow", starts
+
+
+def host_cert_principals(port: int, tmp_path: Path) -> list[str]:
+    """The principals of the host certificate the bastion offers a new connection."""
+    scan = subprocess.run(
+        ["ssh-keyscan", "-c", "-p", str(port), "127.0.0.1"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    cert = next(line for line in scan.stdout.splitlines() if "-cert-v01@openssh.com" in line)
+    path = tmp_path / "scanned-cert.pub"
+    path.write_text(cert[cert.index("ssh-") :] + "\n")  # `-c` prints no host field
+    shown = subprocess.run(
+        ["ssh-keygen", "-L", "-f", str(path)], capture_output=True, text=True, timeout=30
+    )
+    block = shown.stdout.split("Principals:")[1].split("Critical Options:")[0]
+    return block.split()
+
+
+def test_sighup_re_signs_the_host_certificate_for_new_host_names(
+    deployment: Deployment, tmp_path: Path
+):
+    d = deployment
+    config = tmp_path / "bastion.toml"
+    config.write_text('[bastion]\nhost_names = ["old.example"]\n')
+    bastion = restart(d, "--config", str(config))
+    assert host_cert_principals(bastion.port, tmp_path) == ["old.example"]
+    config.write_text('[bastion]\nhost_names = ["new.example", "127.0.0.1"]\n')
+    bastion.proc.send_signal(signal.SIGHUP)
+    logged(bastion, "host_names old.example -> new.example,127.0.0.1")
+    assert host_cert_principals(bastion.port, tmp_path) == ["new.example", "127.0.0.1"]
+    d.stop_bastion()  # the next test gets a bastion with the usual names
