@@ -92,13 +92,15 @@ class Service:
             _tune_socket_reads,
         )
         bastion.registry.start()
-        addrs = ", ".join(_addr(s.getsockname()) for s in acceptor.sockets)
-        log.info("dt-bastion serving cluster %s on %s", cluster.name, addrs)
-        print(f"dt-bastion ready on {addrs}", flush=True)
+        # Before anyone is told it is ready: a SIGTERM or SIGHUP sent the moment the
+        # ready line appears must find its handler, not the default that kills.
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
+        addrs = ", ".join(_addr(s.getsockname()) for s in acceptor.sockets)
+        log.info("dt-bastion serving cluster %s on %s", cluster.name, addrs)
+        print(f"dt-bastion ready on {addrs}", flush=True)
         self.notifier.ready(f"serving cluster {cluster.name} on {addrs}")
         try:
             await self._stop.wait()
