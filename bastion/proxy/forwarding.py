@@ -18,6 +18,7 @@ wait for it).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -89,7 +90,8 @@ async def open_forward(
                 **audit_fields(live),
             )
         raise
-    live.close = chan.close  # open from here on: a cut closes the channel
+    # open from here on: a cut closes the channel (and says why, see close_forward)
+    live.close = functools.partial(server.close_forward, chan, live)
     return CountingForwarder(bastion.registry, live, upstream=True, peer=peer)
 
 

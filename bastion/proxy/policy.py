@@ -11,7 +11,7 @@ import base64
 import ipaddress
 import time
 
-from bastion.authz import decide
+from bastion.authz import decide, refusals
 from bastion.authz.decide import CertClaims, check_node_host_cert, check_source_address
 from bastion.authz.facts import Facts
 from bastion.authz.records import Node
@@ -32,6 +32,8 @@ __all__ = [
     "open_channel",
     "openssh_line",
     "check_source_address",
+    "device_warning",
+    "explain_certificate",
     "recheck_live_connection",
     "recheck_password",
     "resolve_node",
@@ -136,3 +138,22 @@ def resolve_node(store: Store, dest_host: str, dest_port: int) -> Node:
     if node is not None:
         return node
     raise AccessDenied(f"access denied to {dest_host}:{dest_port}: not a node in the inventory")
+
+
+def explain_certificate(
+    store: Store, cert: ParsedCert, reason: str, now: float
+) -> refusals.Refusal | None:
+    """What the holder of this refused certificate may be told (once it proved the
+    key), or None: not a certificate this cluster issued, so nothing is said."""
+    asset_tag = (cert.device_extensions or {}).get(EXT_ASSET_TAG)
+    facts = store.facts(user=cert.user, serial=cert.serial, asset_tag=asset_tag, now=now)
+    if not refusals.is_ours(cert, facts):
+        return None
+    return refusals.reason_for_holder(cert, facts, now) or refusals.Refusal(reason)
+
+
+def device_warning(store: Store, identity: CertClaims, now: float) -> str | None:
+    """Said at login when this accepted certificate reaches no node for want of a
+    trusted device (see :func:`refusals.device_warning`)."""
+    facts = store.facts(user=identity.user, asset_tag=identity.asset_tag, now=now)
+    return refusals.device_warning(identity, facts, now)

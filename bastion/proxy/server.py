@@ -35,6 +35,7 @@ goes through :mod:`bastion.proxy.workers`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -43,7 +44,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import asyncssh
+import asyncssh.public_key
 from asyncssh.constants import MSG_DISCONNECT
+from asyncssh.packet import String
 
 from bastion import accounts
 from bastion.authz import decide, limits
@@ -54,7 +57,8 @@ from bastion.ca.issuer import GroupCommitIssuer
 from bastion.ca.keys import public_line
 from bastion.cluster import Cluster
 from bastion.config import BastionConfig
-from bastion.protocol.errors import DTError, UsageError
+from bastion.protocol.certs import ParsedCert
+from bastion.protocol.errors import AccessDenied, DTError, UsageError
 from bastion.protocol.wire import LineReader
 from bastion.proxy import connections, policy, quickack
 from bastion.proxy.admission import ConnectionSlots, RefusalDigest
@@ -171,11 +175,19 @@ class Bastion:
         return True
 
     async def disconnect_all(self, reason: str, timeout: float = 5.0) -> None:
-        """At shutdown, after the registry has ended the forwarded sessions: tell every
-        remaining client why it is being dropped rather than just vanishing."""
+        """At shutdown (before the registry stops): every connection is ended the way a
+        lock ends one (:meth:`BastionServer.terminate`, each ``session.end`` saying
+        why), so each client hears ``reason`` in a disconnect message rather than
+        seeing its channels vanish."""
         conns = list(self.open)
-        for conn in conns:
-            conn.disconnect(asyncssh.DISC_BY_APPLICATION, reason)
+        servers = [c.get_owner() for c in conns]
+        await asyncio.gather(
+            *(
+                server.terminate(reason, audit_it=False)
+                for server in servers
+                if isinstance(server, BastionServer)
+            )
+        )
         if conns:
             await asyncio.wait(
                 [asyncio.ensure_future(c.wait_closed()) for c in conns], timeout=timeout
@@ -224,6 +236,10 @@ class BastionServer(asyncssh.SSHServer):
         self.api_identity: ApiIdentity | None = None
         self.registered: connections.Connection | None = None
         self.ending: str | None = None  # why this connection is being closed
+        # Open dt-api session channels, each with its stderr (told why at a cut).
+        self._api_channels: dict[Any, asyncssh.SSHWriter[bytes]] = {}
+        # Why no password is asked for any more (a proven certificate was refused).
+        self.no_password: str | None = None
         self._audited: set[str] = set()
         self._counted = False
         self._logged_in = False
@@ -444,9 +460,20 @@ class BastionServer(asyncssh.SSHServer):
         if registered.credential.claims is not None:
             decide.check_not_expired(registered.credential.claims, now)
 
-    async def terminate(self, reason: str) -> None:
-        """Close this connection, not only its channels: its sessions are cut,
-        ``connection.terminated`` is audited, and the client is told why."""
+    async def terminate(self, reason: str, *, audit_it: bool = True) -> None:
+        """Close this connection, not only its channels, and say why: the one way the
+        bastion cuts a live connection (a lock, revocation, CA rotation, user removal,
+        a password reset, an expired certificate, shutdown; a session cut alone, e.g.
+        by an unenrollment, ends here too when it was all the connection had, see
+        :meth:`close_forward`).
+
+        Its forwarded sessions are ended on record (``session.terminated`` and
+        ``connection.terminated``, unless ``audit_it`` is False: a shutdown records only
+        each ``session.end``), its dt-api channels get a stderr line and an
+        ``exit-signal`` with the reason, and then the client gets an SSH disconnect
+        message with it: ``ssh -J``/``-W`` and PuTTY print that ("Received disconnect
+        from ...: dt-bastion closed this connection: <reason>"). The disconnect goes
+        out before the forwarded channels close (:func:`disconnect`)."""
         if self.ending is not None:
             return
         self.ending = reason
@@ -455,29 +482,75 @@ class BastionServer(asyncssh.SSHServer):
         credential = self.registered.credential if self.registered else None
         claims = credential.claims if credential else None
         sessions = bastion.registry.sessions_of(self)
-        await asyncio.gather(  # both rows in one commit, then the channels close
-            bastion.registry.cut(
-                [(s, f"access denied to {s.node.name}: {reason}") for s in sessions]
-            ),
-            bastion.workers.audit(
-                "connection.terminated",
-                wait=CUT_WAIT,
-                success=False,
-                message=reason,
-                user=credential.user if credential else None,
-                device=claims.asset_tag if claims else None,
-                remote_addr=self.remote_addr,
-                auth=credential.auth if credential else None,
-                serial=str(claims.serial) if claims else None,
-            ),
+        cut = bastion.registry.cut(
+            [
+                (s, f"access denied to {s.node.name}: {reason}" if audit_it else reason)
+                for s in sessions
+            ],
+            audit_it=audit_it,
+            close=False,  # the disconnect below closes them, right after its message
         )
+        if audit_it:
+            await asyncio.gather(  # both rows in one commit, then the channels close
+                cut,
+                bastion.workers.audit(
+                    "connection.terminated",
+                    wait=CUT_WAIT,
+                    success=False,
+                    message=reason,
+                    user=credential.user if credential else None,
+                    device=claims.asset_tag if claims else None,
+                    remote_addr=self.remote_addr,
+                    auth=credential.auth if credential else None,
+                    serial=str(claims.serial) if claims else None,
+                ),
+            )
+        else:
+            await cut
         log.warning(
             "closing a connection of %s: %s", credential.user if credential else "?", reason
         )
+        self._hang_up(reason)
+
+    def _hang_up(self, reason: str) -> None:
+        """Tell each session channel, then disconnect with the reason (no await in
+        between: the client reads all of it in one go)."""
+        for chan, stderr in list(self._api_channels.items()):
+            with contextlib.suppress(OSError):  # already closing
+                stderr.write(f"dt-bastion: {reason}\r\n".encode())
+                chan.exit_with_signal("TERM", msg=f"dt-bastion: {reason}")
+        self._api_channels.clear()
         if self.conn is not None:
-            self.conn.disconnect(
-                asyncssh.DISC_BY_APPLICATION, f"dt-bastion closed this connection: {reason}"
+            disconnect(self.conn, f"dt-bastion closed this connection: {reason}")
+
+    def close_forward(self, chan: Any, live: Any) -> None:
+        """A forwarded session was cut (:meth:`Registry.cut`). A ``direct-tcpip``
+        channel carries no reason of its own; if it was all this connection had open
+        (``ssh -J``/``-W`` opens exactly one), the connection goes with it, so that the
+        client gets the reason in a disconnect message. Otherwise only it closes."""
+        reason = live.terminated_reason or "the session was closed"
+        if (
+            self.ending is None
+            and self.conn is not None
+            and not self._api_channels
+            and not self.bastion.registry.sessions_of(self)
+        ):
+            self.ending = reason
+            self.bastion.authenticated.discard(self.registered)
+            log.warning("closing a connection whose only session was cut: %s", reason)
+            self.bastion.workers.audit_soon(
+                "connection.terminated",
+                success=False,
+                message=f"its only session was cut: {reason}",
+                user=live.identity.user,
+                device=live.identity.asset_tag,
+                remote_addr=self.remote_addr,
+                auth="certificate",
+                serial=str(live.identity.serial),
             )
+            self._hang_up(reason)
+            return
+        chan.close()
 
     # -- authentication ----------------------------------------------------------------------------
 
@@ -506,7 +579,9 @@ class BastionServer(asyncssh.SSHServer):
         return False
 
     def kbdint_auth_supported(self) -> bool:
-        return True
+        """Offered to every user name, known or not, until this connection proved a
+        certificate the bastion refuses (see _refused_key): no password helps then."""
+        return self.no_password is None
 
     async def _validate_public_key(
         self, original: Any, username: str, key_data: bytes, msg: bytes, signature: bytes
@@ -519,12 +594,19 @@ class BastionServer(asyncssh.SSHServer):
         OpenSSH offer them as a matter of course, and refusing one costs no more than
         any packet. A query's refusal is audited only if the connection ends without
         logging in, summarised (see _summarise_refused_queries).
+
+        A certificate this cluster issued but refuses now (expired, revoked, of a
+        rotated CA, its user locked or removed) is answered at the query stage like a
+        good one, so that the client signs; once that signature proves its key, the
+        holder is told why in an auth banner and keyboard-interactive is no longer
+        offered (:mod:`bastion.authz.refusals`). Anyone else hears nothing.
         """
         addr = self.remote_addr or "?"
         if self.bastion.too_many_failures(addr, time.monotonic()):
             assert self.conn is not None
             self._refuse(self.conn, limits.TOO_MANY_FAILURES)
             return False
+        cert = None
         try:
             cert = parse_cert(policy.openssh_line(key_data))
             ca_fingerprint, now = self.bastion.cluster.ca.user_ca_fingerprint, time.time()
@@ -533,15 +615,8 @@ class BastionServer(asyncssh.SSHServer):
             )
             policy.check_source_address(cert, self.remote_addr)
         except DTError as exc:
-            if msg or _is_certificate(key_data):
-                stamp = self.bastion.note_failure(addr)
-            else:
-                stamp = None
-            if not msg:
-                self._refused_queries.append((stamp, exc.message, _user_of(key_data)))
-                return False
-            await self._audit_refusal("auth.failed", exc.message, _user_of(key_data))
-            return False
+            ours = cert if isinstance(exc, AccessDenied) else None  # not a busy database
+            return await self._refused_key(ours, key_data, msg, signature, exc.message)
         if msg and (refused := _signature_refused(signature, self.bastion.config)):
             self.bastion.note_failure(self.remote_addr or "?")
             await self._audit_refusal("auth.failed", refused, identity.user)
@@ -558,12 +633,87 @@ class BastionServer(asyncssh.SSHServer):
                 valid_before=cert.valid_before,
                 serial=cert.serial,
             )
+            await self._warn_about_device(identity)
         elif not ok and msg:  # a bad signature counts against the address like any failure
             self.bastion.note_failure(self.remote_addr or "?")
             await self._audit_refusal(
                 "auth.failed", "certificate refused by the SSH layer", identity.user
             )
         return bool(ok)
+
+    async def _refused_key(
+        self,
+        cert: ParsedCert | None,
+        key_data: bytes,
+        msg: bytes,
+        signature: bytes,
+        reason: str,
+    ) -> bool:
+        """A key or certificate the checks refused (``reason``, for the audit log);
+        ``cert`` is the parsed certificate if its holder may be told why."""
+        addr, user = self.remote_addr or "?", _user_of(key_data)
+        told = None
+        if cert is not None:
+            now = time.time()
+            try:
+                told = await self.bastion.workers.read(
+                    lambda store: policy.explain_certificate(store, cert, reason, now)
+                )
+            except DTError:
+                told = None  # the database did not answer: say nothing, refuse
+        if not msg:
+            stamp = self.bastion.note_failure(addr) if _is_certificate(key_data) else None
+            self._refused_queries.append((stamp, reason, user))
+            # Ours: answered like a good one, so that the client proves the key.
+            return told is not None
+        # The signed request: counted once (its query, if any, already counted).
+        query = next((q for q in self._refused_queries if q[1:] == (reason, user)), None)
+        if query is not None:
+            self._refused_queries.remove(query)
+        if query is None or query[0] is None:
+            self.bastion.note_failure(addr)
+        proven = (
+            told is not None
+            and _signature_refused(signature, self.bastion.config) is None
+            and self._proves_key(key_data, msg, signature)
+        )
+        await self._audit_refusal("auth.failed", reason, user)
+        if proven and told is not None:
+            self.no_password = told.message
+            self._banner(f"certificate refused: {told.message}")
+        return False
+
+    def _proves_key(self, key_data: bytes, msg: bytes, signature: bytes) -> bool:
+        """The signature over this session (RFC 4252 section 7) is by the key inside
+        the certificate: the caller holds its private key."""
+        session_id = getattr(self.conn, "_session_id", None)
+        if not isinstance(session_id, bytes):
+            return False
+        try:
+            key = asyncssh.public_key.decode_ssh_certificate(key_data).key
+            return bool(key.verify(String(session_id) + msg, signature))
+        except (asyncssh.KeyImportError, ValueError):
+            return False
+
+    async def _warn_about_device(self, identity: policy.Identity) -> None:
+        """Logged in, but no node will take this certificate for want of a trusted
+        device: say so now (dt-api, to enroll, still works)."""
+        try:
+            warning = await self.bastion.workers.read(policy.device_warning, identity, time.time())
+        except DTError:
+            return  # the first channel decides and says why
+        if warning:
+            self._banner(warning)
+
+    def _banner(self, text: str) -> None:
+        """One auth banner line (stock OpenSSH prints it unless run with -q)."""
+        if self.conn is None:
+            return
+        line = "".join(ch if ch.isprintable() else "?" for ch in text)[:400]
+        try:
+            self.conn.send_auth_banner(f"dt-bastion: {line}\r\n")
+        except OSError:
+            pass  # authentication already complete
 
     def get_kbdint_challenge(
         self, username: str, lang: str, submethods: str
@@ -677,10 +827,13 @@ class BastionServer(asyncssh.SSHServer):
                 max_certs_per_minute=self.bastion.config.max_certs_per_user_per_minute,
                 digest=self.bastion.digest,
             )
+            self._api_channels[chan] = stderr
             try:
                 await session.run(LineReader(stdin), stdout)
             finally:
-                chan.exit(0)
+                if self._api_channels.pop(chan, None) is not None:
+                    with contextlib.suppress(OSError):  # the connection went away
+                        chan.exit(0)
             return
         command = chan.get_command()
         # repr(): client-chosen text must not be able to forge lines in logs
@@ -768,6 +921,22 @@ class BastionServer(asyncssh.SSHServer):
         assert self.conn is not None
         chan = self.conn.create_tcp_channel()
         return chan, open_forward(self, chan, self.identity, dest_host, dest_port)
+
+
+def disconnect(conn: asyncssh.SSHServerConnection, reason: str) -> None:
+    """SSH_MSG_DISCONNECT with the reason, then close; its channels close with it.
+
+    asyncssh's own ``disconnect()`` first sends each channel's CHANNEL_CLOSE. An
+    OpenSSH ``ssh -W`` (what ``-J`` runs) exits the moment its one channel is freed, so
+    unless both packets happened to arrive in one read it never printed the reason.
+    The disconnect message goes first here."""
+    send = getattr(conn, "_send_disconnect", None)
+    force_close = getattr(conn, "_force_close", None)
+    if send is None or force_close is None or conn.is_closed():  # pragma: no cover
+        conn.disconnect(asyncssh.DISC_BY_APPLICATION, reason)
+        return
+    send(asyncssh.DISC_BY_APPLICATION, reason, asyncssh.DEFAULT_LANG)
+    force_close(None)
 
 
 def _is_certificate(key_data: bytes) -> bool:

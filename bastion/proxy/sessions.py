@@ -396,12 +396,15 @@ class Registry:
         *,
         audit_it: bool = True,
         wait: float = CUT_WAIT,
+        close: bool = True,
     ) -> None:
         """End these sessions: ``session.terminated`` (unless ``audit_it`` is False)
         and ``session.end`` in one commit, waited for up to ``wait`` seconds so the
         audit log says so before the client sees it, then close them. A session still
         connecting has nothing on record: its connect is abandoned (its ``close``) and
-        its opener refuses it with the reason (:meth:`begin`)."""
+        its opener refuses it with the reason (:meth:`begin`). With ``close`` False
+        the recorded ones are left for the caller to close (a disconnect that must
+        reach the client first)."""
         closing, writes = [], []
         for session, reason in doomed:
             if session.ended:
@@ -420,7 +423,7 @@ class Registry:
             )
         if writes:
             await asyncio.gather(*writes)
-        for session in closing:
+        for session in closing if close else ():
             session.close()
 
     def _terminate(self, session: LiveSession, reason: str, *, audit_it: bool = True) -> None:
