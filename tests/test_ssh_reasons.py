@@ -257,3 +257,53 @@ def test_a_cut_session_says_why(env, case):
         assert ends and ends[-1].message == "the bastion is shutting down"
     else:
         assert audited(env, "session.terminated", why.removeprefix("access denied to node-1: "))
+
+
+def test_a_dt_api_channel_hears_why_before_the_disconnect(env):
+    """A certificate connection with dt-api open (what dtclient holds while it renews
+    or enrolls): the lock reaches it as a stderr line and an exit-signal before the
+    disconnect, not as a bare EOF."""
+    import asyncio
+
+    import asyncssh
+
+    config, _ = person(env, "gina")
+    d = config.parent
+    host_ca = (env.cluster.state_dir / "ca" / "host_ca.pub").read_text().strip()
+
+    lost = []
+
+    class Client(asyncssh.SSHClient):
+        def connection_lost(self, exc):
+            lost.append(exc)
+
+    async def scenario():
+        conn = await asyncssh.connect(
+            "127.0.0.1",
+            env.bastion.port,
+            username="dt",
+            client_factory=Client,
+            client_keys=[(str(d / "id"), str(d / "id-cert.pub"))],
+            known_hosts=([], [asyncssh.import_public_key(host_ca)], []),
+            agent_path=None,
+            config=None,
+            kbdint_auth=False,
+        )
+        try:
+            writer, _, stderr = await conn.open_session(subsystem="dt-api", encoding=None)
+            await asyncio.to_thread(
+                dtadmin, env, "lock", "--user", "gina", "--message", "laptop reported lost"
+            )
+            said = await asyncio.wait_for(stderr.read(), 15)
+            await asyncio.wait_for(conn.wait_closed(), 15)
+            return said, writer.channel.get_exit_signal()
+        finally:
+            conn.close()
+
+    said, signal_ = asyncio.run(scenario())
+    why = 'user "gina" is locked: laptop reported lost'
+    assert said.decode() == f"dt-bastion: {why}\r\n"
+    assert signal_[0] == "TERM" and why in signal_[2]
+    # DISC_BY_APPLICATION: asyncssh reports it as a clean close (no exception), which
+    # is why the channel is told first
+    assert lost == [None]

@@ -46,7 +46,7 @@ from typing import Any, cast
 import asyncssh
 import asyncssh.public_key
 from asyncssh.constants import MSG_DISCONNECT
-from asyncssh.packet import String
+from asyncssh.packet import Boolean, String
 
 from bastion import accounts
 from bastion.authz import decide, limits
@@ -518,7 +518,7 @@ class BastionServer(asyncssh.SSHServer):
         for chan, stderr in list(self._api_channels.items()):
             with contextlib.suppress(OSError):  # already closing
                 stderr.write(f"dt-bastion: {reason}\r\n".encode())
-                chan.exit_with_signal("TERM", msg=f"dt-bastion: {reason}")
+                _exit_signal(chan, f"dt-bastion: {reason}")
         self._api_channels.clear()
         if self.conn is not None:
             disconnect(self.conn, f"dt-bastion closed this connection: {reason}")
@@ -937,6 +937,16 @@ def disconnect(conn: asyncssh.SSHServerConnection, reason: str) -> None:
         return
     send(asyncssh.DISC_BY_APPLICATION, reason, asyncssh.DEFAULT_LANG)
     force_close(None)
+
+
+def _exit_signal(chan: Any, msg: str) -> None:
+    """An ``exit-signal`` (TERM) with the reason, leaving the channel open for the
+    disconnect that follows: asyncssh's ``exit_with_signal`` also closes it, and a
+    client reading the channel would then see an EOF before the reason."""
+    send = getattr(chan, "_send_request", None)
+    if send is None:  # pragma: no cover
+        return
+    send(b"exit-signal", String("TERM"), Boolean(False), String(msg), String(""))
 
 
 def _is_certificate(key_data: bytes) -> bool:
