@@ -3,6 +3,7 @@ anything (bastion/authz/refusals.py): plain values, ``now`` passed in."""
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import replace
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -59,3 +60,33 @@ def test_revoked_rotated_expired_and_early_say_when_and_what_to_do():
     assert expired.message == "certificate expired at 2027-01-15 08:10:00 UTC (run: dtclient login)"
     early = refusals.reason_for_holder(cert, facts(issued=issued), cert.valid_after - 1)
     assert early is not None and "not valid before 2027-01-15 07:59:00 UTC" in early.message
+
+
+def test_only_a_signature_by_the_certificates_key_over_this_session_proves_it(tmp_path):
+    """The banner waits for this proof (BastionServer._proves_key)."""
+    from types import SimpleNamespace
+
+    import asyncssh
+    from asyncssh.packet import String
+
+    from bastion.proxy.server import BastionServer
+    from tests.sshd import keygen
+
+    ca, key, other = (keygen(tmp_path / n) for n in ("ca", "id", "other"))
+    subprocess.run(
+        ["ssh-keygen", "-q", "-s", str(ca), "-I", "x", "-n", "-dt-jump", str(key) + ".pub"],
+        check=True,
+    )
+    blob = asyncssh.read_certificate(f"{key}-cert.pub").public_data
+    server = BastionServer.__new__(BastionServer)
+    server.conn = SimpleNamespace(_session_id=b"this session")
+    msg = b"userauth request"
+
+    def signed(path, session=b"this session"):
+        return asyncssh.read_private_key(path).sign(String(session) + msg, b"ssh-ed25519")
+
+    assert server._proves_key(blob, msg, signed(key))
+    assert not server._proves_key(blob, msg, signed(other))
+    assert not server._proves_key(blob, msg, signed(key, b"another session"))
+    assert not server._proves_key(blob, msg, b"garbage")
+    assert not server._proves_key(b"garbage", msg, signed(key))

@@ -267,3 +267,7 @@ class Held:
 
     def close(self) -> None:
         stop(self.proc)
+
+    def stderr(self) -> str:
+        """What ssh printed, once it ended."""
+        return self.proc.stderr.read() if self.proc.stderr else ""

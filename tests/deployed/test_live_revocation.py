@@ -45,6 +45,12 @@ def test_lock_user_cuts_the_session_and_unlock_is_honoured_at_once(deployment: D
     held = bob.hold()
     lock_id = deployment.lock_user("bob")
     assert_cut(deployment, held, bob, "dtadmin lock --user")
+    # what bob reads: why the session ended, and why the next connect is refused
+    said = held.stderr()
+    assert "Received disconnect from" in said and 'user "bob" is locked' in said, said
+    refused = bob.ssh()
+    assert 'dt-bastion: certificate refused: user "bob" is locked' in refused.stderr, refused.stderr
+    assert "Permission denied (publickey)." in refused.stderr, refused.stderr
     renewed, out = bob.try_login()
     assert not renewed, f"a locked user renewed their certificate:\n{out}"
     assert "bob" in {lk["target"] for lk in deployment.admin_json("lock", "ls")}
