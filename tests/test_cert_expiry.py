@@ -236,11 +236,15 @@ def test_a_live_session_ends_at_expiry_where_a_role_asks(
             proc.kill()
         proc.wait()
     assert proc.returncode != 0
+    said = proc.stderr.read() if proc.stderr else ""  # what the person reads
+    assert "Received disconnect from" in said and "the certificate has expired" in said, said
     cut = dt_cluster.store.list_audit(type="session.terminated", user="alice")
     assert cut and "disconnect_expired_cert" in cut[-1].message, cut
     deadline = time.monotonic() + 5
     while not dt_cluster.store.list_audit(type="connection.terminated", user="alice"):
         assert time.monotonic() < deadline, "the connection's end was not audited"
         time.sleep(0.05)
-    # and it cannot come back: the expired certificate is refused at the door
-    assert ssh(config, f"{LOGIN}@node-1", "true").returncode == 255
+    # and it cannot come back: the expired certificate is refused at the door, saying so
+    again = ssh(config, f"{LOGIN}@node-1", "true")
+    assert again.returncode == 255
+    assert "dt-bastion: certificate refused: certificate expired at" in again.stderr, again.stderr
