@@ -16,6 +16,12 @@ Who checks what:
   under that serial and not revoked, user exists and is unlocked), audits a refusal
   with its reason (a refusal of a mere query only once the connection ends without
   logging in), and only then lets asyncssh do its own checks and verify the signature.
+  A certificate this cluster issued but refuses now is let through the query, its
+  signature checked here, and only its proven holder told why in an auth banner
+  (:mod:`bastion.authz.refusals`); keyboard-interactive is then no longer offered.
+* :meth:`BastionServer.terminate`: the one way a live connection is cut (lock,
+  revocation, rotation, removal, expiry, shutdown), with the reason in the SSH
+  disconnect message and, first, on each dt-api channel.
 * :mod:`bastion.authz.limits` and :mod:`bastion.proxy.admission`: the flood limits
   (pre-login slots, failed logins, channels, password checks, issuance rate).
 * :mod:`bastion.proxy.connections`: the credential a connection authenticated with,
