@@ -71,7 +71,7 @@ from bastion.proxy.admission import ConnectionSlots, RefusalDigest
 from bastion.proxy.api import ApiIdentity, ApiSession
 from bastion.proxy.connections import Connections, Credential, CredentialRevoked
 from bastion.proxy.forwarding import open_forward
-from bastion.proxy.sessions import CUT_WAIT, Registry
+from bastion.proxy.sessions import CUT_WAIT, LiveSession, Registry
 from bastion.proxy.workers import Workers
 
 log = logging.getLogger("bastion.server")
@@ -529,7 +529,7 @@ class BastionServer(asyncssh.SSHServer):
         if self.conn is not None:
             disconnect(self.conn, f"dt-bastion closed this connection: {reason}")
 
-    def close_forward(self, chan: Any, live: Any) -> None:
+    def close_forward(self, chan: Any, live: LiveSession) -> None:
         """A forwarded session was cut (:meth:`Registry.cut`). A ``direct-tcpip``
         channel carries no reason of its own; if it was all this connection had open
         (``ssh -J``/``-W`` opens exactly one), the connection goes with it, so that the
@@ -698,7 +698,7 @@ class BastionServer(asyncssh.SSHServer):
         try:
             key = asyncssh.public_key.decode_ssh_certificate(key_data).key
             return bool(key.verify(String(session_id) + msg, signature))
-        except (asyncssh.KeyImportError, ValueError):
+        except ValueError:  # KeyImportError, PacketDecodeError: not a proof
             return False
 
     async def _warn_about_device(self, identity: policy.Identity) -> None:
@@ -936,9 +936,11 @@ def disconnect(conn: asyncssh.SSHServerConnection, reason: str) -> None:
     OpenSSH ``ssh -W`` (what ``-J`` runs) exits the moment its one channel is freed, so
     unless both packets happened to arrive in one read it never printed the reason.
     The disconnect message goes first here."""
+    if conn.is_closed():
+        return
     send = getattr(conn, "_send_disconnect", None)
     force_close = getattr(conn, "_force_close", None)
-    if send is None or force_close is None or conn.is_closed():  # pragma: no cover
+    if send is None or force_close is None:  # pragma: no cover (another asyncssh)
         conn.disconnect(asyncssh.DISC_BY_APPLICATION, reason)
         return
     send(asyncssh.DISC_BY_APPLICATION, reason, asyncssh.DEFAULT_LANG)
