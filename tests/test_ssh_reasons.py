@@ -15,21 +15,32 @@ Real `dt-bastion serve`, real sshd node, real `ssh` in a real terminal (pexpect)
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import asyncssh
 import pexpect
 import pytest
 
 from bastion.authz.records import Device, DeviceCredential, Node, User
 from bastion.ca.certs import load_public_key
 from bastion.cluster import init_cluster
-from tests.sshd import LOGIN, bastion_server, keygen, sshd_node, write_ssh_config
+from tests.sshd import (
+    LOGIN,
+    bastion_server,
+    free_port,
+    keygen,
+    sshd_node,
+    wait_for_port,
+    write_ssh_config,
+)
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
@@ -263,10 +274,6 @@ def test_a_dt_api_channel_hears_why_before_the_disconnect(env):
     """A certificate connection with dt-api open (what dtclient holds while it renews
     or enrolls): the lock reaches it as a stderr line and an exit-signal before the
     disconnect, not as a bare EOF."""
-    import asyncio
-
-    import asyncssh
-
     config, _ = person(env, "gina")
     d = config.parent
     host_ca = (env.cluster.state_dir / "ca" / "host_ca.pub").read_text().strip()
@@ -307,3 +314,49 @@ def test_a_dt_api_channel_hears_why_before_the_disconnect(env):
     # DISC_BY_APPLICATION: asyncssh reports it as a clean close (no exception), which
     # is why the channel is told first
     assert lost == [None]
+
+
+def test_a_cut_channel_leaves_the_connections_other_channels_alone(env):
+    """One connection forwarding to two nodes (`ssh -N -L ... -L ...`, or a
+    ControlMaster): removing one node cuts only its channel; the connection and the
+    other channel go on. Only a connection left with nothing open is closed."""
+    with sshd_node(env.tmp / "node-2", env.cluster, names=("node-2",)) as node2:
+        env.cluster.store.add_node(Node("node-2", "127.0.0.1", node2.port))
+        two_forwards(env)
+
+
+def two_forwards(env):
+    config, _ = person(env, "hank")
+    one, two = free_port(), free_port()
+    proc = subprocess.Popen(
+        ["ssh", "-F", str(config), "-o", "BatchMode=yes", "-N"]
+        + ["-L", f"127.0.0.1:{one}:node-1:22", "-L", f"127.0.0.1:{two}:node-2:22", "bastion"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    socks = []
+    try:
+        wait_for_port(one, proc)
+        wait_for_port(two, proc)
+        for p in (one, two):
+            sock = socket.create_connection(("127.0.0.1", p), timeout=10)
+            socks.append(sock)
+            assert sock.recv(64).startswith(b"SSH-2.0-"), "the forward works"
+        dtadmin(env, "nodes", "rm", "node-2")
+        socks[1].settimeout(15)
+        while socks[1].recv(4096):  # the node's bytes, until the cut closes it
+            pass
+        socks[0].sendall(b"SSH-2.0-still-here\r\n")
+        socks[0].settimeout(15)
+        assert socks[0].recv(4096), "the other channel was closed too"  # node's KEXINIT
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert audited(env, "session.terminated", "node-2 was removed from the inventory")
+        assert not audited(env, "connection.terminated", "", user="hank", bound=0.5)
+    finally:
+        for sock in socks:
+            sock.close()
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(10)
