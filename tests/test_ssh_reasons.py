@@ -265,7 +265,7 @@ def test_a_cut_session_says_why(env, case):
     if case == "shutdown":
         env.bastion.proc.wait(15)
         ends = env.cluster.store.list_audit(type="session.end", user="frank")
-        assert ends and ends[-1].message == "the bastion is shutting down"
+        assert ends and ends[-1].message == "bastion shutting down"  # service.run.STOPPED
     else:
         assert audited(env, "session.terminated", why.removeprefix("access denied to node-1: "))
 

@@ -466,7 +466,9 @@ class BastionServer(asyncssh.SSHServer):
         if registered.credential.claims is not None:
             decide.check_not_expired(registered.credential.claims, now)
 
-    async def terminate(self, reason: str, *, audit_it: bool = True) -> None:
+    async def terminate(
+        self, reason: str, *, audit_it: bool = True, session_reason: str | None = None
+    ) -> None:
         """Close this connection, not only its channels, and say why: the one way the
         bastion cuts a live connection (a lock, revocation, CA rotation, user removal,
         a password reset, an expired certificate, shutdown; a session cut alone, e.g.
@@ -474,8 +476,9 @@ class BastionServer(asyncssh.SSHServer):
         :meth:`close_forward`).
 
         Its forwarded sessions are ended on record (``session.terminated`` and
-        ``connection.terminated``, unless ``audit_it`` is False: a shutdown records only
-        each ``session.end``), its dt-api channels get a stderr line and an
+        ``connection.terminated``, unless ``audit_it`` is False: then only each
+        ``session.end``; ``session_reason`` is what those rows say, by default
+        "access denied to NODE: <reason>"), its dt-api channels get a stderr line and an
         ``exit-signal`` with the reason, and then the client gets an SSH disconnect
         message with it: ``ssh -J``/``-W`` and PuTTY print that ("Received disconnect
         from ...: dt-bastion closed this connection: <reason>"). The disconnect goes
@@ -489,10 +492,7 @@ class BastionServer(asyncssh.SSHServer):
         claims = credential.claims if credential else None
         sessions = bastion.registry.sessions_of(self)
         cut = bastion.registry.cut(
-            [
-                (s, f"access denied to {s.node.name}: {reason}" if audit_it else reason)
-                for s in sessions
-            ],
+            [(s, session_reason or f"access denied to {s.node.name}: {reason}") for s in sessions],
             audit_it=audit_it,
             close=False,  # the disconnect below closes them, right after its message
         )

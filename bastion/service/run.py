@@ -281,47 +281,20 @@ class Service:
 
 
 async def _cut(server: Any, reason: str) -> None:
-    """Cut one connection at shutdown, in the order that lets its client print why:
-    ``connection.terminated`` on record, then the SSH disconnect with the reason, then
-    its forwarded sessions ended (``session.terminated``, ``session.end``). Closing the
-    channels first (as a live revocation's cut does) lets ``ssh -W`` exit on the
-    channel's close before it reads the disconnect, and the user sees only
-    "Connection closed". (The smallest version of the cut-with-reason the SSH layer is
-    growing; this one is for shutdown alone.)"""
-    from bastion.proxy.sessions import CUT_WAIT
-
-    b = server.bastion
-    if server.ending is not None:
-        return
-    server.ending = reason
-    b.authenticated.discard(server.registered)
-    credential = server.registered.credential if server.registered else None
-    claims = credential.claims if credential else None
-    if credential is not None:
-        await b.workers.audit(
-            "connection.terminated",
-            wait=CUT_WAIT,
-            success=False,
-            message=reason,
-            user=credential.user,
-            device=claims.asset_tag if claims else None,
-            remote_addr=server.remote_addr,
-            auth=credential.auth,
-            serial=str(claims.serial) if claims else None,
-        )
-    if server.conn is not None:
-        disconnect_first(server.conn, f"dt-bastion closed this connection: {reason}")
-    # session.terminated and session.end say what every shutdown's session end says
-    await b.registry.cut([(s, STOPPED) for s in b.registry.sessions_of(server)])
+    """Cut one connection at shutdown, the way every cut goes
+    (:meth:`BastionServer.terminate`): ``connection.terminated`` and each session's
+    ``session.terminated``/``session.end`` on record, then the SSH disconnect with the
+    reason before any channel closes, so ``ssh -W`` prints it. The sessions' rows say
+    what every shutdown's session end says (STOPPED)."""
+    await server.terminate(reason, session_reason=STOPPED)
 
 
 def disconnect_first(conn: asyncssh.SSHServerConnection, reason: str) -> None:
-    """SSH_MSG_DISCONNECT with the reason before anything else, then close.
+    """SSH_MSG_DISCONNECT with the reason before anything else, then close
+    (:func:`bastion.proxy.server.disconnect`)."""
+    from bastion.proxy.server import disconnect
 
-    asyncssh's ``disconnect()`` closes every channel first: ``ssh -W`` (what ``ssh -J``
-    runs) exits on its channel's close and never reads the reason after it."""
-    conn._send_disconnect(asyncssh.DISC_BY_APPLICATION, reason, "en-US")
-    conn._force_close(None)
+    disconnect(conn, reason)
 
 
 async def _listening(where: str, starting: Any) -> Any:
