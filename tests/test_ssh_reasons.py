@@ -197,13 +197,24 @@ def test_a_stranger_hears_nothing_and_every_name_is_asked_for_a_password(env, tm
     assert outputs[0] == outputs[1] == outputs[2], outputs
 
 
-def test_a_certificate_without_the_required_device_is_told_at_login(env):
+@pytest.mark.parametrize("case", ["no device", "unenrolled"])
+def test_a_certificate_no_node_takes_for_its_device_is_told_at_login(env, case):
     """Accepted (dt-api still works, e.g. to enroll), but told it reaches no node."""
-    dtadmin(env, "cluster", "set", "device-trust-mode", "required")
-    config, _ = person(env, "erin")
+    device = None
+    if case == "no device":
+        dtadmin(env, "cluster", "set", "device-trust-mode", "required")
+        why = "a trusted device is required (run: dtclient device enroll"
+    else:
+        device = env.cluster.store.add_device(
+            Device("", "SN-ERIN", "linux", "enrolled", "erin", CRED)
+        )
+        why = 'device "SN-ERIN" is not enrolled (run: dtclient device enroll'
+    config, _ = person(env, "erin", device=device)
+    if device is not None:
+        dtadmin(env, "device", "unenroll", "SN-ERIN")
     seen, prompted = in_terminal(config, "true")
-    assert "dt-bastion: this certificate reaches no node: a trusted device is required" in seen
-    assert "dtclient device enroll" in seen and not prompted, seen
+    assert f"dt-bastion: this certificate reaches no node: {why}" in seen, seen
+    assert not prompted, seen
 
 
 # -- a live session cut says why ---------------------------------------------------------
