@@ -45,7 +45,13 @@ def issue_signup_token(
             )
         )
         audit.record(
-            store, "user.token", message="signup token created", user=user, actor=actor, now=now
+            store,
+            "token.create",
+            message="signup token created",
+            user=user,
+            kind="signup",
+            actor=actor,
+            now=now,
         )
     return secret
 

@@ -15,31 +15,35 @@ from typing import Any
 
 from bastion.authz.records import AuditEvent
 from bastion.storage import Store
+from bastion.storage.migrations import RENAMED_EVENT_TYPES
 
 log = logging.getLogger("bastion.audit")
 # Told of each event once its row has committed (never of one rolled back): the running
 # service's metrics count them here (bastion.service.metrics). Empty otherwise.
 observers: list[Callable[[AuditEvent], None]] = []
 
-# Stable codes, in the manner of the seed's audit events: a code names the event kind
-# and whether it is a success (I) or a failure (W).
+# Every event type, with its stable code in the manner of the seed's audit events: a
+# code names the event kind and whether it is a success (I) or a failure (W). One
+# naming style: ``noun.verb``, one lowercase word each (``NAME_STYLE``); the noun is
+# what was acted on, the verb what happened to it, a refusal or a cut by its outcome
+# (``denied``, ``failed``, ``terminated``). docs/audit.md lists each one's fields;
+# tests/test_audit_names.py keeps the list, the docs and the call sites in step.
+NAME_STYLE = r"[a-z]+\.[a-z]+"
 EVENT_CODES: dict[str, str] = {
     "cluster.init": "DT0001",
-    "cluster.setting": "DT0002",
+    "cluster.update": "DT0002",
     "bastion.reload": "DT0003",
     "bastion.drain": "DT0004",
     "user.create": "DT1001",
     "user.update": "DT1002",
     "user.delete": "DT1003",
     "user.signup": "DT1004",
-    "user.token": "DT1005",
     "user.login": "DT1006",
     "role.create": "DT1101",
     "role.update": "DT1102",
     "role.delete": "DT1103",
     "cert.create": "DT2001",
     "cert.revoke": "DT2002",
-    "host_cert.create": "DT2003",
     "ca.rotate": "DT2004",
     "auth.failed": "DT2101",
     "lock.create": "DT2201",
@@ -56,16 +60,30 @@ EVENT_CODES: dict[str, str] = {
     "device.delete": "DT4003",
     "device.enroll": "DT4004",
     "device.unenroll": "DT4005",
-    "device.token.create": "DT4006",
+    "token.create": "DT4006",
     "device.authenticate": "DT4007",
-    "device.trust_root": "DT4008",
-    "api.error": "DT5001",
+    "trustroot.create": "DT4008",
+    "trustroot.delete": "DT4009",
+    "api.failed": "DT5001",
     "token.delete": "DT5101",
 }
+# Codes of retired names, still found on rows written before the rename (DT1005 was
+# user.token, DT2003 host_cert.create: both token.create / cert.create now).
+
+# Old names and what they are called now: rows were renamed by migration 4, and
+# ``dtadmin audit ls --type`` still accepts the old names.
+LEGACY_NAMES: dict[str, tuple[str, ...]] = {
+    **{old: (new,) for old, new in RENAMED_EVENT_TYPES.items()},
+    "device.trust_root": ("trustroot.create", "trustroot.delete"),
+}
+
+
+def event_types() -> tuple[set[str], dict[str, tuple[str, ...]]]:
+    """The event types there are, and the old names that mean them."""
+    return set(EVENT_CODES), LEGACY_NAMES
 
 # Human names for the seed's best-known events, shown by `dtadmin audit ls`.
 EVENT_NAMES: dict[str, str] = {
-    "device.token.create": "Device Enroll Token Created",
     "device.enroll": "Device Enrolled",
     "device.authenticate": "Device Authenticated",
     "device.unenroll": "Device Unenrolled",

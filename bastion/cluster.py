@@ -69,6 +69,7 @@ class Cluster:
         try:
             user_ca = _load_user_ca(kdir, store)
             host_ca = keys.load_private_key(kdir / keys.HOST_CA)
+            _ensure_audit_key(kdir, store)
         except StateError:
             store.close()
             raise
@@ -209,6 +210,7 @@ def init_cluster(state_dir: Path | str, name: str, *, actor: str = "dtadmin") ->
     store = Store.open(state_dir, create=True)
     user_ca: ed25519.Ed25519PrivateKey = keys.create_key(kdir, keys.USER_CA, f"user-ca@{name}")
     host_ca = keys.create_key(kdir, keys.HOST_CA, f"host-ca@{name}")
+    keys.create_key(kdir, keys.AUDIT_KEY, f"audit@{name}")
     with store.transaction():
         store.set_setting("cluster_name", name)
         store.set_setting(USER_CA_SETTING, keys.fingerprint(user_ca.public_key()))
@@ -333,6 +335,26 @@ def _load_user_ca(kdir: Path, store: Store, *, repair: bool = True) -> ed25519.E
             f"({wanted}); refusing to use it"
         )
     return key
+
+
+def _ensure_audit_key(kdir: Path, store: Store) -> None:
+    """Make the audit key of a cluster created before there was one (under the
+    rotation lock: two processes opening at once make one key, not two), check that
+    it loads, and sign a first checkpoint over rows that have none yet."""
+    path = kdir / keys.AUDIT_KEY
+    if not path.exists():
+        with _rotation_lock(kdir):
+            if not path.exists():
+                name = store.get_setting("cluster_name", "")
+                try:
+                    keys.create_key(kdir, keys.AUDIT_KEY, f"audit@{name}")
+                except OSError as exc:
+                    raise StorageUnavailable(
+                        f"cannot write the audit key {path}: {exc.strerror}"
+                    ) from exc
+    keys.load_private_key(path)  # a corrupt or exposed key stops us, as a CA key does
+    if store.last_audit_checkpoint() is None and store.last_audit_id():
+        store.checkpoint_audit()
 
 
 @contextlib.contextmanager

@@ -356,13 +356,14 @@ def test_nodes_devices_locks_and_audit(cluster, run):
         "user.create",
         "node.create",
         "device.create",
-        "device.token.create",
+        "token.create",
         "lock.create",
         "lock.delete",
-        "cluster.setting",
+        "cluster.update",
     } <= kinds
-    tokens = json.loads(
-        run("audit", "ls", "--type", "device.token.create", "--format", "json").output
-    )
-    assert tokens[0]["message"] == "Device Enroll Token Created"
+    tokens = json.loads(run("audit", "ls", "--type", "token.create", "--format", "json").output)
+    assert [t["message"] for t in tokens if t["kind"] == "enroll"] == ["Device Enroll Token Created"]
+    # the name it had before the one naming style still finds it
+    old = json.loads(run("audit", "ls", "--type", "device.token.create", "--format", "json").output)
+    assert old == tokens
     assert run("device", "rm", "SN9").exit_code == 0

@@ -74,7 +74,7 @@ def test_a_lone_surrogate_is_answered_and_audited_and_the_connection_lives(env, 
     assert second[1]["type"] == "identity" and second[1]["user"] == "alice"
     deadline = time.monotonic() + 10  # the bastion writes audit rows off its event loop
     while True:
-        rows = [e for e in env.cluster.store.list_audit(type="api.error") if e.id > mark]
+        rows = [e for e in env.cluster.store.list_audit(type="api.failed") if e.id > mark]
         if rows or time.monotonic() > deadline:
             break
         time.sleep(0.05)

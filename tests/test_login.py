@@ -314,6 +314,6 @@ def test_malformed_and_oversized_messages(env, user):
     assert b"version 99" in answers[3]
     # the bastion writes these audit rows after it answers (off its event loop): poll
     deadline = time.monotonic() + 30
-    while len(env.cluster.store.list_audit(type="api.error", user=name)) < 4:
+    while len(env.cluster.store.list_audit(type="api.failed", user=name)) < 4:
         assert time.monotonic() < deadline, "the bastion never audited the four errors"
         time.sleep(0.05)

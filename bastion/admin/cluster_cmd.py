@@ -72,7 +72,7 @@ def set_(
     store = open_cluster(ctx, state).store
     with audited(
         store,
-        "cluster.setting",
+        "cluster.update",
         message=f"{name} set to {value}",
         actor=actor(),
         setting=name,

@@ -297,7 +297,7 @@ def root_add(
     fp = cert.fingerprint(hashes.SHA256()).hex()
     store = open_cluster(ctx, state).store
     with audited(
-        store, "device.trust_root", message="EK trust root added", actor=actor(), fingerprint=fp
+        store, "trustroot.create", message="EK trust root added", actor=actor(), fingerprint=fp
     ):
         store.add_trust_root(fp, cert.subject.rfc4514_string(), data.decode())
     console.say(f"trust root added: {cert.subject.rfc4514_string()} (sha256 {fp[:16]}...)")
@@ -330,7 +330,7 @@ def root_rm(
     store = open_cluster(ctx, state).store
     with audited(
         store,
-        "device.trust_root",
+        "trustroot.delete",
         message="EK trust root removed",
         actor=actor(),
         fingerprint=fingerprint,

@@ -193,3 +193,4 @@ class AuditEvent:
     device: str | None = None
     remote_addr: str | None = None
     fields: dict[str, Any] = field(default_factory=dict)
+    hash: str | None = None  # its link in the audit chain (hex SHA-256), once stored

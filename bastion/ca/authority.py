@@ -194,6 +194,7 @@ class CertificateAuthority:
             device=device.asset_tag if device else None,
             remote_addr=request.remote_addr,
             message=f"user certificate serial {issued.record.serial}",
+            cert_type="user",
             serial=str(issued.record.serial),
             principals=list(issued.record.principals),
             valid_before=issued.record.valid_before,
@@ -288,8 +289,10 @@ class CertificateAuthority:
                     continue
                 audit.record(
                     self.store,
-                    "host_cert.create",
+                    "cert.create",
                     message=f"host certificate serial {serial}",
+                    cert_type="host",
+                    serial=str(serial),
                     principals=list(principals),
                     actor=actor,
                     now=now,

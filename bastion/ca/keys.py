@@ -23,6 +23,7 @@ __all__ = ["atomic_write", "fingerprint", "public_line"]
 USER_CA = "user_ca"
 HOST_CA = "host_ca"
 BASTION_HOST_KEY = "bastion_host_key"
+AUDIT_KEY = "audit_key"  # signs audit checkpoints; never a CA key
 
 
 def ca_dir(state_dir: Path) -> Path:

@@ -41,9 +41,10 @@ def issue_enroll_token(
         )
         audit.record(
             store,
-            "device.token.create",
+            "token.create",
             message="Device Enroll Token Created",
             device=asset_tag,
+            kind="enroll",
             actor=actor,
             expires=now + ttl,
             now=now,

@@ -198,6 +198,14 @@ class ConnectionFailed(DTError):
     exit_code = 14
 
 
+class AuditTampered(DTError):
+    """``dtadmin audit verify`` found a row changed, removed or reordered, or a forged
+    checkpoint."""
+
+    code = "audit_tampered"
+    exit_code = 16
+
+
 class NotLoggedIn(DTError):
     code = "not_logged_in"
     exit_code = 15

@@ -195,7 +195,7 @@ class ApiSession:
 
     def _audit_error(self, exc: DTError) -> None:
         self.workers.audit_soon(
-            "api.error",
+            "api.failed",
             success=False,
             message=exc.message,
             user=self.identity.user,

@@ -186,3 +186,50 @@ def _pending_login_attempts(db: sqlite_utils.Database) -> None:
     db.table("login_failures").drop()
     db.execute("ALTER TABLE login_failures_v3 RENAME TO login_failures")
     db.table("login_failures").create_index(["user", "time"])
+
+
+# Event types renamed when one style (``noun.verb``, one lowercase word each) was
+# chosen; docs/audit.md lists the current ones. Rows written before are renamed by
+# migration 4 before they are chained, and ``dtadmin audit ls --type`` accepts the
+# old names.
+RENAMED_EVENT_TYPES: dict[str, str] = {
+    "device.token.create": "token.create",
+    "user.token": "token.create",
+    "host_cert.create": "cert.create",
+    "cluster.setting": "cluster.update",
+    "api.error": "api.failed",
+    # device.trust_root was both add and remove; its message says which
+}
+
+
+@migration(4, "audit hash chain and signed checkpoints")
+def _audit_chain(db: sqlite_utils.Database) -> None:
+    """Every audit row gains ``hash``, its link in the chain (see
+    ``bastion.storage.audit_chain``), and ``audit_checkpoints`` holds the signed
+    checkpoints. Old event type names are renamed first, so the chain covers the
+    names that are read; then the existing rows are chained in id order. The first
+    checkpoint is signed once the audit key exists (``Cluster.open`` makes it).
+    """
+    from bastion.storage import audit_chain
+
+    db.execute("ALTER TABLE audit ADD COLUMN hash TEXT")
+    db.execute(
+        "CREATE TABLE audit_checkpoints (id INTEGER PRIMARY KEY, row_id INTEGER NOT NULL, "
+        "row_hash TEXT NOT NULL, time FLOAT NOT NULL, key TEXT NOT NULL, "
+        "signature TEXT NOT NULL)"
+    )
+    for old, new in RENAMED_EVENT_TYPES.items():
+        db.execute("UPDATE audit SET type = ? WHERE type = ?", (new, old))
+    db.execute(
+        "UPDATE audit SET type = CASE WHEN message LIKE '%removed%' THEN 'trustroot.delete' "
+        "ELSE 'trustroot.create' END WHERE type = 'device.trust_root'"
+    )
+    prev = audit_chain.GENESIS
+    cursor = db.execute("SELECT * FROM audit ORDER BY id")
+    names = [d[0] for d in cursor.description]
+    links = []
+    for values in cursor.fetchall():
+        row = dict(zip(names, values, strict=True))
+        prev = audit_chain.link(prev, row)
+        links.append((prev.hex(), row["id"]))
+    db.conn.executemany("UPDATE audit SET hash = ? WHERE id = ?", links)
