@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 # tpm2-pytss builds from source against the system TSS. openssh-*: the real ssh,
 # ssh-keygen and sshd the tests interoperate with. systemd: only for
 # `systemd-analyze` to check the shipped unit (nothing is booted).
-PACKAGES=(swtpm swtpm-tools libtss2-dev pkg-config gcc openssh-client openssh-server systemd)
+PACKAGES=(swtpm swtpm-tools libtss2-dev pkg-config gcc openssh-client openssh-server systemd sqlite3)
 
 need_python_pkgs() {
     python3 -c 'import venv, ensurepip' 2>/dev/null || echo python3-venv

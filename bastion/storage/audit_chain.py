@@ -151,7 +151,7 @@ def verify(
     report = Report()
     signed = sorted(checkpoints, key=lambda cp: cp.id)
     stored: dict[int, str] = {}  # row id -> stored hash, for checkpoints and reorders
-    recent: list[dict[str, Any]] = []  # the last rows, to recognise a reorder
+    suspects: list[dict[str, Any]] = []  # rows whose link broke, explained after the walk
     prev_hash, prev_id = GENESIS, None
 
     def problem(row: int, kind: str, text: str) -> None:
@@ -163,18 +163,24 @@ def verify(
         rid = row["id"]
         report.first_id = rid if report.first_id is None else report.first_id
         report.last_id, report.last_hash = rid, row.get("hash")
-        want = link(prev_hash, row).hex()
         have = row.get("hash")
         if have is None:
             problem(rid, "unhashed", f"row {rid} has no hash: it was inserted outside dt-bastion")
-        elif have != want:
-            _explain(problem, row, prev_id, recent, stored)
+        elif have != link(prev_hash, row).hex():
+            if prev_id is not None and prev_id < rid - 1 or prev_id is None and rid > 1:
+                first = 1 if prev_id is None else prev_id + 1
+                gone = f"row {first}" if first == rid - 1 else f"rows {first}-{rid - 1}"
+                problem(
+                    first, "removed", f"{gone} removed: row {rid} no longer links to the row before it"
+                )
+            elif len(suspects) < max_problems:
+                suspects.append(row)
         stored[rid] = have or ""
-        recent.append(row)
-        del recent[: -2 * _WINDOW]
         if have is not None:
             prev_hash = bytes.fromhex(have) if _is_hex(have) else b""
         prev_id = rid
+    for row in suspects:
+        _explain(problem, row, stored)
     _check_checkpoints(report, signed, stored, public, key_fingerprint, problem)
     report.problems.sort(key=lambda p: p.row)
     return report
@@ -193,44 +199,34 @@ def _is_hex(text: str) -> bool:
     return True
 
 
-def _explain(problem: Any, row: dict[str, Any], prev_id: int | None, recent: list, stored: dict) -> None:
-    rid = row["id"]
-    expected_prev = rid - 1
-    if prev_id is not None and prev_id < expected_prev or prev_id is None and rid > 1:
-        first = 1 if prev_id is None else prev_id + 1
-        gone = f"row {first}" if first == expected_prev else f"rows {first}-{expected_prev}"
-        problem(first, "removed", f"{gone} removed: row {rid} no longer links to the row before it")
-        return
-    origin = _moved_from(row, recent)
-    if origin is not None:
-        problem(
-            rid,
-            "reordered",
-            f"row {rid} holds the event written as row {origin}: rows were reordered",
-        )
-        return
+def _explain(problem: Any, row: dict[str, Any], stored: dict[int, str]) -> None:
+    """Why a row's link broke: it was moved here from another id (reordered), or it
+    is intact and only the row before it was moved (not a problem of its own), or
+    its content changed."""
+    rid, have = row["id"], row.get("hash")
+    nearby = [rid + d for d in range(-_WINDOW, _WINDOW + 1)]
+    prevs = [bytes.fromhex(stored[i]) for i in nearby if _is_hex(stored.get(i, "x"))]
+    if rid - _WINDOW <= 1:
+        prevs.append(GENESIS)
+    for original in nearby:
+        if original == rid or original < 1:
+            continue
+        moved = {**row, "id": original}
+        if any(link(p, moved).hex() == have for p in prevs):
+            problem(
+                rid,
+                "reordered",
+                f"row {rid} holds the event written as row {original}: rows were reordered",
+            )
+            return
+    if any(link(p, row).hex() == have for p in prevs):
+        return  # intact: the row before it is the one out of place, named on its own
     problem(
         rid,
         "changed",
         f"row {rid} was changed: its content does not match its hash "
         f"(or row {rid - 1} was changed and its hash recomputed)",
     )
-
-
-def _moved_from(row: dict[str, Any], recent: list[dict[str, Any]]) -> int | None:
-    """The id this row was written under, if it sits among ``recent`` rows' places."""
-    have = row.get("hash")
-    candidates = [r for r in recent if r.get("hash")]
-    for offset in range(1, _WINDOW + 1):
-        for original in (row["id"] + offset, row["id"] - offset):
-            for before in [*candidates, {"hash": GENESIS.hex()}]:
-                try:
-                    prev = bytes.fromhex(before["hash"])
-                except ValueError:
-                    continue
-                if link(prev, {**row, "id": original}).hex() == have:
-                    return original
-    return None
 
 
 def _check_checkpoints(
