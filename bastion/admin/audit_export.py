@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import json
 import os
 import signal
@@ -100,8 +101,10 @@ def batches(
     follow: bool,
     stop: Callable[[], bool],
 ) -> Iterator[list[AuditEvent | Checkpoint]]:
-    """Lists of events (and checkpoints after the rows they sign), oldest first, from ``position`` on; with ``follow``,
-    polls for more until ``stop()``."""
+    """Lists of events (each checkpoint right after the row it signs), oldest first,
+    from ``position`` on; with ``follow``, polls for more until ``stop()``.
+    Checkpoints sign the newest row when they are made, so their row ids rise with
+    their ids."""
     while True:
         with store.read_transaction():  # one snapshot: nothing lands between the reads
             page = store.list_audit(
@@ -114,16 +117,20 @@ def batches(
             )
             newest = store.last_audit_id()
             signed = store.list_audit_checkpoints(after=position.checkpoint) if checkpoints else []
-        out: list[AuditEvent | Checkpoint] = list(page)
-        if page:
-            position.event = page[-1].id
         if len(page) < PAGE:  # every row up to the newest was read (filters skip some)
-            position.event = max(position.event, newest)
-        for cp in signed:
-            if cp.row_id > position.event:
-                break  # its row comes in the next page; send it after that row
-            out.append(cp)
-            position.checkpoint = cp.id
+            reached = max(page[-1].id if page else 0, position.event, newest)
+        else:
+            reached = page[-1].id
+        due = list(itertools.takewhile(lambda cp: cp.row_id <= reached, signed))
+        if due:
+            position.checkpoint = due[-1].id
+        out: list[AuditEvent | Checkpoint] = []
+        for e in page:  # each checkpoint right after the row it signs
+            while due and due[0].row_id < e.id:
+                out.append(due.pop(0))
+            out.append(e)
+        out.extend(due)
+        position.event = reached
         if out:
             yield out
         if len(page) == PAGE:
