@@ -1,0 +1,90 @@
+"""Several processes append to the audit chain at once and it never forks: the real
+`dt-bastion serve` (its batching writer, refusing forwards as fast as a client asks)
+and several `dtadmin` processes, all on one SQLite file; then `dtadmin audit verify`
+is clean and every row is there, in one unbroken chain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+
+import asyncssh
+from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+from bastion.cluster import Cluster
+from tests.sshd import bastion_server
+from tests.test_audit_chain import BIN, dtadmin, sql
+
+CONNECTIONS, REQUESTS = 4, 30
+ADMINS, COMMANDS = 3, 4
+
+
+async def _refused_forwards(port: int, key, cert, admins: list[subprocess.Popen]) -> int:
+    """Forwards the bastion refuses (each one audit row), for as long as the admins
+    run (and at least REQUESTS per connection); returns how many were asked."""
+    asked = 0
+
+    async def one(i: int) -> None:
+        nonlocal asked
+        async with asyncssh.connect(
+            "127.0.0.1", port, username="alice", known_hosts=None,
+            client_keys=[(key, cert)], connect_timeout=20,
+        ) as conn:
+            j = 0
+            while j < REQUESTS or any(p.poll() is None for p in admins):
+                try:  # a distinct address each time: not in the inventory, audited
+                    await conn.open_connection(f"10.{i}.{j // 250}.{j % 250}", 22)
+                except asyncssh.ChannelOpenError:
+                    pass
+                j += 1
+                asked += 1
+
+    await asyncio.gather(*(one(i) for i in range(CONNECTIONS)))
+    return asked
+
+
+def test_the_bastion_and_several_dtadmins_appending_at_once_keep_one_chain(tmp_path):
+    state = tmp_path / "state"
+    dtadmin(state, "init", "--cluster", "busy")
+    dtadmin(state, "users", "add", "alice", "--roles", "access", "--logins", "root")
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    cluster = Cluster.open(state)
+    try:
+        issued = cluster.ca.sign_user("alice", load_ssh_public_key(key.export_public_key()))
+    finally:
+        cluster.close()  # nothing in this process holds the database from here on
+    cert = asyncssh.import_certificate(issued.openssh)
+    script = "; ".join(
+        [f'"{BIN}/dtadmin" --state "{state}" users add admin$0-{n} --roles access --logins root'
+         for n in range(COMMANDS)]
+        + [f'"{BIN}/dtadmin" --state "{state}" audit verify --checkpoint >/dev/null']
+    )
+    before = int(sql(state, "SELECT count(*) FROM audit").strip())
+    with bastion_server(state) as bastion:
+        admins = [
+            subprocess.Popen(
+                ["sh", "-ec", script, str(i)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            )
+            for i in range(ADMINS)
+        ]
+        try:
+            denied = asyncio.run(_refused_forwards(bastion.port, key, cert, admins))
+        finally:
+            errors = [p.communicate(timeout=120)[1] for p in admins]
+        assert [p.returncode for p in admins] == [0] * ADMINS, errors
+        deadline = time.monotonic() + 30
+        while int(sql(state, "SELECT count(*) FROM audit WHERE type = 'session.denied'")) < denied:
+            assert time.monotonic() < deadline, "the bastion's audit rows did not all land"
+            time.sleep(0.1)
+    kinds = sql(state, "SELECT type FROM audit ORDER BY id").split()
+    denials = [i for i, k in enumerate(kinds) if k == "session.denied"]
+    assert "user.create" in kinds[denials[0] : denials[-1]], "the writers did not interleave"
+    report = json.loads(dtadmin(state, "audit", "verify", "--format", "json").stdout)
+    assert report["ok"], report["problems"]
+    users = ADMINS * COMMANDS
+    # every row each process wrote is in the one chain: ids 1..n, no gap, no fork
+    assert report["rows"] == report["last_row"] >= before + denied + users * 2
+    assert report["checkpoints"] >= 2 and report["unsigned_rows"] < report["rows"]
