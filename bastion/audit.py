@@ -82,6 +82,7 @@ def event_types() -> tuple[set[str], dict[str, tuple[str, ...]]]:
     """The event types there are, and the old names that mean them."""
     return set(EVENT_CODES), LEGACY_NAMES
 
+
 # Human names for the seed's best-known events, shown by `dtadmin audit ls`.
 EVENT_NAMES: dict[str, str] = {
     "device.enroll": "Device Enrolled",

@@ -214,8 +214,16 @@ def test_an_old_cluster_is_chained_renamed_and_signed_by_the_migration(tmp_path)
     assert report["ok"] and report["rows"] == 5 and report["checkpoints"] == 1
     assert (state / "ca" / "audit_key").stat().st_mode & 0o777 == 0o600
     types = sql(state, "SELECT type FROM audit ORDER BY id").split()
-    assert types == ["cluster.init", "token.create", "cert.create", "trustroot.delete", "cluster.update"]
-    old = json.loads(dtadmin(state, "audit", "ls", "--type", "host_cert.create", "--format", "json").stdout)
+    assert types == [
+        "cluster.init",
+        "token.create",
+        "cert.create",
+        "trustroot.delete",
+        "cluster.update",
+    ]
+    old = json.loads(
+        dtadmin(state, "audit", "ls", "--type", "host_cert.create", "--format", "json").stdout
+    )
     assert [e["message"] for e in old] == ["host certificate serial 7"]
 
 

@@ -29,8 +29,12 @@ async def _refused_forwards(port: int, key, cert, admins: list[subprocess.Popen]
     async def one(i: int) -> None:
         nonlocal asked
         async with asyncssh.connect(
-            "127.0.0.1", port, username="alice", known_hosts=None,
-            client_keys=[(key, cert)], connect_timeout=20,
+            "127.0.0.1",
+            port,
+            username="alice",
+            known_hosts=None,
+            client_keys=[(key, cert)],
+            connect_timeout=20,
         ) as conn:
             j = 0
             while j < REQUESTS or any(p.poll() is None for p in admins):
@@ -57,8 +61,10 @@ def test_the_bastion_and_several_dtadmins_appending_at_once_keep_one_chain(tmp_p
         cluster.close()  # nothing in this process holds the database from here on
     cert = asyncssh.import_certificate(issued.openssh)
     script = "; ".join(
-        [f'"{BIN}/dtadmin" --state "{state}" users add admin$0-{n} --roles access --logins root'
-         for n in range(COMMANDS)]
+        [
+            f'"{BIN}/dtadmin" --state "{state}" users add admin$0-{n} --roles access --logins root'
+            for n in range(COMMANDS)
+        ]
         + [f'"{BIN}/dtadmin" --state "{state}" audit verify --checkpoint >/dev/null']
     )
     before = int(sql(state, "SELECT count(*) FROM audit").strip())
@@ -66,7 +72,9 @@ def test_the_bastion_and_several_dtadmins_appending_at_once_keep_one_chain(tmp_p
         admins = [
             subprocess.Popen(
                 ["sh", "-ec", script, str(i)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
             )
             for i in range(ADMINS)
         ]

@@ -76,7 +76,9 @@ def test_export_to_syslog_over_a_unix_socket_and_udp(state, tmp_path):
         dtadmin(state, "audit", "export", "--syslog", path, "--no-checkpoints")
         got = [unix.recv(65536).decode() for _ in range(3)]
         port = udp.getsockname()[1]
-        dtadmin(state, "audit", "export", "--syslog", f"udp:127.0.0.1:{port}", "--type", "user.create")
+        dtadmin(
+            state, "audit", "export", "--syslog", f"udp:127.0.0.1:{port}", "--type", "user.create"
+        )
         over_udp = [udp.recv(65536).decode() for _ in range(2)]  # the checkpoint, then it
     finally:
         unix.close()
@@ -89,7 +91,7 @@ def test_export_to_syslog_over_a_unix_socket_and_udp(state, tmp_path):
     assert first, got[0]
     assert first.group(1) == str(10 * 8 + 6)  # authpriv.info
     assert first.group(5) == "cluster.init" and json.loads(first.group(8))["id"] == 1
-    assert "audit.checkpoint [dt@32473 id=\"1\"]" in over_udp[0]
+    assert 'audit.checkpoint [dt@32473 id="1"]' in over_udp[0]
     m = rfc5424.match(over_udp[1])
     assert m and m.group(5) == "user.create" and json.loads(m.group(8))["user"] == "alice"
     refused = dtadmin(state, "audit", "export", "--syslog", str(tmp_path / "nothing"), check=False)

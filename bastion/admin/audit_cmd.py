@@ -117,7 +117,10 @@ def ls(
         newest = store.last_audit_id()
     if not follow:
         console.emit(
-            fmt, [export_.event_json(e) for e in events], COLUMNS, [_row(e) for e in events],
+            fmt,
+            [export_.event_json(e) for e in events],
+            COLUMNS,
+            [_row(e) for e in events],
             empty="(no events)",
         )
         return
@@ -125,8 +128,14 @@ def ls(
     with export_.interrupted_cleanly() as stop:
         _print_follow(fmt, events, header=True)
         for batch in export_.batches(
-            store, position, types=wanted, user=user, since=after,
-            checkpoints=False, follow=True, stop=stop,
+            store,
+            position,
+            types=wanted,
+            user=user,
+            since=after,
+            checkpoints=False,
+            follow=True,
+            stop=stop,
         ):
             _print_follow(fmt, batch, header=False)
 
@@ -238,8 +247,12 @@ def _public_key(path: Path | None, state_dir: Path) -> Any:
 def _check_kept(report: Any, path: Path, store: Any, public: Any, fingerprint: str) -> None:
     kept = _read_kept(path)
     cp = audit_chain.Checkpoint(
-        int(kept.get("checkpoint", 0)), int(kept["row_id"]), str(kept["row_hash"]),
-        float(kept["signed_at"]), str(kept["key"]), str(kept["signature"]),
+        int(kept.get("checkpoint", 0)),
+        int(kept["row_id"]),
+        str(kept["row_hash"]),
+        float(kept["signed_at"]),
+        str(kept["key"]),
+        str(kept["signature"]),
     )
     problem = None
     if cp.key != fingerprint or not audit_chain.checkpoint_valid(
@@ -412,8 +425,14 @@ def export(
     try:
         with export_.interrupted_cleanly() as stop:
             for batch in export_.batches(
-                store, position, types=wanted, user=user, since=after,
-                checkpoints=checkpoints, follow=follow, stop=stop,
+                store,
+                position,
+                types=wanted,
+                user=user,
+                since=after,
+                checkpoints=checkpoints,
+                follow=follow,
+                stop=stop,
             ):
                 send(batch)
     finally:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import itertools
 import json
 import os
 import signal
@@ -121,7 +120,11 @@ def batches(
             reached = max(page[-1].id if page else 0, position.event, newest)
         else:
             reached = page[-1].id
-        due = list(itertools.takewhile(lambda cp: cp.row_id <= reached, signed))
+        due = []
+        for cp in signed:
+            if cp.row_id > reached:
+                break  # its row comes in a later page
+            due.append(cp)
         if due:
             position.checkpoint = due[-1].id
         out: list[AuditEvent | Checkpoint] = []
@@ -251,9 +254,7 @@ class Syslog:
         stamp = obj.get("time") or datetime.datetime.now(datetime.UTC).isoformat()
         msgid = _sd_safe(str(obj.get("event") or "-"), 32)
         sd_params = {"id": obj.get("id", obj.get("checkpoint")), "code": obj.get("code")}
-        sd = "".join(
-            f' {k}="{_sd_value(str(v))}"' for k, v in sd_params.items() if v is not None
-        )
+        sd = "".join(f' {k}="{_sd_value(str(v))}"' for k, v in sd_params.items() if v is not None)
         head = f"<{pri}>1 {stamp} {self.host} dt-bastion {self.pid} {msgid} [{_SD_ID}{sd}] "
         return (head + dumps(obj)).encode()[:_MAX_DATAGRAM]
 

@@ -69,9 +69,7 @@ def checkpoint_message(row_id: int, row_hash: str, made: float) -> bytes:
     return CHECKPOINT_DOMAIN + body.encode()
 
 
-def sign_checkpoint(
-    key: ed25519.Ed25519PrivateKey, row_id: int, row_hash: str, made: float
-) -> str:
+def sign_checkpoint(key: ed25519.Ed25519PrivateKey, row_id: int, row_hash: str, made: float) -> str:
     return base64.b64encode(key.sign(checkpoint_message(row_id, row_hash, made))).decode()
 
 
@@ -171,7 +169,9 @@ def verify(
                 first = 1 if prev_id is None else prev_id + 1
                 gone = f"row {first}" if first == rid - 1 else f"rows {first}-{rid - 1}"
                 problem(
-                    first, "removed", f"{gone} removed: row {rid} no longer links to the row before it"
+                    first,
+                    "removed",
+                    f"{gone} removed: row {rid} no longer links to the row before it",
                 )
             elif len(suspects) < max_problems:
                 suspects.append(row)
