@@ -232,3 +232,31 @@ def test_the_audit_key_is_not_a_ca_key(state):
     pubs = {p.name: p.read_text().split()[1] for p in ca.glob("*.pub")}
     assert "audit_key.pub" in pubs
     assert len(set(pubs.values())) == len(pubs)
+
+
+def test_checkpoints_come_every_256_rows_in_the_writers_batches(tmp_path):
+    """The bastion's writer appends in batches of savepoints; a checkpoint is due every
+    CHECKPOINT_ROWS rows (and after CHECKPOINT_SECONDS), not at every row of a batch,
+    and a row rolled back with its savepoint leaves no hole in the chain."""
+    from bastion import audit
+    from bastion.cluster import init_cluster
+    from bastion.storage.audit_log import CHECKPOINT_ROWS
+
+    cluster = init_cluster(tmp_path / "state", "batch")
+    store = cluster.store
+    try:
+        with store.transaction(bump=False):
+            for i in range(2 * CHECKPOINT_ROWS + 10):
+                try:
+                    with store.savepoint():
+                        audit.record(store, "auth.failed", success=False, message=f"try {i}")
+                        if i == 5:
+                            raise ValueError("this job fails alone")
+                except ValueError:
+                    pass
+        rows = [cp.row_id for cp in store.list_audit_checkpoints()]
+        assert rows == [1, 1 + CHECKPOINT_ROWS, 1 + 2 * CHECKPOINT_ROWS]
+    finally:
+        cluster.close()
+    report = json.loads(verify(tmp_path / "state", "--format", "json").stdout)
+    assert report["ok"] and report["rows"] == 2 * CHECKPOINT_ROWS + 10  # init + all but one

@@ -44,6 +44,10 @@ class AuditStore(SQLiteBase):
     """The audit table and its checkpoints."""
 
     _audit_signer: Any = _UNLOADED
+    # The newest checkpoint this store knows of, (row id, time): read once, then kept
+    # as this store commits checkpoints. Another process's newer checkpoint only
+    # makes ours come early, never late; the chain does not depend on it.
+    _last_checkpoint: tuple[int, float] | None = None
 
     def append_audit(self, event: AuditEvent) -> int:
         with self.transaction(bump=False):
@@ -88,11 +92,14 @@ class AuditStore(SQLiteBase):
         key = self._audit_key()
         if key is None:
             return
-        last = self._conn.execute(
-            "SELECT row_id, time FROM audit_checkpoints ORDER BY id DESC LIMIT 1"
-        ).fetchone()
+        last = self._last_checkpoint
+        if last is None:
+            found = self._conn.execute(
+                "SELECT row_id, time FROM audit_checkpoints ORDER BY id DESC LIMIT 1"
+            ).fetchone()
+            last = self._last_checkpoint = (found[0], found[1]) if found else (0, 0.0)
         now = time.time()
-        if last and row_id - last[0] < CHECKPOINT_ROWS and now - last[1] < CHECKPOINT_SECONDS:
+        if 0 <= row_id - last[0] < CHECKPOINT_ROWS and now - last[1] < CHECKPOINT_SECONDS:
             return
         self._insert_checkpoint(key, row_id, row_hash, now)
 
@@ -108,6 +115,9 @@ class AuditStore(SQLiteBase):
             "VALUES (?,?,?,?,?)",
             (row_id, row_hash, now, fp, signature),
         )
+        # At once, not after commit: the rows after it in this batch are not due. If
+        # the batch rolls back, the next checkpoint comes up to one period late.
+        self._last_checkpoint = (row_id, now)
         return Checkpoint(int(cur.lastrowid or 0), row_id, row_hash, now, fp, signature)
 
     def checkpoint_audit(self) -> Checkpoint | None:

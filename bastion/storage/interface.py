@@ -16,6 +16,11 @@ promises is part of the contract, so both stores keep it:
 * Field-level writes (``set_user_*``) change only what they name. ``update_user``
   writes the whole record and is kept for callers that just read it in the same
   transaction; nothing after a slow step uses it.
+* ``append_audit`` links the row into the audit hash chain inside the write
+  transaction that appends it (reading the last row's hash under the write lock, so
+  concurrent appenders never fork the chain; a PostgreSQL store takes a lock, e.g. an
+  advisory one, for it), and signs a checkpoint in that transaction when one is due
+  (``bastion.storage.audit_chain`` fixes the encoding both stores hash).
 * A state it cannot read raises ``StateError``; one it cannot reach now (locked,
   read-only, unreachable) raises ``StorageUnavailable``.
 
@@ -25,7 +30,7 @@ are not part of it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
@@ -41,6 +46,7 @@ from bastion.authz.records import (
     Token,
     User,
 )
+from bastion.storage.audit_chain import Checkpoint
 
 
 @runtime_checkable
@@ -162,13 +168,20 @@ class StateStore(Protocol):
     def open_session_instances(self) -> list[str]: ...
     def take_open_sessions(self, instance: str) -> list[OpenSession]: ...
 
-    # -- audit
+    # -- audit: a hash chain with signed checkpoints
     def append_audit(self, event: AuditEvent) -> int: ...
     def list_audit(
         self,
         *,
-        type: str | None = None,
+        type: str | tuple[str, ...] | None = None,
         user: str | None = None,
         since: float | None = None,
+        after_id: int | None = None,
         limit: int = 1000,
+        oldest_first: bool = False,
     ) -> list[AuditEvent]: ...
+    def last_audit_id(self) -> int: ...
+    def audit_chain_rows(self, batch: int = 5000) -> Iterator[dict[str, Any]]: ...
+    def checkpoint_audit(self) -> Checkpoint | None: ...
+    def last_audit_checkpoint(self) -> Checkpoint | None: ...
+    def list_audit_checkpoints(self, *, after: int = 0) -> list[Checkpoint]: ...
