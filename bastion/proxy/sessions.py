@@ -266,6 +266,10 @@ class Registry:
             self.sweep(stale_files=stale_files)
         except Exception:
             log.exception("could not end sessions left by a stopped bastion; will retry")
+        try:  # a quiet log's last rows get signed too, not only at the next append
+            self.store.checkpoint_audit_if_stale(time.time())
+        except Exception:
+            log.exception("could not sign an audit checkpoint; will retry")
 
     def _end_orphans(self, name: str) -> int:
         now = time.time()
