@@ -102,6 +102,13 @@ def test_a_deleted_row_is_named(state):
     assert "row 4 removed" in proc.stderr, proc.stderr
 
 
+def test_a_deleted_row_with_the_ids_after_it_renumbered_is_named(state):
+    sql(state, "DELETE FROM audit WHERE id = 3; UPDATE audit SET id = id - 1 WHERE id > 3")
+    proc = verify(state)
+    assert proc.returncode == TAMPERED
+    assert "row 3 removed, and the rows after it renumbered" in proc.stderr, proc.stdout
+
+
 def test_two_swapped_rows_are_named(state):
     cols = "time, code, type, success, message, user, device, remote_addr, fields, hash"
     sql(

@@ -96,6 +96,7 @@ class Problem:
     row: int
     text: str
     kind: str  # changed | removed | reordered | forged | unhashed
+    origin: int | None = None  # for reordered: the id the row was written under
 
 
 @dataclass
@@ -148,13 +149,19 @@ def verify(
     """
     report = Report()
     signed = sorted(checkpoints, key=lambda cp: cp.id)
-    stored: dict[int, str] = {}  # row id -> stored hash, for checkpoints and reorders
-    suspects: list[dict[str, Any]] = []  # rows whose link broke, explained after the walk
+    wanted = {cp.row_id for cp in signed}
+    stored: dict[int, str] = {}  # stored hashes of the rows checkpoints name
+    recent: dict[int, str] = {}  # and of the last rows, to explain a broken link
+    suspects: list[dict[str, Any]] = []  # rows whose link broke, explained a window later
     prev_hash, prev_id = GENESIS, None
 
-    def problem(row: int, kind: str, text: str) -> None:
+    def problem(row: int, kind: str, text: str, origin: int | None = None) -> None:
         if len(report.problems) < max_problems:
-            report.problems.append(Problem(row, text, kind))
+            report.problems.append(Problem(row, text, kind, origin))
+
+    def explain_due(upto: float) -> None:
+        while suspects and suspects[0]["id"] + _WINDOW <= upto:
+            _explain(problem, suspects.pop(0), recent)
 
     for row in _rows(rows):
         report.rows += 1
@@ -173,17 +180,44 @@ def verify(
                     "removed",
                     f"{gone} removed: row {rid} no longer links to the row before it",
                 )
-            elif len(suspects) < max_problems:
+            elif len(suspects) + len(report.problems) < max_problems:
                 suspects.append(row)
-        stored[rid] = have or ""
+        if rid in wanted:
+            stored[rid] = have or ""
+        recent[rid] = have or ""
+        for old in [i for i in recent if i < rid - 2 * _WINDOW]:
+            del recent[old]
+        explain_due(rid)
         if have is not None:
             prev_hash = bytes.fromhex(have) if _is_hex(have) else b""
         prev_id = rid
-    for row in suspects:
-        _explain(problem, row, stored)
+    explain_due(float("inf"))
+    _renumbered(report)
     _check_checkpoints(report, signed, stored, public, key_fingerprint, problem)
     report.problems.sort(key=lambda p: p.row)
     return report
+
+
+def _renumbered(report: Report) -> None:
+    """A row deleted and every row after it moved down one id reads as one changed
+    row and then rows each one place off: say what happened."""
+    probs = report.problems
+    for i, p in enumerate(probs):
+        after = probs[i + 1 : i + 4]
+        if (
+            p.kind == "changed"
+            and len(after) >= 2
+            and all(
+                q.kind == "reordered" and q.row == p.row + k + 1 and q.origin == q.row + 1
+                for k, q in enumerate(after)
+            )
+        ):
+            probs[i] = Problem(
+                p.row,
+                f"row {p.row} removed, and the rows after it renumbered to close the gap",
+                "removed",
+            )
+            return
 
 
 def _rows(rows: Iterable[Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -217,6 +251,7 @@ def _explain(problem: Any, row: dict[str, Any], stored: dict[int, str]) -> None:
                 rid,
                 "reordered",
                 f"row {rid} holds the event written as row {original}: rows were reordered",
+                original,
             )
             return
     if any(link(p, row).hex() == have for p in prevs):
