@@ -1,7 +1,9 @@
 """The audit log: one function records every allow and every deny.
 
-Events land in the ``audit`` table of the cluster database. A write that fails
-raises :class:`StorageUnavailable`; callers that grant something (a certificate, an
+Events land in the ``audit`` table of the cluster database, each linked into a hash
+chain with checkpoints signed by the audit key (``bastion.storage.audit_log``;
+``dtadmin audit verify`` checks it). A write that fails raises
+:class:`StorageUnavailable`; callers that grant something (a certificate, an
 enrollment) record inside the same transaction, so nothing is granted unaudited.
 """
 
