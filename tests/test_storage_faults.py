@@ -95,7 +95,8 @@ def recorded_and_audited(db: Path) -> tuple[set[int], set[int]]:
             int(r[0])
             for r in conn.execute(
                 "SELECT json_extract(fields, '$.serial') FROM audit "
-                "WHERE type = 'cert.create' AND success = 1"
+                "WHERE type = 'cert.create' AND success = 1 "
+                "AND json_extract(fields, '$.cert_type') IS NOT 'host'"
             )
         }
     finally:
