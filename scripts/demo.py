@@ -264,6 +264,9 @@ def story(demo: Demo) -> None:
     demo.heading("Every allow and deny is in the audit log")
     demo.run(["dtadmin", "audit", "ls", "--since", "1h"], expect="session.denied")
 
+    demo.heading("The audit log is hash-chained and signed: verify proves nothing was changed")
+    demo.run(["dtadmin", "audit", "verify", "--checkpoint"], expect="audit log intact")
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -30,6 +30,7 @@ TypeOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--type",
+        metavar="<type>",
         help="Only these event types (repeat, or comma-separate): e.g. session.denied. "
         "See docs/audit.md for the list.",
         show_default=False,
@@ -178,6 +179,7 @@ def verify(
         list[Path] | None,
         typer.Option(
             "--against",
+            metavar="<file>",
             help="A checkpoint kept elsewhere (from --checkpoint-out, or an export file's "
             "last checkpoint line): the log must still hold the row it signed.",
             show_default=False,
