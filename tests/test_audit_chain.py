@@ -58,14 +58,20 @@ def verify(state: Path, *args: str) -> subprocess.CompletedProcess:
     return dtadmin(state, "audit", "verify", *args, check=False)
 
 
-@pytest.fixture
-def state(tmp_path):
-    """A cluster made by `dtadmin init`, with a few events: rows 1-6."""
-    state = tmp_path / "state"
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """A cluster made by `dtadmin init`, with a few events: rows 1-7."""
+    state = tmp_path_factory.mktemp("audit-template") / "state"
     dtadmin(state, "init", "--cluster", "audit")
     for name in ("alice", "bob", "carol"):
         dtadmin(state, "users", "add", name, "--roles", "access", "--logins", "root")
     return state
+
+
+@pytest.fixture
+def state(template, tmp_path):
+    """A copy of the template for each test to attack (no process has it open)."""
+    return Path(shutil.copytree(template, tmp_path / "state"))
 
 
 def rows(state: Path) -> int:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
 import subprocess
+from pathlib import Path
 
 import pexpect
 import pytest
@@ -15,12 +17,17 @@ import pytest
 from tests.test_audit_chain import BIN, dtadmin, verify
 
 
-@pytest.fixture
-def state(tmp_path):
-    state = tmp_path / "state"
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    state = tmp_path_factory.mktemp("export-template") / "state"
     dtadmin(state, "init", "--cluster", "export")
     dtadmin(state, "users", "add", "alice", "--roles", "access", "--logins", "root")
     return state
+
+
+@pytest.fixture
+def state(template, tmp_path):
+    return Path(shutil.copytree(template, tmp_path / "state"))
 
 
 def lines(text: str) -> list[dict]:
