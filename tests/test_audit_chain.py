@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from bastion.protocol.certs import fingerprint
+from bastion.protocol.certs import fingerprint, public_line
 from bastion.storage import audit_chain
 
 BIN = Path(sys.executable).parent
@@ -156,6 +156,18 @@ def test_a_checkpoint_forged_with_another_key_is_named(state):
     proc = verify(state)
     assert proc.returncode == TAMPERED
     assert "has a bad signature: forged or altered" in proc.stderr
+
+
+def test_an_emptied_log_and_another_audit_key_are_named(state, tmp_path):
+    mine = verify(state, "--key", str(state / "ca" / "audit_key.pub"))
+    assert mine.returncode == 0  # checked with a copy of the public key kept elsewhere
+    other = ed25519.Ed25519PrivateKey.generate().public_key()
+    (tmp_path / "other.pub").write_text(public_line(other, "other") + "\n")
+    theirs = verify(state, "--key", str(tmp_path / "other.pub"))
+    assert theirs.returncode == TAMPERED and "not the cluster's audit key" in theirs.stderr
+    sql(state, "DELETE FROM audit; DELETE FROM audit_checkpoints")
+    emptied = verify(state)
+    assert emptied.returncode == TAMPERED and "the audit log is empty" in emptied.stderr
 
 
 def test_a_rewrite_with_hashes_recomputed_is_caught_by_the_checkpoint(state):

@@ -212,6 +212,10 @@ def verify(
         report = audit_chain.verify(
             store.audit_chain_rows(), store.list_audit_checkpoints(), public, fingerprint
         )
+    if not report.rows:  # a cluster's log starts with cluster.init; it is never empty
+        report.problems.append(
+            audit_chain.Problem(1, "every row was removed: the audit log is empty", "removed")
+        )
     for kept_path in against or []:
         _check_kept(report, kept_path, store, public, fingerprint)
     report.problems.sort(key=lambda p: p.row)
@@ -332,12 +336,12 @@ def _say_report(fmt: Format, report: Any, fingerprint: str) -> None:
             }
         )
         return
-    if not report.rows:
-        console.say("the audit log is empty")
-        return
     for p in report.problems:
         console.say(f"row {p.row}: {p.kind}: {p.text}")
     verdict = "intact" if report.ok else f"TAMPERED ({len(report.problems)} problem(s))"
+    if not report.rows:
+        console.say(f"audit log {verdict}: no rows")
+        return
     console.say(
         f"audit log {verdict}: rows {report.first_id}-{report.last_id} ({report.rows}), "
         f"{report.checkpoints} checkpoint(s) signed by {fingerprint}"
