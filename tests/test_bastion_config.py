@@ -196,5 +196,5 @@ def test_log_lines_name_no_python_none(tmp_path, cluster_env):
     ``user=None device=None addr=None``."""
     with running("--listen", "127.0.0.1:0", env=cluster_env) as out:
         pass
-    assert out["code"] == 0 and "host_cert.create allow" in out["stderr"], out["stderr"]
+    assert out["code"] == 0 and "cert.create allow" in out["stderr"], out["stderr"]
     assert "None" not in out["stderr"], out["stderr"]
