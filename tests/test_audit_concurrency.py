@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import sys
 import time
 
 import asyncssh
@@ -96,3 +97,47 @@ def test_the_bastion_and_several_dtadmins_appending_at_once_keep_one_chain(tmp_p
     # every row each process wrote is in the one chain: ids 1..n, no gap, no fork
     assert report["rows"] == report["last_row"] >= before + denied + users * 2
     assert report["checkpoints"] >= 2 and report["unsigned_rows"] < report["rows"]
+
+
+APPENDER = """
+import os, sys, time
+from pathlib import Path
+from bastion import audit
+from bastion.storage import Store
+store = Store.open(sys.argv[1])
+store.revision()
+Path(sys.argv[1]).parent.joinpath(f"ready-{sys.argv[3]}").touch()
+while not Path(sys.argv[1]).parent.joinpath("go").exists():  # all start together
+    time.sleep(0.01)
+for i in range(int(sys.argv[2])):
+    audit.record(store, "user.update", message=f"writer {sys.argv[3]} row {i}", actor="stress")
+store.close()
+"""
+
+
+def test_processes_appending_in_a_tight_loop_never_fork_the_chain(tmp_path):
+    """Harder than dtadmin's pace: four processes each append as fast as they can,
+    every row its own write transaction, racing for the lock the whole time."""
+    state = tmp_path / "state"
+    dtadmin(state, "init", "--cluster", "race")
+    writers, each = 4, 150
+    procs = [
+        subprocess.Popen([sys.executable, "-c", APPENDER, str(state), str(each), str(w)])
+        for w in range(writers)
+    ]
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"ready-{w}").exists() for w in range(writers)):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.02)
+    (tmp_path / "go").touch()
+    assert [p.wait(timeout=300) for p in procs] == [0] * writers
+    report = json.loads(dtadmin(state, "audit", "verify", "--format", "json").stdout)
+    assert report["ok"], report["problems"]
+    assert report["rows"] == report["last_row"] == 1 + writers * each
+    order = [
+        m.split()[1]
+        for m in sql(state, "SELECT message FROM audit WHERE id > 1 ORDER BY id").split("\n")
+        if m
+    ]
+    switches = sum(a != b for a, b in zip(order, order[1:], strict=False))
+    assert switches >= writers, "the writers did not race"
