@@ -140,7 +140,9 @@ def test_every_noun_answers_to_singular_and_plural(state):
     # --help shows each group once, by its plural
     commands = dtadmin(state, "--help").stdout
     for noun in NOUNS:
-        assert re.search(rf"│ {noun}s ", commands) and not re.search(rf"│ {noun} ", commands)
+        listed = rf"^\W*{noun}s\s"  # a Rich box or plain help alike
+        assert re.search(listed, commands, re.M), (noun, commands)
+        assert not re.search(rf"^\W*{noun}\s", commands, re.M), (noun, commands)
 
 
 def test_get_roles_prints_every_role(state):
@@ -244,6 +246,8 @@ def test_the_exit_codes_in_the_docs_are_the_ones_the_commands_use():
             yield from walk(sub)
 
     for cls in walk(errors.DTError):
+        if cls.__module__ != errors.__name__:
+            continue  # a shell's private refinement keeps its parent's code
         assert cls.code in table.get(cls.exit_code, set()), (cls.__name__, cls.exit_code)
     # and a real failure ends with the documented code
     missing = subprocess.run(

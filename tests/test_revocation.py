@@ -102,7 +102,7 @@ def test_cert_cli_lists_revokes_and_refuses_bad_input(cluster, tmp_path):
         (("12345",), "no user certificate with serial 12345"),
         (("--key-id", "nobody-1"), "no user certificate with key id"),
         (("--user", "carol"), 'no user "carol"'),
-        (("not-a-number",), "valid integer"),
+        (("not-a-number",), "not a valid int"),
     ]:
         proc = dtadmin(cluster, "cert", "revoke", *args, check=False)
         assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr)
