@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import NoReturn
 
 from bastion import audit, credentials
 from bastion.authz import rbac
@@ -160,6 +162,8 @@ def check_password_login(
         _fail(store, user_name, remote_addr, "unknown user", now, count=False)
         raise AuthenticationFailed("wrong user name, password or one-time code")
     attempt, lock = _reserve_attempt(store, user, remote_addr, policy, now)
+    if attempt is None and lock is not None and lock.target_kind != PASSWORD_LOCK:
+        _refuse_locked(store, user, lock, password, code, remote_addr, now)
     if attempt is None:
         credentials.verify_password(None, password)
         if lock is not None:
@@ -177,6 +181,36 @@ def check_password_login(
         if admitted is not None:
             return admitted
     raise _failed_attempt(store, user_name, attempt, failure, remote_addr, policy, now)
+
+
+def _refuse_locked(
+    store: Store,
+    user: User,
+    lock: Lock,
+    password: str,
+    code: str,
+    remote_addr: str | None,
+    now: float,
+) -> NoReturn:
+    """An admin's lock on the user. Whoever proves password and code is told the lock's
+    message and end (it is their account); anyone else hears the generic refusal, so a
+    lock reveals neither that the account exists nor that it is locked. Nothing is
+    counted or spent: a locked account admits no login either way."""
+    failure, _step = _check_factors(user, password, code, now)
+    reason = f"account locked: {lock.message}" if failure is None else f"locked; {failure}"
+    _fail(store, user.name, remote_addr, reason, now, count=False)
+    if failure is not None:
+        raise AuthenticationFailed("wrong user name, password or one-time code")
+    until = (
+        "until " + datetime.fromtimestamp(lock.expires, UTC).strftime("%Y-%m-%d %H:%M UTC")
+        if lock.expires is not None
+        else "with no end set"
+    )
+    said = f": {lock.message}" if lock.message else ""
+    raise AccountLocked(
+        f'your account "{user.name}" is locked by an admin{said} ({until}); ask an admin',
+        disclose=True,
+    )
 
 
 def password_lock(store: Store, user: str, now: float) -> Lock | None:

@@ -514,7 +514,7 @@ async def _parallel_logins(home: Path, tcti: str, n: int) -> tuple[float, int]:
     from client.profile import Home
     from client.tpm import TPM
 
-    h = Home(home)
+    h = Home.open(home)
     profile, device = h.load_profile(), h.load_device()
     key = asyncssh.read_private_key(str(h.key_path))
     cert = asyncssh.read_certificate(str(h.cert_path))

@@ -54,6 +54,13 @@ class Credentials:
     signup_token: str | None = None
     client_key: Any = None  # asyncssh private key
     certificate: Any = None  # asyncssh certificate
+    # Asked for (password, code) only when the bastion's login prompt arrives, so after
+    # the host CA was checked (pin or trust prompt): nothing is typed for a stranger.
+    ask: Callable[[], tuple[str, str]] | None = None
+
+
+REFUSAL_TAG = wire.REFUSAL_TAG
+BASTION_VERSION = "SSH-2.0-dt-bastion"
 
 
 class _Client(asyncssh.SSHClient):
@@ -61,8 +68,39 @@ class _Client(asyncssh.SSHClient):
         self.trust = trust
         self.creds = creds
         self._answered = False
+        self.conn: asyncssh.SSHClientConnection | None = None
+        self.refusal: DTError | None = None  # why the bastion refused, when it said
+        self.banners: list[str] = []
+
+    def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+        self.conn = conn
+
+    def _is_bastion(self) -> bool:
+        version = str(self.conn.get_extra_info("server_version") or "") if self.conn else ""
+        if version.startswith(BASTION_VERSION):
+            return True
+        self.trust.refused = (
+            f"this is not a dt-bastion: the SSH server here says {version or 'nothing'!r} "
+            "and has no dt-api (is --proxy the bastion's address and port?)"
+        )
+        return False
+
+    def validate_host_public_key(
+        self, host: str, addr: str, port: int, key: asyncssh.SSHKey
+    ) -> bool:
+        if self._is_bastion():
+            self.trust.refused = (
+                "the bastion presented a plain host key, not a host certificate: "
+                "refusing to connect (possible man in the middle)"
+            )
+        return False
+
+    def auth_banner_received(self, msg: str, lang: str) -> None:
+        self.banners.append(msg.strip())
 
     def validate_host_ca_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
+        if not self._is_bastion():
+            return False
         line = key.export_public_key("openssh").decode().strip()
         fp = fingerprint(load_public_key(line.encode()))
         if self.trust.pin is not None:
@@ -85,10 +123,16 @@ class _Client(asyncssh.SSHClient):
         self, name: str, instructions: str, lang: str, prompts: Sequence[tuple[str, bool]]
     ) -> list[str] | None:
         if not prompts:
+            if lang.startswith(REFUSAL_TAG) and instructions.strip():
+                from bastion.protocol.errors import from_code
+
+                self.refusal = from_code(lang[len(REFUSAL_TAG) :], instructions.strip())
             return []
         if self._answered:
             return None  # the answers were refused once: do not retry them (lockout)
         self._answered = True
+        if self.creds.ask is not None and self.creds.password is None:
+            self.creds.password, self.creds.totp_code = self.creds.ask()
         return [self._answer(prompt.lower()) for prompt, _echo in prompts]
 
     def _answer(self, prompt: str) -> str:
@@ -151,16 +195,25 @@ async def open_session(host: str, port: int, creds: Credentials, trust: HostTrus
         "public_key_auth": creds.client_key is not None,
         "client_keys": [(creds.client_key, creds.certificate)] if creds.client_key else None,
     }
+    client = _Client(trust, creds)
     try:
         conn, _ = await asyncssh.create_connection(
-            lambda: _Client(trust, creds), host, port, password_auth=False, **options
+            lambda: client, host, port, password_auth=False, **options
         )
     except asyncssh.HostKeyNotVerifiable as exc:
         raise ConnectionFailed(
             trust.refused or f"cannot verify the bastion: {exc.reason}"
         ) from None
     except asyncssh.PermissionDenied as exc:
-        raise AuthenticationFailed(_denied_message(exc.reason)) from None
+        if client.refusal is not None:
+            raise client.refusal from None
+        if creds.client_key is not None:
+            said = "; ".join(b for b in client.banners if b)
+            raise AuthenticationFailed(
+                "the bastion refused your certificate"
+                + (f": {said}" if said else " (revoked, of a rotated CA, or your account locked)")
+            ) from None
+        raise AuthenticationFailed(_denied_message(exc.reason, client.banners)) from None
     except asyncssh.DisconnectError as exc:
         raise ConnectionFailed(f"the bastion refused the connection: {exc.reason}") from None
     except (TimeoutError, OSError) as exc:
@@ -174,14 +227,19 @@ async def open_session(host: str, port: int, creds: Credentials, trust: HostTrus
         )
     except (asyncssh.Error, OSError) as exc:
         conn.close()
-        raise ConnectionFailed(f"the bastion refused the dt-api subsystem: {exc}") from None
+        raise ConnectionFailed(
+            f"{host}:{port} has no dt-api subsystem ({exc}): is --proxy a dt-bastion?"
+        ) from None
     except DTError:
         conn.close()
         raise
     return session
 
 
-def _denied_message(reason: str) -> str:
+def _denied_message(reason: str, banners: Sequence[str] = ()) -> str:
+    said = "; ".join(b for b in banners if b)
+    if said:
+        return f"login failed: {said}"
     reason = (reason or "").strip()
     if not reason or reason.lower().startswith("permission denied"):
         return "login failed: wrong user name, password or code (or the account is locked)"

@@ -19,7 +19,15 @@ import typer
 
 from bastion.protocol import console
 from bastion.protocol.console import Format
-from bastion.protocol.errors import ConnectionFailed, DTError, NotLoggedIn, TPMError, UsageError
+from bastion.protocol.errors import (
+    AccessDenied,
+    AuthenticationFailed,
+    ConnectionFailed,
+    DTError,
+    NotLoggedIn,
+    TPMError,
+    UsageError,
+)
 from client.profile import (
     DeviceState,
     Home,
@@ -52,6 +60,22 @@ app.add_typer(device_app, name="device")
 ProxyOpt = Annotated[
     str, typer.Option("--proxy", help="The bastion, HOST:PORT (port 3022 if omitted).")
 ]
+LoginProxyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--proxy",
+        help="The bastion, HOST:PORT (port 3022 if omitted); remembered in the cluster's "
+        "profile, so later logins need neither --proxy nor --user.",
+    ),
+]
+ClusterOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--cluster",
+        envvar="DT_CLUSTER",
+        help="Use this cluster's profile (default: the current one; see dtclient status).",
+    ),
+]
 PinOpt = Annotated[
     str | None,
     typer.Option(
@@ -62,7 +86,8 @@ TpmOpt = Annotated[
     str | None,
     typer.Option(
         "--tpm",
-        help="TPM TCTI, e.g. swtpm:host=127.0.0.1,port=2321 (default: DT_TPM_TCTI or /dev/tpmrm0).",
+        help="TPM TCTI, e.g. swtpm:host=127.0.0.1,port=2321 or /dev/tpmrm0 (default: "
+        "DT_TPM_TCTI, else the one saved at enrollment, else /dev/tpmrm0).",
     ),
 ]
 FormatOpt = Annotated[Format, typer.Option("--format", help="Output format.")]
@@ -83,7 +108,8 @@ TokenFileOpt = Annotated[
 def ask(prompt: str, *, secret: bool = False) -> str:
     """Ask a person, or read the next line of stdin when it is not a terminal."""
     if sys.stdin.isatty():
-        return getpass.getpass(prompt) if secret else input(prompt)
+        with console.prompting():
+            return getpass.getpass(prompt) if secret else input(prompt)
     sys.stderr.write(prompt + "\n")
     sys.stderr.flush()
     line = sys.stdin.readline()
@@ -177,7 +203,7 @@ def signup(
     dtclient asks for the token (it is not shown as you type), or reads it from
     --token-file. Example: dtclient signup --proxy bastion.example.com:3022
     """
-    home = Home.open()
+    home = _choose_profile(Home.open(), proxy, None)
     host, port = split_hostport(proxy)
     secret = read_token(token, token_file, "Signup token (not shown as you type): ", required=True)
     _run(_signup(home, host, port, secret, _trust(home, ca_pin)))
@@ -185,6 +211,7 @@ def signup(
 
 async def _signup(home: Home, host: str, port: int, token: str, trust: HostTrust) -> None:
     from bastion.protocol import wire
+    from bastion.protocol.errors import AuthenticationFailed
     from bastion.protocol.tokens import check_token_format
     from client.api import Credentials, open_session
 
@@ -197,20 +224,52 @@ async def _signup(home: Home, host: str, port: int, token: str, trust: HostTrust
         info = await session.call(wire.SignupBegin(token=token), wire.SignupInfo)
         console.say(f"Signing up as {info.user}.")
         _show_totp(info.totp_uri)
-        password = ask(
-            f"New password (at least {info.min_password_length} characters): ", secret=True
-        )
-        again = ask("Repeat the password: ", secret=True)
-        if password != again:
-            raise UsageError("the two passwords differ; nothing was changed")
-        code = ask("One-time code from your app, to confirm: ")
-        await session.call(
-            wire.SignupFinish(token=token, password=password, totp_code=code.strip()), wire.Ok
-        )
+        password = _new_password(info.min_password_length)
+        for attempt in range(3):  # a mistyped code is asked again; the QR code stands
+            code = ask("One-time code from your app, to confirm: ")
+            try:
+                await session.call(
+                    wire.SignupFinish(token=token, password=password, totp_code=code.strip()),
+                    wire.Ok,
+                )
+                break
+            except AuthenticationFailed as exc:
+                if attempt == 2:
+                    raise
+                console.note(f"{exc.message}; type the code your app shows now")
     finally:
         await session.close()
-    home.trust_host_cas(tuple(trust.accepted) or trust.trusted, session.welcome.cluster)
-    console.say(f"Signed up. Now run: dtclient login --proxy {host}:{port} --user {info.user}")
+    cluster = session.welcome.cluster
+    home.select(cluster)
+    home.trust_host_cas(tuple(trust.accepted) or trust.trusted, cluster)
+    home.save_profile(
+        Profile(
+            proxy=f"{host}:{port}",
+            user=info.user,
+            cluster=cluster,
+            host_ca_keys=tuple(trust.accepted) or trust.trusted,
+            ca_pin=trust.pin or "",
+        )
+    )
+    console.say(
+        f"Signed up. Now run: dtclient login (remembered: --proxy {host}:{port} "
+        f"--user {info.user}, cluster {cluster})"
+    )
+
+
+def _new_password(minimum: int) -> str:
+    """A new password, refused here when shorter than the bastion's rule (which it
+    told us up front, and still enforces), before any code is asked."""
+    for _ in range(3):
+        password = ask(f"New password (at least {minimum} characters): ", secret=True)
+        if len(password) < minimum:
+            console.note(f"too short: {len(password)} characters, at least {minimum} needed")
+            continue
+        if password != ask("Repeat the password: ", secret=True):
+            console.note("the two passwords differ; type them again")
+            continue
+        return password
+    raise UsageError(f"no acceptable password given (at least {minimum} characters, typed twice)")
 
 
 def _show_totp(uri: str) -> None:
@@ -232,8 +291,12 @@ def _show_totp(uri: str) -> None:
 
 @app.command()
 def login(
-    proxy: ProxyOpt,
-    user: Annotated[str, typer.Option("--user", help="Your dt-bastion user name.")],
+    proxy: LoginProxyOpt = None,
+    user: Annotated[
+        str | None,
+        typer.Option("--user", help="Your dt-bastion user name (remembered in the profile)."),
+    ] = None,
+    cluster: ClusterOpt = None,
     ca_pin: PinOpt = None,
     ttl: Annotated[
         str | None,
@@ -249,30 +312,76 @@ def login(
 ) -> None:
     """Log in with password and one-time code; get a fresh key and certificate.
 
+    The first time, give --proxy and --user; they are kept in the cluster's profile
+    (~/.dt/clusters/NAME), so afterwards a plain `dtclient login` does. Several
+    clusters live side by side: choose one with --cluster NAME or DT_CLUSTER (the
+    last one logged in to is current). The bastion's host CA is checked (--ca-pin,
+    or a prompt the first time) before the password and code are asked.
+
     If this device is enrolled, the certificate also carries the device extensions
     (your TPM answers a fresh challenge). While your certificate is still valid,
     login renews through it instead (never beyond its expiry), e.g. right after
-    `dtclient device enroll`. Example:
-    dtclient login --proxy bastion.example.com:3022 --user alice
+    `dtclient device enroll`; if the bastion refuses it, you are asked for password
+    and code. Example: dtclient login --proxy bastion.example.com:3022 --user alice
     """
     from bastion.protocol.durations import parse_duration
 
-    home = Home.open()
-    host, port = split_hostport(proxy)
+    home = _choose_profile(Home.open(cluster=cluster), proxy, cluster)
+    saved_proxy, saved_user = _saved(home, "proxy"), _saved(home, "user")
+    if proxy is None and saved_proxy is None:
+        raise UsageError(
+            "no profile to log in with: give --proxy HOST:PORT and --user NAME "
+            "(after that, dtclient login remembers them)"
+        )
+    host, port = split_hostport(proxy or saved_proxy or "")
+    user = user or (saved_user if saved_proxy == f"{host}:{port}" else None)
+    if not user:
+        raise UsageError(f"give --user NAME: no profile for {host}:{port} names one")
+    from client.api import Credentials
+
     ttl_seconds = parse_duration(ttl) if ttl else None
     renewal = None if password or ca_pin else _renewal(home, f"{host}:{port}", user)
+    fresh = Credentials(user, ask=lambda: _ask_secrets(user))
     if renewal is not None:
         creds, trust = renewal
         console.note("Renewing with your current certificate (use --password to log in afresh).")
+        try:
+            profile = _run(_login(home, host, port, creds, trust, ttl_seconds, tpm))
+        except (AuthenticationFailed, AccessDenied) as exc:
+            console.note(f"renewal refused: {exc.message}")
+            console.note("Log in with your password and one-time code instead.")
+            profile = _run(_login(home, host, port, fresh, _trust(home, None), ttl_seconds, tpm))
     else:
-        secret = ask(f"Password for {user}: ", secret=True)
-        code = ask("One-time code: ")
-        from client.api import Credentials
-
-        creds = Credentials(user, password=secret, totp_code=code.strip())
-        trust = _trust(home, ca_pin)
-    profile = _run(_login(home, host, port, creds, trust, ttl_seconds, tpm))
+        profile = _run(_login(home, host, port, fresh, _trust(home, ca_pin), ttl_seconds, tpm))
     _print_status(home, profile)
+
+
+def _choose_profile(home: Home, proxy: str | None, cluster: str | None) -> Home:
+    """The profile of the bastion at ``--proxy``: the one that names it, else a new one
+    (its cluster learned at login); without ``--proxy``, the chosen or current one."""
+    if proxy is not None and cluster is None and "DT_CLUSTER" not in os.environ:
+        host, port = split_hostport(proxy)
+        known = home.find_proxy(f"{host}:{port}")
+        if known is not None:
+            home.select(known)
+        elif home.cluster is not None and _saved(home, "proxy") != f"{host}:{port}":
+            home.cluster = None  # a bastion not seen before: a new profile
+    return home
+
+
+def _saved(home: Home, field: str) -> str | None:
+    try:
+        value = getattr(home.load_profile(), field)
+    except DTError:
+        return None
+    return str(value) if value else None
+
+
+def _ask_secrets(user: str) -> tuple[str, str]:
+    """Asked when the bastion's prompt arrives: after its host CA was accepted."""
+    secret = ask(f"Password for {user}: ", secret=True)
+    code = ask("One-time code: ")
+    return secret, code.strip()
 
 
 def _renewal(home: Home, proxy: str, user: str) -> tuple[Credentials, HostTrust] | None:
@@ -283,12 +392,12 @@ def _renewal(home: Home, proxy: str, user: str) -> tuple[Credentials, HostTrust]
     try:
         profile = home.load_profile()
         cert = home.load_cert()
-    except DTError:
+        if profile.proxy != proxy or profile.user != user or not cert.valid_at(time.time() + 60):
+            return None
+        key = asyncssh.read_private_key(str(home.key_path))
+        certificate = asyncssh.read_certificate(str(home.cert_path))
+    except (DTError, OSError, ValueError, asyncssh.Error):
         return None
-    if profile.proxy != proxy or profile.user != user or not cert.valid_at(time.time() + 60):
-        return None
-    key = asyncssh.read_private_key(str(home.key_path))
-    certificate = asyncssh.read_certificate(str(home.cert_path))
     creds = Credentials("dt", client_key=key, certificate=certificate)
     return creds, HostTrust(trusted=profile.host_ca_keys)
 
@@ -311,6 +420,8 @@ async def _login(
     try:
         cluster = session.welcome.cluster
         user = session.welcome.user or creds.user
+        if home.cluster is None or _saved(home, "cluster") not in (None, cluster):
+            home.select(cluster)
         key = asyncssh.generate_private_key("ssh-ed25519", comment=agent.key_comment(cluster, user))
         public_line = key.export_public_key("openssh").decode().strip()
         issued = await _request_cert(session, home, cluster, public_line, ttl, tcti)
@@ -365,14 +476,51 @@ async def _request_cert(
     answer = await session.receive((wire.DeviceChallenge, wire.CertIssued))
     if isinstance(answer, wire.CertIssued):
         return answer  # device trust is off for this cluster: no ceremony
+    chosen = tcti or os.environ.get("DT_TPM_TCTI") or device.tpm or None
     try:
         with console.spinner("Asking this device's TPM to prove it is here"):
-            response = _device_response(device, tcti, answer.nonce, public_line, home)
+            response = _device_response(device, chosen, answer.nonce, public_line, home)
     except TPMError as exc:
-        console.note(f"device authentication skipped: {exc.message}")
-        await session.send(wire.Error(code=exc.code, message=exc.message))
-        return await session.receive(wire.CertIssued)
+        return await _without_tpm(session, home, exc)
     return await session.call(response, wire.CertIssued)
+
+
+async def _without_tpm(session: ApiSession, home: Home, exc: TPMError) -> Any:
+    """The enrolled device's TPM did not answer (busy, restarting, unplugged).
+
+    A certificate that still carries this device is kept: nothing new is saved and
+    login fails saying why. Without one, a plain certificate is taken, saying the
+    device stays enrolled (never "enroll this device")."""
+    from bastion.protocol import wire
+
+    try:
+        current = home.load_cert()
+    except DTError:
+        current = None
+    now = time.time()
+    if current is not None and current.valid_at(now + 60) and _has_device(current):
+        until = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(current.valid_before))
+        raise TPMError(
+            f"this device's TPM could not be reached: {exc.message}. Kept your current "
+            f"certificate with the device extensions (valid until {until}); log in again "
+            "once the TPM answers (DT_TPM_TCTI or --tpm choose another TCTI)"
+        )
+    await session.send(wire.Error(code=exc.code, message=exc.message))
+    import dataclasses
+
+    issued = await session.receive(wire.CertIssued)
+    return dataclasses.replace(
+        issued,
+        device_warning=f"this device's TPM could not be reached: {exc.message}; this "
+        "certificate carries no device extensions. The device stays enrolled: log in "
+        "again once the TPM answers",
+    )
+
+
+def _has_device(cert: Any) -> bool:
+    from bastion.protocol.certs import DEVICE_EXTENSIONS
+
+    return all(name in cert.extensions for name in DEVICE_EXTENSIONS)
 
 
 def _device_response(
@@ -381,7 +529,7 @@ def _device_response(
     from client import ceremony
     from client.tpm import TPM
 
-    with TPM.open(tcti or device.tpm or None) as tpm:
+    with TPM.open(tcti) as tpm:
         return ceremony.device_response(tpm, home.tpm_dir, nonce, public_line, device)
 
 
@@ -395,18 +543,60 @@ def _print_status(home: Home, profile: Profile) -> None:
 
 
 @app.command()
-def status(fmt: FormatOpt = Format.text) -> None:
-    """Show who you are logged in as, your roles and logins, and the certificate's validity."""
-    home = Home.open()
-    profile = home.load_profile()
-    view = status_view(profile, home.load_cert())
+def status(cluster: ClusterOpt = None, fmt: FormatOpt = Format.text) -> None:
+    """Show who you are logged in as, your roles and logins, and the certificate's validity.
+
+    With profiles of several clusters, each is listed after the current one (marked *);
+    JSON output has them under "profiles".
+    """
+    home = Home.open(cluster=cluster)
+    others = _profile_rows(home)
+    try:
+        profile = home.load_profile()
+        view = status_view(profile, home.load_cert())
+    except NotLoggedIn:
+        if fmt is Format.text and others:
+            _print_profiles(others)
+        raise
     if fmt is Format.json:
-        console.print_json(view)
+        console.print_json({**view, "profiles": others})
     else:
         for line in status_lines(view):
             console.say(line)
+        if len(others) > 1:
+            console.say("")
+            _print_profiles(others)
     if view["expired"]:
         raise typer.Exit(1)
+
+
+def _profile_rows(home: Home) -> list[dict[str, Any]]:
+    now = time.time()
+    rows = []
+    for name, profile, cert in home.profiles():
+        rows.append(
+            {
+                "cluster": profile.cluster if profile else name,
+                "folder": name,
+                "current": name == home.cluster,
+                "proxy": profile.proxy if profile else None,
+                "user": profile.user if profile else None,
+                "logged_in": cert is not None and cert.valid_at(now),
+                "valid_until": console.rfc3339(cert.valid_before) if cert else None,
+            }
+        )
+    return rows
+
+
+def _print_profiles(rows: list[dict[str, Any]]) -> None:
+    console.say("Profiles (* current; choose with --cluster NAME or DT_CLUSTER):")
+    for row in rows:
+        state = f"valid until {row['valid_until']}" if row["logged_in"] else "logged out"
+        if row["valid_until"] and not row["logged_in"]:
+            state = "expired"
+        who = f"{row['user']}@{row['proxy']}" if row["proxy"] else "(no profile)"
+        mark = "*" if row["current"] else " "
+        console.say(f"{mark} {row['folder']:<20} {who:<40} {state}")
 
 
 @app.command(name="ls")
@@ -559,16 +749,31 @@ def ssh(
 
 
 @app.command()
-def logout() -> None:
-    """Delete your key and certificate, and remove this cluster's keys from ssh-agent."""
+def logout(
+    cluster: ClusterOpt = None,
+    everything: Annotated[
+        bool, typer.Option("--all", help="Log out of every cluster's profile.")
+    ] = False,
+) -> None:
+    """Delete your key and certificate, and remove the cluster's keys from ssh-agent.
+
+    The profile's address and user name stay, so `dtclient login` logs in again.
+    """
     from client import agent
 
-    home = Home.open()
-    known = agent.public_blobs(home.public_key_path, home.cert_path)
-    if agent.agent_configured():
-        _run(agent.remove(home.current_cluster(), known))
-    removed = home.remove_credentials()
-    console.say("Logged out." if removed else "Not logged in; nothing to remove.")
+    home = Home.open(cluster=cluster)
+    names = home.cluster_names() if everything else ([home.cluster] if home.cluster else [])
+    removed_any = False
+    for name in names:
+        one = Home(home.root, name)
+        known = agent.public_blobs(one.public_key_path, one.cert_path)
+        if agent.agent_configured():
+            _run(agent.remove(one.current_cluster() or name, known))
+        if one.remove_credentials():
+            removed_any = True
+            console.say(f"Logged out of {one.current_cluster() or name}.")
+    if not removed_any:
+        console.say("Not logged in; nothing to remove.")
 
 
 # -- device ---------------------------------------------------------------------------------------

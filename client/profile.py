@@ -1,13 +1,19 @@
 """The client's state under ``~/.dt`` (``DT_HOME`` overrides).
 
-Layout (one cluster profile at a time, like the seed's current profile)::
+Layout: one profile per cluster, side by side, like ``tsh`` profiles::
 
-    ~/.dt/profile.json        proxy, user, cluster, roles, logins, host CA pin
-    ~/.dt/keys/id_ed25519      the session key (0600), made fresh at every login
-    ~/.dt/keys/id_ed25519-cert.pub
-    ~/.dt/known_hosts          @cert-authority lines for the cluster's host CA
-    ~/.dt/device.json          the enrolled device: asset tag, credential id
-    ~/.dt/tpm/                 the TPM-wrapped attestation key blobs
+    ~/.dt/current                        the current cluster's folder name
+    ~/.dt/clusters/NAME/profile.json     proxy, user, cluster, roles, logins, host CA pin
+    ~/.dt/clusters/NAME/keys/id_ed25519  the session key (0600), made fresh at every login
+    ~/.dt/clusters/NAME/keys/id_ed25519-cert.pub
+    ~/.dt/clusters/NAME/known_hosts      @cert-authority lines for the cluster's host CA
+    ~/.dt/clusters/NAME/trusted.json     the host CA trusted (kept across logout)
+    ~/.dt/clusters/NAME/device.json      the device enrolled with this cluster
+    ~/.dt/tpm/                           the TPM-wrapped attestation key blobs
+
+``--cluster NAME`` or ``DT_CLUSTER`` chooses a profile, else the current one. A home
+in the single-profile layout of earlier versions (``~/.dt/profile.json``,
+``~/.dt/keys/``) is moved into its cluster's folder when first opened.
 
 Every file is written atomically (``bastion.protocol.files.atomic_write``: a fresh
 unpredictable name opened ``O_EXCL|O_NOFOLLOW``, then renamed, so a planted link is
@@ -19,6 +25,7 @@ directories it makes are 0700.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -97,35 +104,147 @@ def _port(text: str) -> int:
 
 HOME_WHAT = "dtclient's home"
 SUB_WHAT = "dtclient's folder"
+CLUSTERS = "clusters"
+CURRENT = "current"  # the file naming the current cluster's folder
+# What the single-profile layout kept in the home itself; moved into the cluster's folder.
+LEGACY = ("profile.json", "trusted.json", "known_hosts", "keys", "device.json")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def folder_name(cluster: str) -> str:
+    """The folder a cluster's profile lives in: its name, made safe for a path."""
+    name = _UNSAFE.sub("_", cluster.strip())[:100].lstrip(".")
+    return name or "default"
 
 
 class Home:
-    """Reads and writes the files under DT_HOME."""
+    """Reads and writes the files under DT_HOME, one folder per cluster (like tsh profiles).
 
-    def __init__(self, root: Path | None = None) -> None:
+    ``cluster`` is the folder of the selected profile: ``--cluster``, else ``DT_CLUSTER``,
+    else the current one (the file ``current``); None before the first login. The paths
+    other commands use (``key_path``, ``cert_path``, ``known_hosts``, ...) are those of the
+    selected cluster; the TPM's key blobs (``tpm_dir``) belong to the device, not a cluster.
+    """
+
+    def __init__(self, root: Path | None = None, cluster: str | None = None) -> None:
         self.root = root or dt_home()
+        self.cluster = folder_name(cluster) if cluster else None
 
     @classmethod
-    def open(cls, root: Path | None = None) -> Home:
+    def open(cls, root: Path | None = None, cluster: str | None = None) -> Home:
         """The home every command uses, refused if another local user could write it.
 
         A home that does not exist yet is made (0700, with any missing parents) when
-        something is first saved; its existing parents are checked now.
+        something is first saved; its existing parents are checked now. A home in the
+        single-profile layout of earlier versions is moved into a cluster folder.
         """
         home = cls(root)
         home.root = Path(os.path.realpath(home.root))
         home.check()
+        home.migrate()
+        chosen = cluster or os.environ.get("DT_CLUSTER") or home.current_name()
+        home.cluster = folder_name(chosen) if chosen else None
+        if home.cluster is not None:
+            check_own_dir(home.dir, SUB_WHAT)
+            check_own_dir(home.dir / "keys", SUB_WHAT)
         return home
 
     def check(self) -> None:
         check_ancestors(self.root, HOME_WHAT)
         check_own_dir(self.root, HOME_WHAT)
-        for sub in (self.key_path.parent, self.tpm_dir):
+        for sub in (self.root / "keys", self.root / CLUSTERS, self.tpm_dir):
             check_own_dir(sub, SUB_WHAT)
+
+    # -- profiles: one folder per cluster -------------------------------------------------------
+
+    @property
+    def clusters_dir(self) -> Path:
+        return self.root / CLUSTERS
+
+    @property
+    def dir(self) -> Path:
+        """The selected cluster's folder (``~/.dt/clusters/NAME``)."""
+        if self.cluster is None:
+            raise NotLoggedIn("not logged in (run: dtclient login --proxy HOST:PORT --user NAME)")
+        return self.clusters_dir / self.cluster
+
+    def current_name(self) -> str | None:
+        try:
+            name = (self.root / CURRENT).read_text().strip()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StateError(f"{self.root / CURRENT} is unreadable: {exc}") from None
+        return name or None
+
+    def select(self, cluster: str) -> None:
+        """Use (and from now on save into) this cluster's profile."""
+        self.cluster = folder_name(cluster)
+
+    def make_current(self) -> None:
+        self._ensure(self.root)
+        atomic_write(self.root / CURRENT, (self.dir.name + "\n").encode(), 0o600)
+
+    def cluster_names(self) -> list[str]:
+        try:
+            return sorted(
+                p.name for p in self.clusters_dir.iterdir() if p.is_dir() and not p.is_symlink()
+            )
+        except FileNotFoundError:
+            return []
+
+    def profiles(self) -> list[tuple[str, Profile | None, ParsedCert | None]]:
+        """Every cluster folder: its profile and certificate where readable."""
+        rows: list[tuple[str, Profile | None, ParsedCert | None]] = []
+        for name in self.cluster_names():
+            other = Home(self.root, name)
+            profile = cert = None
+            with contextlib.suppress(NotLoggedIn, StateError):
+                profile = other.load_profile()
+            with contextlib.suppress(NotLoggedIn, StateError):
+                cert = other.load_cert()
+            rows.append((name, profile, cert))
+        return rows
+
+    def find_proxy(self, proxy: str) -> str | None:
+        """The cluster folder whose profile talks to this bastion address."""
+        for name, profile, _ in self.profiles():
+            if profile is not None and profile.proxy == proxy:
+                return name
+        return None
+
+    def migrate(self) -> None:
+        """Move a single-profile home (``~/.dt/profile.json``, ``~/.dt/keys``) into
+        ``~/.dt/clusters/NAME``, and make it current. Nothing is copied, only renamed."""
+        present = [n for n in LEGACY if os.path.lexists(self.root / n)]
+        if not present:
+            return
+        cluster = None
+        for name in ("profile.json", "trusted.json", "device.json"):
+            with contextlib.suppress(StateError):
+                value = (self._load_json(self.root / name) or {}).get("cluster")
+                if isinstance(value, str) and value:
+                    cluster = value
+                    break
+        target = self.clusters_dir / folder_name(cluster or "default")
+        if target.exists():
+            return  # migrated before and something recreated a file: leave both alone
+        self._ensure(self.clusters_dir)
+        self._ensure(target)
+        for name in present:
+            os.rename(self.root / name, target / name)
+        if self.current_name() is None:
+            atomic_write(self.root / CURRENT, (target.name + "\n").encode(), 0o600)
+        from bastion.protocol import console
+
+        console.note(
+            f"dtclient keeps one profile per cluster now: moved yours to {target} "
+            "(if your ssh config names the old key paths, print it again: dtclient config)"
+        )
 
     @property
     def key_path(self) -> Path:
-        return self.root / "keys" / KEY_NAME
+        return self.dir / "keys" / KEY_NAME
 
     @property
     def public_key_path(self) -> Path:
@@ -133,11 +252,11 @@ class Home:
 
     @property
     def cert_path(self) -> Path:
-        return self.root / "keys" / f"{KEY_NAME}-cert.pub"
+        return self.dir / "keys" / f"{KEY_NAME}-cert.pub"
 
     @property
     def known_hosts(self) -> Path:
-        return self.root / "known_hosts"
+        return self.dir / "known_hosts"
 
     @property
     def tpm_dir(self) -> Path:
@@ -150,13 +269,17 @@ class Home:
     # -- profile --------------------------------------------------------------------------
 
     def save_profile(self, profile: Profile) -> None:
-        self._ensure(self.root)
-        atomic_write(self.root / "profile.json", _dump(asdict(profile)), 0o600)
+        if self.cluster is None:
+            self.select(profile.cluster)
+        self._ensure(self.dir)
+        atomic_write(self.dir / "profile.json", _dump(asdict(profile)), 0o600)
         lines = [f"@cert-authority * {key}" for key in profile.host_ca_keys]
         atomic_write(self.known_hosts, ("\n".join(lines) + "\n").encode(), 0o644)
+        self.make_current()
 
     def load_profile(self) -> Profile:
-        data = self._load_json("profile.json")
+        path = self.dir / "profile.json"
+        data = self._load_json(path)
         if data is None:
             raise NotLoggedIn("not logged in (run: dtclient login --proxy HOST:PORT --user NAME)")
         try:
@@ -165,13 +288,15 @@ class Home:
             data["host_ca_keys"] = tuple(data.get("host_ca_keys", ()))
             return Profile(**data)
         except TypeError as exc:
-            raise StateError(f"{self.root / 'profile.json'} is corrupt: {exc}") from None
+            raise StateError(f"{path} is corrupt: {exc}") from None
 
     def current_cluster(self) -> str | None:
-        """The cluster of the profile, or of the host CAs trusted last (kept at logout)."""
+        """The selected profile's cluster, or of the host CAs trusted last (kept at logout)."""
+        if self.cluster is None:
+            return None
         for name in ("profile.json", "trusted.json"):
             try:
-                cluster = (self._load_json(name) or {}).get("cluster")
+                cluster = (self._load_json(self.dir / name) or {}).get("cluster")
             except StateError:
                 continue
             if isinstance(cluster, str) and cluster:
@@ -179,14 +304,18 @@ class Home:
         return None
 
     def trusted_host_cas(self) -> tuple[str, ...]:
-        """Host CA keys trusted from an earlier login (kept across logout)."""
-        data = self._load_json("trusted.json") or {}
+        """Host CA keys of this cluster trusted from an earlier login (kept across logout)."""
+        if self.cluster is None:
+            return ()
+        data = self._load_json(self.dir / "trusted.json") or {}
         return tuple(data.get("host_ca_keys", ()))
 
     def trust_host_cas(self, keys: tuple[str, ...], cluster: str) -> None:
-        self._ensure(self.root)
+        if self.cluster is None:
+            self.select(cluster)
+        self._ensure(self.dir)
         atomic_write(
-            self.root / "trusted.json",
+            self.dir / "trusted.json",
             _dump({"cluster": cluster, "host_ca_keys": list(keys)}),
             0o600,
         )
@@ -212,13 +341,12 @@ class Home:
             raise StateError(f"stored certificate {self.cert_path} is unreadable: {exc}") from None
 
     def remove_credentials(self) -> list[Path]:
-        removed = []
-        for path in (
-            self.key_path,
-            self.public_key_path,
-            self.cert_path,
-            self.root / "profile.json",
-        ):
+        """The key and certificate go; the profile (address, user) stays, so a plain
+        ``dtclient login`` logs in again, and so does the trusted host CA."""
+        removed: list[Path] = []
+        if self.cluster is None:
+            return removed
+        for path in (self.key_path, self.public_key_path, self.cert_path):
             if os.path.lexists(path):
                 path.unlink()
                 removed.append(path)
@@ -227,11 +355,13 @@ class Home:
     # -- device -------------------------------------------------------------------------------
 
     def save_device(self, state: DeviceState) -> None:
-        self._ensure(self.root)
-        atomic_write(self.root / "device.json", _dump(asdict(state)), 0o600)
+        self._ensure(self.dir)
+        atomic_write(self.dir / "device.json", _dump(asdict(state)), 0o600)
 
     def load_device(self) -> DeviceState | None:
-        data = self._load_json("device.json")
+        if self.cluster is None:
+            return None
+        data = self._load_json(self.dir / "device.json")
         if data is None:
             return None
         try:
@@ -240,13 +370,13 @@ class Home:
             return None
 
     def forget_device(self) -> None:
-        (self.root / "device.json").unlink(missing_ok=True)
+        if self.cluster is not None:
+            (self.dir / "device.json").unlink(missing_ok=True)
 
-    def _load_json(self, name: str) -> dict[str, Any] | None:
-        path = self.root / name
+    def _load_json(self, path: Path) -> dict[str, Any] | None:
         try:
             data = json.loads(path.read_text())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except (OSError, ValueError) as exc:
             raise StateError(f"{path} is unreadable or corrupt: {exc}") from None

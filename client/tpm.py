@@ -89,7 +89,12 @@ class QuoteResult:
 
 
 def resolve_tcti(tcti: str | None) -> str:
-    return tcti or os.environ.get("DT_TPM_TCTI") or DEFAULT_TCTI
+    """The TCTI to open: ``--tpm``, else ``DT_TPM_TCTI``, else /dev/tpmrm0. A bare device
+    path (``/dev/tpmrm0``) means the device TCTI, as tpm2-tools read it."""
+    name = (tcti or os.environ.get("DT_TPM_TCTI") or DEFAULT_TCTI).strip()
+    if name.startswith("/"):
+        return f"device:{name}"
+    return name
 
 
 def _open_error(tcti: str, exc: BaseException) -> TPMError:

@@ -249,7 +249,15 @@ def story(demo: Demo) -> None:
             "ssh-keygen",
             "-L",
             "-f",
-            str(demo.workdir / "home" / ".dt" / "keys" / "id_ed25519-cert.pub"),
+            str(
+                demo.workdir
+                / "home"
+                / ".dt"
+                / "clusters"
+                / "demo.local"
+                / "keys"
+                / "id_ed25519-cert.pub"
+            ),
         ],
         expect="device-credential-id@dt-bastion",
     )

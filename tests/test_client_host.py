@@ -285,7 +285,7 @@ def test_login_with_links_planted_in_its_home_leaves_the_victim_alone(env, tmp_p
     home = tmp_path / "home"
     secret = signup(env, home, token)
     victim = _victim(tmp_path)
-    keys = home / "keys"
+    keys = home / "clusters" / "host-test" / "keys"
     keys.mkdir(mode=0o700)
     planted = ["id_ed25519", "id_ed25519.pub", "id_ed25519-cert.pub"]
     # and the temp names an older dtclient would pick: one per likely next pid
@@ -334,7 +334,8 @@ def test_a_new_home_and_its_missing_parents_are_made_private(env, tmp_path):
     home = tmp_path / "a" / "b" / ".dt"
     secret = signup(env, home, token)
     assert login(env, home, name, secret).returncode == 0
-    for made in (tmp_path / "a", tmp_path / "a" / "b", home, home / "keys"):
+    keys = home / "clusters" / "host-test" / "keys"
+    for made in (tmp_path / "a", tmp_path / "a" / "b", home, home / "clusters", keys):
         assert stat.S_IMODE(made.stat().st_mode) == 0o700, made
 
 
@@ -392,5 +393,5 @@ def test_login_replaces_and_logout_removes_this_clusters_agent_identities(env, t
     assert sum("CERT" in line for line in after_second) == 1
 
     out = run(env, home, "dtclient", "logout", SSH_AUTH_SOCK=str(ssh_agent))
-    assert out.returncode == 0 and "Logged out." in out.stdout
+    assert out.returncode == 0 and "Logged out of host-test." in out.stdout
     assert ssh_add_list(ssh_agent) == own_line

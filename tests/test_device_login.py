@@ -102,7 +102,7 @@ def test_token_enrollment_then_device_login(env):
     assert renewed.returncode == 0, renewed.stderr
     status = json.loads(run(env, "dtclient", "status", "--format", "json").stdout)
     assert status["device_trusted"] and status["device_asset_tag"] == tag
-    cert = env.tmp / "home" / "keys" / "id_ed25519-cert.pub"
+    cert = env.tmp / "home" / "clusters" / "device-test" / "keys" / "id_ed25519-cert.pub"
     listing = subprocess.run(
         ["ssh-keygen", "-L", "-f", str(cert)], capture_output=True, text=True
     ).stdout

@@ -144,7 +144,7 @@ def test_signup_login_status_ls_and_ssh(env, user, tmp_path):
     result = login(env, home, name, PASSWORD, next_code(secret))
     assert result.returncode == 0, result.stderr
     assert "Logged in as: " + name in result.stdout and "[valid for 1" in result.stdout
-    key = home / "keys" / "id_ed25519"
+    key = home / "clusters" / "login-test" / "keys" / "id_ed25519"
     assert oct(key.stat().st_mode & 0o777) == "0o600"
     status = json.loads(run(env, home, "dtclient", "status", "--format", "json").stdout)
     assert status["logged_in_as"] == name and status["logins"] == [LOGIN]
@@ -171,8 +171,8 @@ def test_logout_leaves_nothing_usable(env, user):
     name, secret, home = user
     assert login(env, home, name, PASSWORD, next_code(secret)).returncode == 0
     assert run(env, home, "dtclient", "logout").returncode == 0
-    assert not (home / "keys" / "id_ed25519").exists()
-    assert not (home / "keys" / "id_ed25519-cert.pub").exists()
+    assert not (home / "clusters" / "login-test" / "keys" / "id_ed25519").exists()
+    assert not (home / "clusters" / "login-test" / "keys" / "id_ed25519-cert.pub").exists()
     status = run(env, home, "dtclient", "status")
     assert status.returncode == 15 and "not logged in" in status.stderr
 

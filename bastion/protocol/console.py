@@ -153,14 +153,54 @@ def note(message: str) -> None:
     _to_stderr(message, "yellow")
 
 
+_spinning: list[Any] = []  # the spinners running now (Rich Status), innermost last
+
+
 @contextlib.contextmanager
 def spinner(message: str) -> Iterator[None]:
-    """A spinner while a TPM or network step runs; silent when stderr is not a terminal."""
-    if _is_terminal(sys.stderr):
-        with _console(True).status(message):
-            yield
-    else:
+    """A spinner while a TPM or network step runs; silent when stderr is not a terminal.
+
+    A prompt asked while it runs (a host CA to trust, a password the bastion asks for)
+    goes through ``prompting``, which stops it first: it never draws over a prompt.
+    """
+    if not _is_terminal(sys.stderr):
         yield
+        return
+    status = _console(True).status(message)
+    status.start()
+    _spinning.append(status)
+    try:
+        yield
+    finally:
+        _spinning.remove(status)
+        status.stop()
+
+
+@contextlib.contextmanager
+def prompting() -> Iterator[None]:
+    """While a person answers a prompt: no spinner draws, and Ctrl-C ends it at once.
+
+    Prompts can be asked from inside the event loop (asyncssh asks for host trust and
+    keyboard-interactive answers there), where asyncio's own SIGINT handler would only
+    cancel a task and leave ``input()`` waiting for Enter; the default handler raises
+    KeyboardInterrupt in the prompt itself.
+    """
+    import signal
+    import threading
+
+    paused = list(_spinning)
+    for status in paused:
+        status.stop()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    for status in paused:  # not after Ctrl-C: nothing draws over the last words
+        status.start()
 
 
 def fail(exc: DTError) -> NoReturn:

@@ -15,6 +15,9 @@ class DTError(Exception):
 
     code = "internal"
     exit_code = 1
+    # Whether the SSH layer may tell an unauthenticated client this message: only when
+    # it reveals nothing the client has not proved (a secret token, password and code).
+    disclose = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -79,7 +82,14 @@ class AuthenticationFailed(DTError):
 
 
 class AccountLocked(AuthenticationFailed):
+    """The account is locked. ``disclose`` when the caller proved password and code:
+    then the lock's message and end may be shown to them."""
+
     code = "account_locked"
+
+    def __init__(self, message: str, *, disclose: bool = False) -> None:
+        super().__init__(message)
+        self.disclose = disclose
 
 
 class AccessDenied(DTError):
@@ -98,6 +108,7 @@ class TokenInvalid(DTError):
 
     code = "token_invalid"
     exit_code = 8
+    disclose = True  # said only to whoever holds the token, an unguessable secret
 
 
 class RateLimited(DTError):

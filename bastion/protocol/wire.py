@@ -33,6 +33,13 @@ REGISTRY: dict[str, type] = {}
 _TYPE_NAMES: dict[type, str] = {}
 
 
+# Why the bastion refused a login whose caller proved it (a locked account after the
+# right password and code, a used or expired signup token): a keyboard-interactive
+# round with no prompts, the message as its instructions (OpenSSH prints them too) and
+# ``dt-error:<code>`` as its language tag, which dtclient turns back into the error.
+REFUSAL_TAG = "dt-error:"
+
+
 @typing.dataclass_transform(frozen_default=True)
 def message(name: str) -> Callable[[type[T]], type[T]]:
     """Register a frozen dataclass as the wire message ``name``.

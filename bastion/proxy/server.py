@@ -65,7 +65,7 @@ from bastion.cluster import Cluster
 from bastion.config import BastionConfig
 from bastion.protocol.certs import ParsedCert
 from bastion.protocol.errors import AccessDenied, DTError, UsageError
-from bastion.protocol.wire import LineReader
+from bastion.protocol.wire import REFUSAL_TAG, LineReader
 from bastion.proxy import connections, policy, quickack
 from bastion.proxy.admission import ConnectionSlots, RefusalDigest
 from bastion.proxy.api import ApiIdentity, ApiSession
@@ -728,7 +728,11 @@ class BastionServer(asyncssh.SSHServer):
             return ("dt-bastion signup", "", "", [("Signup token: ", False)])
         return ("dt-bastion login", "", "", [("Password: ", False), ("One-time code: ", True)])
 
-    async def validate_kbdint_response(self, username: str, responses: Sequence[str]) -> bool:
+    async def validate_kbdint_response(
+        self, username: str, responses: Sequence[str]
+    ) -> bool | tuple[str, str, str, list[tuple[str, bool]]]:
+        if not responses:
+            return False  # the answer to a refusal's reason (above): nothing to check
         addr = self.remote_addr or "?"
         if self.bastion.too_many_failures(addr, time.monotonic()):
             await self._audit_refusal(
@@ -760,6 +764,8 @@ class BastionServer(asyncssh.SSHServer):
             self.bastion.note_failure(addr)
             if username == SIGNUP_USER:
                 await self._audit_refusal("auth.failed", f"signup: {exc.message}")
+            if exc.disclose:  # proved (token, or password and code): say why, then refuse
+                return ("dt-bastion refused the login", exc.message, REFUSAL_TAG + exc.code, [])
             return False
         # The hash it was checked against: a reset or a new password ends this connection.
         password_hash = user_record.password_hash
