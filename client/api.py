@@ -10,6 +10,8 @@ any password or code is sent, so a man in the middle never sees them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,9 +73,18 @@ class _Client(asyncssh.SSHClient):
         self.conn: asyncssh.SSHClientConnection | None = None
         self.refusal: DTError | None = None  # why the bastion refused, when it said
         self.banners: list[str] = []
+        self.prompt_time = 0.0  # seconds spent waiting for a person
 
     def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
         self.conn = conn
+
+    def _asking(self, prompt: Callable[..., Any], *args: Any) -> Any:
+        """A prompt, whose time a person takes does not count against the deadline."""
+        start = time.monotonic()
+        try:
+            return prompt(*args)
+        finally:
+            self.prompt_time += time.monotonic() - start
 
     def _is_bastion(self) -> bool:
         version = str(self.conn.get_extra_info("server_version") or "") if self.conn else ""
@@ -110,7 +121,7 @@ class _Client(asyncssh.SSHClient):
                     "refusing to connect (possible man in the middle)"
                 )
                 return False
-        elif self.trust.confirm is None or not self.trust.confirm(fp):
+        elif self.trust.confirm is None or not self._asking(self.trust.confirm, fp):
             self.trust.refused = f"the bastion's host CA {fp} is not trusted"
             return False
         self.trust.accepted.append(line)
@@ -132,7 +143,7 @@ class _Client(asyncssh.SSHClient):
             return None  # the answers were refused once: do not retry them (lockout)
         self._answered = True
         if self.creds.ask is not None and self.creds.password is None:
-            self.creds.password, self.creds.totp_code = self.creds.ask()
+            self.creds.password, self.creds.totp_code = self._asking(self.creds.ask)
         return [self._answer(prompt.lower()) for prompt, _echo in prompts]
 
     def _answer(self, prompt: str) -> str:
@@ -190,15 +201,16 @@ async def open_session(host: str, port: int, creds: Credentials, trust: HostTrus
         "known_hosts": ([], ca_keys, []),
         "agent_path": None,
         "config": None,
-        "connect_timeout": CONNECT_TIMEOUT,
+        "connect_timeout": None,  # ours below: a person typing a password is no timeout
         "kbdint_auth": creds.client_key is None,
         "public_key_auth": creds.client_key is not None,
         "client_keys": [(creds.client_key, creds.certificate)] if creds.client_key else None,
     }
     client = _Client(trust, creds)
     try:
-        conn, _ = await asyncssh.create_connection(
-            lambda: client, host, port, password_auth=False, **options
+        conn = await _within_deadline(
+            asyncssh.create_connection(lambda: client, host, port, password_auth=False, **options),
+            client,
         )
     except asyncssh.HostKeyNotVerifiable as exc:
         raise ConnectionFailed(
@@ -234,6 +246,23 @@ async def open_session(host: str, port: int, creds: Credentials, trust: HostTrus
         conn.close()
         raise
     return session
+
+
+async def _within_deadline(connecting: Any, client: _Client) -> Any:
+    """The connection within CONNECT_TIMEOUT of the bastion's own time: the seconds a
+    person spends at a prompt (the trust question, the password) do not count."""
+    task = asyncio.ensure_future(connecting)
+    start = time.monotonic()
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if done:
+            conn, _client = task.result()
+            return conn
+        if time.monotonic() - start - client.prompt_time > CONNECT_TIMEOUT:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            raise TimeoutError("no answer in time")
 
 
 def _denied_message(reason: str, banners: Sequence[str] = ()) -> str:

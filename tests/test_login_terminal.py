@@ -393,3 +393,69 @@ def test_signup_refuses_a_short_password_first_and_asks_a_wrong_code_again(env, 
     term.expect("Signed up")
     finish(term, 0)
     assert f"Logged in as: {name}" in person.login()  # the profile signup left
+
+
+# -- 5. the TPM briefly unreachable --------------------------------------------------------------
+
+
+def test_an_unreachable_tpm_never_costs_the_device_certificate(tmp_path, swtpm):
+    from tests.sshd import free_port
+    from tests.swtpm import trust_test_tpms
+
+    cluster = init_cluster(tmp_path / "state", "tpm-test")
+    trust_test_tpms(cluster.store, swtpm.provisioned)
+    try:
+        with bastion_server(tmp_path / "state") as bastion:
+            env = type("Env", (), {"tmp": tmp_path, "cluster": cluster})
+            env.proxy = f"127.0.0.1:{bastion.port}"
+            out = run(
+                env, tmp_path, "dtadmin", "users", "add", "dora", "--roles",
+                "access,require-trusted-device", "--logins", LOGIN,
+            )  # fmt: skip
+            person = Person(env, tmp_path / "home", "dora")
+            person.signup(printed_token(out.stdout), ca_pin(env))
+            person.login()
+            out = run(env, tmp_path, "dtadmin", "device", "add", "--asset-tag", "DORA", "--enroll")
+            term = person.terminal(
+                "device", "enroll", "--token-file", "-", "--asset-tag", "DORA", "--tpm", swtpm.tcti
+            )
+            term.expect("token")
+            term.sendline(printed_token(out.stdout))
+            finish(term, 0)
+            term = person.terminal("login")  # the TCTI saved at enrollment
+            term.expect("Renewing")
+            finish(term, 0)
+            before = json.loads(person.dtclient("status", "--format", "json").stdout)
+            assert before["device_trusted"], before
+
+            gone = f"swtpm:host=127.0.0.1,port={free_port()}"  # DT_TPM_TCTI beats the saved one
+            for args in ((), ("--password",)):
+                term = person.terminal("login", *args, DT_TPM_TCTI=gone)
+                if args:
+                    term.expect("Password for")
+                    term.sendline(PASSWORD)
+                    term.expect("One-time code")
+                    term.sendline(person.code())
+                out = finish(term, 13)
+                assert "TPM could not be reached" in out and gone in out, out
+                assert "Kept your current certificate" in out and "enroll" not in out, out
+                after = json.loads(person.dtclient("status", "--format", "json").stdout)
+                assert after["serial"] == before["serial"] and after["device_trusted"]
+
+            person.dtclient("logout")  # no working device certificate left to keep
+            term = person.terminal("login", DT_TPM_TCTI=gone)
+            term.expect("Password for")
+            term.sendline(PASSWORD)
+            term.expect("One-time code")
+            term.sendline(person.code())
+            out = finish(term, 0)
+            assert "TPM could not be reached" in out and "stays enrolled" in out, out
+            assert "dtclient device enroll" not in out, out
+    finally:
+        cluster.close()
+
+
+def test_tpm_given_as_a_device_path_means_the_device_tcti(tmp_path):
+    person = Person(type("Env", (), {"cluster": type("C", (), {"state_dir": tmp_path})}), tmp_path)
+    out = person.dtclient("device", "collect", "--tpm", str(tmp_path / "tpmrm0"))
+    assert out.returncode == 13 and f"no TPM found at {tmp_path / 'tpmrm0'}" in out.stderr, out
