@@ -163,7 +163,7 @@ def check_password_login(
         raise AuthenticationFailed("wrong user name, password or one-time code")
     attempt, lock = _reserve_attempt(store, user, remote_addr, policy, now)
     if attempt is None and lock is not None and lock.target_kind != PASSWORD_LOCK:
-        _refuse_locked(store, user, lock, password, code, remote_addr, now)
+        _refuse_locked(store, user, lock, password, code, remote_addr, policy, now)
     if attempt is None:
         credentials.verify_password(None, password)
         if lock is not None:
@@ -190,17 +190,26 @@ def _refuse_locked(
     password: str,
     code: str,
     remote_addr: str | None,
+    policy: LockoutPolicy,
     now: float,
 ) -> NoReturn:
     """An admin's lock on the user. Whoever proves password and code is told the lock's
     message and end (it is their account); anyone else hears the generic refusal, so a
-    lock reveals neither that the account exists nor that it is locked. Nothing is
-    counted or spent: a locked account admits no login either way."""
-    failure, _step = _check_factors(user, password, code, now)
-    reason = f"account locked: {lock.message}" if failure is None else f"locked; {failure}"
-    _fail(store, user.name, remote_addr, reason, now, count=False)
-    if failure is not None:
+    lock reveals neither that the account exists nor that it is locked.
+
+    That answer is an oracle for the password, so wrong guesses count as on an unlocked
+    account, and past ``max_failures`` in the window nothing is checked any more. No
+    code step is spent: a locked account admits no login either way."""
+    recent = store.count_login_failures(user.name, since=now - policy.window, pending=False)
+    if recent >= policy.max_failures:
+        credentials.verify_password(None, password)  # same cost, nothing learned
+        _fail(store, user.name, remote_addr, f"account locked: {lock.message}", now, count=False)
         raise AuthenticationFailed("wrong user name, password or one-time code")
+    failure, _step = _check_factors(user, password, code, now)
+    if failure is not None:
+        _fail(store, user.name, remote_addr, f"account locked; {failure}", now, count=True)
+        raise AuthenticationFailed("wrong user name, password or one-time code")
+    _fail(store, user.name, remote_addr, f"account locked: {lock.message}", now, count=False)
     until = (
         "until " + datetime.fromtimestamp(lock.expires, UTC).strftime("%Y-%m-%d %H:%M UTC")
         if lock.expires is not None

@@ -74,6 +74,7 @@ class _Client(asyncssh.SSHClient):
         self.refusal: DTError | None = None  # why the bastion refused, when it said
         self.banners: list[str] = []
         self.prompt_time = 0.0  # seconds spent waiting for a person
+        self.failure: DTError | None = None  # a prompt that failed (no answer on stdin)
 
     def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
         self.conn = conn
@@ -83,6 +84,9 @@ class _Client(asyncssh.SSHClient):
         start = time.monotonic()
         try:
             return prompt(*args)
+        except DTError as exc:  # raised inside asyncssh's handshake: carried out by hand
+            self.failure = exc
+            raise
         finally:
             self.prompt_time += time.monotonic() - start
 
@@ -106,6 +110,15 @@ class _Client(asyncssh.SSHClient):
             )
         return False
 
+    def _confirm(self, fp: str) -> bool:
+        confirm = self.trust.confirm
+        if confirm is None:
+            return False
+        try:
+            return bool(self._asking(confirm, fp))
+        except DTError:
+            return False
+
     def auth_banner_received(self, msg: str, lang: str) -> None:
         self.banners.append(msg.strip())
 
@@ -121,7 +134,7 @@ class _Client(asyncssh.SSHClient):
                     "refusing to connect (possible man in the middle)"
                 )
                 return False
-        elif self.trust.confirm is None or not self._asking(self.trust.confirm, fp):
+        elif not self._confirm(fp):
             self.trust.refused = f"the bastion's host CA {fp} is not trusted"
             return False
         self.trust.accepted.append(line)
@@ -143,7 +156,10 @@ class _Client(asyncssh.SSHClient):
             return None  # the answers were refused once: do not retry them (lockout)
         self._answered = True
         if self.creds.ask is not None and self.creds.password is None:
-            self.creds.password, self.creds.totp_code = self._asking(self.creds.ask)
+            try:
+                self.creds.password, self.creds.totp_code = self._asking(self.creds.ask)
+            except DTError:
+                return None  # ends keyboard-interactive; open_session raises the failure
         return [self._answer(prompt.lower()) for prompt, _echo in prompts]
 
     def _answer(self, prompt: str) -> str:
@@ -213,10 +229,14 @@ async def open_session(host: str, port: int, creds: Credentials, trust: HostTrus
             client,
         )
     except asyncssh.HostKeyNotVerifiable as exc:
+        if client.failure is not None:
+            raise client.failure from None
         raise ConnectionFailed(
             trust.refused or f"cannot verify the bastion: {exc.reason}"
         ) from None
     except asyncssh.PermissionDenied as exc:
+        if client.failure is not None:
+            raise client.failure from None
         if client.refusal is not None:
             raise client.refusal from None
         if creds.client_key is not None:

@@ -232,7 +232,8 @@ class Home:
         self._ensure(self.clusters_dir)
         self._ensure(target)
         for name in present:
-            os.rename(self.root / name, target / name)
+            with contextlib.suppress(FileNotFoundError):  # another dtclient moved it first
+                os.rename(self.root / name, target / name)
         if self.current_name() is None:
             atomic_write(self.root / CURRENT, (target.name + "\n").encode(), 0o600)
         from bastion.protocol import console

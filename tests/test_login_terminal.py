@@ -162,7 +162,8 @@ def test_a_locked_user_is_told_the_lock_message_only_after_password_and_code(env
     )
     assert locked.returncode == 0, locked.stderr
     try:
-        term = person.terminal("login")
+        me = ("--proxy", env.proxy, "--user", person.name)
+        term = person.terminal("login", *me)
         term.expect("Password for")
         term.sendline("not the password at all")
         term.expect("One-time code")
@@ -170,7 +171,7 @@ def test_a_locked_user_is_told_the_lock_message_only_after_password_and_code(env
         out = finish(term, 6)
         assert "wrong user name, password or code" in out and "laptop" not in out
 
-        term = person.terminal("login")
+        term = person.terminal("login", *me)
         term.expect("Password for")
         term.sendline(PASSWORD)
         term.expect("One-time code")
@@ -354,7 +355,7 @@ def test_a_revoked_certificate_falls_back_to_password_and_code(env, tmp_path):
     person.login("--proxy", env.proxy, "--user", person.name)
     revoked = run(env, env.tmp, "dtadmin", "cert", "revoke", "--user", person.name)
     assert revoked.returncode == 0, revoked.stderr
-    term = person.terminal("login")
+    term = person.terminal("login", "--proxy", env.proxy, "--user", person.name)
     term.expect("Renewing")
     term.expect("renewal refused: the bastion refused your certificate")
     term.expect("Password for")
@@ -392,7 +393,7 @@ def test_signup_refuses_a_short_password_first_and_asks_a_wrong_code_again(env, 
     term.sendline(person.code())
     term.expect("Signed up")
     finish(term, 0)
-    assert f"Logged in as: {name}" in person.login()  # the profile signup left
+    assert f"Logged in as: {name}" in person.login("--proxy", env.proxy, "--user", name)
 
 
 # -- 5. the TPM briefly unreachable --------------------------------------------------------------
@@ -414,7 +415,8 @@ def test_an_unreachable_tpm_never_costs_the_device_certificate(tmp_path, swtpm):
             )  # fmt: skip
             person = Person(env, tmp_path / "home", "dora")
             person.signup(printed_token(out.stdout), ca_pin(env))
-            person.login()
+            me = ("--proxy", env.proxy, "--user", "dora")
+            person.login(*me)
             out = run(env, tmp_path, "dtadmin", "device", "add", "--asset-tag", "DORA", "--enroll")
             term = person.terminal(
                 "device", "enroll", "--token-file", "-", "--asset-tag", "DORA", "--tpm", swtpm.tcti
@@ -422,7 +424,7 @@ def test_an_unreachable_tpm_never_costs_the_device_certificate(tmp_path, swtpm):
             term.expect("token")
             term.sendline(printed_token(out.stdout))
             finish(term, 0)
-            term = person.terminal("login")  # the TCTI saved at enrollment
+            term = person.terminal("login", *me)  # the TCTI saved at enrollment
             term.expect("Renewing")
             finish(term, 0)
             before = json.loads(person.dtclient("status", "--format", "json").stdout)
@@ -430,7 +432,7 @@ def test_an_unreachable_tpm_never_costs_the_device_certificate(tmp_path, swtpm):
 
             gone = f"swtpm:host=127.0.0.1,port={free_port()}"  # DT_TPM_TCTI beats the saved one
             for args in ((), ("--password",)):
-                term = person.terminal("login", *args, DT_TPM_TCTI=gone)
+                term = person.terminal("login", *me, *args, DT_TPM_TCTI=gone)
                 if args:
                     term.expect("Password for")
                     term.sendline(PASSWORD)
@@ -443,7 +445,7 @@ def test_an_unreachable_tpm_never_costs_the_device_certificate(tmp_path, swtpm):
                 assert after["serial"] == before["serial"] and after["device_trusted"]
 
             person.dtclient("logout")  # no working device certificate left to keep
-            term = person.terminal("login", DT_TPM_TCTI=gone)
+            term = person.terminal("login", *me, DT_TPM_TCTI=gone)
             term.expect("Password for")
             term.sendline(PASSWORD)
             term.expect("One-time code")
@@ -459,3 +461,11 @@ def test_tpm_given_as_a_device_path_means_the_device_tcti(tmp_path):
     person = Person(type("Env", (), {"cluster": type("C", (), {"state_dir": tmp_path})}), tmp_path)
     out = person.dtclient("device", "collect", "--tpm", str(tmp_path / "tpmrm0"))
     assert out.returncode == 13 and f"no TPM found at {tmp_path / 'tpmrm0'}" in out.stderr, out
+
+
+def test_prompts_without_a_terminal_still_say_what_was_missing(env, tmp_path):
+    person = Person(env, tmp_path / "home")
+    out = person.dtclient("login", "--proxy", env.proxy, "--user", "x", "--ca-pin", ca_pin(env))
+    assert out.returncode == 2 and "no answer on standard input for: Password for x" in out.stderr
+    out = person.dtclient("login", "--proxy", env.proxy, "--user", "x")
+    assert out.returncode == 2 and "Trust this cluster's host CA" in out.stderr, out.stderr

@@ -1,0 +1,60 @@
+"""A lock's message is told only to whoever proved password and code, and the answer
+is no password oracle: wrong guesses at a locked account count, and past the limit
+nothing is checked (bastion.accounts, over a real SQLite file)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from bastion import accounts, credentials
+from bastion.authz.records import Lock, User
+from bastion.cluster import init_cluster
+from bastion.protocol.errors import AccountLocked, AuthenticationFailed
+
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture
+def store(tmp_path):
+    cluster = init_cluster(tmp_path / "state", "lock-test")
+    yield cluster.store
+    cluster.close()
+
+
+def _locked_user(store, name: str) -> str:
+    secret = credentials.new_totp_secret()
+    store.add_user(User(name, ("access",)))
+    store.set_user_secrets(name, credentials.hash_password(PASSWORD), secret, 0)
+    store.add_lock(
+        Lock("", "user", name, message="laptop reported lost", expires=time.time() + 7200)
+    )
+    return secret
+
+
+def test_the_lock_message_needs_password_and_code(store):
+    secret = _locked_user(store, "alice")
+    with pytest.raises(AuthenticationFailed) as wrong:
+        accounts.check_password_login(
+            store, "alice", "a wrong password", credentials.totp_now(secret)
+        )
+    assert not isinstance(wrong.value, AccountLocked) and not wrong.value.disclose
+    assert "laptop" not in wrong.value.message
+    with pytest.raises(AccountLocked) as told:
+        accounts.check_password_login(store, "alice", PASSWORD, credentials.totp_now(secret))
+    assert told.value.disclose and "laptop reported lost" in told.value.message
+    assert "until " in told.value.message
+
+
+def test_guessing_a_locked_account_stops_being_checked(store):
+    secret = _locked_user(store, "bob")
+    policy = accounts.LockoutPolicy(max_failures=3)
+    for _ in range(3):
+        with pytest.raises(AuthenticationFailed):
+            accounts.check_password_login(store, "bob", "guess", "000000", policy=policy)
+    with pytest.raises(AuthenticationFailed) as after:
+        accounts.check_password_login(
+            store, "bob", PASSWORD, credentials.totp_now(secret), policy=policy
+        )
+    assert not after.value.disclose and "laptop" not in after.value.message
