@@ -453,6 +453,8 @@ def test_an_unreachable_tpm_never_costs_the_device_certificate(tmp_path, swtpm):
             out = finish(term, 0)
             assert "TPM could not be reached" in out and "stays enrolled" in out, out
             assert "dtclient device enroll" not in out, out
+            events = cluster.store.list_audit(type="device.authenticate", user="dora")
+            assert any(e.message.startswith("the client's TPM did not answer") for e in events)
     finally:
         cluster.close()
 

@@ -190,6 +190,13 @@ class TPMError(DTError):
     exit_code = 13
 
 
+class DeviceUnavailable(TPMError):
+    """The client's TPM could not answer a login challenge: a plain certificate, and the
+    device stays enrolled."""
+
+    code = "device_unavailable"
+
+
 class TPMNotFound(TPMError):
     code = "tpm_not_found"
 

@@ -42,7 +42,13 @@ from bastion.cluster import Cluster
 from bastion.enroll.authn import DeviceAuthentication
 from bastion.enroll.ceremony import EnrollmentCeremony, device_view
 from bastion.protocol import wire
-from bastion.protocol.errors import AccessDenied, DTError, ProtocolError, RateLimited
+from bastion.protocol.errors import (
+    AccessDenied,
+    DeviceUnavailable,
+    DTError,
+    ProtocolError,
+    RateLimited,
+)
 from bastion.proxy.admission import RefusalDigest
 from bastion.proxy.connections import CredentialRevoked
 from bastion.proxy.workers import Workers
@@ -306,8 +312,19 @@ class ApiSession:
         )
         await wire.write_message(writer, wire.DeviceChallenge(nonce=ceremony.challenge()))
         response = await wire.read_message(reader, self.step_timeout)
-        if isinstance(response, wire.Error):
-            return None  # the client could not use its TPM; it gets a plain certificate
+        if isinstance(response, wire.Error):  # the client could not use its TPM
+            self.workers.audit_soon(
+                "device.authenticate",
+                success=False,
+                message=f"the client's TPM did not answer: {response.message[:200]!r}",
+                user=self.identity.user,
+                remote_addr=self.identity.remote_addr,
+                reason=DeviceUnavailable.code,
+            )
+            raise DeviceUnavailable(
+                f"this device's TPM did not answer ({response.message}); the device stays "
+                "enrolled: log in again once it does"
+            )
         if not isinstance(response, wire.DeviceResponse):
             raise ProtocolError("dt-api: expected device_response after device_challenge")
         public_blob = msg.public_key.encode().split()[1]
