@@ -112,23 +112,35 @@ class Person:
         if "Signed up" not in out:
             raise DeployedError(f"dtclient signup did not say it signed up:\n{out}")
 
-    def login(self, *, password: bool = False) -> str:
+    def login(self, *, password: bool = False, renew_only: bool = False) -> str:
         """`dtclient login`: password and one-time code at the prompts, or a renewal through
-        the current certificate (what dtclient does while it is valid)."""
+        the current certificate (what dtclient does while it is valid). A refused renewal
+        asks for the password (builds since issue 13); ``renew_only`` stops there."""
         args = ["login", "--proxy", self.deployment.proxy, "--user", self.name]
         if password:
             args += ["--password", "--ca-pin", self.deployment.ca_pin]
         term = self.terminal(*args)
-        if term.expect(["Password for", "Renewing"]) == 0:
-            term.sendline(PASSWORD)
-            term.expect("One-time code")
-            term.sendline(self._code())
+        asked = term.expect(["Password for", "Renewing"]) == 0
+        if not asked:
+            asked = term.expect([pexpect.EOF, "Password for"]) == 1
+            if asked and renew_only:
+                term.close(force=True)
+                raise DeployedError(f"the renewal was refused:\n{plain(term.before or '')}")
+            if not asked:
+                term.close()
+                out = plain(term.before or "")
+                if term.exitstatus != 0:
+                    raise DeployedError(f"dtclient login exited {term.exitstatus}:\n{out}")
+                return out
+        term.sendline(PASSWORD)
+        term.expect("One-time code")
+        term.sendline(self._code())
         return self._finish(term, "dtclient login")
 
     def try_login(self) -> tuple[bool, str]:
         """A renewal attempt whose refusal is an answer, not an error."""
         try:
-            return True, self.login()
+            return True, self.login(renew_only=True)
         except DeployedError as exc:
             return False, str(exc)
 
