@@ -163,9 +163,11 @@ class Home:
 
     @property
     def dir(self) -> Path:
-        """The selected cluster's folder (``~/.dt/clusters/NAME``)."""
+        """The selected cluster's folder (``~/.dt/clusters/NAME``); with none selected (a
+        ``Home(root)`` made by hand, or a home before its first login) the home itself,
+        where nothing is saved: every save selects its cluster first."""
         if self.cluster is None:
-            raise NotLoggedIn("not logged in (run: dtclient login --proxy HOST:PORT --user NAME)")
+            return self.root
         return self.clusters_dir / self.cluster
 
     def current_name(self) -> str | None:
