@@ -120,7 +120,9 @@ class _Client(asyncssh.SSHClient):
             return False
 
     def auth_banner_received(self, msg: str, lang: str) -> None:
-        self.banners.append(msg.strip())
+        """What the bastion says before refusing (why a proven certificate is refused)."""
+        text = msg.strip().removeprefix("dt-bastion:").strip()
+        self.banners.append(text.removeprefix("certificate refused:").strip())
 
     def validate_host_ca_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
         if not self._is_bastion():

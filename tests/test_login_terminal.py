@@ -359,6 +359,7 @@ def test_a_revoked_certificate_falls_back_to_password_and_code(env, tmp_path):
     term.expect("Renewing")
     term.expect("renewal refused: the bastion refused your certificate")
     term.expect("Password for")
+    assert "revoked" in plain(term.before or ""), term.before  # the SSH layer's banner
     term.sendline(PASSWORD)
     term.expect("One-time code")
     term.sendline(person.code())
