@@ -17,9 +17,15 @@ from datetime import UTC, datetime
 from typing import NoReturn
 
 from bastion import audit, credentials
-from bastion.authz import rbac
+from bastion.authz import decide, rbac
 from bastion.authz.records import Lock, Token, User
-from bastion.protocol.errors import AccountLocked, AuthenticationFailed, TokenInvalid
+from bastion.protocol.errors import (
+    AccessDenied,
+    AccountLocked,
+    AuthenticationFailed,
+    TokenInvalid,
+    UsageError,
+)
 from bastion.protocol.wire import Ok, SignupBegin, SignupFinish, SignupInfo
 from bastion.storage import Store
 
@@ -41,6 +47,12 @@ def issue_signup_token(
     now = time.time() if now is None else now
     secret = credentials.new_token()
     with store.transaction():
+        found = store.find_user(user)
+        if found is not None and found.bot:
+            raise UsageError(
+                f'"{user}" is a bot user: bots never sign up (no password, no one-time code); '
+                f"give its job a bot token instead (dtadmin bots token {user})"
+            )
         store.add_token(
             Token(
                 credentials.token_hash(secret), "signup", user, expires=now + ttl, created_by=actor
@@ -71,8 +83,11 @@ def signup_token_user(store: Store, token: str, now: float | None = None) -> str
         raise TokenInvalid(
             "signup token has expired; ask an admin for a new one (dtadmin users reset)"
         )
-    if store.find_user(record.subject) is None:
+    found = store.find_user(record.subject)
+    if found is None:
         raise TokenInvalid("signup token belongs to a user that no longer exists")
+    if found.bot:
+        raise TokenInvalid("signup token belongs to a bot user, and bots do not sign up")
     return record.subject
 
 
@@ -160,6 +175,11 @@ def check_password_login(
     if user is None:
         credentials.verify_password(None, password)  # same cost as a real attempt
         _fail(store, user_name, remote_addr, "unknown user", now, count=False)
+        raise AuthenticationFailed("wrong user name, password or one-time code")
+    if user.bot:
+        credentials.verify_password(None, password)
+        _fail(store, user_name, remote_addr, "bot users cannot log in with a password", now,
+              count=False)  # fmt: skip
         raise AuthenticationFailed("wrong user name, password or one-time code")
     attempt, lock = _reserve_attempt(store, user, remote_addr, policy, now)
     if attempt is None and lock is not None and lock.target_kind != PASSWORD_LOCK:
@@ -363,3 +383,84 @@ def _lock_out(
             now=now,
             lock_for=policy.lock_for,
         )
+
+
+# -- bots ---------------------------------------------------------------------------------
+
+BOT_TOKEN_TTL = 24 * 3600
+
+
+def bot_token_id(token_hash: str) -> str:
+    """How admins name a bot token (`dtadmin bots tokens`): a prefix of its hash."""
+    return token_hash[:12]
+
+
+def issue_bot_token(
+    store: Store, bot: str, *, ttl: int = BOT_TOKEN_TTL, actor: str = "", now: float | None = None
+) -> tuple[str, Token]:
+    """A secret a bot's job presents (`dtclient login --bot-token FILE`) to get a
+    short-lived certificate for its own key, until it expires or is removed. Only its
+    hash is stored. Refused for anyone but a bot: a token is never a person's login."""
+    now = time.time() if now is None else now
+    if ttl <= 0:
+        raise UsageError("a bot token's --ttl must be positive")
+    secret = credentials.new_token()
+    with store.transaction():
+        decide.check_bot(store.facts(user=bot, now=now), now, bot)
+        token = store.add_token(
+            Token(credentials.token_hash(secret), "bot", bot, expires=now + ttl, created_by=actor)
+        )
+        audit.record(
+            store,
+            "bot.token.create",
+            message=f'bot token {bot_token_id(token.token_hash)} created for "{bot}"',
+            user=bot,
+            actor=actor,
+            token_id=bot_token_id(token.token_hash),
+            expires=now + ttl,
+            now=now,
+        )
+    return secret, token
+
+
+def bot_token_user(
+    store: Store, secret: str, *, remote_addr: str | None = None, now: float | None = None
+) -> tuple[str, str]:
+    """The bot a presented bot token stands for, and the token's hash (to decide again
+    later); every use, and every refusal, audited."""
+    now = time.time() if now is None else now
+    try:
+        credentials.check_token_format(secret)
+    except TokenInvalid as exc:
+        audit.record(store, "bot.token.use", success=False, message=exc.message,
+                     remote_addr=remote_addr, now=now)  # fmt: skip
+        raise
+    digest = credentials.token_hash(secret)
+    token = store.find_token(digest, "bot")
+    subject = token.subject if token is not None else None
+    try:
+        decide.check_bot_token(token, store.facts(user=subject, now=now), now)
+    except AccessDenied as exc:
+        audit.record(store, "bot.token.use", success=False, message=exc.message, user=subject,
+                     remote_addr=remote_addr, now=now)  # fmt: skip
+        raise
+    assert token is not None
+    audit.record(
+        store,
+        "bot.token.use",
+        message=f"bot token {bot_token_id(digest)} used",
+        user=token.subject,
+        remote_addr=remote_addr,
+        token_id=bot_token_id(digest),
+        now=now,
+    )
+    return token.subject, digest
+
+
+def recheck_bot_token(store: Store, bot: str, token_hash: str, now: float) -> None:
+    """A connection that authenticated with a bot token may go on: the token is still
+    there, unexpired, for this bot, which is still an unlocked bot."""
+    token = store.find_token(token_hash, "bot")
+    if token is not None and token.subject != bot:
+        token = None
+    decide.check_bot_token(token, store.facts(user=bot, now=now), now)

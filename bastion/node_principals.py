@@ -26,6 +26,11 @@ Light by design: this module imports only the contract (``bastion.protocol``: ce
 parsing, errors) and the decision core (``bastion.authz``), so a node needs Python and
 ``cryptography`` and nothing else of the bastion (``dtadmin nodes helper`` writes it as
 one file; tests/test_node_install.py checks what it imports).
+
+``--device-trust-mode required-for-humans`` admits a bot user's certificate (which
+the CA marks, and signs only for bots) without device extensions and holds everyone
+else to a device, as the bastion does in a cluster of that mode; with ``--state`` the
+stricter of it and the published modes decides.
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ def decide(
     require_device: bool,
     state: published.NodeState | None = None,
     now: float | None = None,
+    device_trust_mode: str | None = None,
 ) -> Decision:
     """Which principals to print for this login and certificate.
 
@@ -91,7 +97,7 @@ def decide(
             f"{published._rfc3339(state.expires)} (run dtadmin nodes publish); "
             "deciding as if a trusted device were required"
         )
-        state, require_device = None, True
+        state, require_device, device_trust_mode = None, True, None
     if state is not None:
         tag = (cert.device_extensions or {}).get(EXT_ASSET_TAG)
         facts = state.facts(user=cert.user, asset_tag=tag, now=now)
@@ -104,6 +110,7 @@ def decide(
             facts=facts,
             now=now,
             issued_known=False,
+            device_trust_mode=device_trust_mode,
         )
     except AccessDenied as exc:
         return Decision((), exc.message, note)
@@ -162,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="without --state: accept certificates without device extensions",
     )
+    parser.add_argument(
+        "--device-trust-mode",
+        metavar="MODE",
+        help="this node's device-trust mode: off, optional, required-for-humans or required "
+        "(supersedes --allow-untrusted-device; with --state the stricter of it and the "
+        "cluster's modes decides; an unknown mode is required)",
+    )
     parser.add_argument("login", help="%%u: the account being logged into")
     parser.add_argument("key_type", help="%%t: the certificate's key type")
     parser.add_argument("key", help="%%k: the base64 certificate blob")
@@ -183,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             ca_fingerprints=set(keys),
             require_device=require,
             state=state,
+            device_trust_mode=args.device_trust_mode,
         )
     except (DTError, OSError, ValueError) as exc:
         print(f"dt-node-principals: denied: {exc}", file=sys.stderr)

@@ -30,6 +30,7 @@ from client.sshlib import asyncssh
 CLIENT_NAME = "dtclient/0.1"
 SUBSYSTEM = "dt-api"
 SIGNUP_USER = "-dt-signup"
+BOT_USER = "-dt-bot"  # the SSH user name a bot token logs in as
 CONNECT_TIMEOUT = 15.0
 STEP_TIMEOUT = 60.0  # a real TPM can take seconds per step on the client side
 
@@ -54,6 +55,8 @@ class Credentials:
     password: str | None = None
     totp_code: str | None = None
     signup_token: str | None = None
+    bot_token: str | None = None
+    bot_name: str | None = None  # the bot the token should belong to (--user)
     client_key: Any = None  # asyncssh private key
     certificate: Any = None  # asyncssh certificate
     # Asked for (password, code) only when the bastion's login prompt arrives, so after
@@ -165,6 +168,8 @@ class _Client(asyncssh.SSHClient):
         return [self._answer(prompt.lower()) for prompt, _echo in prompts]
 
     def _answer(self, prompt: str) -> str:
+        if "bot token" in prompt and self.creds.bot_token is not None:
+            return self.creds.bot_token
         if "token" in prompt and self.creds.signup_token is not None:
             return self.creds.signup_token
         if "password" in prompt and self.creds.password is not None:

@@ -309,6 +309,15 @@ def login(
             "--password", help="Ask for password and code even if a certificate is valid."
         ),
     ] = False,
+    bot_token: Annotated[
+        str | None,
+        typer.Option(
+            "--bot-token",
+            metavar="PATH",
+            help="Log in as a bot with the token in this file ('-': standard input), "
+            "from `dtadmin bots token` (CI jobs; no password, code or device).",
+        ),
+    ] = None,
 ) -> None:
     """Log in with password and one-time code; get a fresh key and certificate.
 
@@ -340,6 +349,13 @@ def login(
     from client.api import Credentials
 
     ttl_seconds = parse_duration(ttl) if ttl else None
+    if bot_token is not None:
+        from client.bot import bot_credentials
+
+        creds = bot_credentials(read_token(None, bot_token, "Bot token: ", required=True), user)
+        profile = _run(_login(home, host, port, creds, _trust(home, ca_pin), ttl_seconds, None))
+        _print_status(home, profile)
+        return
     renewal = None if password or ca_pin else _renewal(home, f"{host}:{port}", user)
     fresh = Credentials(user, ask=lambda: _ask_secrets(user))
     if renewal is not None:
@@ -422,6 +438,10 @@ async def _login(
         user = session.welcome.user or creds.user
         if home.cluster is None or _saved(home, "cluster") not in (None, cluster):
             home.select(cluster)
+        if creds.bot_token is not None:
+            from client.bot import check_bot_name
+
+            check_bot_name(creds, session.welcome.user)
         key = asyncssh.generate_private_key("ssh-ed25519", comment=agent.key_comment(cluster, user))
         public_line = key.export_public_key("openssh").decode().strip()
         issued = await _request_cert(session, home, cluster, public_line, ttl, tcti)

@@ -13,6 +13,7 @@ import typer
 
 from bastion.admin import (
     audit_cmd,
+    bots,
     ca,
     certs,
     cluster_cmd,
@@ -51,6 +52,7 @@ app.command("edit")(resources_cmd.edit)
 # Every noun answers to its singular and its plural; --help shows the plural.
 NOUNS = (
     ("users", "user", users.app),
+    ("bots", "bot", bots.app),
     ("roles", "role", roles.app),
     ("nodes", "node", nodes.app),
     ("devices", "device", devices.app),

@@ -19,7 +19,7 @@ from bastion.protocol.durations import parse_duration
 from bastion.protocol.errors import StateError, UsageError
 
 ca_app = new_app("Export the cluster's CA keys and revocation list for nodes.")
-auth_app = new_app("Sign user certificates by hand (for bots and tests).")
+auth_app = new_app("Sign bot certificates by hand, on the CA host (like tctl auth sign).")
 host_app = new_app("Sign host certificates for the bastion and nodes.")
 
 
@@ -147,24 +147,37 @@ def rotate(
 @auth_app.command("sign")
 def sign(
     ctx: typer.Context,
-    user: Annotated[str, typer.Option("--user", help="The user to sign for.")],
-    pubkey: Annotated[Path, typer.Option("--pubkey", help="The user's OpenSSH public key file.")],
-    ttl: Annotated[str, typer.Option("--ttl", help="Lifetime, capped by the user's roles.")] = "1h",
+    user: Annotated[str, typer.Option("--user", help="The bot user to sign for.")],
+    pubkey: Annotated[
+        Path, typer.Option("--key", "--pubkey", help="The bot's OpenSSH public key file.")
+    ],
+    ttl: Annotated[
+        str, typer.Option("--ttl", help="Lifetime (at most 4h for a bot, and its roles' cap).")
+    ] = "1h",
     out: Annotated[Path | None, typer.Option("--out", help="Default: KEY-cert.pub.")] = None,
     state: StateOpt = None,
 ) -> None:
-    """Sign a user certificate, like the seed's `tctl auth sign`.
+    """Sign a bot's certificate offline, on the CA host, like `tctl auth sign`.
 
-    Example: dtadmin auth sign --user alice --pubkey id_ed25519.pub --ttl 1h
+    For bot users only (dtadmin bots add): people get their certificates from
+    `dtclient login` (password, one-time code and, where required, their device). The
+    certificate says it is a bot's (key id bot-NAME-SERIAL, extension dt-bot@dt-bastion),
+    is recorded as issued and audited, and works with stock ssh -J through the bastion.
+
+    Example: dtadmin auth sign --user ci-deploy --key ci_key.pub --ttl 1h --out ci_key-cert.pub
     """
+    from bastion.ca.authority import UserCertRequest
+
     key = load_public_key(_read(pubkey))
     cluster = open_cluster(ctx, state)
-    issued = cluster.ca.sign_user(user, key, ttl=parse_duration(ttl), actor=actor())
+    request = UserCertRequest(user, key, ttl=parse_duration(ttl), actor=actor(), bot_only=True)
+    issued = cluster.ca.sign(request)
     target = out or _cert_path(pubkey)
     atomic_write(target, (issued.openssh + "\n").encode(), 0o644)
+    until = console.when(issued.record.valid_before)
     console.say(
-        f"certificate for {user} (serial {issued.record.serial}, principals "
-        f"{','.join(issued.record.principals)}) written to {target}"
+        f"certificate for bot {user} (serial {issued.record.serial}, principals "
+        f"{','.join(issued.record.principals)}, valid until {until}) written to {target}"
     )
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from bastion.authz import rbac
 from bastion.authz.facts import Facts
-from bastion.authz.records import Device, Node, Role, User
+from bastion.authz.records import Device, Node, Role, Token, User
 from bastion.protocol.certs import (
     EXT_ASSET_TAG,
     EXT_CREDENTIAL_ID,
@@ -46,6 +46,7 @@ class CertClaims:
     credential_id: str | None = None
     permit_port_forwarding: bool = False
     force_command: str | None = None
+    bot: bool = False  # the certificate says it is a bot user's (EXT_BOT)
 
     @property
     def has_device(self) -> bool:
@@ -66,6 +67,7 @@ def claims_of(cert: ParsedCert) -> CertClaims:
         credential_id=device[EXT_CREDENTIAL_ID] if device else None,
         permit_port_forwarding="permit-port-forwarding" in cert.extensions,
         force_command=cert.critical_options.get("force-command"),
+        bot=cert.is_bot,
     )
 
 
@@ -78,11 +80,14 @@ def known_roles(facts: Facts) -> list[Role]:
 
 
 def trust_mode(facts: Facts) -> str:
-    """The effective device-trust mode: the strictest of the cluster's and every role's.
-    No user, or any role that cannot be read, means ``required``."""
+    """The device-trust mode that applies to ``facts.user``: the strictest of the
+    cluster's and every role's, with ``required-for-humans`` resolved for this user
+    (``required`` for a person, ``optional`` for a bot user). No user, or any role that
+    cannot be read, means ``required``."""
     if facts.user is None or any(role is None for role in facts.roles):
         return "required"
-    return rbac.effective_trust_mode(facts.cluster_mode, known_roles(facts))
+    mode = rbac.effective_trust_mode(facts.cluster_mode, known_roles(facts))
+    return rbac.mode_for(mode, bot=facts.user.bot)
 
 
 def permissions(facts: Facts) -> rbac.Permissions:
@@ -134,8 +139,53 @@ def check_certificate(cert: ParsedCert, facts: Facts, now: float) -> CertClaims:
         raise AccessDenied("certificate names no dt-bastion user")
     claims = claims_of(cert)
     check_issued(claims, facts)
-    check_user(facts, now, claims.user)
+    check_bot_claim(claims, check_user(facts, now, claims.user))
     return claims
+
+
+def check_bot_claim(claims: CertClaims, user: User) -> None:
+    """A certificate says it is a bot's exactly when its user is a bot: a bot's
+    certificate never stands for a person of the same name, nor the other way round."""
+    if claims.bot != user.bot:
+        kind = "bot" if claims.bot else "person"
+        raise AccessDenied(f'certificate was issued to a {kind}, and "{user.name}" is not one')
+
+
+# -- bots ----------------------------------------------------------------------------------
+
+
+def check_bot(facts: Facts, now: float, name: str) -> User:
+    """``name`` is a bot user that may be issued certificates now (auth sign, bot
+    tokens): it exists, is unlocked, its roles can be read, and it is a bot."""
+    user = check_user(facts, now, name)
+    if not user.bot:
+        raise AccessDenied(
+            f'"{name}" is a person, not a bot: people get certificates with dtclient login '
+            "(password, one-time code and, where required, their device)"
+        )
+    return user
+
+
+def check_not_bot(facts: Facts, what: str) -> None:
+    """What only people do (sign up, log in with a password, enroll a device)."""
+    if facts.user is not None and facts.user.bot:
+        raise AccessDenied(f'"{facts.user.name}" is a bot user; a bot cannot {what}')
+
+
+def check_bot_token(token: Token | None, facts: Facts, now: float) -> User:
+    """A bot token (looked up by its hash) stands now, for a bot that may be issued
+    certificates. Decided at authentication, before every dt-api request and again by
+    the CA inside its signing transaction."""
+    if token is None or token.kind != "bot":
+        raise AccessDenied("bot token is not valid (unknown, mistyped or revoked)")
+    if token.expires <= now:
+        raise AccessDenied(
+            f'the bot token of "{token.subject}" has expired; an admin mints a new one '
+            "(dtadmin bots token NAME)"
+        )
+    if facts.user is None or facts.user.name != token.subject:
+        raise AccessDenied(f'bot token belongs to "{token.subject}", which no longer exists')
+    return check_bot(facts, now, token.subject)
 
 
 def check_issued(claims: CertClaims, facts: Facts) -> None:
@@ -171,7 +221,7 @@ def check_cert_connection(claims: CertClaims, facts: Facts, now: float) -> None:
     if facts.user_ca_fingerprint is not None and claims.ca_fingerprint != facts.user_ca_fingerprint:
         raise AccessDenied("the user CA was rotated; this certificate is no longer trusted")
     check_issued(claims, facts)
-    check_user(facts, now, claims.user)
+    check_bot_claim(claims, check_user(facts, now, claims.user))
 
 
 def check_renewal(serial: int, user: str, facts: Facts) -> None:
@@ -342,6 +392,11 @@ def _check_enrolled_for(
         )
 
 
+def check_may_enroll(facts: Facts) -> None:
+    """A bot has no TPM of its own to prove: it enrolls no device, by token or not."""
+    check_not_bot(facts, "enroll a device")
+
+
 def may_self_enroll(facts: Facts) -> bool:
     return rbac.allows(known_roles(facts), "device", "enroll")
 
@@ -408,6 +463,7 @@ def node_principals(
     facts: Facts | None,
     now: float,
     issued_known: bool = True,
+    device_trust_mode: str | None = None,
 ) -> tuple[str, ...]:
     """What ``dt-node-principals`` prints for sshd: the login, or raises with why not.
 
@@ -417,8 +473,17 @@ def node_principals(
     refuse. ``require_device`` makes the node stricter than the cluster, never laxer.
     ``issued_known`` False: the facts carry no issued-certificate records (the state a
     cluster publishes for nodes, :mod:`bastion.authz.published`); revocation then
-    reaches the node through its KRL instead.
+    reaches the node through its KRL instead. ``device_trust_mode`` (the node's own
+    setting, when given) supersedes ``require_device``: ``required-for-humans`` admits a
+    bot's certificate without device extensions (the CA marks it, and signs it only for
+    a bot user); with facts, the stricter of it and the cluster's modes decides.
     """
+    node_mode = (
+        device_trust_mode
+        if device_trust_mode is not None
+        else ("required" if require_device else "optional")
+    )
+    require_device = rbac.mode_for(node_mode, bot=cert.is_bot) == "required"
     if cert.cert_type != "user":
         raise AccessDenied("not a user certificate")
     if cert.ca_fingerprint not in ca_fingerprints:
@@ -435,9 +500,9 @@ def node_principals(
             raise AccessDenied("certificate names no dt-bastion user")
         if issued_known:
             check_issued(claims, facts)
-        check_user(facts, now, claims.user)
-        # A certificate that names a device is held to it; a node told to require
-        # one decides as if the cluster required it.
-        strict = claims.has_device or require_device
-        check_device(claims, replace(facts, cluster_mode="required") if strict else facts, now)
+        check_bot_claim(claims, check_user(facts, now, claims.user))
+        # A certificate that names a device is held to it; otherwise the node's own
+        # mode counts as much as the cluster's (the stricter wins).
+        mode = "required" if claims.has_device else rbac.strictest(node_mode, facts.cluster_mode)
+        check_device(claims, replace(facts, cluster_mode=mode), now)
     return (login,)

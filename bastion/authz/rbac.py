@@ -64,6 +64,10 @@ PRESET_ROLES: tuple[Role, ...] = (
 )
 
 _STRICTNESS = {mode: i for i, mode in enumerate(TRUST_MODES)}
+HUMANS_ONLY = "required-for-humans"
+# Bot certificates are short-lived: a CI job asks for a new one (bot token) each run.
+BOT_DEFAULT_TTL = 3600
+BOT_MAX_TTL = 4 * 3600
 
 
 def check_name(kind: str, name: object) -> str:
@@ -102,6 +106,24 @@ def effective_trust_mode(cluster_mode: object, roles: Iterable[Role]) -> str:
         role_mode = role.device_trust_mode if role.device_trust_mode in _STRICTNESS else "required"
         mode = stricter(str(mode), role_mode)
     return str(mode)
+
+
+def mode_for(mode: object, *, bot: bool) -> str:
+    """The mode that applies to one user: ``required-for-humans`` is ``required`` for a
+    person and ``optional`` for a bot user; anything unknown is ``required``."""
+    if mode not in _STRICTNESS:
+        return "required"
+    if mode == HUMANS_ONLY:
+        return "optional" if bot else "required"
+    return str(mode)
+
+
+def strictest(*modes: object) -> str:
+    """The strictest of several raw mode settings (unknown means required)."""
+    out = "off"
+    for mode in modes:
+        out = stricter(out, str(mode) if mode in _STRICTNESS else "required")
+    return out
 
 
 def disconnect_expired_cert(roles: Iterable[Role]) -> bool:
@@ -165,13 +187,24 @@ class Permissions:
     permit_agent_forwarding: bool
     permit_x11_forwarding: bool
     permit_user_rc: bool
+    # A bot user's certificates say so (key id and extension) and are short-lived.
+    bot: bool = False
+    # The lifetime when none is asked for (0: max_ttl).
+    default_ttl: int = 0
 
 
 def permissions(user: User, roles: list[Role], cluster_mode: object) -> Permissions:
+    longest = max_ttl(roles)
+    default = 0
+    if user.bot:
+        longest = min(longest, BOT_MAX_TTL)
+        default = min(longest, BOT_DEFAULT_TTL)
     return Permissions(
+        bot=user.bot,
+        default_ttl=default,
         logins=user_logins(user, roles),
-        max_ttl=max_ttl(roles),
-        trust_mode=effective_trust_mode(cluster_mode, roles),
+        max_ttl=longest,
+        trust_mode=mode_for(effective_trust_mode(cluster_mode, roles), bot=user.bot),
         permit_port_forwarding=any(r.permit_port_forwarding for r in roles),
         permit_pty=any(r.permit_pty for r in roles),
         permit_agent_forwarding=any(r.permit_agent_forwarding for r in roles),

@@ -17,7 +17,9 @@ NAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,128}$")
 # Unix login names a certificate may carry as principals.
 LOGIN_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$|^\{\{internal\.logins\}\}$")
 
-TRUST_MODES = ("off", "optional", "required")
+# Weakest first. ``required-for-humans``: as ``required`` for people, ``optional`` for
+# bot users (automation has no TPM to prove; Teleport's mode of that name).
+TRUST_MODES = ("off", "optional", "required-for-humans", "required")
 ENROLL_STATUSES = ("not_enrolled", "enrolled")
 ATTESTATION_TYPES = ("tpm_ekpub", "tpm_ekcert", "tpm_ekcert_trusted")
 
@@ -33,6 +35,9 @@ class User:
     created: float = 0.0
     updated: float = 0.0
     created_by: str = ""
+    # A bot (automation, CI): no password, no one-time code, no signup, no device; its
+    # certificates come from `dtadmin auth sign` or a bot token and say it is a bot.
+    bot: bool = False
 
     @property
     def signed_up(self) -> bool:
@@ -143,8 +148,9 @@ class Token:
     """A single-use secret, stored only as its hash (enrollment or signup)."""
 
     token_hash: str
-    kind: str  # "enroll" | "signup"
-    subject: str  # asset tag for enroll tokens, user name for signup tokens
+    kind: str  # "enroll" | "signup" | "bot"
+    # asset tag for enroll tokens, user name for signup tokens, bot name for bot tokens
+    subject: str
     expires: float
     created: float = 0.0
     created_by: str = ""

@@ -68,6 +68,10 @@ class UserCertRequest:
     # that signs (dt-api sets max_certs_per_user_per_minute; None: no limit, an
     # admin's request).
     rate_limit: int | None = None
+    # Bots: the certificate is for a bot user only (`dtadmin auth sign`), and the bot
+    # token a request came with (its hash), decided again under the write lock.
+    bot_only: bool = False
+    bot_token_hash: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +173,11 @@ class CertificateAuthority:
             now=now,
         )
         decide.check_user(facts, now, request.user)
+        if request.bot_only or request.bot_token_hash is not None:
+            decide.check_bot(facts, now, request.user)
+        if request.bot_token_hash is not None:
+            token = self.store.find_token(request.bot_token_hash, "bot")
+            decide.check_bot_token(token, facts, now)
         if request.rate_limit is not None:
             since = now - limits.ISSUANCE_WINDOW
             recent = self.store.count_user_certs(request.user, since=since)
@@ -199,6 +208,8 @@ class CertificateAuthority:
             principals=list(issued.record.principals),
             valid_before=issued.record.valid_before,
             actor=request.actor,
+            bot=True if perms.bot else None,
+            via="bot token" if request.bot_token_hash is not None else None,
             now=now,
         )
         return issued

@@ -20,6 +20,7 @@ from bastion.authz.records import Device
 from bastion.protocol.certs import (
     DEVICE_EXTENSIONS,
     EXT_ASSET_TAG,
+    EXT_BOT,
     EXT_CREDENTIAL_ID,
     EXT_DEVICE_ID,
     EXT_USER,
@@ -65,10 +66,15 @@ def user_cert_spec(
 ) -> UserCertSpec:
     """The signing policy for one user certificate (see module docstring)."""
     check_extension_value(EXT_USER, user)
-    lifetime = perms.max_ttl if ttl is None else min(ttl, perms.max_ttl)
+    default = perms.default_ttl or perms.max_ttl
+    lifetime = default if ttl is None else min(ttl, perms.max_ttl)
     if lifetime <= 0:
         raise CertificateError(f"certificate lifetime must be positive, not {lifetime}s")
     extensions = {EXT_USER: user}
+    if perms.bot:
+        if device is not None:
+            raise CertificateError(f'bot "{user}" cannot have a device certificate')
+        extensions[EXT_BOT] = user
     for name, allowed in (
         ("permit-port-forwarding", perms.permit_port_forwarding),
         ("permit-pty", perms.permit_pty),
@@ -87,7 +93,7 @@ def user_cert_spec(
             EXT_CREDENTIAL_ID, device.credential.id
         )
     return UserCertSpec(
-        key_id=f"{user}-{serial}",
+        key_id=f"bot-{user}-{serial}" if perms.bot else f"{user}-{serial}",
         serial=serial,
         principals=(*perms.logins, JUMP_PRINCIPAL),
         valid_after=now - BACKDATE_SECONDS,
@@ -143,6 +149,7 @@ __all__ = [
     "BACKDATE_SECONDS",
     "DEVICE_EXTENSIONS",
     "EXT_ASSET_TAG",
+    "EXT_BOT",
     "EXT_CREDENTIAL_ID",
     "EXT_DEVICE_ID",
     "EXT_USER",

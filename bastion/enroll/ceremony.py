@@ -168,6 +168,7 @@ class EnrollmentCeremony:
 
     def _authorize(self, msg: EnrollBegin, tag: str, now: float) -> tuple[Device, Token | None]:
         os_type = str(msg.device_data.get("os_type", "linux"))
+        decide.check_may_enroll(self.store.facts(user=self.user, now=now))
         if msg.token:
             token = check_enroll_token(self.store, msg.token, self.user, now)
             if token.subject != tag:

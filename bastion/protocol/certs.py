@@ -22,6 +22,8 @@ EXT_DEVICE_ID = "device-id@dt-bastion"
 EXT_ASSET_TAG = "device-asset-tag@dt-bastion"
 EXT_CREDENTIAL_ID = "device-credential-id@dt-bastion"
 DEVICE_EXTENSIONS = (EXT_DEVICE_ID, EXT_ASSET_TAG, EXT_CREDENTIAL_ID)
+# On a bot user's certificate, its value the bot's name (the key id starts "bot-" too).
+EXT_BOT = "dt-bot@dt-bastion"
 # A principal no Unix account can have: the bastion trusts the user CA only for it,
 # so the SSH user name a client presents to the bastion does not matter.
 JUMP_PRINCIPAL = "-dt-jump"
@@ -68,6 +70,11 @@ class ParsedCert:
     @property
     def user(self) -> str | None:
         return self.extensions.get(EXT_USER)
+
+    @property
+    def is_bot(self) -> bool:
+        """Says it is a bot user's: the bot extension, naming the same user."""
+        return EXT_BOT in self.extensions and self.extensions[EXT_BOT] == self.user
 
     @property
     def device_extensions(self) -> dict[str, str] | None:

@@ -8,6 +8,8 @@ connection authenticated:
 * ``signup``: a signup token; only ``signup_begin`` / ``signup_finish``.
 * ``password`` (password + TOTP): certificates, node listing, enrollment.
 * ``certificate``: the same, for renewals and enrollment with a current certificate.
+* ``bot-token``: a bot's job with its bot token: certificates (never with a device),
+  node listing and whoami, for that bot only.
 
 Before every request the credential the connection authenticated with is decided
 again (``recheck``): a certificate revoked, its CA rotated out, the user locked or
@@ -74,6 +76,8 @@ class ApiIdentity:
     password_hash: str | None = None
     # For certificate logins: the serial of the certificate that authenticated.
     serial: int | None = None
+    # For bot-token logins: the hash of the token, decided again by the CA.
+    token_hash: str | None = None
 
 
 class ApiSession:
@@ -185,6 +189,12 @@ class ApiSession:
     def _handlers(self) -> dict[type, Any]:
         if self.identity.auth == "signup":
             return {wire.SignupBegin: self._signup_begin, wire.SignupFinish: self._signup_finish}
+        if self.identity.auth == "bot-token":
+            return {
+                wire.CertRequest: self._cert_request,
+                wire.ListNodes: self._list_nodes,
+                wire.Whoami: self._whoami,
+            }
         return {
             wire.CertRequest: self._cert_request,
             wire.ListNodes: self._list_nodes,
@@ -232,7 +242,7 @@ class ApiSession:
         perms = decide.permissions(facts)
         device: Device | None = None
         warning = None
-        if msg.device and perms.trust_mode != "off":
+        if msg.device and perms.trust_mode != "off" and not perms.bot:
             try:
                 device = await self._authenticate_device(msg, reader, writer)
             except ProtocolError:
@@ -262,6 +272,7 @@ class ApiSession:
             renewal_of=self.identity.serial if self.identity.auth == "certificate" else None,
             password_hash=self.identity.password_hash if self.identity.auth == "password" else None,
             rate_limit=self.max_certs_per_minute or None,
+            bot_token_hash=self.identity.token_hash if self.identity.auth == "bot-token" else None,
         )
         # Again: the device round trip took as long as the client liked.
         await self._recheck()

@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from bastion.accounts import recheck_bot_token
 from bastion.authz.decide import CertClaims
 from bastion.protocol.errors import AccessDenied, StorageUnavailable
 from bastion.proxy import policy
@@ -44,9 +45,10 @@ class Credential:
     """How one connection authenticated, kept to be decided again."""
 
     user: str
-    auth: str  # "certificate" | "password" | "signup"
+    auth: str  # "certificate" | "password" | "signup" | "bot-token"
     claims: CertClaims | None = None
     password_hash: str | None = None  # for "password": the hash it was checked against
+    token_hash: str | None = None  # for "bot-token": the hash of the bot token presented
 
 
 def recheck(store: Store, credential: Credential, now: float) -> None:
@@ -60,6 +62,8 @@ def recheck(store: Store, credential: Credential, now: float) -> None:
             policy.recheck_live_connection(store, credential.claims, now)
         elif credential.auth == "password":
             policy.recheck_password(store, credential.user, credential.password_hash, now)
+        elif credential.auth == "bot-token":
+            recheck_bot_token(store, credential.user, credential.token_hash or "", now)
     except CredentialRevoked:
         raise
     except AccessDenied as exc:

@@ -76,6 +76,7 @@ from bastion.proxy.workers import Workers
 
 log = logging.getLogger("bastion.server")
 SIGNUP_USER = "-dt-signup"
+BOT_USER = "-dt-bot"  # a bot's job presenting a bot token (dtclient login --bot-token)
 # Connections whose refused keys are audited in full, per address (and user the
 # certificate claims) and minute; the rest are counted into one row (a flood of
 # refused keys is not a flood of rows).
@@ -726,6 +727,8 @@ class BastionServer(asyncssh.SSHServer):
     ) -> tuple[str, str, str, list[tuple[str, bool]]]:
         if username == SIGNUP_USER:
             return ("dt-bastion signup", "", "", [("Signup token: ", False)])
+        if username == BOT_USER:
+            return ("dt-bastion bot", "", "", [("Bot token: ", False)])
         return ("dt-bastion login", "", "", [("Password: ", False), ("One-time code: ", True)])
 
     async def validate_kbdint_response(
@@ -746,6 +749,8 @@ class BastionServer(asyncssh.SSHServer):
                 user = await workers.call(accounts.signup_token_user, self.store, token)
                 self.api_identity = ApiIdentity(user, "signup", addr, token)
                 return True
+            if username == BOT_USER and len(responses) == 1:
+                return await self._bot_token_login(responses[0].strip(), addr)
             if len(responses) != 2:
                 return False
             login = functools.partial(
@@ -766,7 +771,7 @@ class BastionServer(asyncssh.SSHServer):
                 await self._audit_refusal("auth.failed", f"signup: {exc.message}")
             if exc.disclose:  # proved (token, or password and code): say why, then refuse
                 return ("dt-bastion refused the login", exc.message, REFUSAL_TAG + exc.code, [])
-            return False
+            return False  # a bot token's refusal is audited as token.use
         # The hash it was checked against: a reset or a new password ends this connection.
         password_hash = user_record.password_hash
         if not await self._admit(Credential(user_record.name, "password", None, password_hash)):
@@ -774,6 +779,18 @@ class BastionServer(asyncssh.SSHServer):
         self.api_identity = ApiIdentity(
             user_record.name, "password", addr, password_hash=password_hash
         )
+        return True
+
+    async def _bot_token_login(self, secret: str, addr: str) -> bool:
+        """A bot's job with its bot token: the connection may ask for certificates for
+        that bot only, while the token stands (decided again before every request)."""
+        workers = self.bastion.workers
+        bot, token_hash = await workers.call(
+            functools.partial(accounts.bot_token_user, self.store, secret, remote_addr=addr)
+        )
+        if not await self._admit(Credential(bot, "bot-token", token_hash=token_hash)):
+            return False
+        self.api_identity = ApiIdentity(bot, "bot-token", addr, token_hash=token_hash)
         return True
 
     async def _check_password(self, login: Any, username: str, bound: float) -> Any:

@@ -233,3 +233,10 @@ def _audit_chain(db: sqlite_utils.Database) -> None:
         prev = audit_chain.link(prev, row)
         links.append((prev.hex(), row["id"]))
     db.conn.executemany("UPDATE audit SET hash = ? WHERE id = ?", links)
+
+
+@migration(5, "bot users")
+def _bot_users(db: sqlite_utils.Database) -> None:
+    """Users gain ``bot``: automation with no password, code or device, whose
+    certificates come from `dtadmin auth sign` or a bot token (tokens of kind "bot")."""
+    db.execute("ALTER TABLE users ADD COLUMN bot INTEGER NOT NULL DEFAULT 0")

@@ -63,3 +63,13 @@ class TokenStore(SQLiteBase):
     def remove_token(self, token_hash: str) -> None:
         if self._exec("DELETE FROM tokens WHERE token_hash = ?", (token_hash,)) != 1:
             raise NotFound("token not found")
+
+    def remove_tokens(self, kind: str, subject: str, token_hash: str | None = None) -> int:
+        """Delete ``subject``'s tokens of ``kind`` (only the one with ``token_hash`` if
+        given); how many. A deleted bot token stops working at its next use."""
+        if token_hash is None:
+            return self._exec("DELETE FROM tokens WHERE kind = ? AND subject = ?", (kind, subject))
+        return self._exec(
+            "DELETE FROM tokens WHERE kind = ? AND subject = ? AND token_hash = ?",
+            (kind, subject, token_hash),
+        )

@@ -34,6 +34,7 @@ class UserStore(SQLiteBase):
             created=row["created"] or 0.0,
             updated=row["updated"] or 0.0,
             created_by=row["created_by"] or "",
+            bot=bool(row.get("bot") or 0),
         )
 
     def add_user(self, user: User) -> User:
@@ -42,7 +43,7 @@ class UserStore(SQLiteBase):
         try:
             self._exec(
                 "INSERT INTO users (name, roles, logins, password_hash, totp_secret, "
-                "totp_last_step, created, updated, created_by) VALUES (?,?,?,?,?,?,?,?,?)",
+                "totp_last_step, created, updated, created_by, bot) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (
                     user.name,
                     _j(list(user.roles)),
@@ -53,6 +54,7 @@ class UserStore(SQLiteBase):
                     now,
                     now,
                     user.created_by,
+                    int(user.bot),
                 ),
             )
         except sqlite3.IntegrityError:
