@@ -103,7 +103,7 @@ def user_doc(user: User, locked: bool = False) -> dict[str, Any]:
         "spec": {
             "roles": list(user.roles),
             "traits": {"logins": list(user.logins)},
-            "status": {"locked": locked, "signed_up": user.signed_up},
+            "status": {"locked": locked, "signed_up": user.signed_up, "bot": user.bot},
             "created_by": user.created_by or None,
         },
     }

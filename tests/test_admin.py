@@ -299,9 +299,11 @@ def test_ca_export_and_signing(cluster, run, tmp_path):
     subprocess.run(
         ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True
     )
+    # auth sign is for bots (people log in with dtclient): see tests/test_bots.py
+    assert run("bots", "add", "ci", "--roles", "access", "--logins", "root").exit_code == 0
     assert (
         run(
-            "auth", "sign", "--user", "alice", "--pubkey", str(tmp_path / "k.pub"), "--ttl", "30m"
+            "auth", "sign", "--user", "ci", "--pubkey", str(tmp_path / "k.pub"), "--ttl", "30m"
         ).exit_code
         == 0
     )
@@ -322,8 +324,8 @@ def test_ca_export_and_signing(cluster, run, tmp_path):
             ["ssh-keygen", "-L", "-f", str(tmp_path / "k-cert.pub")], capture_output=True, text=True
         ).stdout
     )
-    run("lock", "--user", "alice")
-    refused = run("auth", "sign", "--user", "alice", "--pubkey", str(tmp_path / "k.pub"))
+    run("lock", "--user", "ci")
+    refused = run("auth", "sign", "--user", "ci", "--pubkey", str(tmp_path / "k.pub"))
     assert refused.exit_code == 7 and "locked" in refused.output
 
 

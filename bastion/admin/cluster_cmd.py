@@ -52,7 +52,8 @@ def set_(
     value: Annotated[
         str,
         typer.Argument(
-            help="off|optional|required; on|off; or HOST[:PORT] users reach the bastion at."
+            help="off|optional|required-for-humans|required; on|off; "
+            "or HOST[:PORT] users reach the bastion at."
         ),
     ],
     state: StateOpt = None,
@@ -61,6 +62,8 @@ def set_(
 
     Examples: dtadmin cluster set device-trust-mode required;
     dtadmin cluster set public-addr bastion.example.com:3022 (printed in signup commands)
+
+    required-for-humans: people need a trusted device, bot users (dtadmin bots) do not.
     """
     if name not in SETTINGS:
         raise UsageError(f"unknown setting {name!r}: use one of {', '.join(SETTINGS)}")

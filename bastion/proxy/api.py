@@ -252,6 +252,11 @@ class ApiSession:
                     f"device authentication failed: {exc.message}; "
                     "this certificate carries no device extensions"
                 )
+        if device is None and perms.trust_mode == "required" and perms.bot:
+            warning = (
+                "device trust is required for everyone here, bots included: this bot's "
+                "certificate opens no node unless the mode is required-for-humans"
+            )
         if device is None and perms.trust_mode == "required" and warning is None:
             warning = (
                 "device trust is required for your roles and this certificate carries no "

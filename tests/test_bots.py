@@ -1,0 +1,173 @@
+"""Bots and `required-for-humans`: the one rule in the decision core, as the CA, the
+bastion's checks, the accounts layer and `dt-node-principals` (its CLI, as sshd runs
+it) each get it. The deployed tier (tests/deployed/test_bots.py) drives the same
+through `dtadmin`, `dtclient`, `dt-bastion serve` and stock `ssh -J`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from bastion import accounts
+from bastion.authz import decide, rbac
+from bastion.authz.facts import Facts
+from bastion.authz.records import Role, User
+from bastion.ca.authority import UserCertRequest
+from bastion.ca.certs import parse_cert
+from bastion.cluster import init_cluster
+from bastion.node_principals import decide as node_decide
+from bastion.protocol.certs import EXT_BOT
+from bastion.protocol.errors import AccessDenied, AuthenticationFailed, UsageError
+
+HUMANS = "required-for-humans"
+
+
+@pytest.mark.parametrize(
+    ("mode", "bot", "expected"),
+    [
+        (HUMANS, False, "required"),
+        (HUMANS, True, "optional"),
+        ("required", True, "required"),
+        ("optional", False, "optional"),
+        ("off", True, "off"),
+        ("required-for-robots", True, "required"),  # unknown: a deny, as everywhere
+        (None, True, "required"),
+    ],
+)
+def test_mode_for_one_user(mode, bot, expected):
+    assert rbac.mode_for(mode, bot=bot) == expected
+
+
+@pytest.mark.parametrize(
+    ("cluster", "role_mode", "human", "bot"),
+    [
+        (HUMANS, None, "required", "optional"),
+        ("optional", HUMANS, "required", "optional"),  # a role can carry the mode
+        (HUMANS, "required", "required", "required"),  # the stricter wins
+        ("off", "bogus", "required", "required"),
+        ("optional", "optional", "optional", "optional"),
+    ],
+)
+def test_trust_mode_cluster_and_role(cluster, role_mode, human, bot):
+    role = Role("r", device_trust_mode=role_mode)
+    facts = Facts(cluster_mode=cluster, user=User("alice", ("r",)), roles=(role,))
+    assert decide.trust_mode(facts) == human
+    bot_facts = replace(facts, user=User("ci", ("r",), bot=True))
+    assert decide.trust_mode(bot_facts) == bot
+    assert decide.permissions(bot_facts).trust_mode == bot
+
+
+def test_the_mode_is_a_valid_setting_and_role_option():
+    assert rbac.check_trust_mode(HUMANS) == HUMANS
+    with pytest.raises(UsageError):
+        rbac.check_trust_mode("humans")
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = init_cluster(tmp_path / "state", "test")
+    c.store.set_setting("device_trust_mode", HUMANS)
+    c.store.add_user(User("alice", ("access",), ("root",)))
+    c.store.add_user(User("ci", ("access",), ("deploy",), bot=True))
+    yield c
+    c.close()
+
+
+def key():
+    return ed25519.Ed25519PrivateKey.generate().public_key()
+
+
+def test_bot_certificates_are_marked_short_lived_and_for_bots_only(cluster):
+    issued = cluster.ca.sign(UserCertRequest("ci", key(), bot_only=True, now=1_800_000_000))
+    cert = parse_cert(issued.openssh.encode())
+    assert cert.is_bot and cert.extensions[EXT_BOT] == "ci"
+    assert cert.key_id.startswith("bot-ci-") and cert.key_id == issued.record.key_id
+    assert cert.valid_before - 1_800_000_000 == rbac.BOT_DEFAULT_TTL
+    long = cluster.ca.sign(UserCertRequest("ci", key(), ttl=7 * 86400, bot_only=True))
+    assert long.record.valid_before - long.record.valid_after <= rbac.BOT_MAX_TTL + 60
+    with pytest.raises(AccessDenied, match="is a person, not a bot"):
+        cluster.ca.sign(UserCertRequest("alice", key(), bot_only=True))
+    refused = cluster.store.list_audit(type="cert.create")[-1]
+    assert not refused.success and refused.user == "alice"
+    human = parse_cert(cluster.ca.sign_user("alice", key()).openssh.encode())
+    assert not human.is_bot and EXT_BOT not in human.extensions
+
+
+def test_the_bastion_holds_a_certificate_to_its_kind(cluster):
+    """A bot-marked certificate never stands for a person of that name (and back)."""
+    store = cluster.store
+    cert = parse_cert(cluster.ca.sign(UserCertRequest("ci", key(), bot_only=True)).openssh.encode())
+    now = cert.valid_after + 120
+    facts = store.facts(user="ci", serial=cert.serial, now=now)
+    claims = decide.check_certificate(cert, facts, now)
+    assert claims.bot and decide.check_device(claims, facts, now) == "optional"
+    as_person = replace(facts, user=replace(facts.user, bot=False))
+    with pytest.raises(AccessDenied, match="issued to a bot"):
+        decide.check_certificate(cert, as_person, now)
+    with pytest.raises(AccessDenied, match="trusted device is required"):
+        human = parse_cert(cluster.ca.sign_user("alice", key()).openssh.encode())
+        hf = store.facts(user="alice", serial=human.serial, now=now)
+        decide.check_device(decide.check_certificate(human, hf, now), hf, now)
+
+
+def test_bot_tokens_expire_are_revoked_and_never_serve_a_person(cluster):
+    store = cluster.store
+    secret, token = accounts.issue_bot_token(store, "ci", ttl=60, now=1_000.0)
+    assert accounts.bot_token_user(store, secret, now=1_030.0) == ("ci", token.token_hash)
+    with pytest.raises(AccessDenied, match="expired"):
+        accounts.bot_token_user(store, secret, now=1_061.0)
+    with pytest.raises(AccessDenied, match="is a person"):
+        accounts.issue_bot_token(store, "alice")
+    uses = store.list_audit(type="bot.token.use")
+    assert [e.success for e in uses] == [True, False]
+
+    secret, token = accounts.issue_bot_token(store, "ci")
+    request = UserCertRequest("ci", key(), bot_token_hash=token.token_hash)
+    assert cluster.ca.sign(request).record.user == "ci"
+    store.remove_tokens("bot", "ci", token.token_hash)
+    with pytest.raises(AccessDenied, match="not valid"):
+        cluster.ca.sign(request)  # decided again inside the signing transaction
+    with pytest.raises(AccessDenied, match="not valid"):
+        accounts.recheck_bot_token(store, "ci", token.token_hash, 2e9)
+    # A token whose hash is a person's name's never gets them a certificate.
+    with pytest.raises(AccessDenied):
+        cluster.ca.sign(UserCertRequest("alice", key(), bot_token_hash=token.token_hash))
+
+
+def test_a_bot_never_signs_up_logs_in_with_a_password_or_enrolls(cluster):
+    store = cluster.store
+    with pytest.raises(UsageError, match="bots never sign up"):
+        accounts.issue_signup_token(store, "ci")
+    with pytest.raises(AuthenticationFailed):
+        accounts.check_password_login(store, "ci", "x" * 16, "123456")
+    assert "bot users cannot log in" in store.list_audit(type="auth.failed")[-1].message
+    with pytest.raises(AccessDenied, match="cannot enroll a device"):
+        decide.check_may_enroll(store.facts(user="ci", now=0))
+
+
+def test_node_helper_required_for_humans(cluster):
+    """The helper, statelessly and with the state, as sshd runs it."""
+    bot = parse_cert(cluster.ca.sign(UserCertRequest("ci", key(), bot_only=True)).openssh.encode())
+    person = parse_cert(cluster.ca.sign_user("alice", key()).openssh.encode())
+    fps = {cluster.ca.user_ca_fingerprint}
+    for store in (None, cluster.store):
+        kw = dict(ca_fingerprints=fps, require_device=True, store=store)
+        assert node_decide("deploy", bot, device_trust_mode=HUMANS, **kw).principals == ("deploy",)
+        refused = node_decide("root", person, device_trust_mode=HUMANS, **kw)
+        assert refused.principals == () and "device" in refused.reason
+        assert node_decide("deploy", bot, **kw).principals == ()  # plain required: no bot
+        assert node_decide("deploy", bot, device_trust_mode="bogus", **kw).principals == ()
+
+    ca_pub = cluster.state_dir / "ca" / "user_ca.pub"
+    for cert, login, expected in ((bot, "deploy", "deploy\n"), (person, "root", "")):
+        blob = cert.certificate.public_bytes().split()
+        proc = subprocess.run(
+            [sys.executable, "-m", "bastion.node_principals", "--ca", str(ca_pub),
+             "--device-trust-mode", HUMANS, login, blob[0].decode(), blob[1].decode()],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert proc.returncode == 0 and proc.stdout == expected, proc.stderr
