@@ -460,7 +460,9 @@ def bot_token_user(
 def recheck_bot_token(store: Store, bot: str, token_hash: str, now: float) -> None:
     """A connection that authenticated with a bot token may go on: the token is still
     there, unexpired, for this bot, which is still an unlocked bot."""
+    facts = store.facts(user=bot, now=now)
+    decide.check_bot(facts, now, bot)  # the bot's own state first: removed, locked
     token = store.find_token(token_hash, "bot")
     if token is not None and token.subject != bot:
         token = None
-    decide.check_bot_token(token, store.facts(user=bot, now=now), now)
+    decide.check_bot_token(token, facts, now)

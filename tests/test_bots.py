@@ -171,3 +171,52 @@ def test_node_helper_required_for_humans(cluster):
             capture_output=True, text=True,
         )  # fmt: skip
         assert proc.returncode == 0 and proc.stdout == expected, proc.stderr
+
+
+# -- a live bot-token connection, through a real bastion ---------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "action, reason",
+    [
+        (("bots", "token-rm", "ci"), "bot token is not valid"),
+        (("bots", "rm", "ci"), "no longer exists"),
+        (("lock", "--user", "ci", "--message", "runner compromised"), "runner compromised"),
+    ],
+    ids=["token-rm", "bots-rm", "lock"],
+)
+def test_a_bot_token_connection_gets_nothing_once_the_token_goes(recheck_env, action, reason):
+    """dtclient's own session code as a CI job uses it: a certificate on a bot-token
+    connection, the admin's action, then a second request on the same connection."""
+    import asyncio
+
+    from client.api import BOT_USER, Credentials
+    from tests.sshd import LOGIN, keygen
+    from tests.test_dtapi_recheck import renew_after, terminated
+
+    env = recheck_env
+    env.cluster.store.add_user(User("ci", ("access",), (LOGIN,), bot=True))
+    secret, _ = accounts.issue_bot_token(env.cluster.store, "ci")
+    keygen(env.tmp / "ci")
+    pub = (env.tmp / "ci.pub").read_text()
+    refusal = asyncio.run(renew_after(env, Credentials(BOT_USER, bot_token=secret), pub, *action))
+    assert reason in refusal.message, refusal.message
+    [event] = terminated(env, "ci")
+    assert reason in event.message and event.fields["auth"] == "bot-token"
+    issued = [e for e in env.cluster.store.list_audit(type="cert.create") if e.user == "ci"]
+    assert [e.success for e in issued] == [True]  # the first request's, nothing after
+    assert issued[0].fields["via"] == "bot token" and issued[0].fields["bot"] is True
+
+
+@pytest.fixture
+def recheck_env(tmp_path):
+    """A real bastion (tests/test_dtapi_recheck.py's shape): it polls the revision only
+    every 30 s, so what refuses is each request's own re-check."""
+    from tests.sshd import bastion_server
+
+    c = init_cluster(tmp_path / "state", "bots")
+    host_ca = (c.state_dir / "ca" / "host_ca.pub").read_text().strip()
+    with bastion_server(c.state_dir, extra_args=("--set", "revision_poll_interval=30")) as b:
+        yield type("Env", (), {"tmp": tmp_path, "cluster": c, "bastion": b, "ca": host_ca})
+    c.close()

@@ -186,3 +186,12 @@ def test_a_person_gets_neither_auth_sign_nor_a_bot_token(deployment: Deployment,
     add_bot(deployment, "ci-nopass")
     reset = deployment.admin("users", "reset", "ci-nopass", ok=False)
     assert reset.returncode != 0 and "bots never sign up" in reset.stderr
+
+
+def test_a_person_with_a_trusted_device_gets_through(deployment: Deployment, new_tpm: str):
+    """required-for-humans is `required` for people, not `off`: with a device it works."""
+    june = deployment.sign_up("june", tcti=new_tpm)
+    assert not june.can_reach()
+    deployment.enroll(june, "JUNE-LAPTOP")
+    reached = june.ssh()
+    assert reached.returncode == 0 and "reached" in reached.stdout, reached.stderr
