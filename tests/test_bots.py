@@ -220,3 +220,37 @@ def recheck_env(tmp_path):
     with bastion_server(c.state_dir, extra_args=("--set", "revision_poll_interval=30")) as b:
         yield type("Env", (), {"tmp": tmp_path, "cluster": c, "bastion": b, "ca": host_ca})
     c.close()
+
+
+@pytest.mark.integration
+def test_a_real_sshd_node_admits_the_bot_and_not_a_person_without_a_device(cluster, tmp_path):
+    """A node reached without the bastion, its sshd running dt-node-principals with
+    --device-trust-mode required-for-humans and no cluster state (the light helper)."""
+    from bastion.ca.certs import load_public_key
+    from tests.sshd import LOGIN, keygen, sshd_node
+    from tests.test_node_side import BIN, _skip_unless_sshd_would_run, direct_ssh
+
+    store = cluster.store
+    store.add_user(User("ci-node", ("access",), (LOGIN,), bot=True))
+    store.add_user(User("pat", ("access",), (LOGIN,)))
+    keys = {}
+    for name, request in (
+        ("ci-node", lambda k: UserCertRequest("ci-node", k, bot_only=True)),
+        ("pat", lambda k: UserCertRequest("pat", k)),
+    ):
+        keys[name] = keygen(tmp_path / name)
+        public = load_public_key((tmp_path / f"{name}.pub").read_bytes())
+        (tmp_path / f"{name}-cert.pub").write_text(cluster.ca.sign(request(public)).openssh + "\n")
+    command = BIN / "dt-node-principals"
+    _skip_unless_sshd_would_run(command)
+    ca = cluster.state_dir / "ca" / "user_ca.pub"
+    extra = (
+        f"AuthorizedPrincipalsCommand {command} --ca {ca} --device-trust-mode {HUMANS} "
+        "%u %t %k\nAuthorizedPrincipalsCommandUser root\n"
+    )
+    with sshd_node(tmp_path / "node", cluster, extra=extra) as node:
+        bot = direct_ssh(node, keys["ci-node"], tmp_path, cluster)
+        assert bot.returncode == 0 and bot.stdout.strip() == "direct", bot.stderr
+        person = direct_ssh(node, keys["pat"], tmp_path, cluster)
+        assert person.returncode == 255 and "Permission denied" in person.stderr
+        assert "does not contain an authorized principal" in node.log()
