@@ -254,3 +254,53 @@ def test_a_real_sshd_node_admits_the_bot_and_not_a_person_without_a_device(clust
         person = direct_ssh(node, keys["pat"], tmp_path, cluster)
         assert person.returncode == 255 and "Permission denied" in person.stderr
         assert "does not contain an authorized principal" in node.log()
+
+
+def test_dtadmin_bots_commands_and_their_bad_input(tmp_path):
+    """The real console script: exit codes, messages, JSON contract, no traceback."""
+    import json
+    import os
+    from pathlib import Path
+
+    dtadmin = str(Path(sys.executable).parent / "dtadmin")
+    env = {**os.environ, "DT_STATE": str(tmp_path / "state"), "COLUMNS": "200"}
+
+    def run(*args):
+        proc = subprocess.run([dtadmin, *args], capture_output=True, text=True, env=env)
+        assert "Traceback" not in proc.stderr, proc.stderr
+        return proc
+
+    assert run("init", "--cluster", "bots").returncode == 0
+    assert run("users", "add", "alice", "--roles", "access").returncode == 0
+    assert run("bots", "add", "ci", "--roles", "access", "--logins", "deploy").returncode == 0
+    [bot] = json.loads(run("bots", "ls", "--format", "json").stdout)
+    assert bot["name"] == "ci" and bot["tokens"] == 0 and bot["created"].endswith("Z")
+    existing = tmp_path / "taken"
+    existing.write_text("")
+    key = tmp_path / "k"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    for args, code, message in [
+        (("bots", "add", "ci2", "--roles", "ghost"), 3, 'role "ghost" not found'),
+        (("bots", "add", "ci", "--roles", "access"), 4, "already exists"),
+        (("bots", "add", "b b", "--roles", "access"), 2, "invalid bot name"),
+        (("bots", "token", "alice"), 3, "it is a person"),
+        (("bots", "token", "ci", "--out", str(existing)), 2, "already exists"),
+        (("bots", "token", "ci", "--ttl", "soon"), 2, "soon"),
+        (("bots", "token-rm", "ci", "abcdef012345"), 3, "has no token"),
+        (("bots", "rm", "alice"), 3, "it is a person"),
+        (("auth", "sign", "--user", "alice", "--key", f"{key}.pub"), 7, "is a person, not a bot"),
+        (("auth", "sign", "--user", "ci", "--key", str(existing)), 10, "not an OpenSSH public key"),
+    ]:
+        proc = run(*args)
+        assert proc.returncode == code and message in proc.stderr, (args, proc.stderr)
+    assert existing.read_text() == ""  # never overwritten
+    out = tmp_path / "ci.token"
+    minted = run("bots", "token", "ci", "--ttl", "1h", "--out", str(out))
+    assert minted.returncode == 0 and out.stat().st_mode & 0o777 == 0o600
+    [token] = json.loads(run("bots", "tokens", "ci", "--format", "json").stdout)
+    assert token["id"] in minted.stdout and token["expires"].endswith("Z")
+    assert out.read_text().strip() not in run("bots", "tokens", "ci").stdout
+    assert run("bots", "token-rm", "ci").returncode == 0
+    assert json.loads(run("bots", "tokens", "ci", "--format", "json").stdout) == []
+    assert run("bots", "rm", "ci").returncode == 0
+    assert json.loads(run("bots", "ls", "--format", "json").stdout) == []

@@ -11,6 +11,8 @@ bots as to people.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -31,6 +33,18 @@ app = new_app(
     "Manage bot users for CI and automation: no password or device; short-lived "
     "certificates from `dtadmin auth sign` or a bot token."
 )
+
+
+def _create_secret_file(path: Path) -> int:
+    """A new file only its owner can read, never one already there nor through a link."""
+    try:
+        return os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+    except FileExistsError:
+        raise UsageError(f"{path} already exists; give a new file name to --out") from None
+    except OSError as exc:
+        raise UsageError(f"cannot create {path}: {exc.strerror}") from None
 
 
 def get_bot(store: Store, name: str) -> User:
@@ -170,17 +184,26 @@ def token(
     """
     from bastion.accounts import bot_token_id, issue_bot_token
     from bastion.protocol.durations import parse_duration
-    from bastion.protocol.files import atomic_write
 
     store = open_cluster(ctx, state).store
     get_bot(store, name)
     seconds = parse_duration(ttl)
-    if out is not None and (out.exists() or out.is_symlink()):
-        raise UsageError(f"{out} already exists; give a new file name to --out")
-    secret, record = issue_bot_token(store, name, ttl=seconds, actor=actor())
+    fd = _create_secret_file(out) if out is not None else None
+    try:
+        secret, record = issue_bot_token(store, name, ttl=seconds, actor=actor())
+        if fd is not None:
+            os.write(fd, (secret + "\n").encode())
+            os.fsync(fd)
+    except BaseException:
+        if out is not None:
+            with contextlib.suppress(OSError):
+                out.unlink()
+        raise
+    finally:
+        if fd is not None:
+            os.close(fd)
     token_id = bot_token_id(record.token_hash)
     if out is not None:
-        atomic_write(out, (secret + "\n").encode(), 0o600)
         console.say(f'Bot token {token_id} for "{name}" written to {out} (expires in {ttl}).')
     else:
         console.say(f'Bot token {token_id} for "{name}" (expires in {ttl}); keep it secret:')
