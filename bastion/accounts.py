@@ -47,12 +47,13 @@ def issue_signup_token(
     now = time.time() if now is None else now
     secret = credentials.new_token()
     with store.transaction():
-        found = store.find_user(user)
-        if found is not None and found.bot:
+        try:
+            decide.check_not_bot(store.find_user(user), "sign up")
+        except AccessDenied:
             raise UsageError(
                 f'"{user}" is a bot user: bots never sign up (no password, no one-time code); '
                 f"give its job a bot token instead (dtadmin bots token {user})"
-            )
+            ) from None
         store.add_token(
             Token(
                 credentials.token_hash(secret), "signup", user, expires=now + ttl, created_by=actor
@@ -86,8 +87,10 @@ def signup_token_user(store: Store, token: str, now: float | None = None) -> str
     found = store.find_user(record.subject)
     if found is None:
         raise TokenInvalid("signup token belongs to a user that no longer exists")
-    if found.bot:
-        raise TokenInvalid("signup token belongs to a bot user, and bots do not sign up")
+    try:
+        decide.check_not_bot(found, "sign up")
+    except AccessDenied as exc:
+        raise TokenInvalid(f"signup token refused: {exc.message}") from None
     return record.subject
 
 
@@ -176,11 +179,12 @@ def check_password_login(
         credentials.verify_password(None, password)  # same cost as a real attempt
         _fail(store, user_name, remote_addr, "unknown user", now, count=False)
         raise AuthenticationFailed("wrong user name, password or one-time code")
-    if user.bot:
-        credentials.verify_password(None, password)
-        _fail(store, user_name, remote_addr, "bot users cannot log in with a password", now,
-              count=False)  # fmt: skip
-        raise AuthenticationFailed("wrong user name, password or one-time code")
+    try:
+        decide.check_not_bot(user, "log in with a password")
+    except AccessDenied as exc:
+        credentials.verify_password(None, password)  # same cost as a real attempt
+        _fail(store, user_name, remote_addr, exc.message, now, count=False)
+        raise AuthenticationFailed("wrong user name, password or one-time code") from None
     attempt, lock = _reserve_attempt(store, user, remote_addr, policy, now)
     if attempt is None and lock is not None and lock.target_kind != PASSWORD_LOCK:
         _refuse_locked(store, user, lock, password, code, remote_addr, policy, now)

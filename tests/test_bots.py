@@ -21,7 +21,7 @@ from bastion.ca.certs import parse_cert
 from bastion.cluster import init_cluster
 from bastion.node_principals import decide as node_decide
 from bastion.protocol.certs import EXT_BOT
-from bastion.protocol.errors import AccessDenied, AuthenticationFailed, UsageError
+from bastion.protocol.errors import AccessDenied, AuthenticationFailed, TokenInvalid, UsageError
 
 HUMANS = "required-for-humans"
 
@@ -144,9 +144,17 @@ def test_a_bot_never_signs_up_logs_in_with_a_password_or_enrolls(cluster):
         accounts.issue_signup_token(store, "ci")
     with pytest.raises(AuthenticationFailed):
         accounts.check_password_login(store, "ci", "x" * 16, "123456")
-    assert "bot users cannot log in" in store.list_audit(type="auth.failed")[-1].message
+    assert "a bot cannot log in with a password" in store.list_audit(type="auth.failed")[-1].message
     with pytest.raises(AccessDenied, match="cannot enroll a device"):
         decide.check_may_enroll(store.facts(user="ci", now=0))
+
+    # A person's unused signup token outlives the person; it never signs up a bot of
+    # the same name (dtadmin bots add also removes it).
+    token = accounts.issue_signup_token(store, "alice")
+    store.remove_user("alice")
+    store.add_user(User("alice", ("access",), bot=True))
+    with pytest.raises(TokenInvalid, match="a bot cannot sign up"):
+        accounts.signup_token_user(store, token)
 
 
 def test_node_helper_required_for_humans(cluster):

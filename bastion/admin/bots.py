@@ -84,6 +84,7 @@ def add(
         store.add_user(User(name, role_list, logins_list, created_by=who, bot=True))
         # Whatever an earlier user of this name left behind must not come back to life.
         store.remove_tokens("bot", name)
+        store.remove_tokens("signup", name)
         store.revoke_certs(now, user=name)
     console.say(f'Bot "{name}" has been created with roles {", ".join(role_list)}.')
     console.say("Give its job a certificate, either:")

@@ -166,10 +166,10 @@ def check_bot(facts: Facts, now: float, name: str) -> User:
     return user
 
 
-def check_not_bot(facts: Facts, what: str) -> None:
-    """What only people do (sign up, log in with a password, enroll a device)."""
-    if facts.user is not None and facts.user.bot:
-        raise AccessDenied(f'"{facts.user.name}" is a bot user; a bot cannot {what}')
+def check_not_bot(user: User | None, what: str) -> None:
+    """What only people do: sign up, log in with a password, enroll a device."""
+    if user is not None and user.bot:
+        raise AccessDenied(f'"{user.name}" is a bot user; a bot cannot {what}')
 
 
 def check_bot_token(token: Token | None, facts: Facts, now: float) -> User:
@@ -394,7 +394,7 @@ def _check_enrolled_for(
 
 def check_may_enroll(facts: Facts) -> None:
     """A bot has no TPM of its own to prove: it enrolls no device, by token or not."""
-    check_not_bot(facts, "enroll a device")
+    check_not_bot(facts.user, "enroll a device")
 
 
 def may_self_enroll(facts: Facts) -> bool:
