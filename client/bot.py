@@ -25,3 +25,14 @@ def check_bot_name(creds: Credentials, welcome_user: str | None) -> None:
         raise UsageError(
             f'this bot token belongs to "{welcome_user}", not "{creds.bot_name}" (--user)'
         )
+
+
+def refused(message: str) -> str:
+    """What a refused bot token reads as: the generic password wording says nothing
+    to a CI job, whose admin finds the reason in the audit log."""
+    if "wrong user name, password or code" not in message:
+        return message  # the bastion said why
+    return (
+        "the bastion refused the bot token: it is unknown, removed or expired, or its bot "
+        "was removed or locked (an admin sees which: dtadmin audit ls --type bot.token.use)"
+    )

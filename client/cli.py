@@ -350,10 +350,14 @@ def login(
 
     ttl_seconds = parse_duration(ttl) if ttl else None
     if bot_token is not None:
-        from client.bot import bot_credentials
+        from bastion.protocol.errors import AuthenticationFailed
+        from client.bot import bot_credentials, refused
 
         creds = bot_credentials(read_token(None, bot_token, "Bot token: ", required=True), user)
-        profile = _run(_login(home, host, port, creds, _trust(home, ca_pin), ttl_seconds, None))
+        try:
+            profile = _run(_login(home, host, port, creds, _trust(home, ca_pin), ttl_seconds, None))
+        except AuthenticationFailed as exc:
+            raise AuthenticationFailed(refused(exc.message)) from None
         _print_status(home, profile)
         return
     renewal = None if password or ca_pin else _renewal(home, f"{host}:{port}", user)

@@ -128,6 +128,7 @@ def test_bot_token_login_then_ssh_and_the_token_dies_with_its_removal(
     deployment.admin("bots", "token-rm", "ci-token", listed["id"])
     again = job.dtclient(*login, ok=False)
     assert again.returncode != 0 and "ci-token" not in again.stdout
+    assert "refused the bot token" in again.stderr or "not valid" in again.stderr, again.stderr
     refused = deployment.audit("bot.token.use")
     assert not refused[-1]["success"] and "not valid" in refused[-1]["message"]
 
