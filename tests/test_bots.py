@@ -158,17 +158,42 @@ def test_a_bot_never_signs_up_logs_in_with_a_password_or_enrolls(cluster):
 
 
 def test_node_helper_required_for_humans(cluster):
-    """The helper, statelessly and with the state, as sshd runs it."""
+    """The helper, without state and with the state a cluster publishes for nodes."""
+    import json
+    import time
+
+    from bastion.admin.nodes import node_state
+    from bastion.authz import published
+
     bot = parse_cert(cluster.ca.sign(UserCertRequest("ci", key(), bot_only=True)).openssh.encode())
     person = parse_cert(cluster.ca.sign_user("alice", key()).openssh.encode())
     fps = {cluster.ca.user_ca_fingerprint}
-    for store in (None, cluster.store):
-        kw = dict(ca_fingerprints=fps, require_device=True, store=store)
-        assert node_decide("deploy", bot, device_trust_mode=HUMANS, **kw).principals == ("deploy",)
-        refused = node_decide("root", person, device_trust_mode=HUMANS, **kw)
-        assert refused.principals == () and "device" in refused.reason
-        assert node_decide("deploy", bot, **kw).principals == ()  # plain required: no bot
-        assert node_decide("deploy", bot, device_trust_mode="bogus", **kw).principals == ()
+    doc = node_state(cluster, now=time.time(), valid_for=3600.0)
+    assert doc["users"]["ci"]["bot"] is True and "bot" not in doc["users"]["alice"]
+    trusted = {cluster.ca.user_ca_fingerprint: cluster.ca.user_ca.public_key()}
+    state = published.parse(json.dumps(doc).encode(), trusted)
+    assert state.users["ci"].bot and not state.users["alice"].bot
+
+    # Without state: the node's own --device-trust-mode decides.
+    kw = dict(ca_fingerprints=fps, require_device=True)
+    assert node_decide("deploy", bot, device_trust_mode=HUMANS, **kw).principals == ("deploy",)
+    refused = node_decide("root", person, device_trust_mode=HUMANS, **kw)
+    assert refused.principals == () and "device" in refused.reason
+    assert node_decide("deploy", bot, **kw).principals == ()  # plain required: no bot
+    assert node_decide("deploy", bot, device_trust_mode="bogus", **kw).principals == ()
+    # With the published state of a required-for-humans cluster: the cluster decides.
+    kw = dict(ca_fingerprints=fps, require_device=False, state=state)
+    assert node_decide("deploy", bot, **kw).principals == ("deploy",)
+    assert "trusted device is required" in node_decide("root", person, **kw).reason
+    # --require-device on the node is stricter than the cluster: bots too need a device.
+    assert node_decide("deploy", bot, **{**kw, "require_device": True}).principals == ()
+    # A state past its expiry: everyone needs a device, whatever the node's mode.
+    late = node_decide("deploy", bot, device_trust_mode=HUMANS, now=time.time() + 7200, **kw)
+    assert late.principals == () and "expired" in late.note
+    # A published user claiming to be a bot must be exactly that (true/false).
+    doc["users"]["alice"]["bot"] = "yes"
+    with pytest.raises(Exception, match="malformed|signature"):
+        published.parse(json.dumps(doc).encode(), trusted)
 
     ca_pub = cluster.state_dir / "ca" / "user_ca.pub"
     for cert, login, expected in ((bot, "deploy", "deploy\n"), (person, "root", "")):

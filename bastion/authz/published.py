@@ -131,7 +131,10 @@ def build(
             }
             for r in roles
         },
-        "users": {u.name: {"roles": list(u.roles)} for u in users},
+        # "bot" only where true: under required-for-humans a bot needs no device.
+        "users": {
+            u.name: {"roles": list(u.roles), **({"bot": True} if u.bot else {})} for u in users
+        },
         "devices": {
             d.asset_tag: {
                 "id": d.id,
@@ -258,9 +261,14 @@ def parse(data: bytes, keys: Mapping[str, object]) -> NodeState:
     users: dict[str, User] = {}
     for name, raw in sections["users"].items():
         roles = raw.get("roles") if isinstance(raw, dict) else None
-        if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        bot = raw.get("bot", False) if isinstance(raw, dict) else None
+        if (
+            not isinstance(roles, list)
+            or not all(isinstance(r, str) for r in roles)
+            or not isinstance(bot, bool)
+        ):
             raise StateError(f"published state: user {name[:64]!r} is malformed")
-        users[name] = User(name=name, roles=tuple(roles))
+        users[name] = User(name=name, roles=tuple(roles), bot=bot)
     locks: dict[tuple[str, str], Lock] = {}
     for raw in doc["locks"]:
         if not isinstance(raw, dict):
