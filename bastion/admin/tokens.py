@@ -21,7 +21,7 @@ from bastion.protocol.errors import NotFound, UsageError
 app = new_app("List and remove one-time signup and enrollment tokens (never their secrets).")
 
 ID_LEN = 12
-KINDS = ("signup", "enroll")
+KINDS = ("signup", "enroll", "bot")
 
 
 def token_id(token: Token) -> str:
@@ -38,8 +38,8 @@ def _doc(token: Token, now: float) -> dict[str, Any]:
     return {
         "id": token_id(token),
         "kind": token.kind,
-        # signup tokens are for a user, enrollment tokens for a device (asset tag)
-        "user": token.subject if token.kind == "signup" else None,
+        # signup and bot tokens are for a user, enrollment tokens for a device (asset tag)
+        "user": token.subject if token.kind in ("signup", "bot") else None,
         "device": token.subject if token.kind == "enroll" else None,
         "status": status(token, now),
         "expires": console.rfc3339(token.expires),
@@ -54,7 +54,7 @@ def _doc(token: Token, now: float) -> dict[str, Any]:
 def ls(
     ctx: typer.Context,
     kind: Annotated[
-        str | None, typer.Option("--kind", help="Only signup or only enroll tokens.")
+        str | None, typer.Option("--kind", help="Only signup, enroll or bot tokens.")
     ] = None,
     unused: Annotated[
         bool, typer.Option("--unused", help="Only tokens that can still be used.")
@@ -64,7 +64,7 @@ def ls(
 ) -> None:
     """List tokens: kind, for whom, expiry and whether used. Example: dtadmin tokens ls --unused"""
     if kind is not None and kind not in KINDS:
-        raise UsageError(f"invalid --kind {kind!r}: use signup or enroll")
+        raise UsageError(f"invalid --kind {kind!r}: use signup, enroll or bot")
     now = time.time()
     tokens = open_cluster(ctx, state).store.list_tokens(kind)
     if unused:
@@ -115,7 +115,7 @@ def rm(
                 store,
                 "token.delete",
                 message=f"{token.kind} token {token_id(token)} for {token.subject} removed",
-                user=token.subject if token.kind == "signup" else None,
+                user=token.subject if token.kind in ("signup", "bot") else None,
                 device=token.subject if token.kind == "enroll" else None,
                 actor=actor(),
                 token=token_id(token),
