@@ -416,11 +416,12 @@ def issue_bot_token(
         )
         audit.record(
             store,
-            "bot.token.create",
+            "token.create",
             message=f'bot token {bot_token_id(token.token_hash)} created for "{bot}"',
             user=bot,
             actor=actor,
-            token_id=bot_token_id(token.token_hash),
+            kind="bot",
+            token=bot_token_id(token.token_hash),
             expires=now + ttl,
             now=now,
         )
@@ -436,7 +437,7 @@ def bot_token_user(
     try:
         credentials.check_token_format(secret)
     except TokenInvalid as exc:
-        audit.record(store, "bot.token.use", success=False, message=exc.message,
+        audit.record(store, "token.use", success=False, message=exc.message, kind="bot",
                      remote_addr=remote_addr, now=now)  # fmt: skip
         raise
     digest = credentials.token_hash(secret)
@@ -445,17 +446,18 @@ def bot_token_user(
     try:
         decide.check_bot_token(token, store.facts(user=subject, now=now), now)
     except AccessDenied as exc:
-        audit.record(store, "bot.token.use", success=False, message=exc.message, user=subject,
-                     remote_addr=remote_addr, now=now)  # fmt: skip
+        audit.record(store, "token.use", success=False, message=exc.message, user=subject,
+                     kind="bot", remote_addr=remote_addr, now=now)  # fmt: skip
         raise
     assert token is not None
     audit.record(
         store,
-        "bot.token.use",
+        "token.use",
         message=f"bot token {bot_token_id(digest)} used",
         user=token.subject,
         remote_addr=remote_addr,
-        token_id=bot_token_id(digest),
+        kind="bot",
+        token=bot_token_id(digest),
         now=now,
     )
     return token.subject, digest

@@ -43,9 +43,6 @@ EVENT_CODES: dict[str, str] = {
     "user.login": "DT1006",
     "bot.create": "DT1201",
     "bot.delete": "DT1202",
-    "bot.token.create": "DT1203",
-    "bot.token.use": "DT1204",
-    "bot.token.delete": "DT1205",
     "role.create": "DT1101",
     "role.update": "DT1102",
     "role.delete": "DT1103",
@@ -73,6 +70,7 @@ EVENT_CODES: dict[str, str] = {
     "trustroot.delete": "DT4009",
     "api.failed": "DT5001",
     "token.delete": "DT5101",
+    "token.use": "DT5102",
 }
 # Codes of retired names, still found on rows written before the rename (DT1005 was
 # user.token, DT2003 host_cert.create: both token.create / cert.create now).

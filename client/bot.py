@@ -34,5 +34,5 @@ def refused(message: str) -> str:
         return message  # the bastion said why
     return (
         "the bastion refused the bot token: it is unknown, removed or expired, or its bot "
-        "was removed or locked (an admin sees which: dtadmin audit ls --type bot.token.use)"
+        "was removed or locked (an admin sees which: dtadmin audit ls --type token.use)"
     )

@@ -122,7 +122,7 @@ def test_bot_tokens_expire_are_revoked_and_never_serve_a_person(cluster):
         accounts.bot_token_user(store, secret, now=1_061.0)
     with pytest.raises(AccessDenied, match="is a person"):
         accounts.issue_bot_token(store, "alice")
-    uses = store.list_audit(type="bot.token.use")
+    uses = store.list_audit(type="token.use")
     assert [e.success for e in uses] == [True, False]
 
     secret, token = accounts.issue_bot_token(store, "ci")

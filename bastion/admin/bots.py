@@ -179,7 +179,7 @@ def token(
     The job runs `dtclient login --proxy HOST:PORT --bot-token FILE` and gets a
     certificate (at most 4h; 1h unless it asks with --ttl) for a fresh key of its own.
     The token works until --ttl passes or it is removed (dtadmin bots token-rm); every
-    use is audited (bot.token.use). Keep it in your CI's secret store.
+    use is audited (token.use, kind bot). Keep it in your CI's secret store.
 
     Example: dtadmin bots token ci-deploy --ttl 30d --out ci-deploy.token
     """
@@ -282,9 +282,9 @@ def token_rm(
         for t in mine:
             store.remove_tokens("bot", name, t.token_hash)
             audit.record(
-                store, "bot.token.delete", user=name, actor=actor(),
+                store, "token.delete", user=name, actor=actor(), kind="bot",
                 message=f'bot token {bot_token_id(t.token_hash)} of "{name}" removed',
-                token_id=bot_token_id(t.token_hash),
+                token=bot_token_id(t.token_hash),
             )  # fmt: skip
     console.say(f'{len(mine)} token(s) of bot "{name}" removed.')
 

@@ -116,8 +116,8 @@ def test_bot_token_login_then_ssh_and_the_token_dies_with_its_removal(
     logged_in = job.dtclient(*login)
     assert "ci-token" in logged_in.stdout
     assert job.can_reach(), job.ssh().stderr
-    used = deployment.audit("bot.token.use", "ci-token")
-    assert used and used[-1]["success"] and field(used[-1], "token_id") == listed["id"]
+    used = deployment.audit("token.use", "ci-token")
+    assert used and used[-1]["success"] and field(used[-1], "token") == listed["id"]
     [cert] = deployment.admin_json("cert", "ls", "--user", "ci-token")
     assert cert["key_id"].startswith("bot-ci-token-") and cert["device_id"] is None
 
@@ -129,7 +129,7 @@ def test_bot_token_login_then_ssh_and_the_token_dies_with_its_removal(
     again = job.dtclient(*login, ok=False)
     assert again.returncode != 0 and "ci-token" not in again.stdout
     assert "refused the bot token" in again.stderr or "not valid" in again.stderr, again.stderr
-    refused = deployment.audit("bot.token.use")
+    refused = deployment.audit("token.use")
     assert not refused[-1]["success"] and "not valid" in refused[-1]["message"]
 
     # A second token, then the bot removed: the token and its certificates go with it.
@@ -158,7 +158,7 @@ def test_a_locked_bot_is_refused(deployment: Deployment, tmp_path: Path):
         "--ca-pin", deployment.ca_pin, "--bot-token", str(token_file), ok=False,
     )  # fmt: skip
     assert login.returncode != 0
-    assert "locked" in deployment.audit("bot.token.use", "ci-locked")[-1]["message"]
+    assert "locked" in deployment.audit("token.use", "ci-locked")[-1]["message"]
     resign = deployment.admin(
         "auth", "sign", "--user", "ci-locked", "--key", f"{job.key}.pub", ok=False
     )
