@@ -432,7 +432,8 @@ def bot_token_user(
     store: Store, secret: str, *, remote_addr: str | None = None, now: float | None = None
 ) -> tuple[str, str]:
     """The bot a presented bot token stands for, and the token's hash (to decide again
-    later); every use, and every refusal, audited."""
+    later); every use, and every refusal, audited. A refusal is TokenInvalid, whose
+    reason the bastion tells the client (expired, removed, the bot locked)."""
     now = time.time() if now is None else now
     try:
         credentials.check_token_format(secret)
@@ -448,7 +449,8 @@ def bot_token_user(
     except AccessDenied as exc:
         audit.record(store, "token.use", success=False, message=exc.message, user=subject,
                      kind="bot", remote_addr=remote_addr, now=now)  # fmt: skip
-        raise
+        # The reason goes to the client: only the token's holder can ask.
+        raise TokenInvalid(exc.message) from None
     assert token is not None
     audit.record(
         store,

@@ -350,7 +350,6 @@ def login(
 
     ttl_seconds = parse_duration(ttl) if ttl else None
     if bot_token is not None:
-        from bastion.protocol.errors import AuthenticationFailed
         from client.bot import bot_credentials, refused
 
         creds = bot_credentials(read_token(None, bot_token, "Bot token: ", required=True), user)

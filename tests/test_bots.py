@@ -118,7 +118,7 @@ def test_bot_tokens_expire_are_revoked_and_never_serve_a_person(cluster):
     store = cluster.store
     secret, token = accounts.issue_bot_token(store, "ci", ttl=60, now=1_000.0)
     assert accounts.bot_token_user(store, secret, now=1_030.0) == ("ci", token.token_hash)
-    with pytest.raises(AccessDenied, match="expired"):
+    with pytest.raises(TokenInvalid, match="expired"):
         accounts.bot_token_user(store, secret, now=1_061.0)
     with pytest.raises(AccessDenied, match="is a person"):
         accounts.issue_bot_token(store, "alice")

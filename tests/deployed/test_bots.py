@@ -157,7 +157,7 @@ def test_a_locked_bot_is_refused(deployment: Deployment, tmp_path: Path):
         "login", "--proxy", deployment.proxy, "--user", "ci-locked",
         "--ca-pin", deployment.ca_pin, "--bot-token", str(token_file), ok=False,
     )  # fmt: skip
-    assert login.returncode != 0
+    assert login.returncode != 0 and "locked" in login.stderr, login.stderr
     assert "locked" in deployment.audit("token.use", "ci-locked")[-1]["message"]
     resign = deployment.admin(
         "auth", "sign", "--user", "ci-locked", "--key", f"{job.key}.pub", ok=False
