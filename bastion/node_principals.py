@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         "--device-trust-mode",
         metavar="MODE",
         help="this node's device-trust mode: off, optional, required-for-humans or required "
-        "(supersedes --allow-untrusted-device; with --state the stricter of it and the "
+        "(supersedes --allow-untrusted-device, not --require-device; with --state the stricter of it and the "
         "cluster's modes decides; an unknown mode is required)",
     )
     parser.add_argument("login", help="%%u: the account being logged into")
@@ -191,13 +191,16 @@ def main(argv: list[str] | None = None) -> int:
             require = not args.allow_untrusted_device or args.require_device
         else:
             require = args.require_device
+        # --device-trust-mode stands in for --allow-untrusted-device, never for
+        # --require-device: a node told to require a device stays that strict.
+        mode = "required" if args.require_device else args.device_trust_mode
         decision = decide(
             args.login,
             cert,
             ca_fingerprints=set(keys),
             require_device=require,
             state=state,
-            device_trust_mode=args.device_trust_mode,
+            device_trust_mode=mode,
         )
     except (DTError, OSError, ValueError) as exc:
         print(f"dt-node-principals: denied: {exc}", file=sys.stderr)
