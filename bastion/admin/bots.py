@@ -22,7 +22,7 @@ import typer
 from bastion import audit
 from bastion.admin.common import StateOpt, actor, audited, new_app, open_cluster, split_csv
 from bastion.admin.users import check_roles
-from bastion.authz.rbac import BOT_MAX_TTL, check_logins, check_name
+from bastion.authz.rbac import BOT_MAX_TTL, check_logins, check_user_name
 from bastion.authz.records import User
 from bastion.protocol import console
 from bastion.protocol.console import Format
@@ -70,7 +70,7 @@ def add(
     Example: dtadmin bots add ci-deploy --roles access --logins deploy
     """
     store = open_cluster(ctx, state).store
-    check_name("bot", name)
+    check_user_name("bot", name)
     role_list = check_roles(store, split_csv(roles))
     if not role_list:
         raise UsageError("give at least one role with --roles")

@@ -8,7 +8,7 @@ import typer
 
 from bastion import audit
 from bastion.admin.common import StateOpt, actor, audited, new_app, open_cluster, split_csv
-from bastion.authz.rbac import check_logins, check_name
+from bastion.authz.rbac import check_logins, check_user_name
 from bastion.authz.records import User
 from bastion.cluster import Cluster
 from bastion.protocol import console
@@ -48,7 +48,7 @@ def add(
 
     cluster = open_cluster(ctx, state)
     store = cluster.store
-    check_name("user", name)
+    check_user_name("user", name)
     role_list = check_roles(store, split_csv(roles))
     if not role_list:
         raise UsageError("give at least one role with --roles")

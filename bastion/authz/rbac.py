@@ -78,6 +78,21 @@ def check_name(kind: str, name: object) -> str:
     return name
 
 
+# The SSH user names the bastion keeps for itself (signup and bot tokens, the jump
+# principal): a person or bot of such a name would be asked for a token, never a password.
+RESERVED_USER_PREFIX = "-dt-"
+
+
+def check_user_name(kind: str, name: object) -> str:
+    name = check_name(kind, name)
+    if name.startswith(RESERVED_USER_PREFIX):
+        raise UsageError(
+            f"invalid {kind} name {name!r}: names starting {RESERVED_USER_PREFIX!r} are "
+            "reserved for the bastion's own SSH user names (-dt-signup, -dt-bot)"
+        )
+    return name
+
+
 def check_logins(logins: Iterable[str]) -> tuple[str, ...]:
     out = []
     for login in logins:
