@@ -337,3 +337,15 @@ def test_dtadmin_bots_commands_and_their_bad_input(tmp_path):
     assert json.loads(run("bots", "tokens", "ci", "--format", "json").stdout) == []
     assert run("bots", "rm", "ci").returncode == 0
     assert json.loads(run("bots", "ls", "--format", "json").stdout) == []
+
+
+def test_a_bot_tokens_certificate_never_outlives_the_token(cluster):
+    """A token minted for ten minutes gives ten minutes of access, not ten minutes plus
+    a certificate's hour (found by the review of the bots change)."""
+    _, token = accounts.issue_bot_token(cluster.store, "ci", ttl=600)
+    issued = cluster.ca.sign(UserCertRequest("ci", key(), bot_token_hash=token.token_hash))
+    assert issued.record.valid_before <= token.expires + 1
+    asked = cluster.ca.sign(
+        UserCertRequest("ci", key(), ttl=3 * 3600, bot_token_hash=token.token_hash)
+    )
+    assert asked.record.valid_before <= token.expires + 1

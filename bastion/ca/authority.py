@@ -175,6 +175,7 @@ class CertificateAuthority:
         decide.check_user(facts, now, request.user)
         if request.bot_only or request.bot_token_hash is not None:
             decide.check_bot(facts, now, request.user)
+        token = None
         if request.bot_token_hash is not None:
             token = self.store.find_token(request.bot_token_hash, "bot")
             decide.check_bot_token(token, facts, now)
@@ -193,9 +194,13 @@ class CertificateAuthority:
             credential = device.credential.id if device.credential else None
             device = decide.check_device_login(device, request.user, credential, facts, now)
         perms = decide.permissions(facts)
-        issued = self._sign_and_record(
-            request.user, request.public_key, perms, request.ttl, device, now
-        )
+        ttl = request.ttl
+        if token is not None:
+            # What a bot token gets never outlives the token: a token minted for an
+            # hour gives an hour of access, not an hour plus a certificate's lifetime.
+            left = int(token.expires - now)
+            ttl = min(perms.default_ttl or perms.max_ttl, left) if ttl is None else min(ttl, left)
+        issued = self._sign_and_record(request.user, request.public_key, perms, ttl, device, now)
         audit.record(
             self.store,
             "cert.create",
