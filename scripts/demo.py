@@ -2,8 +2,10 @@
 
 Each step runs a real command (dtadmin, dtclient, ssh-keygen, ssh), prints it and
 what it printed, and checks that it behaved as the guide says. The demo exits 0
-only if every step did. Everything lives in one temporary folder (or ./demo-state
-with --keep) and every process it starts is stopped at the end.
+only if every step did. Everything lives in one temporary folder and every process it
+starts is stopped at the end. With --keep, the folder is ./demo-state (or --dir) and the
+node, the bastion and the software TPM keep running, each in a session of its own, so
+the story can be continued by hand; the demo prints their PIDs and how to stop them.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ class DemoFailed(Exception):
 
 
 class Demo:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, keep: bool = False) -> None:
         self.workdir = workdir
+        self.keep = keep
         self.state = workdir / "state"
         self.env = dict(os.environ)
         self.env["PATH"] = f"{VENV_BIN}:{self.env.get('PATH', '')}"
@@ -47,14 +50,28 @@ class Demo:
         self.step_no = 0
         self.cleanups: list[Callable[[], None]] = []
         self._stack = contextlib.ExitStack()
-        self.pids: list[int] = []
+        self.servers: list = []  # type: ignore[type-arg]
         self.cleanups.append(self._stack.close)
 
-    def enter(self, context):  # type: ignore[no-untyped-def]
-        """Start a server for the rest of the demo; it is stopped at the end."""
-        server = self._stack.enter_context(context)
-        self.pids.append(server.proc.pid)
+    @property
+    def pids(self) -> list[int]:
+        return [server.proc.pid for server in self.servers]
+
+    def enter(self, start):  # type: ignore[no-untyped-def]
+        """Start a server for the rest of the demo: ``start(detach)`` gives its context.
+
+        Stopped at the end, unless the demo passed with --keep (see keep_running)."""
+        server = self._stack.enter_context(start(self.keep))
+        self.servers.append(server)
         return server
+
+    def keep_running(self) -> None:
+        """--keep: leave the servers running after the demo exits. They were started in
+        sessions of their own (a Ctrl-C or hang-up to `make` does not reach them); their
+        contexts now end without stopping them, and their PIDs are written down."""
+        for server in self.servers:
+            server.kept = True
+        (self.workdir / "demo.pids").write_text("".join(f"{pid}\n" for pid in self.pids))
 
     def heading(self, text: str) -> None:
         self.step_no += 1
@@ -163,10 +180,10 @@ def story(demo: Demo) -> None:
     demo.cleanups.append(cluster.close)
 
     demo.heading("Start the pieces: an OpenSSH node, dt-bastion, and a software TPM")
-    node = demo.enter(sshd_node(demo.workdir / "node", cluster))
-    bastion = demo.enter(bastion_server(demo.state))
+    node = demo.enter(lambda detach: sshd_node(demo.workdir / "node", cluster, detach=detach))
+    bastion = demo.enter(lambda detach: bastion_server(demo.state, detach=detach))
     factory = provision(demo.workdir / "tpm-factory")
-    tpm = demo.enter(run_swtpm(factory, demo.workdir))
+    tpm = demo.enter(lambda detach: run_swtpm(factory, demo.workdir, detach=detach))
     proxy = f"127.0.0.1:{bastion.port}"
     print(f"  sshd node on 127.0.0.1:{node.port}, dt-bastion on {proxy}, swtpm at {tpm.tcti}")
     demo.env["DT_TPM_TCTI"] = tpm.tcti
@@ -275,29 +292,48 @@ def story(demo: Demo) -> None:
     demo.heading("The audit log is hash-chained and signed: verify proves nothing was changed")
     demo.run(["dtadmin", "audit", "verify", "--checkpoint"], expect="audit log intact")
 
+    if demo.keep:
+        demo.heading("--keep: alice enrolls again, so the cluster left running lets her in")
+        demo.run(
+            ["dtclient", "device", "enroll", "--current-device", "--asset-tag", "DEMO-LAPTOP-1"],
+            expect="enrolled",
+        )
+        demo.run(["dtclient", "login", "--proxy", proxy, "--user", "alice"])
+        demo.ssh(config, expect_ok=True)
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--keep", action="store_true", help="keep ./demo-state and print how to use it by hand"
+        "--keep",
+        action="store_true",
+        help="leave the cluster running in ./demo-state and print how to use and stop it",
+    )
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=ROOT / "demo-state",
+        help="with --keep: the folder to keep it in (default ./demo-state; emptied first)",
     )
     args = parser.parse_args()
     if args.keep:
-        workdir = ROOT / "demo-state"
+        workdir = args.dir.resolve()
+        refuse_running(workdir)
         shutil.rmtree(workdir, ignore_errors=True)
-        workdir.mkdir()
+        workdir.mkdir(parents=True)
     else:
         workdir = Path(tempfile.mkdtemp(prefix="dt-demo-"))
-    demo = Demo(workdir)
+    demo = Demo(workdir, keep=args.keep)
     passed = False
     try:
         story(demo)
         passed = True
+        if args.keep:
+            demo.keep_running()
     except DemoFailed as exc:
         print(f"\n\033[1;31mdemo failed: {exc}\033[0m", file=sys.stderr)
     finally:
-        if not (args.keep and passed):
-            demo.close()
+        demo.close()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     if not passed:
@@ -306,6 +342,32 @@ def main() -> int:
     if args.keep:
         print_keep_instructions(demo)
     return 0
+
+
+def refuse_running(workdir: Path) -> None:
+    """A kept demo still running in ``workdir``: stop it first, not delete its state."""
+    pids_file = workdir / "demo.pids"
+    if not pids_file.exists():
+        return
+    alive = [pid for pid in _read_pids(pids_file) if _alive(pid)]
+    if alive:
+        sys.exit(
+            f"a kept demo is still running in {workdir} (PIDs {' '.join(map(str, alive))}); "
+            f"stop it first: kill $(cat {pids_file})"
+        )
+
+
+def _read_pids(path: Path) -> list[int]:
+    return [int(word) for word in path.read_text().split() if word.isdigit()]
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie its new parent has not reaped yet counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def print_keep_instructions(demo: Demo) -> None:
@@ -319,10 +381,11 @@ The cluster is still running (state and logs in {demo.workdir}). In another shel
   export DT_TPM_TCTI='{env.get("DT_TPM_TCTI", "")}'
   dtclient status                      # alice's profile from the demo
   dtadmin audit ls --since 1h          # everything that happened
-  ssh -F {demo.workdir / "ssh_config"} node-1     # through the bastion
-  dtclient device enroll --current-device --asset-tag DEMO-LAPTOP-1   # enroll again
+  ssh -F {demo.workdir / "ssh_config"} node-1 true    # through the bastion
+  dtadmin device unenroll DEMO-LAPTOP-1                # and she is refused again
 
-Stop it with:  kill {pids}""")
+The node (sshd), dt-bastion and swtpm run as PIDs {pids}.
+Stop them with:  kill $(cat {demo.workdir / "demo.pids"})""")
 
 
 if __name__ == "__main__":

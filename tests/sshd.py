@@ -67,6 +67,7 @@ class Node:
     port: int
     dir: Path
     proc: subprocess.Popen
+    kept: bool = False  # set by `make demo --keep`: left running when the context ends
 
     def log(self) -> str:
         path = self.dir / "sshd.log"
@@ -75,9 +76,17 @@ class Node:
 
 @contextlib.contextmanager
 def sshd_node(
-    tmp: Path, cluster: Cluster, *, names: tuple[str, ...] = ("node-1",), extra: str = ""
+    tmp: Path,
+    cluster: Cluster,
+    *,
+    names: tuple[str, ...] = ("node-1",),
+    extra: str = "",
+    detach: bool = False,
 ) -> Iterator[Node]:
-    """A stock sshd trusting the cluster's user CA, with a host certificate from its host CA."""
+    """A stock sshd trusting the cluster's user CA, with a host certificate from its host CA.
+
+    ``detach``: in a session of its own, so that a terminal's Ctrl-C or hang-up to the
+    starter's process group does not reach it (the demo's --keep sets ``kept`` too)."""
     tmp.mkdir(parents=True, exist_ok=True)
     host_key = keygen(tmp / "ssh_host_ed25519_key", "node")
     issued = cluster.ca.sign_host(
@@ -112,12 +121,15 @@ LogLevel VERBOSE
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=detach,
     )
+    node = Node(port, tmp, proc)
     try:
         wait_for_port(port, proc)
-        yield Node(port, tmp, proc)
+        yield node
     finally:
-        stop(proc)
+        if not node.kept:
+            stop(proc)
 
 
 @dataclass
@@ -125,6 +137,7 @@ class BastionProcess:
     port: int
     proc: subprocess.Popen
     log_path: Path
+    kept: bool = False  # as Node.kept
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
@@ -132,10 +145,15 @@ class BastionProcess:
 
 @contextlib.contextmanager
 def bastion_server(
-    state_dir: Path, *, extra_args: tuple[str, ...] = (), listen_host: str = "127.0.0.1"
+    state_dir: Path,
+    *,
+    extra_args: tuple[str, ...] = (),
+    listen_host: str = "127.0.0.1",
+    detach: bool = False,
 ) -> Iterator[BastionProcess]:
     """The real `dt-bastion serve` as a subprocess on a free port (``listen_host`` "::"
-    for a dual-stack listener; it is still polled on 127.0.0.1)."""
+    for a dual-stack listener; it is still polled on 127.0.0.1). ``detach`` as for
+    sshd_node."""
     port = free_port()
     listen = f"[{listen_host}]" if ":" in listen_host else listen_host
     log_path = state_dir.parent / f"bastion-{port}.log"
@@ -158,12 +176,15 @@ def bastion_server(
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=detach,
         )
+    bastion = BastionProcess(port, proc, log_path)
     try:
         wait_for_port(port, proc)
-        yield BastionProcess(port, proc, log_path)
+        yield bastion
     finally:
-        stop(proc)
+        if not bastion.kept:
+            stop(proc)
 
 
 def write_known_hosts(path: Path, cluster: Cluster) -> Path:

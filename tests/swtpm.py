@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from tests.sshd import free_port, stop
 
@@ -69,42 +70,56 @@ class RunningTPM:
     port: int
     provisioned: Provisioned
     proc: subprocess.Popen
+    kept: bool = False  # set by `make demo --keep`: left running when the context ends
 
 
 @contextlib.contextmanager
-def run_swtpm(template: Provisioned, workdir: Path) -> Iterator[RunningTPM]:
+def run_swtpm(
+    template: Provisioned, workdir: Path, *, detach: bool = False
+) -> Iterator[RunningTPM]:
+    """A running copy of ``template``; ``detach`` as for tests.sshd.sshd_node. Its
+    stderr goes to a file, so it never writes into a pipe whose reader has gone."""
     state = workdir / "tpmstate"
     shutil.copytree(template.state, state)
+    log_path = workdir / "swtpm.log"
     for _ in range(5):  # a free port can be taken between probing and binding
         port = free_port_pair()
         ctrl = port + 1  # the swtpm TCTI always talks to its control channel on port + 1
-        proc = subprocess.Popen(
-            [
-                "swtpm",
-                "socket",
-                "--tpm2",
-                "--tpmstate",
-                f"dir={state}",
-                "--server",
-                f"type=tcp,port={port},bindaddr=127.0.0.1",
-                "--ctrl",
-                f"type=tcp,port={ctrl},bindaddr=127.0.0.1",
-                "--flags",
-                "not-need-init,startup-clear",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        with open(log_path, "wb") as log:
+            proc = _start(state, port, ctrl, log, detach)
         if _wait(port, proc):
             break
-        error = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        error = log_path.read_text(errors="replace")
     else:
         raise RuntimeError(f"swtpm did not start: {error.strip()[-300:]}")
+    tpm = RunningTPM(f"swtpm:host=127.0.0.1,port={port}", port, template, proc)
     try:
-        yield RunningTPM(f"swtpm:host=127.0.0.1,port={port}", port, template, proc)
+        yield tpm
     finally:
-        stop(proc)
+        if not tpm.kept:
+            stop(proc)
+
+
+def _start(state: Path, port: int, ctrl: int, log: IO[bytes], detach: bool) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            "swtpm",
+            "socket",
+            "--tpm2",
+            "--tpmstate",
+            f"dir={state}",
+            "--server",
+            f"type=tcp,port={port},bindaddr=127.0.0.1",
+            "--ctrl",
+            f"type=tcp,port={ctrl},bindaddr=127.0.0.1",
+            "--flags",
+            "not-need-init,startup-clear",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        start_new_session=detach,
+    )
 
 
 def free_port_pair() -> int:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+PR_SET_CHILD_SUBREAPER = 36
 
 
 @pytest.mark.integration
@@ -22,3 +27,65 @@ def test_demo_walks_the_story():
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "demo passed" in result.stdout
     assert "registered and enrolled" in result.stdout
+
+
+def _subreaper(on: bool) -> bool:
+    """Orphans of the demo become this process's children, so the test can reap them
+    (and tell a stopped server from a zombie nobody waits for)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
+
+
+@pytest.mark.integration
+def test_demo_keep_leaves_the_cluster_running_until_stopped(tmp_path):
+    """`make demo DEMO_ARGS=--keep`: the printed PIDs are running, in sessions of their
+    own, `ssh -F demo-state/ssh_config node-1` gets through, and the printed stop
+    command leaves nothing behind."""
+    if not _subreaper(True):
+        pytest.skip("prctl(PR_SET_CHILD_SUBREAPER) is not available")
+    keep = tmp_path / "demo-state"
+    env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+    pids: list[int] = []
+    try:
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "demo.py"), "--keep", "--dir", str(keep)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+        match = re.search(r"run as PIDs ([\d ]+)\.\n", result.stdout)
+        assert match, result.stdout[-2000:]
+        pids = [int(p) for p in match.group(1).split()]
+        assert len(pids) == 3
+        assert [int(p) for p in (keep / "demo.pids").read_text().split()] == pids
+        for pid in pids:
+            # Alive after the demo exited, each the leader of a session of its own.
+            assert os.waitpid(pid, os.WNOHANG) == (0, 0), f"PID {pid} has exited"
+            assert os.getsid(pid) == pid
+
+        reached = subprocess.run(
+            ["ssh", "-F", str(keep / "ssh_config"), "-o", "BatchMode=yes", "node-1", "true"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        assert reached.returncode == 0, reached.stderr
+
+        stop = re.search(r"Stop them with:  (.+)\n", result.stdout + "\n")
+        assert stop, result.stdout[-2000:]
+        subprocess.run(["bash", "-c", stop.group(1)], check=True, timeout=30)
+        for pid in pids:
+            os.waitpid(pid, 0)  # returns once it exited: nothing is left running
+        pids = []
+    finally:
+        for pid in pids:  # a failed assertion above: stop what the demo left
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        _subreaper(False)
