@@ -8,8 +8,10 @@ cd "$(dirname "$0")/.."
 # swtpm: the software TPM tests and the demo use. libtss2-dev + pkg-config + gcc:
 # tpm2-pytss builds from source against the system TSS. openssh-*: the real ssh,
 # ssh-keygen and sshd the tests interoperate with. systemd: only for
-# `systemd-analyze` to check the shipped unit (nothing is booted).
-PACKAGES=(swtpm swtpm-tools libtss2-dev pkg-config gcc openssh-client openssh-server systemd sqlite3)
+# `systemd-analyze` to check the shipped unit (nothing is booted). putty-tools: PuTTY's
+# plink and puttygen, the second SSH client the interop tests jump through the bastion.
+PACKAGES=(swtpm swtpm-tools libtss2-dev pkg-config gcc openssh-client openssh-server systemd
+    sqlite3 putty-tools)
 
 need_python_pkgs() {
     python3 -c 'import venv, ensurepip' 2>/dev/null || echo python3-venv
