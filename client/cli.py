@@ -28,6 +28,7 @@ from bastion.protocol.errors import (
     TPMError,
     UsageError,
 )
+from client import host_key
 from client.profile import (
     DeviceState,
     Home,
@@ -769,6 +770,9 @@ def ssh(
     # The user's own ssh with their own arguments, as if typed; no shell.
     rc = subprocess.call(ssh_argv)  # nosec B603
     raise typer.Exit(rc)
+
+
+app.command("host-key")(host_key.host_key)
 
 
 @app.command()

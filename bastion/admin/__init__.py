@@ -18,6 +18,7 @@ from bastion.admin import (
     certs,
     cluster_cmd,
     devices,
+    host_key_cmd,
     locks,
     nodes,
     resources_cmd,
@@ -67,6 +68,7 @@ for plural, singular, noun_app in NOUNS:
 # Also at the top, where the issue and a Teleport admin look for it.
 app.add_typer(devices.roots_app, name="trust-root")
 app.add_typer(ca.ca_app, name="ca")
+ca.ca_app.command("host-key")(host_key_cmd.host_key)
 app.add_typer(ca.auth_app, name="auth")
 app.add_typer(ca.host_app, name="host")
 app.add_typer(audit_cmd.app, name="audit")
