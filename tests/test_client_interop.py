@@ -340,3 +340,49 @@ def test_dtclient_host_key_refuses_a_bastion_it_cannot_verify(env):
     nothing = _dtclient(env, home, "host-key", "--proxy", proxy)
     assert nothing.returncode != 0 and nothing.stdout == ""
     assert "no host CA is trusted yet" in nothing.stderr
+
+
+def test_dtclient_host_key_after_login_checks_through_the_ca_trusted_then(env):
+    """The everyday form: after signup and login, `dtclient host-key` with no options
+    reaches the bastion of the profile and checks it against the CA trusted at signup."""
+    import re
+    import time
+
+    from bastion.credentials import totp_now
+    from tests.tokens import printed_token
+
+    password = "correct horse battery staple"
+    token = printed_token(env.dtadmin("users", "add", "bob", "--roles", "access").stdout)
+    pin = json.loads(env.dtadmin("ca", "export", "--type", "host", "--format", "json").stdout)
+    proxy = f"127.0.0.1:{env.bastion.port}"
+    home = env.tmp / "dt-home-bob"
+    signup = subprocess.Popen(
+        [str(VENV_BIN / "dtclient"), "signup", "--proxy", proxy, "--ca-pin", pin["fingerprint"]],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "DT_HOME": str(home)},
+    )
+    assert signup.stdin and signup.stdout
+    signup.stdin.write(token + "\n")
+    signup.stdin.flush()
+    secret = next(m.group(1) for line in signup.stdout if (m := re.search(r"secret=(\w+)", line)))
+    signup.stdin.write(f"{password}\n{password}\n{totp_now(secret)}\n")
+    _, err = signup.communicate(timeout=60)
+    assert signup.returncode == 0, err
+    login = subprocess.run(
+        [str(VENV_BIN / "dtclient"), "login", "--proxy", proxy, "--user", "bob"],
+        input=f"{password}\n{totp_now(secret, time.time() + 30)}\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "DT_HOME": str(home)},
+    )
+    assert login.returncode == 0, login.stderr
+
+    printed = _dtclient(env, home, "host-key")
+    assert printed.returncode == 0, printed.stderr
+    expected = json.loads(env.dtadmin("ca", "host-key", "--format", "json").stdout)
+    assert printed.stdout.splitlines()[1] == expected["fingerprint"]
+    assert printed.stdout.splitlines()[2] == " ".join(expected["public_key"].split()[:2])

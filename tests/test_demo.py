@@ -89,3 +89,26 @@ def test_demo_keep_leaves_the_cluster_running_until_stopped(tmp_path):
             except (ProcessLookupError, ChildProcessError):
                 pass
         _subreaper(False)
+
+
+def test_demo_keep_refuses_to_wipe_a_demo_that_still_runs(tmp_path):
+    """A second --keep run would delete the state of servers still running from the
+    first: it says so and how to stop them instead."""
+    keep = tmp_path / "demo-state"
+    keep.mkdir()
+    running = subprocess.Popen(["sleep", "60"])
+    try:
+        (keep / "demo.pids").write_text(f"{running.pid}\n")
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "demo.py"), "--keep", "--dir", str(keep)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 1
+        assert f"still running in {keep} (PIDs {running.pid})" in result.stderr
+        assert f"kill $(cat {keep / 'demo.pids'})" in result.stderr
+        assert (keep / "demo.pids").exists()
+    finally:
+        running.kill()
+        running.wait()
