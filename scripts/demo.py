@@ -17,6 +17,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -313,9 +314,14 @@ def main() -> int:
         "--dir",
         type=Path,
         default=ROOT / "demo-state",
-        help="with --keep: the folder to keep it in (default ./demo-state; emptied first)",
+        help="with --keep or --stop: the demo's folder (default ./demo-state; --keep empties it)",
+    )
+    parser.add_argument(
+        "--stop", action="store_true", help="stop the servers a --keep run left running"
     )
     args = parser.parse_args()
+    if args.stop:
+        return stop_kept(args.dir.resolve())
     if args.keep:
         workdir = args.dir.resolve()
         refuse_running(workdir)
@@ -345,35 +351,72 @@ def main() -> int:
 
 
 def refuse_running(workdir: Path) -> None:
-    """A kept demo still running in ``workdir``: stop it first, not delete its state."""
+    """A kept demo still running in ``workdir``: stop it first, not delete its state.
+
+    A PID counts only while its command line names ``workdir`` (sshd's config, the
+    bastion's --state, swtpm's state dir are all in it): after a reboot the numbers in
+    demo.pids may belong to anything."""
     pids_file = workdir / "demo.pids"
     if not pids_file.exists():
         return
-    alive = [pid for pid in _read_pids(pids_file) if _alive(pid)]
+    alive = [pid for pid in _read_pids(pids_file) if _demo_process(pid, workdir)]
     if alive:
+        pids = " ".join(map(str, alive))
         sys.exit(
-            f"a kept demo is still running in {workdir} (PIDs {' '.join(map(str, alive))}); "
-            f"stop it first: kill $(cat {pids_file})"
+            f"a kept demo is still running in {workdir} (PIDs {pids}); stop it first: kill {pids}"
         )
+
+
+def stop_kept(workdir: Path) -> int:
+    """--stop: SIGTERM the servers of a kept demo (only those still started for
+    ``workdir``) and wait until they are gone."""
+    pids_file = workdir / "demo.pids"
+    if not pids_file.exists():
+        print(f"no kept demo in {workdir} (no {pids_file})")
+        return 0
+    pids = [pid for pid in _read_pids(pids_file) if _demo_process(pid, workdir)]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_demo_process(p, workdir) for p in pids):
+        time.sleep(0.1)
+    left = [pid for pid in pids if _demo_process(pid, workdir)]
+    if left:
+        print(f"still running after SIGTERM: {' '.join(map(str, left))}", file=sys.stderr)
+        return 1
+    pids_file.unlink()
+    print(
+        f"stopped the kept demo in {workdir}"
+        + (f" (PIDs {' '.join(map(str, pids))})" if pids else "")
+    )
+    return 0
 
 
 def _read_pids(path: Path) -> list[int]:
     return [int(word) for word in path.read_text().split() if word.isdigit()]
 
 
-def _alive(pid: int) -> bool:
-    """Running (a zombie its new parent has not reaped yet counts as gone)."""
+def _demo_process(pid: int, workdir: Path) -> bool:
+    """Running, and started for ``workdir`` (a zombie not yet reaped counts as gone)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except OSError:
         return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
+    return stat.rpartition(")")[2].split()[0] != "Z" and str(workdir) in cmdline
 
 
 def print_keep_instructions(demo: Demo) -> None:
     """--keep: the servers stay up; say how to use them by hand and how to stop them."""
     env = demo.env
     pids = " ".join(str(p) for p in demo.pids)
+    if demo.workdir == ROOT / "demo-state":
+        stop = "make demo DEMO_ARGS=--stop"
+    else:
+        stop = shlex.join(
+            [str(VENV_BIN / "python"), __file__, "--stop", "--dir", str(demo.workdir)]
+        )
     print(f"""
 The cluster is still running (state and logs in {demo.workdir}). In another shell:
 
@@ -385,7 +428,8 @@ The cluster is still running (state and logs in {demo.workdir}). In another shel
   dtadmin device unenroll DEMO-LAPTOP-1                # and she is refused again
 
 The node (sshd), dt-bastion and swtpm run as PIDs {pids}.
-Stop them with:  kill $(cat {demo.workdir / "demo.pids"})""")
+Stop them with:  kill {pids}
+      or later:  {stop}""")
 
 
 if __name__ == "__main__":

@@ -75,9 +75,14 @@ def test_demo_keep_leaves_the_cluster_running_until_stopped(tmp_path):
         )
         assert reached.returncode == 0, reached.stderr
 
-        stop = re.search(r"Stop them with:  (.+)\n", result.stdout + "\n")
-        assert stop, result.stdout[-2000:]
-        subprocess.run(["bash", "-c", stop.group(1)], check=True, timeout=30)
+        assert f"Stop them with:  kill {match.group(1)}\n" in result.stdout
+        later = re.search(r"or later:  (.+)\n", result.stdout + "\n")
+        assert later and "--stop" in later.group(1), result.stdout[-2000:]
+        stopped = subprocess.run(
+            ["bash", "-c", later.group(1)], capture_output=True, text=True, timeout=60
+        )
+        assert stopped.returncode == 0, stopped.stderr
+        assert f"stopped the kept demo in {keep}" in stopped.stdout
         for pid in pids:
             os.waitpid(pid, 0)  # returns once it exited: nothing is left running
         pids = []
@@ -96,7 +101,8 @@ def test_demo_keep_refuses_to_wipe_a_demo_that_still_runs(tmp_path):
     first: it says so and how to stop them instead."""
     keep = tmp_path / "demo-state"
     keep.mkdir()
-    running = subprocess.Popen(["sleep", "60"])
+    # A process whose command line names the folder, as the demo's servers' do.
+    running = subprocess.Popen(["sh", "-c", "sleep 60", str(keep)])
     try:
         (keep / "demo.pids").write_text(f"{running.pid}\n")
         result = subprocess.run(
@@ -107,8 +113,22 @@ def test_demo_keep_refuses_to_wipe_a_demo_that_still_runs(tmp_path):
         )
         assert result.returncode == 1
         assert f"still running in {keep} (PIDs {running.pid})" in result.stderr
-        assert f"kill $(cat {keep / 'demo.pids'})" in result.stderr
+        assert f"stop it first: kill {running.pid}" in result.stderr
         assert (keep / "demo.pids").exists()
     finally:
         running.kill()
         running.wait()
+
+
+def test_demo_keep_ignores_stale_pids_of_other_processes(tmp_path):
+    """After a reboot demo.pids may name unrelated processes: they do not count."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo", ROOT / "scripts" / "demo.py")
+    assert spec and spec.loader
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    keep = tmp_path / "demo-state"
+    keep.mkdir()
+    (keep / "demo.pids").write_text(f"{os.getpid()}\n999999999\n")
+    demo.refuse_running(keep)  # returns: this test's own process is not the demo's
