@@ -386,3 +386,27 @@ def test_dtclient_host_key_after_login_checks_through_the_ca_trusted_then(env):
     expected = json.loads(env.dtadmin("ca", "host-key", "--format", "json").stdout)
     assert printed.stdout.splitlines()[1] == expected["fingerprint"]
     assert printed.stdout.splitlines()[2] == " ".join(expected["public_key"].split()[:2])
+
+
+def test_paramiko_refuses_a_bastion_key_other_than_the_printed_one(env):
+    """The check the fingerprint is for: any other key for the bastion's address is
+    refused before a credential is sent."""
+    paramiko = _paramiko()
+    key_path, cert_path = env.user("ed25519")
+    other = (env.node.dir / "ssh_host_ed25519_key.pub").read_text()  # a real, wrong key
+    pkey = paramiko.PKey.from_path(key_path)
+    pkey.load_certificate(str(cert_path))
+    client = _client(paramiko, _host_keys(paramiko, f"[127.0.0.1]:{env.bastion.port}", other))
+    try:
+        with pytest.raises(paramiko.BadHostKeyException):
+            client.connect(
+                "127.0.0.1",
+                env.bastion.port,
+                username="dt",
+                pkey=pkey,
+                look_for_keys=False,
+                allow_agent=False,
+                timeout=15,
+            )
+    finally:
+        client.close()
