@@ -64,7 +64,12 @@ class Demo:
         Stopped at the end, unless the demo passed with --keep (see keep_running)."""
         server = self._stack.enter_context(start(self.keep))
         self.servers.append(server)
+        if self.keep:  # written as each starts: --stop also cleans up after a killed demo
+            self._write_pids()
         return server
+
+    def _write_pids(self) -> None:
+        (self.workdir / "demo.pids").write_text("".join(f"{pid}\n" for pid in self.pids))
 
     def keep_running(self) -> None:
         """--keep: leave the servers running after the demo exits. They were started in
@@ -72,7 +77,7 @@ class Demo:
         contexts now end without stopping them, and their PIDs are written down."""
         for server in self.servers:
             server.kept = True
-        (self.workdir / "demo.pids").write_text("".join(f"{pid}\n" for pid in self.pids))
+        self._write_pids()
 
     def heading(self, text: str) -> None:
         self.step_no += 1
