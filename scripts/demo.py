@@ -430,6 +430,7 @@ The cluster is still running (state and logs in {demo.workdir}). In another shel
   dtclient status                      # alice's profile from the demo
   dtadmin audit ls --since 1h          # everything that happened
   ssh -F {demo.workdir / "ssh_config"} node-1 true    # through the bastion
+  dtclient host-key                    # the bastion's key, for clients without host CAs
   dtadmin device unenroll DEMO-LAPTOP-1                # and she is refused again
 
 The node (sshd), dt-bastion and swtpm run as PIDs {pids}.
