@@ -9,35 +9,42 @@ command has just verified through the pinned CA, never an unchecked one.
 
 from __future__ import annotations
 
-import asyncio
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import asyncssh
 import typer
 
 from bastion.protocol import console
-from bastion.protocol.certs import fingerprint, load_public_key
 from bastion.protocol.console import Format
-from bastion.protocol.errors import ConnectionFailed, NotLoggedIn
-from client.api import CONNECT_TIMEOUT, Credentials, HostTrust, _Client, parse_pin
-from client.profile import Home, split_hostport
+
+if TYPE_CHECKING:
+    from client.api import HostTrust
+
+# asyncssh and client.api are imported when the command runs, not when dtclient starts.
 
 
-class _Probe(_Client):
-    """Key exchange with the host-certificate check, then stop: no credential is sent."""
+def _probe(trust: HostTrust) -> Any:
+    """An SSH client that does the key exchange with the host-certificate check and
+    then stops: it offers no credential."""
+    from client.api import Credentials, _Client
 
-    def __init__(self, trust: HostTrust) -> None:
-        super().__init__(trust, Credentials(user=""))
-        self.conn: asyncssh.SSHClientConnection | None = None
+    class Probe(_Client):
+        conn: Any = None
 
-    def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
-        self.conn = conn
+        def connection_made(self, conn: Any) -> None:
+            self.conn = conn
+
+    return Probe(trust, Credentials(user=""))
 
 
 async def verified_host_key(host: str, port: int, user: str, trust: HostTrust) -> Any:
     """The bastion's host key, after asyncssh verified its certificate (signed by a
     trusted or pinned CA, valid now, naming ``host``) during key exchange."""
-    probe = _Probe(trust)
+    import asyncssh
+
+    from bastion.protocol.errors import ConnectionFailed
+    from client.api import CONNECT_TIMEOUT
+
+    probe = _probe(trust)
     ca_keys = [asyncssh.import_public_key(line) for line in trust.trusted]
     try:
         conn, _ = await asyncssh.create_connection(
@@ -98,6 +105,13 @@ def host_key(
 
     Example: dtclient host-key
     """
+    import asyncio
+
+    from bastion.protocol.certs import fingerprint, load_public_key
+    from bastion.protocol.errors import NotLoggedIn
+    from client.api import HostTrust, parse_pin
+    from client.profile import Home, split_hostport
+
     home = Home.open()
     pin = parse_pin(pin)
     user = "-dt-host-key"
