@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
 sys.path.insert(0, str(ROOT))
 PASSWORD = "correct horse battery staple"
+MARKER = ".dt-demo"  # in a --keep folder: the next --keep may empty it
 
 from bastion.credentials import totp_now  # noqa: E402
 
@@ -330,8 +331,10 @@ def main() -> int:
     if args.keep:
         workdir = args.dir.resolve()
         refuse_running(workdir)
+        refuse_foreign(workdir)
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(parents=True)
+        (workdir / MARKER).write_text("made by scripts/demo.py --keep; emptied by the next one\n")
     else:
         workdir = Path(tempfile.mkdtemp(prefix="dt-demo-"))
     demo = Demo(workdir, keep=args.keep)
@@ -353,6 +356,18 @@ def main() -> int:
     if args.keep:
         print_keep_instructions(demo)
     return 0
+
+
+def refuse_foreign(workdir: Path) -> None:
+    """--keep empties its folder first: only one the demo made (or an empty one)."""
+    if not workdir.exists():
+        return
+    ours = (workdir / MARKER).exists() or (
+        (workdir / "state").is_dir() and (workdir / "home").is_dir()
+    )
+    if workdir.is_dir() and (ours or not any(workdir.iterdir())):
+        return
+    sys.exit(f"{workdir} is not a demo folder; --keep would delete it: choose another --dir")
 
 
 def refuse_running(workdir: Path) -> None:

@@ -132,3 +132,19 @@ def test_demo_keep_ignores_stale_pids_of_other_processes(tmp_path):
     keep.mkdir()
     (keep / "demo.pids").write_text(f"{os.getpid()}\n999999999\n")
     demo.refuse_running(keep)  # returns: this test's own process is not the demo's
+
+
+def test_demo_keep_never_empties_a_folder_it_did_not_make(tmp_path):
+    """--keep empties its folder first: a mistyped --dir must not cost the user a folder."""
+    precious = tmp_path / "notes"
+    precious.mkdir()
+    (precious / "todo.txt").write_text("keep me\n")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--keep", "--dir", str(precious)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "is not a demo folder; --keep would delete it" in result.stderr
+    assert (precious / "todo.txt").read_text() == "keep me\n"
