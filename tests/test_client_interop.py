@@ -93,15 +93,20 @@ def _need_putty() -> None:
         pytest.skip("PuTTY is not installed (run scripts/setup.sh: putty-tools)")
 
 
-def putty_home(env: Env, name: str, *, trust_ca: bool = True) -> Path:
+def putty_home(
+    env: Env, name: str, *, trust_ca: bool = True, valid_hosts: str = "127.0.0.1 || node-*"
+) -> Path:
     """A HOME whose ~/.putty trusts the cluster's host CA, as docs/windows-putty.md says."""
     home = env.tmp / f"home-{name}"
     (home / ".putty" / "sessions").mkdir(parents=True)
     (home / ".putty" / "sshhostcas").mkdir()
     if trust_ca:
         blob = (env.cluster.state_dir / "ca" / "host_ca.pub").read_text().split()[1]
+        # Valid hosts as docs/windows-putty.md writes them: the bastion's name and the
+        # nodes' inventory names, not every host.
         (home / ".putty" / "sshhostcas" / "dt-interop").write_text(
-            f"PublicKey={blob}\nValidity=*\nPermitRSASHA1=0\nPermitRSASHA256=1\nPermitRSASHA512=1\n"
+            f"PublicKey={blob}\nValidity={valid_hosts}\n"
+            "PermitRSASHA1=0\nPermitRSASHA256=1\nPermitRSASHA512=1\n"
         )
     return home
 
@@ -183,10 +188,16 @@ def test_plink_proxycmd_nc_through_the_bastion(env, key_type):
     assert result.returncode == 0 and result.stdout.strip() == f"nc-{key_type}", result.stderr
 
 
-def test_plink_without_the_host_ca_stops_at_the_unknown_host_key(env):
-    """What sshhostcas buys: without it, -batch refuses the bastion's unknown key."""
+@pytest.mark.parametrize(
+    "case", ["no CA", "CA for other hosts"], ids=["no-ca", "ca-for-other-hosts"]
+)
+def test_plink_without_the_host_ca_stops_at_the_unknown_host_key(env, case):
+    """What sshhostcas buys: without it, or with the CA trusted only for other host
+    names, -batch refuses the bastion's unknown key."""
     _need_putty()
-    home = putty_home(env, "no-ca", trust_ca=False)
+    home = putty_home(
+        env, case.replace(" ", "-"), trust_ca=case != "no CA", valid_hosts="*.example.org"
+    )
     result = plink(
         home, "-i", str(ppk(env, "ed25519")), "-P", str(env.bastion.port), "dt@127.0.0.1", "-N"
     )
