@@ -94,6 +94,14 @@ def host_key(
             "of the one trusted at login.",
         ),
     ] = None,
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            "--cluster",
+            envvar="DT_CLUSTER",
+            help="Use this cluster's profile (default: the current one; see dtclient status).",
+        ),
+    ] = None,
     fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.text,
 ) -> None:
     """Print the bastion's host key fingerprint, checked through the pinned host CA.
@@ -112,9 +120,14 @@ def host_key(
     from client.api import HostTrust, parse_pin
     from client.profile import Home, split_hostport
 
-    home = Home.open()
+    home = Home.open(cluster=cluster)
     pin = parse_pin(pin)
     user = "-dt-host-key"
+    if proxy is not None and cluster is None:
+        known = home.find_proxy(proxy)  # a bastion logged in to before: its CA, its user
+        if known is not None:
+            home.select(known)
+            proxy = None
     if proxy is None:
         profile = home.load_profile()
         proxy, user = profile.proxy, profile.user
