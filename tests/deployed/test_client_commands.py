@@ -48,7 +48,7 @@ def test_config_names_only_this_clusters_jump_host_and_nodes(deployment: Deploym
     text = carol.dtclient("config").stdout
     config = carol.home / "written_ssh_config"
     config.write_text(text)
-    key = str(carol.home / ".dt" / "keys" / "id_ed25519")
+    key = str(carol.home / ".dt" / "clusters" / deployment.cluster / "keys" / "id_ed25519")
     jump = f"dt-{deployment.cluster}"
 
     # 1. Hosts of the user's own: untouched (no jump, no dt key).
