@@ -224,16 +224,28 @@ def _refuse_locked(
     That answer is an oracle for the password, so wrong guesses count as on an unlocked
     account, and past ``max_failures`` in the window nothing is checked any more. No
     code step is spent: a locked account admits no login either way."""
-    recent = store.count_login_failures(user.name, since=now - policy.window, pending=False)
-    if recent >= policy.max_failures:
+    # Reserved before argon2, as on an unlocked account: of N concurrent guesses at
+    # most max_failures are checked (a count read first lets them all through).
+    attempt = store.begin_login_attempt(
+        user.name,
+        now=now,
+        since=now - policy.window,
+        limit=policy.max_failures,
+        remote_addr=remote_addr,
+    )
+    if attempt is None:
         credentials.verify_password(None, password)  # same cost, nothing learned
         _fail(store, user.name, remote_addr, f"account locked: {lock.message}", now, count=False)
         raise AuthenticationFailed("wrong user name, password or one-time code")
     failure, _step = _check_factors(user, password, code, now)
     if failure is not None:
-        _fail(store, user.name, remote_addr, f"account locked; {failure}", now, count=True)
+        with store.transaction(bump=False):
+            _fail(store, user.name, remote_addr, f"account locked; {failure}", now, count=False)
+            store.settle_login_attempt(attempt)  # counted from now on
         raise AuthenticationFailed("wrong user name, password or one-time code")
-    _fail(store, user.name, remote_addr, f"account locked: {lock.message}", now, count=False)
+    with store.transaction(bump=False):
+        _fail(store, user.name, remote_addr, f"account locked: {lock.message}", now, count=False)
+        store.login_succeeded(user.name, attempt)
     until = (
         "until " + datetime.fromtimestamp(lock.expires, UTC).strftime("%Y-%m-%d %H:%M UTC")
         if lock.expires is not None

@@ -58,3 +58,43 @@ def test_guessing_a_locked_account_stops_being_checked(store):
             store, "bob", PASSWORD, credentials.totp_now(secret), policy=policy
         )
     assert not after.value.disclose and "laptop" not in after.value.message
+
+
+def test_concurrent_guesses_at_a_locked_account_stay_within_the_limit(store):
+    """N guesses landing at once (the bastion checks several passwords in parallel)
+    never get more than ``max_failures`` checked: the oracle is as bounded as an
+    unlocked account's lockout (SECURITY-CHECKLIST 38)."""
+    import threading
+
+    from bastion.storage import Store
+
+    _locked_user(store, "carol")
+    policy = accounts.LockoutPolicy(max_failures=2)
+    path = store.path.parent
+    barrier = threading.Barrier(6)
+    checked: list[str] = []
+    real = accounts._check_factors
+
+    def counting(*args, **kwargs):
+        checked.append("x")
+        return real(*args, **kwargs)
+
+    def guess() -> None:
+        own = Store.open(path, check=False)
+        try:
+            barrier.wait()
+            with pytest.raises(AuthenticationFailed):
+                accounts.check_password_login(own, "carol", "guess", "000000", policy=policy)
+        finally:
+            own.close()
+
+    accounts._check_factors = counting
+    try:
+        threads = [threading.Thread(target=guess) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        accounts._check_factors = real
+    assert len(checked) <= policy.max_failures
