@@ -18,9 +18,10 @@ without device extensions logs in where the effective mode is ``optional`` or ``
 the user must exist and be unlocked, and a certificate naming a device stands only while
 that device is enrolled to the user, with that credential, unlocked. The rules are the
 bastion's own (:func:`bastion.authz.decide.node_principals`); nothing is copied here.
-Without ``--state``, or once the document has expired, only the certificate can be
-checked and a trusted device is required (``--allow-untrusted-device`` lifts that where
-there is no state at all).
+Without ``--state`` only the certificate can be checked and a trusted device is
+required (``--allow-untrusted-device`` lifts that where there is no state at all); once
+the document has expired a trusted device is required and its locks and devices still
+deny.
 
 Light by design: this module imports only the contract (``bastion.protocol``: certificate
 parsing, errors) and the decision core (``bastion.authz``), so a node needs Python and
@@ -97,7 +98,10 @@ def decide(
             f"{published._rfc3339(state.expires)} (run dtadmin nodes publish); "
             "deciding as if a trusted device were required"
         )
-        state, require_device, device_trust_mode = None, True, None
+        # Its modes are not believed any more, but what it denies (a lock, a device
+        # unenrolled or no longer this user's) still stands: stale facts can only
+        # refuse, never admit, once a trusted device is required.
+        require_device, device_trust_mode = True, None
     if state is not None:
         tag = (cert.device_extensions or {}).get(EXT_ASSET_TAG)
         facts = state.facts(user=cert.user, asset_tag=tag, now=now)

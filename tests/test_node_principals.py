@@ -210,3 +210,22 @@ def test_cli_with_the_published_state(cluster, tmp_path, capsys):
     link.symlink_to(state)
     assert main([*argv[:2], "--state", str(link), *argv[4:]]) == 0
     assert capsys.readouterr().out == ""
+
+
+def test_an_expired_state_still_holds_its_locks_and_unenrollments(cluster):
+    """Past its expiry the state's modes are not believed (a device is required), but
+    what it denies still stands: a republish that stopped must not let a locked user
+    back in (nothing in it can wrongly admit)."""
+    store = cluster.store
+    device = store.add_device(Device("", "SN1", "linux", "enrolled", "alice", CRED))
+    cert = sign(cluster, device)
+    kw = dict(ca_fingerprints=fps(cluster), require_device=False)
+    store.add_lock(Lock("", "user", "alice", message="laptop reported lost"))
+    old = publish(cluster, valid_for=60, now=time.time() - 120)
+    locked = decide("root", cert, state=old, **kw)
+    assert locked.principals == () and "laptop reported lost" in locked.reason
+    assert "expired" in locked.note
+    store.remove_locks_for("user", "alice")
+    old = publish(cluster, valid_for=60, now=time.time() - 120)
+    assert decide("root", cert, state=old, **kw).principals == ("root",)
+    assert decide("root", sign(cluster), state=old, **kw).principals == ()

@@ -19,7 +19,7 @@ device identifiers and locks. What it cannot hold is the record of every issued
 certificate (one per login); revocation reaches nodes through the KRL
 (``RevokedKeys``). A document past its ``expires`` is not believed: the helper then
 decides as if the cluster required a trusted device (DESIGN.md: an unreadable mode is
-``required``, never ``off``).
+``required``, never ``off``), its locks and devices still denying.
 
 Pure: no file, clock or JSON parser of its own beyond :mod:`json`; times are passed in.
 """
