@@ -342,6 +342,7 @@ def _ensure_audit_key(kdir: Path, store: Store) -> None:
     rotation lock: two processes opening at once make one key, not two), check that
     it loads, and sign a first checkpoint over rows that have none yet."""
     path = kdir / keys.AUDIT_KEY
+    made = False
     if not path.exists():
         with _rotation_lock(kdir):
             if not path.exists():
@@ -352,8 +353,12 @@ def _ensure_audit_key(kdir: Path, store: Store) -> None:
                     raise StorageUnavailable(
                         f"cannot write the audit key {path}: {exc.strerror}"
                     ) from exc
+                made = True
     keys.load_private_key(path)  # a corrupt or exposed key stops us, as a CA key does
-    if store.last_audit_checkpoint() is None and store.last_audit_id():
+    # Only a cluster from before the audit key gets a first checkpoint here: where the
+    # key existed, rows without any checkpoint mean checkpoints were deleted, and
+    # signing now would bless whatever the rows were rewritten to (verify names it).
+    if made and store.last_audit_checkpoint() is None and store.last_audit_id():
         store.checkpoint_audit()
 
 

@@ -307,3 +307,30 @@ def test_a_quiet_logs_last_rows_are_signed_by_the_bastions_sweep(tmp_path):
         assert store.checkpoint_audit_if_stale(now + 2 * CHECKPOINT_SECONDS) is None  # done
     finally:
         cluster.close()
+
+
+def test_a_rewrite_with_every_checkpoint_removed_is_not_signed_over(state):
+    """The attacker rewrites row 3, recomputes the hashes and deletes every checkpoint:
+    the next process to open the cluster (verify itself) must not sign the rewritten
+    chain as if it were an old cluster's first checkpoint, and verify says so."""
+    dtadmin(state, "audit", "verify", "--checkpoint")
+    db = sqlite3.connect(state / "cluster.db")
+    try:
+        db.execute("UPDATE audit SET message = 'nothing happened' WHERE id = 3")
+        prev = audit_chain.GENESIS
+        cur = db.execute("SELECT * FROM audit ORDER BY id")
+        names = [d[0] for d in cur.description]
+        for values in cur.fetchall():
+            row = dict(zip(names, values, strict=True))
+            prev = audit_chain.link(prev, row)
+            db.execute("UPDATE audit SET hash = ? WHERE id = ?", (prev.hex(), row["id"]))
+        db.execute("DELETE FROM audit_checkpoints")
+        db.commit()
+    finally:
+        db.close()
+    proc = verify(state)
+    assert proc.returncode == TAMPERED, proc.stdout + proc.stderr
+    assert "checkpoints were removed" in proc.stderr
+    dtadmin(state, "users", "add", "dave", "--roles", "access", "--logins", "root")
+    assert verify(state).returncode == TAMPERED  # nor does the next append sign over it
+    assert sql(state, "SELECT count(*) FROM audit_checkpoints").strip() == "0"

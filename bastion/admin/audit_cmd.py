@@ -216,6 +216,15 @@ def verify(
         report.problems.append(
             audit_chain.Problem(1, "every row was removed: the audit log is empty", "removed")
         )
+    elif not report.checkpoints:  # the first row of a cluster is signed as it is written
+        report.problems.append(
+            audit_chain.Problem(
+                1,
+                f"no checkpoint signs any of the {report.rows} rows: checkpoints were "
+                "removed (the rows may have been rewritten with their hashes recomputed)",
+                "removed",
+            )
+        )
     for kept_path in against or []:
         _check_kept(report, kept_path, store, public, fingerprint)
     report.problems.sort(key=lambda p: p.row)

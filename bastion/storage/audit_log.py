@@ -97,6 +97,15 @@ class AuditStore(SQLiteBase):
             found = self._conn.execute(
                 "SELECT row_id, time FROM audit_checkpoints ORDER BY id DESC LIMIT 1"
             ).fetchone()
+            if found is None and row_id > 1:
+                # Rows, a key, and no checkpoint: they were deleted (an old cluster's
+                # first one is signed by Cluster.open). Never sign over that.
+                log.error(
+                    "audit: no checkpoint before row %s although the audit key exists: "
+                    "checkpoints were removed; not signing (run dtadmin audit verify)",
+                    row_id,
+                )
+                return
             last = self._last_checkpoint = (found[0], found[1]) if found else (0, 0.0)
         now = time.time()
         if 0 <= row_id - last[0] < CHECKPOINT_ROWS and now - last[1] < CHECKPOINT_SECONDS:
@@ -152,6 +161,8 @@ class AuditStore(SQLiteBase):
             cp = self.last_audit_checkpoint()
         if last is None or (cp is not None and cp.row_id >= last["id"]):
             return None
+        if cp is None and last["id"] > 1:
+            return None  # checkpoints were removed: see _checkpoint_if_due
         if cp is not None and now - cp.time < CHECKPOINT_SECONDS:
             return None
         return self.checkpoint_audit()
