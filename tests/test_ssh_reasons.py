@@ -371,3 +371,29 @@ def two_forwards(env):
         if proc.poll() is None:
             proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.parametrize("key_type", [["rsa", "-b", "3072"], ["ecdsa", "-b", "256"]])
+def test_a_refused_rsa_or_ecdsa_certificate_is_proven_and_told_too(env, key_type):
+    """The proof is checked by hand over RFC 4252's signed data: an RSA certificate
+    (signed rsa-sha2-512 by OpenSSH) and an ECDSA one prove their key as Ed25519 does."""
+    env.cluster.store.add_user(User("erin", ("access",), (LOGIN,)))
+    d = env.tmp / "erin"
+    d.mkdir()
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", *key_type, "-N", "", "-f", str(d / "id")], check=True
+    )
+    issued = env.cluster.ca.sign_user("erin", load_public_key((d / "id.pub").read_bytes()))
+    (d / "id-cert.pub").write_text(issued.openssh + "\n")
+    config = write_ssh_config(
+        d / "ssh_config",
+        bastion_port=env.bastion.port,
+        key=d / "id",
+        cert=d / "id-cert.pub",
+        cluster=env.cluster,
+    )
+    config.write_text(config.read_text().replace("BatchMode yes", "BatchMode no"))
+    dtadmin(env, "lock", "--user", "erin", "--message", "laptop reported lost")
+    seen, prompted = in_terminal(config, "true")
+    assert 'certificate refused: user "erin" is locked: laptop reported lost' in seen, seen
+    assert not prompted, seen
