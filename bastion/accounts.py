@@ -222,26 +222,29 @@ def _refuse_locked(
     lock reveals neither that the account exists nor that it is locked.
 
     That answer is an oracle for the password, so wrong guesses count as on an unlocked
-    account, and past ``max_failures`` in the window nothing is checked any more. No
+    account (reserved, then locked out at ``max_failures`` for ``lock_for``). No
     code step is spent: a locked account admits no login either way."""
     # Reserved before argon2, as on an unlocked account: of N concurrent guesses at
-    # most max_failures are checked (a count read first lets them all through).
-    attempt = store.begin_login_attempt(
-        user.name,
-        now=now,
-        since=now - policy.window,
-        limit=policy.max_failures,
-        remote_addr=remote_addr,
-    )
+    # most max_failures are checked (a count read first lets them all through), and a
+    # lockout (which the admin's lock hides from password_lock) stops checking.
+    attempt = None
+    if store.active_lock(PASSWORD_LOCK, user.name, now) is None:
+        attempt = store.begin_login_attempt(
+            user.name,
+            now=now,
+            since=now - policy.window,
+            limit=policy.max_failures,
+            remote_addr=remote_addr,
+        )
     if attempt is None:
         credentials.verify_password(None, password)  # same cost, nothing learned
         _fail(store, user.name, remote_addr, f"account locked: {lock.message}", now, count=False)
         raise AuthenticationFailed("wrong user name, password or one-time code")
     failure, _step = _check_factors(user, password, code, now)
-    if failure is not None:
-        with store.transaction(bump=False):
-            _fail(store, user.name, remote_addr, f"account locked; {failure}", now, count=False)
-            store.settle_login_attempt(attempt)  # counted from now on
+    if failure is not None:  # counted, and at the limit the password locked out
+        _failed_attempt(
+            store, user.name, attempt, f"account locked; {failure}", remote_addr, policy, now
+        )
         raise AuthenticationFailed("wrong user name, password or one-time code")
     with store.transaction(bump=False):
         _fail(store, user.name, remote_addr, f"account locked: {lock.message}", now, count=False)
@@ -347,7 +350,10 @@ def _failed_attempt(
         store.settle_login_attempt(attempt)
         locked = password_lock(store, user, now) is not None
         recent = store.count_login_failures(user, since=now - policy.window, pending=False)
-        if not locked and recent >= policy.max_failures:
+        # An admin's lock does not stand in for the lockout: guesses at a locked
+        # account (_refuse_locked) are locked out as any others.
+        locked_out = store.active_lock(PASSWORD_LOCK, user, now) is not None
+        if not locked_out and recent >= policy.max_failures:
             _lock_out(store, user, remote_addr, policy, now)
             locked = True
     if locked:

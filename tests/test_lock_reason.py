@@ -98,3 +98,21 @@ def test_concurrent_guesses_at_a_locked_account_stay_within_the_limit(store):
     finally:
         accounts._check_factors = real
     assert len(checked) <= policy.max_failures
+
+
+def test_guessing_a_locked_account_locks_the_password_out_as_on_any_account(store):
+    """At the limit the password is locked out for ``lock_for`` (longer than the
+    window), as on an unlocked account: the failures ageing out of the window do not
+    reopen the oracle early."""
+    secret = _locked_user(store, "dan")
+    policy = accounts.LockoutPolicy(max_failures=2, window=600, lock_for=1800)
+    now = time.time()
+    for _ in range(2):
+        with pytest.raises(AuthenticationFailed):
+            accounts.check_password_login(store, "dan", "guess", "000000", policy=policy, now=now)
+    later = now + 700  # past the window, within the lockout
+    with pytest.raises(AuthenticationFailed) as after:
+        accounts.check_password_login(
+            store, "dan", PASSWORD, credentials.totp_now(secret, now=later), policy=policy, now=later
+        )
+    assert not after.value.disclose and "laptop" not in after.value.message
