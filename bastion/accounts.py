@@ -222,8 +222,9 @@ def _refuse_locked(
     lock reveals neither that the account exists nor that it is locked.
 
     That answer is an oracle for the password, so wrong guesses count as on an unlocked
-    account (reserved, then locked out at ``max_failures`` for ``lock_for``). No
-    code step is spent: a locked account admits no login either way."""
+    account (reserved, then locked out at ``max_failures`` for ``lock_for``). The
+    code's step is spent: a code seen once (over a shoulder) must not log in after
+    the lock is lifted, and a replay of it reads nothing."""
     # Reserved before argon2, as on an unlocked account: of N concurrent guesses at
     # most max_failures are checked (a count read first lets them all through), and a
     # lockout (which the admin's lock hides from password_lock) stops checking.
@@ -240,7 +241,9 @@ def _refuse_locked(
         credentials.verify_password(None, password)  # same cost, nothing learned
         _fail(store, user.name, remote_addr, f"account locked: {lock.message}", now, count=False)
         raise AuthenticationFailed("wrong user name, password or one-time code")
-    failure, _step = _check_factors(user, password, code, now)
+    failure, step = _check_factors(user, password, code, now)
+    if failure is None and not store.consume_totp_step(user.name, step, user.password_hash or ""):
+        failure = "that one-time code was already used (or the password changed)"
     if failure is not None:  # counted, and at the limit the password locked out
         _failed_attempt(
             store, user.name, attempt, f"account locked; {failure}", remote_addr, policy, now

@@ -116,3 +116,16 @@ def test_guessing_a_locked_account_locks_the_password_out_as_on_any_account(stor
             store, "dan", PASSWORD, credentials.totp_now(secret, now=later), policy=policy, now=later
         )
     assert not after.value.disclose and "laptop" not in after.value.message
+
+
+def test_the_code_that_read_a_lock_message_is_spent(store):
+    """One code, one use: the code typed at a locked account (and seen, say, over a
+    shoulder) does not log in once an admin lifts the lock a minute later."""
+    secret = _locked_user(store, "fay")
+    code = credentials.totp_now(secret)
+    with pytest.raises(AccountLocked) as told:
+        accounts.check_password_login(store, "fay", PASSWORD, code)
+    assert told.value.disclose
+    store.remove_locks_for("user", "fay")
+    with pytest.raises(AuthenticationFailed):
+        accounts.check_password_login(store, "fay", PASSWORD, code)
