@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from tests.sshd import sshd_runnable  # noqa: F401 (a fixture for every test file)
 from tests.swtpm import provision, run_swtpm
 
 

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from bastion.authz.records import Device
 from bastion.ca.certs import load_public_key
 from bastion.ca.keys import atomic_write
@@ -262,3 +264,49 @@ def ssh(config: Path, target: str, *cmd: str, timeout: float = 30) -> subprocess
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
+
+
+def _sshd_would_run(command: Path) -> bool:
+    """sshd runs a principals command only if every directory above it is root's and not
+    writable by others; a checkout under /tmp fails that, through no fault of ours."""
+    import os
+    import stat
+
+    for parent in command.parents:
+        st = os.stat(parent)
+        if st.st_uid != 0 or stat.S_IMODE(st.st_mode) & 0o022:
+            return False
+    return True
+
+
+@pytest.fixture
+def sshd_runnable():
+    """``wrap(*argv)``: a command line sshd will run as its AuthorizedPrincipalsCommand.
+
+    Where the checkout (and so the venv's python) sits under a world-writable /tmp, the
+    command is a two-line shell script in a directory of the test's own, made under
+    root's /run and removed at teardown, so the test runs wherever CI clones."""
+    import os
+    import shlex
+    import shutil
+    import tempfile
+
+    made: list[Path] = []
+
+    def wrap(*argv: object) -> str:
+        if _sshd_would_run(Path(str(argv[0]))):
+            return " ".join(str(a) for a in argv)
+        if os.geteuid() != 0 or not os.access("/run", os.W_OK):
+            pytest.skip("sshd would refuse a principals command here, and /run is not ours")
+        folder = Path(tempfile.mkdtemp(prefix="dt-test-", dir="/run"))
+        made.append(folder)
+        script = folder / "principals"
+        script.write_text(
+            "#!/bin/sh\nexec " + " ".join(shlex.quote(str(a)) for a in argv) + ' "$@"\n'
+        )
+        script.chmod(0o755)
+        return str(script)
+
+    yield wrap
+    for folder in made:
+        shutil.rmtree(folder, ignore_errors=True)

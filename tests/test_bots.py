@@ -256,12 +256,14 @@ def recheck_env(tmp_path):
 
 
 @pytest.mark.integration
-def test_a_real_sshd_node_admits_the_bot_and_not_a_person_without_a_device(cluster, tmp_path):
+def test_a_real_sshd_node_admits_the_bot_and_not_a_person_without_a_device(
+    cluster, tmp_path, sshd_runnable
+):
     """A node reached without the bastion, its sshd running dt-node-principals with
     --device-trust-mode required-for-humans and no cluster state (the light helper)."""
     from bastion.ca.certs import load_public_key
     from tests.sshd import LOGIN, keygen, sshd_node
-    from tests.test_node_side import BIN, _skip_unless_sshd_would_run, direct_ssh
+    from tests.test_node_side import BIN, direct_ssh
 
     store = cluster.store
     store.add_user(User("ci-node", ("access",), (LOGIN,), bot=True))
@@ -274,8 +276,7 @@ def test_a_real_sshd_node_admits_the_bot_and_not_a_person_without_a_device(clust
         keys[name] = keygen(tmp_path / name)
         public = load_public_key((tmp_path / f"{name}.pub").read_bytes())
         (tmp_path / f"{name}-cert.pub").write_text(cluster.ca.sign(request(public)).openssh + "\n")
-    command = BIN / "dt-node-principals"
-    _skip_unless_sshd_would_run(command)
+    command = sshd_runnable(BIN / "dt-node-principals")
     ca = cluster.state_dir / "ca" / "user_ca.pub"
     extra = (
         f"AuthorizedPrincipalsCommand {command} --ca {ca} --device-trust-mode {HUMANS} "

@@ -40,18 +40,6 @@ def cert_for(cluster, tmp_path, name, device=None):
     return key, issued
 
 
-def _skip_unless_sshd_would_run(command: Path) -> None:
-    """sshd runs the command only if every directory above it is root's and not writable
-    by others; a checkout under /tmp fails that, through no fault of ours."""
-    import os
-    import stat
-
-    for parent in command.parents:
-        st = os.stat(parent)
-        if st.st_uid != 0 or stat.S_IMODE(st.st_mode) & 0o022:
-            pytest.skip(f"sshd would refuse a principals command under {parent}")
-
-
 def direct_ssh(node, key, tmp_path, cluster):
     known = tmp_path / "known_hosts"
     known.write_text(
@@ -96,18 +84,17 @@ def dtadmin(cluster, *args):
     ).stdout
 
 
-def printed_sshd_config(cluster, tmp_path, node_name="node-1"):
+def printed_sshd_config(cluster, tmp_path, wrap, node_name="node-1"):
     """The lines `dtadmin nodes sshd-config` prints, with the node's files where the
     test keeps them, and the helper written by `dtadmin nodes helper`."""
     helper = tmp_path / "dt-node-principals"
     dtadmin(cluster, "nodes", "helper", "--out", str(helper), "--python", sys.executable)
-    _skip_unless_sshd_would_run(Path(sys.executable))
     files = {
         "/etc/ssh/dt_user_ca.pub": str(cluster.state_dir / "ca" / "user_ca.pub"),
         "/etc/ssh/dt_node_state.json": str(tmp_path / "dt_node_state.json"),
         "/etc/ssh/dt_revoked.krl": str(tmp_path / "dt_revoked.krl"),
         # sshd checks the command's own path; the helper is one file Python runs
-        "/usr/local/bin/dt-node-principals": f"{sys.executable} {helper}",
+        "/usr/local/bin/dt-node-principals": wrap(sys.executable, helper),
     }
     text = dtadmin(cluster, "nodes", "sshd-config", node_name)
     assert "--state /etc/ssh/dt_node_state.json" in text
@@ -127,14 +114,16 @@ def publish(cluster, tmp_path):
     dtadmin(cluster, "ca", "krl", "--out", str(tmp_path / "dt_revoked.krl"))
 
 
-def test_node_follows_the_cluster_and_role_modes_with_the_printed_config(cluster, tmp_path):
+def test_node_follows_the_cluster_and_role_modes_with_the_printed_config(
+    cluster, tmp_path, sshd_runnable
+):
     """The printed sshd-config denied every certificate without device extensions even
     in `optional` mode: users without a device were locked out of every node."""
     device = cluster.store.add_device(Device("", "SN1", "linux", "enrolled", "alice", CRED))
     plain, _ = cert_for(cluster, tmp_path, "plain")
     trusted, _ = cert_for(cluster, tmp_path, "trusted", device)
     dtadmin(cluster, "nodes", "add", "node-1", "--addr", "127.0.0.1:22")
-    extra = printed_sshd_config(cluster, tmp_path)
+    extra = printed_sshd_config(cluster, tmp_path, sshd_runnable)
     publish(cluster, tmp_path)
     with sshd_node(tmp_path / "node", cluster, extra=extra) as node:
         # optional (the default): both log in
