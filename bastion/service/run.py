@@ -266,35 +266,22 @@ class Service:
                 conn.disconnect(asyncssh.DISC_BY_APPLICATION, SHUTDOWN)
 
     async def _cut_all(self, reason: str) -> None:
-        """End every connection left, each told why (:func:`_cut`)."""
-        from bastion.proxy.server import BastionServer
+        """End every connection left the way every cut goes
+        (:meth:`BastionServer.terminate`): ``connection.terminated`` and each session's
+        ``session.terminated``/``session.end`` on record (saying STOPPED, as every
+        shutdown's session end does), then the SSH disconnect with the reason before
+        any channel closes, so ``ssh -W`` prints it."""
+        from bastion.proxy.server import BastionServer, disconnect
 
         cuts = []
         for conn in list(self.bastion.open):
             owner = conn.get_owner()
             if isinstance(owner, BastionServer):
-                cuts.append(_cut(owner, reason))
+                cuts.append(owner.terminate(reason, session_reason=STOPPED))
             else:
-                disconnect_first(conn, reason)
+                disconnect(conn, reason)
         if cuts:
             await asyncio.gather(*cuts, return_exceptions=True)
-
-
-async def _cut(server: Any, reason: str) -> None:
-    """Cut one connection at shutdown, the way every cut goes
-    (:meth:`BastionServer.terminate`): ``connection.terminated`` and each session's
-    ``session.terminated``/``session.end`` on record, then the SSH disconnect with the
-    reason before any channel closes, so ``ssh -W`` prints it. The sessions' rows say
-    what every shutdown's session end says (STOPPED)."""
-    await server.terminate(reason, session_reason=STOPPED)
-
-
-def disconnect_first(conn: asyncssh.SSHServerConnection, reason: str) -> None:
-    """SSH_MSG_DISCONNECT with the reason before anything else, then close
-    (:func:`bastion.proxy.server.disconnect`)."""
-    from bastion.proxy.server import disconnect
-
-    disconnect(conn, reason)
 
 
 async def _listening(where: str, starting: Any) -> Any:
