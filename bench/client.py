@@ -7,17 +7,14 @@ with its OpenSSH counterpart (`ssh -V`, `ssh -G host`) so both see the same mach
 
 from __future__ import annotations
 
-import contextlib
-import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-from bench.lab import Lab
+from bench.lab import Lab, enrolled_user
 
 BIN = Path(sys.executable).parent
 
@@ -39,52 +36,6 @@ def _timed(argv: list[str], env: dict[str, str], cpu: list[float]) -> float:
     return elapsed
 
 
-@contextlib.contextmanager
-def _enrolled_user(lab: Lab, name: str) -> Iterator[tuple[dict[str, str], str]]:
-    """A signed-up, logged-in user whose device (a swtpm) is enrolled; (env, proxy)."""
-    from tests.swtpm import provision, run_swtpm, trust_test_tpms
-    from tests.test_login import PASSWORD, next_code, signup
-    from tests.tokens import printed_token
-
-    home = lab.dir / f"{name}-home"
-    env = {
-        **os.environ,
-        "DT_STATE": str(lab.cluster.state_dir),
-        "DT_HOME": str(home),
-        "SSH_AUTH_SOCK": "",
-    }
-    factory = provision(lab.dir / f"{name}-tpm-factory")
-    trust_test_tpms(lab.cluster.store, factory)
-    with run_swtpm(factory, lab.dir / f"{name}-tpm") as tpm:
-        env["DT_TPM_TCTI"] = tpm.tcti
-        out = subprocess.run(
-            [BIN / "dtadmin", "users", "add", name, "--roles", "access,editor", "--logins", "root"],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        proxy = f"127.0.0.1:{lab.bastion.port}"
-        e = type("E", (), {"proxy": proxy, "cluster": lab.cluster, "tmp": lab.dir})
-        secret = signup(e, home, printed_token(out))
-        login = [BIN / "dtclient", "login", "--proxy", proxy, "--user", name]
-        subprocess.run(
-            login,
-            input=f"{PASSWORD}\n{next_code(secret)}\n",
-            env=env,
-            text=True,
-            capture_output=True,
-            check=True,
-        )
-        subprocess.run(
-            [BIN / "dtclient", "device", "enroll", "--current-device", "--asset-tag", "BENCH-2"],
-            env=env,
-            capture_output=True,
-            check=True,
-        )
-        yield env, proxy
-
-
 def _ms(values: list[float], cpu: list[float]) -> str:
     wall = f"{statistics.median(values) * 1000:.0f} ms ({min(values) * 1000:.0f}-{max(values) * 1000:.0f})"
     return f"{wall}, CPU {statistics.median(cpu) * 1000:.0f} ms"
@@ -102,7 +53,7 @@ def client(lab: Lab, quick: bool = False) -> dict:
         "help": ([dtclient, "--help"], ["ssh", "-G", "bench-host"]),
     }
     samples: dict[str, list[float]] = {}
-    with _enrolled_user(lab, "clientbench") as (env, proxy):
+    with enrolled_user(lab, "clientbench", "BENCH-2") as (env, proxy):
         renew = [dtclient, "login", "--proxy", proxy, "--user", "clientbench"]
         pairs["renewal"] = (renew, ["ssh", "-G", "bench-host"])
         for _ in range(runs):

@@ -14,7 +14,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.lab import Lab, rss_kib, tree_rss_kib
+from bench.lab import Lab, enrolled_user, rss_kib, tree_rss_kib
 
 BIN = Path(sys.executable).parent
 
@@ -400,56 +400,8 @@ asyncio.run(main())
 
 
 def login(lab: Lab, quick: bool = False) -> dict:
-    from tests.swtpm import provision, run_swtpm, trust_test_tpms
-    from tests.test_login import PASSWORD, next_code, signup
-    from tests.tokens import printed_token
-
-    home = lab.dir / "login-home"
-    env = {
-        **os.environ,
-        "DT_STATE": str(lab.cluster.state_dir),
-        "DT_HOME": str(home),
-        "SSH_AUTH_SOCK": "",
-    }
-    factory = provision(lab.dir / "tpm-factory")
-    trust_test_tpms(lab.cluster.store, factory)  # a software TPM is trusted only once added
-    tpm_ctx = run_swtpm(factory, lab.dir / "tpm")
-    tpm = tpm_ctx.__enter__()
-    try:
-        env["DT_TPM_TCTI"] = tpm.tcti
-        out = subprocess.run(
-            [
-                BIN / "dtadmin",
-                "users",
-                "add",
-                "loginbench",
-                "--roles",
-                "access,editor",
-                "--logins",
-                "root",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        proxy = f"127.0.0.1:{lab.bastion.port}"
-        e = type("E", (), {"proxy": proxy, "cluster": lab.cluster, "tmp": lab.dir})
-        secret = signup(e, home, printed_token(out))
-        subprocess.run(
-            [BIN / "dtclient", "login", "--proxy", proxy, "--user", "loginbench"],
-            input=f"{PASSWORD}\n{next_code(secret)}\n",
-            env=env,
-            text=True,
-            capture_output=True,
-            check=True,
-        )
-        subprocess.run(
-            [BIN / "dtclient", "device", "enroll", "--current-device", "--asset-tag", "BENCH-1"],
-            env=env,
-            capture_output=True,
-            check=True,
-        )
+    with enrolled_user(lab, "loginbench", "BENCH-1") as (env, proxy):
+        home, tcti = Path(env["DT_HOME"]), env["DT_TPM_TCTI"]
         samples = []
         for _ in range(10 if quick else 30):
             t0 = time.perf_counter()
@@ -461,9 +413,7 @@ def login(lab: Lab, quick: bool = False) -> dict:
             )
             samples.append(time.perf_counter() - t0)
             assert result.returncode == 0 and "device-asset-tag" in result.stdout, result.stderr
-        wall, failures, each = asyncio.run(_parallel_logins(home, tpm.tcti, 50))
-    finally:
-        tpm_ctx.__exit__(None, None, None)
+        wall, failures, each = asyncio.run(_parallel_logins(home, tcti, 50))
     p99 = _p99(samples)
     whole = [total for total, _ in each]
     rest = [total - tpm for total, tpm in each]

@@ -11,12 +11,22 @@ import os
 import resource
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 from bastion.authz.records import Device, DeviceCredential, Node, User
 from bastion.ca.certs import load_public_key
 from bastion.cluster import Cluster, init_cluster
-from tests.sshd import LOGIN, bastion_server, free_port, keygen, sshd_node, stop, wait_for_port
+from tests.sshd import (
+    LOGIN,
+    VENV_BIN,
+    bastion_server,
+    free_port,
+    keygen,
+    sshd_node,
+    stop,
+    wait_for_port,
+)
 
 CIPHER = "aes128-gcm@openssh.com"
 
@@ -173,3 +183,49 @@ def tree_rss_kib(pid: int) -> int:
 
 
 __all__ = ["Lab", "rss_kib", "tree_rss_kib", "CIPHER", "os"]
+
+
+@contextlib.contextmanager
+def enrolled_user(lab: Lab, name: str, asset_tag: str) -> Iterator[tuple[dict[str, str], str]]:
+    """A signed-up, logged-in user whose device (a swtpm) is enrolled; (env, proxy)."""
+    from tests.swtpm import provision, run_swtpm, trust_test_tpms
+    from tests.test_login import PASSWORD, next_code, signup
+    from tests.tokens import printed_token
+
+    home = lab.dir / f"{name}-home"
+    env = {
+        **os.environ,
+        "DT_STATE": str(lab.cluster.state_dir),
+        "DT_HOME": str(home),
+        "SSH_AUTH_SOCK": "",
+    }
+    factory = provision(lab.dir / f"{name}-tpm-factory")
+    trust_test_tpms(lab.cluster.store, factory)
+    with run_swtpm(factory, lab.dir / f"{name}-tpm") as tpm:
+        env["DT_TPM_TCTI"] = tpm.tcti
+        out = subprocess.run(
+            [VENV_BIN / "dtadmin", "users", "add", name, "--roles", "access,editor", "--logins", "root"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        proxy = f"127.0.0.1:{lab.bastion.port}"
+        e = type("E", (), {"proxy": proxy, "cluster": lab.cluster, "tmp": lab.dir})
+        secret = signup(e, home, printed_token(out))
+        login = [VENV_BIN / "dtclient", "login", "--proxy", proxy, "--user", name]
+        subprocess.run(
+            login,
+            input=f"{PASSWORD}\n{next_code(secret)}\n",
+            env=env,
+            text=True,
+            capture_output=True,
+            check=True,
+        )
+        subprocess.run(
+            [VENV_BIN / "dtclient", "device", "enroll", "--current-device", "--asset-tag", asset_tag],
+            env=env,
+            capture_output=True,
+            check=True,
+        )
+        yield env, proxy
