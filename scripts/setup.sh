@@ -10,8 +10,10 @@ cd "$(dirname "$0")/.."
 # ssh-keygen and sshd the tests interoperate with. systemd: only for
 # `systemd-analyze` to check the shipped unit (nothing is booted). putty-tools: PuTTY's
 # plink and puttygen, the second SSH client the interop tests jump through the bastion.
+# haproxy: the load balancer (send-proxy-v2) the several-bastions tests put in front;
+# they start their own on a free loopback port, never the package's service.
 PACKAGES=(swtpm swtpm-tools libtss2-dev pkg-config gcc openssh-client openssh-server systemd
-    sqlite3 putty-tools)
+    sqlite3 putty-tools haproxy)
 
 need_python_pkgs() {
     python3 -c 'import venv, ensurepip' 2>/dev/null || echo python3-venv
@@ -34,6 +36,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     $SUDO apt-get update -q
     # --no-install-recommends keeps out services we would never start (e.g. a TPM broker).
     $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+    # Debian starts (and enables) haproxy.service on install, listening on nothing we
+    # use; the tests run their own haproxy, so keep the package's service off.
+    if [[ " ${missing[*]} " == *" haproxy "* ]] && [ -d /run/systemd/system ]; then
+        $SUDO systemctl disable --now haproxy.service >/dev/null 2>&1 || true
+    fi
 fi
 
 # sshd refuses to start without its privilege-separation directory.
