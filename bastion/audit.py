@@ -36,6 +36,8 @@ EVENT_CODES: dict[str, str] = {
     "cluster.update": "DT0002",
     "bastion.reload": "DT0003",
     "bastion.drain": "DT0004",
+    "state.stale": "DT0005",
+    "state.confirmed": "DT0006",
     "user.create": "DT1001",
     "user.update": "DT1002",
     "user.delete": "DT1003",

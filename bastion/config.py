@@ -38,6 +38,15 @@ class BastionConfig:
     # How often a bastion looks for sessions left open by a sibling on the same state
     # directory that was killed (it always looks once at start).
     session_sweep_interval: float = 10.0
+    # Fail closed when blind: once the cluster database has not confirmed the state
+    # is current (the revision watch's read) for state_stale_after seconds, new
+    # sessions and logins are refused ("cannot reach the cluster database"); after
+    # state_stale_grace seconds more, live sessions are ended too, each told why. A
+    # lock or revocation committed meanwhile could not reach this bastion. It
+    # recovers by itself at the first read that answers (audit: state.stale,
+    # state.confirmed).
+    state_stale_after: float = 10.0
+    state_stale_grace: float = 30.0
     node_connect_timeout: float = 10.0
     # Bytes read from one socket per event-loop turn. The bastion is one asyncio
     # process: a 256 KiB read (asyncio's default) of a bulk transfer is ~8 SSH packets

@@ -55,7 +55,7 @@ from asyncssh.constants import MSG_DISCONNECT
 from asyncssh.packet import Boolean, String
 
 from bastion import accounts
-from bastion.authz import decide, limits
+from bastion.authz import decide, freshness, limits
 from bastion.authz.limits import SlotLimits
 from bastion.ca.authority import USER_CA_SETTING
 from bastion.ca.certs import parse_cert
@@ -101,6 +101,8 @@ class Bastion:
             config.revision_poll_interval,
             config.session_sweep_interval,
             workers=self.workers,
+            stale_after=config.state_stale_after,
+            stale_grace=config.state_stale_grace,
         )
         self.authenticated = Connections(self.workers)
         # Logins arriving together share one commit; the disk waits off the loop.
@@ -113,6 +115,7 @@ class Bastion:
         self.registry.on_revision.append(self.authenticated.recheck)
         self.registry.on_poll.append(self.authenticated.check_expired)
         self.registry.on_poll.append(self._refresh_pending_user_ca)
+        self.registry.on_blind.append(self._end_blind)
         self.signup = accounts.Signup(cluster.store, self.cluster_name)
         self.lockout = accounts.LockoutPolicy(
             config.lockout_max_failures, config.lockout_window, config.lockout_duration
@@ -199,6 +202,19 @@ class Bastion:
             await asyncio.wait(
                 [asyncio.ensure_future(c.wait_closed()) for c in conns], timeout=timeout
             )
+
+    async def _end_blind(self) -> None:
+        """Blind past the grace (bastion.authz.freshness): every logged-in connection is
+        ended the way a lock ends one, the client told why; the rows are queued until
+        the database takes them."""
+        servers = [c.get_owner() for c in list(self.open)]
+        await asyncio.gather(
+            *(
+                server.terminate(freshness.BLIND_CUT)
+                for server in servers
+                if isinstance(server, BastionServer) and server.api_identity is not None
+            )
+        )
 
     def recent_failures(self, addr: str, now: float) -> int:
         recent = [t for t in self.auth_failures.get(addr, ()) if t > now - 60]
@@ -576,6 +592,13 @@ class BastionServer(asyncssh.SSHServer):
                 "your SSH client does not support strict key exchange (Terrapin, "
                 "CVE-2023-48795); upgrade it (OpenSSH 9.6 or later, or a patched build)"
             )
+        if self.bastion.registry.freshness.stale:
+            # After the key exchange, so the client prints the reason. Audited once per
+            # blind period (state.stale; state.confirmed counts these), not once per
+            # connection of a flood.
+            self.bastion.registry.freshness.refused += 1
+            self._audited.add("blind")
+            raise asyncssh.ServiceNotAvailable(freshness.BLIND)
         self.conn.set_authorized_keys(self.bastion.authorized_keys)
         return True
 

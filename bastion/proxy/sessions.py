@@ -34,7 +34,8 @@ from typing import Any
 from asyncssh.forward import SSHForwarder
 
 from bastion import audit
-from bastion.authz import decide
+from bastion.authz import decide, freshness
+from bastion.authz.freshness import Freshness
 from bastion.authz.records import Node, OpenSession
 from bastion.protocol.errors import AccessDenied, DTError, StorageUnavailable
 from bastion.proxy import instances, policy
@@ -86,6 +87,8 @@ class Registry:
         poll_interval: float = 0.2,
         sweep_interval: float = 10.0,
         workers: Workers | None = None,
+        stale_after: float = 10.0,
+        stale_grace: float = 30.0,
     ) -> None:
         self.store = store
         self.poll_interval = poll_interval
@@ -103,6 +106,12 @@ class Registry:
         # on_poll (with ``now``) on every turn.
         self.on_revision: list[Listener] = []
         self.on_poll: list[Listener] = []
+        # Fail closed when blind (bastion.authz.freshness): the watcher confirms the
+        # state at each revision read; the guard refuses new work past stale_after and
+        # calls on_blind (then cuts what is left) once the grace is over too.
+        self.freshness = Freshness(stale_after, stale_grace, time.monotonic())
+        self.on_blind: list[Listener] = []
+        self._guard_task: asyncio.Task[None] | None = None
 
     @property
     def instance(self) -> str | None:
@@ -232,6 +241,8 @@ class Registry:
             self.workers, self._own_workers = Workers(self.store), True
         self._stopping = False
         self._task = asyncio.get_running_loop().create_task(self._watch())
+        self.freshness.confirmed = time.monotonic()
+        self._guard_task = asyncio.get_running_loop().create_task(self._guard())
 
     def _workers(self) -> Workers:
         if self.workers is None:
@@ -299,6 +310,9 @@ class Registry:
 
     async def stop(self, reason: str = "bastion shutting down") -> None:
         self._stopping = True
+        if self._guard_task is not None:
+            self._guard_task.cancel()
+            self._guard_task = None
         task, self._task = self._task, None
         while task is not None and not task.done():
             # Python 3.11's wait_for can swallow a cancellation that lands as its inner
@@ -347,11 +361,13 @@ class Registry:
             await asyncio.sleep(self.poll_interval)
 
     async def _follow_revision(self, workers: Workers) -> None:
+        asked = time.monotonic()
         try:
             revision = await workers.read(lambda store: store.revision())
         except DTError:
             log.exception("cannot read the cluster revision; live sessions go on")
             return
+        self._confirm(asked)
         if revision == self._revision:
             return
         settled = True
@@ -365,6 +381,63 @@ class Registry:
         await self.cut(doomed)
         if settled:
             self._revision = revision  # only now: a re-check that failed is tried again
+
+    # -- fail closed when blind ---------------------------------------------------------
+
+    async def _guard(self) -> None:
+        """Beside the watcher, never behind it: a read that hangs (SQLite retries a
+        locked WAL index for ~10 s) must not hold up noticing that it hangs."""
+        while not self._stopping:
+            try:
+                step = self.freshness.tick(time.monotonic())
+                if step == "stale":
+                    self._declare_stale()
+                elif step == "cut":
+                    await self._end_blind()
+            except Exception:
+                log.exception("acting on a stale view of the state failed; trying again")
+            await asyncio.sleep(self.poll_interval)
+
+    def _declare_stale(self) -> None:
+        f = self.freshness
+        log.error(
+            "cannot confirm the cluster state is current (no answer from the cluster "
+            "database for %g s): refusing new sessions and logins; live sessions end "
+            "in %g s unless it answers",
+            f.stale_after,
+            f.grace,
+        )
+        self._workers().audit_soon(  # queued: the write may fail too while blind
+            "state.stale",
+            success=False,
+            message=f"the cluster database has not answered for {f.stale_after:g} s "
+            f"(state_stale_after): new sessions and logins are refused; live sessions "
+            f"end after {f.grace:g} s more (state_stale_grace)",
+            bastion=self.instance,
+            sessions=len(self.live),
+        )
+
+    async def _end_blind(self) -> None:
+        log.error("still blind after the grace: ending %d live session(s)", len(self.live))
+        for listener in self.on_blind:  # the server ends connections, saying why
+            await _maybe_await(listener())
+        await self.cut([(session, freshness.BLIND_CUT) for session in self.live.values()])
+
+    def _confirm(self, asked: float) -> None:
+        f = self.freshness
+        refused = f.refused
+        blind = f.confirm(asked, time.monotonic())
+        if blind is None:
+            return
+        log.warning("the cluster state is current again after %.1f s", blind)
+        self._workers().audit_soon(
+            "state.confirmed",
+            message=f"the cluster database answers again after {blind:.1f} s; "
+            f"{refused} connection(s) were refused meanwhile",
+            bastion=self.instance,
+            blind_seconds=round(blind, 1),
+            refused=refused,
+        )
 
     def recheck(self, now: float | None = None) -> int:
         """Close every live session the current state no longer allows; returns how
