@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import secrets
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -134,6 +135,10 @@ class Bastion:
         self.password_checks = 0  # waiting for or in argon2 (max_pending_password_checks)
         self.auth_failures: dict[str, list[float]] = defaultdict(list)
         self.open: set[asyncssh.SSHServerConnection] = set()
+        self.other_failures: dict[str, int] = {}  # the other bastions' (last minute)
+        self.failure_id = secrets.token_hex(6)  # this process's rows in source_failures
+        self._next_failure_prune = 0.0
+        self.registry.on_poll.append(self._refresh_failures)
         # Told how each connection logged in ("certificate", "password", "signup"):
         # the service's metrics (bastion.service.metrics).
         self.on_login: list[Callable[[str], None]] = []
@@ -222,7 +227,7 @@ class Bastion:
             self.auth_failures[addr] = recent
         else:
             self.auth_failures.pop(addr, None)
-        return len(recent)
+        return len(recent) + self.other_failures.get(addr, 0)
 
     def too_many_failures(self, addr: str, now: float) -> bool:
         return self.recent_failures(addr, now) >= self.config.max_auth_failures_per_source
@@ -235,6 +240,11 @@ class Bastion:
         return stamp
 
     def forgive(self, addr: str, stamps: list[float]) -> None:
+    # -- failed authentications per address, cluster-wide (storage.source_failures) ----
+    # Decided on memory: this bastion's own failures (auth_failures, monotonic stamps)
+    # plus the other bastions' of the last minute (other_failures), read from the
+    # store on every turn of the watcher. Each failure is written off the loop.
+
         """A connection that logged in after keys were refused at the query stage
         (ssh-agent offers plain keys first): those refusals no longer count."""
         failures = self.auth_failures.get(addr)
@@ -251,6 +261,9 @@ class BastionServer(asyncssh.SSHServer):
 
     def __init__(self, bastion: Bastion, client_addr: str | None = None) -> None:
         self.client_addr = client_addr  # from a trusted PROXY protocol header
+        self.workers.write_soon(
+            lambda store: store.record_source_failure(addr, time.time(), self.failure_id, stamp)
+        )
         self.bastion = bastion
         self.store = bastion.store
         self.conn: asyncssh.SSHServerConnection | None = None
@@ -260,6 +273,25 @@ class BastionServer(asyncssh.SSHServer):
         self.registered: connections.Connection | None = None
         self.ending: str | None = None  # why this connection is being closed
         # Open dt-api session channels, each with its stderr (told why at a cut).
+        if stamps:
+            self.workers.write_soon(
+                lambda store: store.forgive_source_failures(self.failure_id, stamps)
+            )
+
+    async def _refresh_failures(self, now: float) -> None:
+        """The other bastions' failures of the last minute (and, now and then, old rows
+        pruned). A database that does not answer leaves the last view in place."""
+        try:
+            self.other_failures = await self.workers.read(
+                lambda store: store.count_source_failures(
+                    since=now - 60, exclude=self.failure_id
+                )
+            )
+        except DTError:
+            return
+        if now >= self._next_failure_prune:
+            self._next_failure_prune = now + 60
+            self.workers.write_soon(lambda store: store.prune_source_failures(now - 120))
         self._api_channels: dict[Any, asyncssh.SSHWriter[bytes]] = {}
         # Why no password is asked for any more (a proven certificate was refused).
         self.no_password: str | None = None

@@ -4,8 +4,8 @@ Everything above this package talks to the store and gets typed records back
 (``bastion.authz.records``), never rows. :class:`StateStore` lists every operation the
 shells use; :class:`SQLiteStore` (also ``Store``) implements it for one host, one
 module per noun (``users``, ``roles``, ``devices``, ``nodes``, ``locks``, ``tokens``,
-``certs``, ``trust_roots``, ``logins``, ``open_sessions``, ``audit_log``,
-``settings``) over the connection and transactions of ``connection``. A PostgreSQL
+``certs``, ``trust_roots``, ``logins``, ``source_failures``, ``open_sessions``,
+``audit_log``, ``settings``) over the connection and transactions of ``connection``. A PostgreSQL
 store for several bastions implements the same protocol.
 
 Rules that hold everywhere here:

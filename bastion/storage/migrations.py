@@ -240,3 +240,16 @@ def _bot_users(db: sqlite_utils.Database) -> None:
     """Users gain ``bot``: automation with no password, code or device, whose
     certificates come from `dtadmin auth sign` or a bot token (tokens of kind "bot")."""
     db.execute("ALTER TABLE users ADD COLUMN bot INTEGER NOT NULL DEFAULT 0")
+
+
+@migration(6, "failed authentications per address, cluster-wide")
+def _source_failures(db: sqlite_utils.Database) -> None:
+    """Each bastion's failed authentications per client address, so that
+    ``max_auth_failures_per_source`` counts across bastions
+    (``bastion.storage.source_failures``)."""
+    db.execute(
+        "CREATE TABLE source_failures (addr TEXT NOT NULL, failed_at FLOAT NOT NULL, "
+        "instance TEXT NOT NULL, stamp FLOAT NOT NULL)"
+    )
+    db.execute("CREATE INDEX source_failures_time ON source_failures (failed_at)")
+    db.execute("CREATE INDEX source_failures_stamp ON source_failures (instance, stamp)")

@@ -19,6 +19,7 @@ from bastion.storage.nodes import NodeStore
 from bastion.storage.open_sessions import OpenSessionStore
 from bastion.storage.roles import RoleStore
 from bastion.storage.settings import SettingsStore
+from bastion.storage.source_failures import SourceFailureStore
 from bastion.storage.tokens import TokenStore
 from bastion.storage.trust_roots import TrustRootStore
 from bastion.storage.users import UserStore
@@ -36,6 +37,7 @@ class SQLiteStore(
     TrustRootStore,
     LoginStore,
     OpenSessionStore,
+    SourceFailureStore,
     AuditStore,
     SQLiteBase,
 ):
