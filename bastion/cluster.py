@@ -24,6 +24,8 @@ from bastion import audit
 from bastion.authz.rbac import PRESET_ROLES, check_name
 from bastion.ca import keys
 from bastion.ca.authority import (
+    AUDIT_KEY_SETTING,
+    HOST_CA_SETTING,
     RETIRED_USER_CAS_SETTING,
     USER_CA_SETTING,
     CertificateAuthority,
@@ -69,7 +71,10 @@ class Cluster:
         try:
             user_ca = _load_user_ca(kdir, store)
             host_ca = keys.load_private_key(kdir / keys.HOST_CA)
+            _check_in_force(store, HOST_CA_SETTING, kdir / keys.HOST_CA, host_ca, "host CA key")
             _ensure_audit_key(kdir, store)
+            audit_key = keys.load_private_key(kdir / keys.AUDIT_KEY)
+            _check_in_force(store, AUDIT_KEY_SETTING, kdir / keys.AUDIT_KEY, audit_key, "audit key")
         except StateError:
             store.close()
             raise
@@ -210,10 +215,12 @@ def init_cluster(state_dir: Path | str, name: str, *, actor: str = "dtadmin") ->
     store = Store.open(state_dir, create=True)
     user_ca: ed25519.Ed25519PrivateKey = keys.create_key(kdir, keys.USER_CA, f"user-ca@{name}")
     host_ca = keys.create_key(kdir, keys.HOST_CA, f"host-ca@{name}")
-    keys.create_key(kdir, keys.AUDIT_KEY, f"audit@{name}")
+    audit_key = keys.create_key(kdir, keys.AUDIT_KEY, f"audit@{name}")
     with store.transaction():
         store.set_setting("cluster_name", name)
         store.set_setting(USER_CA_SETTING, keys.fingerprint(user_ca.public_key()))
+        store.set_setting(HOST_CA_SETTING, keys.fingerprint(host_ca.public_key()))
+        store.set_setting(AUDIT_KEY_SETTING, keys.fingerprint(audit_key.public_key()))
         store.set_setting("device_trust_mode", "optional")
         store.set_setting("auto_enroll", False)
         for role in PRESET_ROLES:
@@ -332,9 +339,37 @@ def _load_user_ca(kdir: Path, store: Store, *, repair: bool = True) -> ed25519.E
     if wanted is not None and keys.fingerprint(key.public_key()) != wanted:
         raise StateError(
             f"user CA key {kdir / keys.USER_CA} is not the CA the cluster database names "
-            f"({wanted}); refusing to use it"
+            f"({wanted}; this file is {keys.fingerprint(key.public_key())}); refusing to "
+            f"use it. {_COPY_HINT.format(files='ca/user_ca and ca/user_ca.pub')}"
         )
     return key
+
+
+_COPY_HINT = (
+    "Every bastion needs the key in force: copy {files} from a host that has it "
+    '(docs/getting-started.md, "Several bastions")'
+)
+
+
+def _check_in_force(
+    store: Store, setting: str, path: Path, key: ed25519.Ed25519PrivateKey, what: str
+) -> None:
+    """The key file is the one the database names (a cluster from before keys were
+    named gets this host's named now); another host's or a stale copy is refused."""
+    have = keys.fingerprint(key.public_key())
+    named = store.get_setting(setting)
+    if named is None:
+        with store.transaction():
+            if store.get_setting(setting) is None:
+                store.set_setting(setting, have)
+                return
+            named = store.get_setting(setting)
+    if named != have:
+        raise StateError(
+            f"{what} {path} is not the one the cluster database names ({named}; this file "
+            f"is {have}); refusing to start. "
+            f"{_COPY_HINT.format(files=f'ca/{path.name} and ca/{path.name}.pub')}"
+        )
 
 
 def _ensure_audit_key(kdir: Path, store: Store) -> None:

@@ -41,6 +41,16 @@ _SERIAL_ATTEMPTS = 8
 # key must not sign with it (``dtadmin ca rotate``).
 USER_CA_SETTING = "user_ca_fingerprint"
 RETIRED_USER_CAS_SETTING = "retired_user_cas"
+# The host CA and the audit key in force, named the same way: each host running a
+# bastion holds its own copy of ``ca/`` (docs/getting-started.md, "Several bastions"),
+# and one whose copy is not what the database names refuses to start.
+HOST_CA_SETTING = "host_ca_fingerprint"
+AUDIT_KEY_SETTING = "audit_key_fingerprint"
+STALE_USER_CA = (
+    "the user CA was rotated: this bastion's user CA key is not the one in force "
+    "({named}), and it signs nothing until it has that key (ca/user_ca, copied from "
+    "the host where `dtadmin ca rotate` ran); try again shortly"
+)
 
 
 def new_serial() -> int:
@@ -148,10 +158,7 @@ class CertificateAuthority:
             for request in requests:
                 try:
                     if rotated:
-                        raise StateError(
-                            "the user CA was rotated and this process has not loaded the new "
-                            "one yet; try again"
-                        )
+                        raise StateError(STALE_USER_CA.format(named=current))
                     with self.store.savepoint():
                         results.append(self._issue(request))
                 except StorageUnavailable:

@@ -58,7 +58,7 @@ from asyncssh.packet import Boolean, String
 from bastion import accounts
 from bastion.authz import decide, freshness, limits
 from bastion.authz.limits import SlotLimits
-from bastion.ca.authority import USER_CA_SETTING
+from bastion.ca.authority import STALE_USER_CA, USER_CA_SETTING
 from bastion.ca.certs import parse_cert
 from bastion.ca.issuer import GroupCommitIssuer
 from bastion.ca.keys import public_line
@@ -110,6 +110,7 @@ class Bastion:
         self.issuer = GroupCommitIssuer(cluster.ca)
         self.authorized_keys = self._trust_user_ca()
         self._ca_pending = False
+        self._ca_named: object = None  # the user CA the database names, while pending
         # When the state moves: the CA first, then connections, then live sessions;
         # on every poll, certificates that just expired (and a rotation half seen).
         self.registry.on_revision.append(self.refresh_user_ca)
@@ -134,11 +135,11 @@ class Bastion:
         self.registry.on_poll.append(self.digest.flush)
         self.password_checks = 0  # waiting for or in argon2 (max_pending_password_checks)
         self.auth_failures: dict[str, list[float]] = defaultdict(list)
-        self.open: set[asyncssh.SSHServerConnection] = set()
         self.other_failures: dict[str, int] = {}  # the other bastions' (last minute)
         self.failure_id = secrets.token_hex(6)  # this process's rows in source_failures
         self._next_failure_prune = 0.0
         self.registry.on_poll.append(self._refresh_failures)
+        self.open: set[asyncssh.SSHServerConnection] = set()
         # Told how each connection logged in ("certificate", "password", "signup"):
         # the service's metrics (bastion.service.metrics).
         self.on_login: list[Callable[[str], None]] = []
@@ -161,10 +162,28 @@ class Bastion:
         named = await self.workers.read(lambda store: store.get_setting(USER_CA_SETTING, before))
         if named == before and not self._ca_pending:
             return
+        was_pending, self._ca_named = self._ca_pending, named
         self._ca_pending = not await self.workers.call(self.cluster.refresh_user_ca)
+        if self._ca_pending and not was_pending:
+            log.error(
+                "the cluster's user CA is now %s but this host's ca/user_ca is not that key: "
+                "this bastion signs no certificate and admits none of the new CA until "
+                "ca/user_ca and ca/user_ca.pub are copied here from the host where "
+                "`dtadmin ca rotate` ran (it loads them by itself)",
+                named,
+            )
         if self.cluster.ca.user_ca_fingerprint != before:
             self.authorized_keys = self._trust_user_ca()
             log.warning("user CA rotated: now trusting %s", self.cluster.ca.user_ca_fingerprint)
+
+    def unhealthy(self) -> str | None:
+        """Why a load balancer should send this bastion no one (for /healthz): blind,
+        or holding a user CA key that is not the one in force."""
+        if self.registry.freshness.stale:
+            return f"blind: {freshness.BLIND}"
+        if self._ca_pending:
+            return "ca: " + STALE_USER_CA.format(named=self._ca_named)
+        return None
 
     async def _refresh_pending_user_ca(self, now: float) -> None:
         if self._ca_pending:
@@ -221,6 +240,11 @@ class Bastion:
             )
         )
 
+    # -- failed authentications per address, cluster-wide (storage.source_failures) ----
+    # Decided on memory: this bastion's own failures (auth_failures, monotonic stamps)
+    # plus the other bastions' of the last minute (other_failures), read from the
+    # store on every turn of the watcher. Each failure is written off the loop.
+
     def recent_failures(self, addr: str, now: float) -> int:
         recent = [t for t in self.auth_failures.get(addr, ()) if t > now - 60]
         if recent:
@@ -237,42 +261,18 @@ class Bastion:
         :meth:`forgive`)."""
         stamp = time.monotonic()
         self.auth_failures[addr].append(stamp)
+        self.workers.write_soon(
+            lambda store: store.record_source_failure(addr, time.time(), self.failure_id, stamp)
+        )
         return stamp
 
     def forgive(self, addr: str, stamps: list[float]) -> None:
-    # -- failed authentications per address, cluster-wide (storage.source_failures) ----
-    # Decided on memory: this bastion's own failures (auth_failures, monotonic stamps)
-    # plus the other bastions' of the last minute (other_failures), read from the
-    # store on every turn of the watcher. Each failure is written off the loop.
-
         """A connection that logged in after keys were refused at the query stage
         (ssh-agent offers plain keys first): those refusals no longer count."""
         failures = self.auth_failures.get(addr)
         for stamp in stamps:
             if failures and stamp in failures:
                 failures.remove(stamp)
-
-
-class BastionServer(asyncssh.SSHServer):
-    """One per SSH connection."""
-
-    # Set when the client sent SSH_MSG_DISCONNECT (see _hear_disconnect).
-    _peer_disconnected = False
-
-    def __init__(self, bastion: Bastion, client_addr: str | None = None) -> None:
-        self.client_addr = client_addr  # from a trusted PROXY protocol header
-        self.workers.write_soon(
-            lambda store: store.record_source_failure(addr, time.time(), self.failure_id, stamp)
-        )
-        self.bastion = bastion
-        self.store = bastion.store
-        self.conn: asyncssh.SSHServerConnection | None = None
-        self.remote_addr: str | None = None
-        self.identity: policy.Identity | None = None
-        self.api_identity: ApiIdentity | None = None
-        self.registered: connections.Connection | None = None
-        self.ending: str | None = None  # why this connection is being closed
-        # Open dt-api session channels, each with its stderr (told why at a cut).
         if stamps:
             self.workers.write_soon(
                 lambda store: store.forgive_source_failures(self.failure_id, stamps)
@@ -292,6 +292,25 @@ class BastionServer(asyncssh.SSHServer):
         if now >= self._next_failure_prune:
             self._next_failure_prune = now + 60
             self.workers.write_soon(lambda store: store.prune_source_failures(now - 120))
+
+
+class BastionServer(asyncssh.SSHServer):
+    """One per SSH connection."""
+
+    # Set when the client sent SSH_MSG_DISCONNECT (see _hear_disconnect).
+    _peer_disconnected = False
+
+    def __init__(self, bastion: Bastion, client_addr: str | None = None) -> None:
+        self.client_addr = client_addr  # from a trusted PROXY protocol header
+        self.bastion = bastion
+        self.store = bastion.store
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.remote_addr: str | None = None
+        self.identity: policy.Identity | None = None
+        self.api_identity: ApiIdentity | None = None
+        self.registered: connections.Connection | None = None
+        self.ending: str | None = None  # why this connection is being closed
+        # Open dt-api session channels, each with its stderr (told why at a cut).
         self._api_channels: dict[Any, asyncssh.SSHWriter[bytes]] = {}
         # Why no password is asked for any more (a proven certificate was refused).
         self.no_password: str | None = None

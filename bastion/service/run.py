@@ -131,6 +131,8 @@ class Service:
         """For /healthz: raises DTError saying why this bastion should get no traffic."""
         if self.draining:
             raise StorageUnavailable(f"draining: {SHUTDOWN}")
+        if why := self.bastion.unhealthy():
+            raise StorageUnavailable(why)
         try:
             await asyncio.wait_for(
                 self.bastion.workers.read(lambda store: store.revision()), HEALTH_TIMEOUT
