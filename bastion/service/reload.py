@@ -136,6 +136,8 @@ class Reloader:
         b.workers.timeout = effective.storage_timeout
         b.registry.poll_interval = effective.revision_poll_interval
         b.registry.sweep_interval = effective.session_sweep_interval
+        b.registry.freshness.stale_after = effective.state_stale_after
+        b.registry.freshness.grace = effective.state_stale_grace
         self.tune_reads(effective.socket_read_size)
         # Everything else (drain_timeout, per-connection limits, api_step_timeout,
         # node_connect_timeout, ...) is read from b.config where it is used.
