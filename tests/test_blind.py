@@ -82,14 +82,19 @@ def test_blind_refuses_new_sessions_ends_live_ones_after_the_grace_and_recovers(
                     proc = ssh(config, f"{LOGIN}@node-1", "true", timeout=30)
                     return proc.stderr if proc.returncode != 0 else None
 
-                wait(lambda: "refusing new sessions" in bastion.log(), "the bastion to see it is blind")
+                wait(
+                    lambda: "refusing new sessions" in bastion.log(),
+                    "the bastion to see it is blind",
+                )
                 for _ in range(4):  # a flood: refused each time, audited once
                     said = refused() or ""
                     assert freshness.BLIND in said, said
                 live.wait(20)
                 cut_after = time.monotonic() - blinded
                 assert freshness.BLIND_CUT in live.stderr.read(), "the user was not told why"
-                assert cut_after >= 2, f"cut {cut_after:.1f} s into the blind period, before the grace"
+                assert cut_after >= 2, (
+                    f"cut {cut_after:.1f} s into the blind period, before the grace"
+                )
             finally:
                 holder.kill()
                 holder.wait(10)

@@ -3,8 +3,9 @@
 An attacker who spreads guesses over several bastions gets no more than against one:
 failures from one address count on every bastion (``max_auth_failures_per_source``,
 kept in ``source_failures`` and read by each bastion on every watcher turn), five
-wrong passwords spread over A and B lock the user out as five on one would, and one
-signup token used at once on A and B signs up exactly one of them.
+wrong passwords spread over A and B lock the user out as five on one would, one
+one-time code used at once on A and B logs in once, and one signup token used at once
+on A and B signs up exactly one of them.
 """
 
 from __future__ import annotations
@@ -135,6 +136,22 @@ async def password_login(cluster: Cluster, port: int, user: str, password: str, 
     return "logged in"
 
 
+def test_one_code_used_at_once_on_two_bastions_logs_in_once(pair):
+    cluster, a, b = pair
+    code = password_user(cluster, "tina").now()
+
+    async def race() -> list[str]:
+        return list(
+            await asyncio.gather(
+                password_login(cluster, a.port, "tina", PASSWORD, code),
+                password_login(cluster, b.port, "tina", PASSWORD, code),
+            )
+        )
+
+    outcomes = asyncio.run(race())
+    assert sorted(o == "logged in" for o in outcomes) == [False, True], outcomes
+
+
 def test_five_wrong_passwords_spread_over_two_bastions_lock_the_user_out(pair):
     cluster, a, b = pair
     totp = password_user(cluster, "walt")
@@ -142,7 +159,9 @@ def test_five_wrong_passwords_spread_over_two_bastions_lock_the_user_out(pair):
     async def guesses() -> tuple[list[str], str]:
         said = []
         for i in range(5):
-            said.append(await password_login(cluster, (a, b)[i % 2].port, "walt", f"wrong-{i}", "000000"))
+            said.append(
+                await password_login(cluster, (a, b)[i % 2].port, "walt", f"wrong-{i}", "000000")
+            )
         right = await password_login(cluster, b.port, "walt", PASSWORD, totp.now())
         return said, right
 
@@ -167,7 +186,9 @@ def test_one_signup_token_used_at_once_on_two_bastions_signs_up_one(pair):
             info = await session.call(wire.SignupBegin(token=token), wire.SignupInfo)
             secret = parse_qs(urlparse(info.totp_uri).query)["secret"][0]
             await ready.wait()  # both have begun; now both finish at once
-            finish = wire.SignupFinish(token=token, password=PASSWORD, totp_code=pyotp.TOTP(secret).now())
+            finish = wire.SignupFinish(
+                token=token, password=PASSWORD, totp_code=pyotp.TOTP(secret).now()
+            )
             await session.call(finish, wire.Ok)
             return "signed up"
         except DTError as exc:

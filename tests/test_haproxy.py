@@ -140,7 +140,9 @@ def test_a_proxy_header_from_anyone_but_the_balancer_is_refused_and_audited(ha):
     b1 = ha.bastions["b1"]
     before = len(ha.audit("auth.failed"))
     for port in (b1.port, ha.lb.port):  # straight to a bastion, and through the balancer
-        with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(CLIENT, 0)) as s:
+        with socket.create_connection(
+            ("127.0.0.1", port), timeout=5, source_address=(CLIENT, 0)
+        ) as s:
             s.sendall(forged + b"SSH-2.0-forger\r\n")
             s.settimeout(5)
             try:
@@ -150,7 +152,9 @@ def test_a_proxy_header_from_anyone_but_the_balancer_is_refused_and_audited(ha):
                 pass
     refused = wait(lambda: ha.audit("auth.failed")[before:] if len(
         ha.audit("auth.failed")) >= before + 2 else None, "both refusals audited")  # fmt: skip
-    assert {r.remote_addr for r in refused} == {CLIENT}, [(r.remote_addr, r.message) for r in refused]
+    assert {r.remote_addr for r in refused} == {CLIENT}, [
+        (r.remote_addr, r.message) for r in refused
+    ]
     assert any("not a trusted load balancer" in r.message for r in refused)
     assert not [r for r in ha.cluster.store.list_audit() if r.remote_addr == "203.0.113.9"]
 
@@ -192,7 +196,7 @@ def test_a_rolling_restart_drops_no_session_that_could_be_drained(ha):
     for i in range(2):  # round robin: one session on each bastion
         flag = ha.dir / f"rita-{i}"
         proc = hold_until(config, flag)
-        starts = wait(lambda n=i: ha.audit("session.start", "rita")[n:n + 1], "its start")
+        starts = wait(lambda n=i: ha.audit("session.start", "rita")[n : n + 1], "its start")
         held[ha.on(starts[0].fields["bastion"]).name] = (proc, flag)
     assert set(held) == set(ha.bastions), "round robin put both sessions on one bastion"
     for name, bastion in ha.bastions.items():

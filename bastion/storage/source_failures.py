@@ -51,6 +51,4 @@ class SourceFailureStore(SQLiteBase):
         return {str(row["addr"]): int(row["n"]) for row in rows}
 
     def prune_source_failures(self, before: float) -> int:
-        return self._exec(
-            "DELETE FROM source_failures WHERE failed_at < ?", (before,), bump=False
-        )
+        return self._exec("DELETE FROM source_failures WHERE failed_at < ?", (before,), bump=False)
