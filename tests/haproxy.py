@@ -2,7 +2,7 @@
 
 TCP mode, ``send-proxy-v2`` to every bastion (so each learns the client's address from
 the PROXY header, ``proxy_protocol_from``), health checks every 200 ms on each
-bastion's /healthz (``metrics_listen``): two failed checks take a bastion out, one
+bastion's /healthz (``metrics_listen``): three failed checks take a bastion out, one
 good one puts it back, and a draining bastion (503) gets no new connection. A
 connection refused by a dead bastion is redispatched to another (``retries`` and
 ``option redispatch``), so clients never meet a dead backend in the window before
@@ -80,7 +80,7 @@ def config_text(
 ) -> str:
     servers = "\n".join(
         f"    server {b.name} 127.0.0.1:{b.ssh_port} send-proxy-v2 "
-        f"check port {b.health_port} inter 200ms fall 2 rise 1"
+        f"check port {b.health_port} inter 200ms fall 3 rise 1"
         for b in backends
     )
     stats = f"    stats socket {stats_socket} mode 600 level admin\n" if stats_socket else ""
@@ -93,9 +93,10 @@ defaults
     log global
     option tcplog
     retries 3
-    option redispatch
+    option redispatch 1
     timeout connect 2s
-    timeout check 1s
+    # /healthz reads the database within 2 s; a busy CI host must not flap it down.
+    timeout check 2s
     # An SSH session may sit idle: the bastion's own keepalives bound it, not these.
     timeout client 10m
     timeout server 10m

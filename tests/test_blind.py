@@ -5,7 +5,7 @@ The database is made unreadable for real, not mocked: another process takes SQLi
 WAL-index locks (the write, checkpoint, recovery and all read-mark locks in
 ``cluster.db-shm``) as a process stuck inside SQLite would, so every read and write of
 the running bastion fails ("locking protocol") until it lets go. With
-``state_stale_after=1`` and ``state_stale_grace=2``: new connections are refused with
+``state_stale_after=2`` and ``state_stale_grace=3``: new connections are refused with
 the reason and one ``state.stale`` row (not one per connection); the live session is
 cut, its user told why, ``session.terminated`` on record once the database answers;
 once it does, new sessions work again and ``state.confirmed`` says how many
@@ -37,8 +37,8 @@ print("locked", flush=True)
 sys.stdin.read()
 """
 FAST = (
-    "--set", "state_stale_after=1",
-    "--set", "state_stale_grace=2",
+    "--set", "state_stale_after=2",
+    "--set", "state_stale_grace=3",
     "--set", "storage_timeout=1",
 )  # fmt: skip
 
@@ -92,7 +92,7 @@ def test_blind_refuses_new_sessions_ends_live_ones_after_the_grace_and_recovers(
                 live.wait(20)
                 cut_after = time.monotonic() - blinded
                 assert freshness.BLIND_CUT in live.stderr.read(), "the user was not told why"
-                assert cut_after >= 2, (
+                assert cut_after >= 3, (
                     f"cut {cut_after:.1f} s into the blind period, before the grace"
                 )
             finally:
