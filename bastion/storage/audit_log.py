@@ -29,8 +29,8 @@ from bastion.authz.records import AuditEvent
 from bastion.protocol.errors import StateError
 from bastion.storage import audit_chain
 from bastion.storage.audit_chain import Checkpoint
+from bastion.storage.base import StoreBase
 from bastion.storage.codec import dumps as _j
-from bastion.storage.connection import SQLiteBase
 
 log = logging.getLogger("bastion.storage")
 
@@ -40,7 +40,7 @@ _UNLOADED = object()
 _key_lock = threading.Lock()
 
 
-class AuditStore(SQLiteBase):
+class AuditStore(StoreBase):
     """The audit table and its checkpoints."""
 
     _audit_signer: Any = _UNLOADED
@@ -51,9 +51,8 @@ class AuditStore(SQLiteBase):
 
     def append_audit(self, event: AuditEvent) -> int:
         with self.transaction(bump=False):
-            conn = self._conn
-            last = conn.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
-            row_id = (last[0] + 1) if last else 1
+            last = self._one("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1")
+            row_id = (last["id"] + 1) if last else 1
             row: dict[str, Any] = {
                 "id": row_id,
                 "time": float(event.time),
@@ -66,10 +65,10 @@ class AuditStore(SQLiteBase):
                 "remote_addr": event.remote_addr,
                 "fields": _j(event.fields),
             }
-            prev = bytes.fromhex(last[1]) if last and last[1] else audit_chain.GENESIS
+            prev = bytes.fromhex(last["hash"]) if last and last["hash"] else audit_chain.GENESIS
             row_hash = audit_chain.link(prev, row).hex()
-            conn.execute(
-                "INSERT INTO audit (id, time, code, type, success, message, user, device, "
+            self._execute(
+                'INSERT INTO audit (id, time, code, type, success, message, "user", device, '
                 "remote_addr, fields, hash) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (*row.values(), row_hash),
             )
@@ -85,7 +84,7 @@ class AuditStore(SQLiteBase):
             return signer
         with _key_lock:
             if self._audit_signer is _UNLOADED:
-                self._audit_signer = _load_audit_key(self.path)
+                self._audit_signer = _load_audit_key(self.state_dir)
         return self._audit_signer
 
     def _checkpoint_if_due(self, row_id: int, row_hash: str) -> None:
@@ -94,9 +93,7 @@ class AuditStore(SQLiteBase):
             return
         last = self._last_checkpoint
         if last is None:
-            found = self._conn.execute(
-                "SELECT row_id, time FROM audit_checkpoints ORDER BY id DESC LIMIT 1"
-            ).fetchone()
+            found = self._one("SELECT row_id, time FROM audit_checkpoints ORDER BY id DESC LIMIT 1")
             if found is None and row_id > 1:
                 # Rows, a key, and no checkpoint: they were deleted (an old cluster's
                 # first one is signed by Cluster.open). Never sign over that.
@@ -106,7 +103,7 @@ class AuditStore(SQLiteBase):
                     row_id,
                 )
                 return
-            last = self._last_checkpoint = (found[0], found[1]) if found else (0, 0.0)
+            last = self._last_checkpoint = (found["row_id"], found["time"]) if found else (0, 0.0)
         now = time.time()
         if 0 <= row_id - last[0] < CHECKPOINT_ROWS and now - last[1] < CHECKPOINT_SECONDS:
             return
@@ -119,7 +116,7 @@ class AuditStore(SQLiteBase):
 
         signature = audit_chain.sign_checkpoint(key, row_id, row_hash, now)
         fp = fingerprint(key.public_key())
-        cur = self._conn.execute(
+        checkpoint_id = self._insert_returning_id(
             "INSERT INTO audit_checkpoints (row_id, row_hash, time, key, signature) "
             "VALUES (?,?,?,?,?)",
             (row_id, row_hash, now, fp, signature),
@@ -127,7 +124,7 @@ class AuditStore(SQLiteBase):
         # At once, not after commit: the rows after it in this batch are not due. If
         # the batch rolls back, the next checkpoint comes up to one period late.
         self._last_checkpoint = (row_id, now)
-        return Checkpoint(int(cur.lastrowid or 0), row_id, row_hash, now, fp, signature)
+        return Checkpoint(checkpoint_id, row_id, row_hash, now, fp, signature)
 
     def checkpoint_audit(self) -> Checkpoint | None:
         """Sign the last row now (``dtadmin audit verify --checkpoint``); None if the
@@ -136,19 +133,17 @@ class AuditStore(SQLiteBase):
         if key is None:
             raise StateError("this cluster has no audit key (ca/audit_key) to sign with")
         with self.transaction(bump=False):
-            last = self._conn.execute(
-                "SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1"
-            ).fetchone()
+            last = self._one("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1")
             if not last:
                 return None
             done = self._one(
                 "SELECT * FROM audit_checkpoints WHERE row_id = ? AND row_hash = ? "
                 "ORDER BY id DESC LIMIT 1",
-                (last[0], last[1]),
+                (last["id"], last["hash"]),
             )
             if done:
                 return _checkpoint(done)
-            return self._insert_checkpoint(key, last[0], last[1], time.time())
+            return self._insert_checkpoint(key, last["id"], last["hash"], time.time())
 
     def checkpoint_audit_if_stale(self, now: float) -> Checkpoint | None:
         """Sign the last row if rows after the newest checkpoint have waited longer
@@ -210,7 +205,7 @@ class AuditStore(SQLiteBase):
             sql += f" AND type IN ({','.join('?' * len(types))})"
             params.extend(types)
         if user is not None:
-            sql += " AND user = ?"
+            sql += ' AND "user" = ?'
             params.append(user)
         if since is not None:
             sql += " AND time >= ?"
@@ -249,12 +244,12 @@ def _checkpoint(r: dict[str, Any]) -> Checkpoint:
     return Checkpoint(r["id"], r["row_id"], r["row_hash"], r["time"], r["key"], r["signature"])
 
 
-def _load_audit_key(db_path: Any) -> ed25519.Ed25519PrivateKey | None:
-    if db_path is None:
+def _load_audit_key(state_dir: Any) -> ed25519.Ed25519PrivateKey | None:
+    if state_dir is None:
         return None
     from bastion.ca import keys
 
-    path = keys.ca_dir(db_path.parent) / keys.AUDIT_KEY
+    path = keys.ca_dir(state_dir) / keys.AUDIT_KEY
     if not path.exists():
         log.warning("no audit key at %s: audit rows are chained but not checkpointed", path)
         return None

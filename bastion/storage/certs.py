@@ -7,17 +7,16 @@ shown can always be compared with what was issued.
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from typing import Any
 
 from bastion.authz.records import IssuedCert
 from bastion.protocol.errors import NotFound
+from bastion.storage.base import Duplicate, StoreBase
 from bastion.storage.codec import dumps as _j
-from bastion.storage.connection import SQLiteBase
 
 
-class CertStore(SQLiteBase):
+class CertStore(StoreBase):
     """The issued_certs table."""
 
     @staticmethod
@@ -40,8 +39,8 @@ class CertStore(SQLiteBase):
         """Record an issued serial; False if that serial was already taken."""
         try:
             with self.transaction(bump=False):
-                self._conn.execute(
-                    "INSERT INTO issued_certs (serial, key_id, user, cert_type, principals, "
+                self._execute(
+                    'INSERT INTO issued_certs (serial, key_id, "user", cert_type, principals, '
                     "valid_after, valid_before, fingerprint, device_id, issued) "
                     "VALUES (?,?,?,?,?,?,?,?,?,?)",
                     (
@@ -56,8 +55,9 @@ class CertStore(SQLiteBase):
                         cert.device_id,
                         cert.issued or time.time(),
                     ),
+                    unique=True,
                 )
-        except sqlite3.IntegrityError:
+        except Duplicate:
             return False
         return True
 
@@ -70,7 +70,7 @@ class CertStore(SQLiteBase):
         (``max_certs_per_user_per_minute``) is counted here, cluster-wide."""
         row = self._one(
             "SELECT COUNT(*) AS n FROM issued_certs "
-            "WHERE user = ? AND cert_type = 'user' AND issued > ?",
+            "WHERE \"user\" = ? AND cert_type = 'user' AND issued > ?",
             (user, since),
         )
         return int(row["n"]) if row else 0
@@ -80,7 +80,7 @@ class CertStore(SQLiteBase):
     ) -> list[IssuedCert]:
         sql, params = "SELECT * FROM issued_certs WHERE 1=1", []
         if user is not None:
-            sql += " AND user = ?"
+            sql += ' AND "user" = ?'
             params.append(user)
         if key_id is not None:
             sql += " AND key_id = ?"
@@ -112,7 +112,7 @@ class CertStore(SQLiteBase):
             clauses.append("key_id = ?")
             params.append(key_id)
         if user is not None:
-            clauses.append("user = ?")
+            clauses.append('"user" = ?')
             params.append(user)
         if everything:
             clauses.append("1=1")
@@ -123,8 +123,9 @@ class CertStore(SQLiteBase):
         where = f"cert_type = 'user' AND revoked IS NULL AND ({' OR '.join(clauses)})"
         with self.transaction():
             rows = self._all(f"SELECT * FROM issued_certs WHERE {where}", tuple(params))  # nosec B608
-            self._conn.execute(
-                f"UPDATE issued_certs SET revoked = ? WHERE {where}", (now, *params)  # nosec B608
+            self._execute(
+                f"UPDATE issued_certs SET revoked = ? WHERE {where}",
+                (now, *params),  # nosec B608
             )
         return [self._cert(r) for r in rows]
 

@@ -18,6 +18,7 @@ import sqlite_utils
 
 from bastion.protocol.errors import StateError, StorageUnavailable
 from bastion.storage import files
+from bastion.storage.base import Duplicate, StoreBase
 from bastion.storage.migrations import MIGRATIONS
 
 DB_NAME = "cluster.db"
@@ -61,7 +62,7 @@ def _configure_connection(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA foreign_keys=ON")
 
 
-class SQLiteBase:
+class SQLiteBase(StoreBase):
     """SQLite connections and their transactions; the noun modules build on it.
 
     Thread-safe, and no thread waits for another's: each thread that uses a store gets
@@ -76,6 +77,7 @@ class SQLiteBase:
         self, conn: sqlite3.Connection, path: Path | None, *, file_key: files.FileKey | None = None
     ) -> None:
         self.path = path
+        self.state_dir = path.parent if path is not None else None
         self.db = sqlite_utils.Database(conn)
         self._primary = _Connection(conn, file_key)
         self._local = threading.local()
@@ -335,6 +337,14 @@ class SQLiteBase:
             names = [d[0] for d in cursor.description or ()]
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
-    def _exec(self, sql: str, params: tuple[Any, ...] = (), *, bump: bool = True) -> int:
-        with self.transaction(bump=bump):
-            return self._conn.execute(sql, params).rowcount
+    def _execute(self, sql: str, params: tuple[Any, ...] = (), *, unique: bool = False) -> int:
+        try:
+            return self._c.conn.execute(sql, params).rowcount
+        except sqlite3.IntegrityError as exc:
+            raise Duplicate(str(exc)) from exc
+
+    def _insert_returning_id(self, sql: str, params: tuple[Any, ...] = ()) -> int:
+        try:
+            return int(self._c.conn.execute(sql, params).lastrowid or 0)
+        except sqlite3.IntegrityError as exc:
+            raise Duplicate(str(exc)) from exc

@@ -7,7 +7,6 @@ and read with the device row, so an enrollment is one row change.
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 import uuid
 from dataclasses import replace
@@ -15,11 +14,11 @@ from typing import Any
 
 from bastion.authz.records import Device, DeviceCredential
 from bastion.protocol.errors import AlreadyExists, NotFound
+from bastion.storage.base import Duplicate, StoreBase
 from bastion.storage.codec import dumps as _j
-from bastion.storage.connection import SQLiteBase
 
 
-class DeviceStore(SQLiteBase):
+class DeviceStore(StoreBase):
     """The devices table."""
 
     @staticmethod
@@ -83,8 +82,9 @@ class DeviceStore(SQLiteBase):
                 "collected_data, profile, ek_pub_hash, updated, id, created) "
                 "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (*self._device_params(device), now),
+                unique=True,
             )
-        except sqlite3.IntegrityError:
+        except Duplicate:
             raise AlreadyExists(f'device "{device.asset_tag}" already exists') from None
         return device
 
@@ -112,8 +112,9 @@ class DeviceStore(SQLiteBase):
                 "UPDATE devices SET asset_tag=?, os_type=?, enroll_status=?, owner=?, "
                 "credential=?, collected_data=?, profile=?, ek_pub_hash=?, updated=? WHERE id=?",
                 self._device_params(device),
+                unique=True,
             )
-        except sqlite3.IntegrityError:
+        except Duplicate:
             raise AlreadyExists(f'device "{device.asset_tag}" already exists') from None
         if count != 1:
             raise NotFound(f'device "{device.asset_tag}" not found')

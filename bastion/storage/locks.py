@@ -13,10 +13,10 @@ from typing import Any
 
 from bastion.authz.records import Lock
 from bastion.protocol.errors import NotFound
-from bastion.storage.connection import SQLiteBase
+from bastion.storage.base import StoreBase
 
 
-class LockStore(SQLiteBase):
+class LockStore(StoreBase):
     """The locks table."""
 
     @staticmethod

@@ -6,18 +6,17 @@ Name and address are each unique, so a jump is matched to exactly one node.
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from dataclasses import replace
 from typing import Any
 
 from bastion.authz.records import Node
 from bastion.protocol.errors import AlreadyExists, NotFound
+from bastion.storage.base import Duplicate, StoreBase
 from bastion.storage.codec import dumps as _j
-from bastion.storage.connection import SQLiteBase
 
 
-class NodeStore(SQLiteBase):
+class NodeStore(StoreBase):
     """The nodes table."""
 
     @staticmethod
@@ -36,8 +35,9 @@ class NodeStore(SQLiteBase):
             self._exec(
                 "INSERT INTO nodes (name, host, port, labels, created) VALUES (?,?,?,?,?)",
                 (node.name, node.host, node.port, _j(node.labels), node.created),
+                unique=True,
             )
-        except sqlite3.IntegrityError:
+        except Duplicate:
             raise AlreadyExists(
                 f'node "{node.name}" or address {node.addr} is already in the inventory'
             ) from None

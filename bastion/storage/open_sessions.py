@@ -7,10 +7,10 @@ leaves let the next bastion end them in the audit log.
 from __future__ import annotations
 
 from bastion.authz.records import OpenSession
-from bastion.storage.connection import SQLiteBase
+from bastion.storage.base import StoreBase
 
 
-class OpenSessionStore(SQLiteBase):
+class OpenSessionStore(StoreBase):
     """The live_sessions table."""
 
     # Written with bump=False: sessions coming and going are not a state change that
@@ -18,8 +18,8 @@ class OpenSessionStore(SQLiteBase):
 
     def add_open_session(self, session: OpenSession) -> None:
         with self.transaction(bump=False):
-            self._conn.execute(
-                "INSERT INTO live_sessions (instance, session_id, user, device, node, "
+            self._execute(
+                'INSERT INTO live_sessions (instance, session_id, "user", device, node, '
                 "remote_addr, serial, started) VALUES (?,?,?,?,?,?,?,?)",
                 (
                     session.instance,
@@ -35,7 +35,7 @@ class OpenSessionStore(SQLiteBase):
 
     def remove_open_session(self, instance: str, session_id: int) -> None:
         with self.transaction(bump=False):
-            self._conn.execute(
+            self._execute(
                 "DELETE FROM live_sessions WHERE instance = ? AND session_id = ?",
                 (instance, session_id),
             )
@@ -57,5 +57,5 @@ class OpenSessionStore(SQLiteBase):
         transaction, the removal commits together with its audit rows."""
         with self.transaction(bump=False):
             sessions = self.list_open_sessions(instance)
-            self._conn.execute("DELETE FROM live_sessions WHERE instance = ?", (instance,))
+            self._execute("DELETE FROM live_sessions WHERE instance = ?", (instance,))
             return sessions

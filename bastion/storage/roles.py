@@ -11,12 +11,12 @@ import time
 
 from bastion.authz.records import Role
 from bastion.protocol.errors import AlreadyExists, NotFound, StateError
+from bastion.storage.base import StoreBase
 from bastion.storage.codec import dumps as _j
 from bastion.storage.codec import role_from_spec, role_to_spec
-from bastion.storage.connection import SQLiteBase
 
 
-class RoleStore(SQLiteBase):
+class RoleStore(StoreBase):
     """The roles table."""
 
     def put_role(self, role: Role, *, create_only: bool = False) -> Role:
@@ -26,7 +26,7 @@ class RoleStore(SQLiteBase):
             exists = self._one("SELECT name FROM roles WHERE name = ?", (role.name,))
             if exists and create_only:
                 raise AlreadyExists(f'role "{role.name}" already exists')
-            self._conn.execute(
+            self._execute(
                 "INSERT INTO roles (name, spec, preset, created, updated) VALUES (?,?,?,?,?) "
                 "ON CONFLICT(name) DO UPDATE SET spec=excluded.spec, updated=excluded.updated",
                 (role.name, spec, int(role.preset), now, now),

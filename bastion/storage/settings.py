@@ -11,11 +11,11 @@ import json
 from typing import Any
 
 from bastion.protocol.errors import StateError
+from bastion.storage.base import StoreBase
 from bastion.storage.codec import dumps as _j
-from bastion.storage.connection import SQLiteBase
 
 
-class SettingsStore(SQLiteBase):
+class SettingsStore(StoreBase):
     """Settings and the revision."""
 
     def revision(self) -> int:

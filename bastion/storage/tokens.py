@@ -10,10 +10,10 @@ from dataclasses import replace
 
 from bastion.authz.records import Token
 from bastion.protocol.errors import NotFound
-from bastion.storage.connection import SQLiteBase
+from bastion.storage.base import StoreBase
 
 
-class TokenStore(SQLiteBase):
+class TokenStore(StoreBase):
     """The tokens table."""
 
     def add_token(self, token: Token) -> Token:

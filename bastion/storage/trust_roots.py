@@ -5,15 +5,14 @@ Kept in the database with the rest of the state, so every bastion on it agrees.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from typing import Any
 
 from bastion.protocol.errors import AlreadyExists, NotFound
-from bastion.storage.connection import SQLiteBase
+from bastion.storage.base import Duplicate, StoreBase
 
 
-class TrustRootStore(SQLiteBase):
+class TrustRootStore(StoreBase):
     """The trust_roots table."""
 
     def add_trust_root(self, fingerprint: str, subject: str, pem: str) -> None:
@@ -21,8 +20,9 @@ class TrustRootStore(SQLiteBase):
             self._exec(
                 "INSERT INTO trust_roots (fingerprint, subject, pem, added) VALUES (?,?,?,?)",
                 (fingerprint, subject, pem, time.time()),
+                unique=True,
             )
-        except sqlite3.IntegrityError:
+        except Duplicate:
             raise AlreadyExists(f"trust root {fingerprint} is already configured") from None
 
     def list_trust_roots(self) -> list[dict[str, Any]]:

@@ -8,18 +8,17 @@ writer's change (DESIGN.md, "No lost updates").
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from dataclasses import replace
 from typing import Any
 
 from bastion.authz.records import User
 from bastion.protocol.errors import AlreadyExists, NotFound
+from bastion.storage.base import Duplicate, StoreBase
 from bastion.storage.codec import dumps as _j
-from bastion.storage.connection import SQLiteBase
 
 
-class UserStore(SQLiteBase):
+class UserStore(StoreBase):
     """The users table."""
 
     @staticmethod
@@ -56,8 +55,9 @@ class UserStore(SQLiteBase):
                     user.created_by,
                     int(user.bot),
                 ),
+                unique=True,
             )
-        except sqlite3.IntegrityError:
+        except Duplicate:
             raise AlreadyExists(f'user "{user.name}" already exists') from None
         return user
 
