@@ -12,8 +12,10 @@ cd "$(dirname "$0")/.."
 # plink and puttygen, the second SSH client the interop tests jump through the bastion.
 # haproxy: the load balancer (send-proxy-v2) the several-bastions tests put in front;
 # they start their own on a free loopback port, never the package's service.
+# postgresql: the server binaries the PostgreSQL store's tests start in a temp dir
+# (tests/postgres.py); the service the package enables is not needed and not used.
 PACKAGES=(swtpm swtpm-tools libtss2-dev pkg-config gcc openssh-client openssh-server systemd
-    sqlite3 putty-tools haproxy)
+    sqlite3 putty-tools haproxy postgresql)
 
 need_python_pkgs() {
     python3 -c 'import venv, ensurepip' 2>/dev/null || echo python3-venv

@@ -22,6 +22,8 @@ CONTEXT_MANAGERS = {"transaction", "read_transaction", "savepoint"}
 # directory of the keys beside it), the
 # sqlite-utils handle migrations and a few tests use.
 SQLITE_ONLY = {"path", "state_dir", "db", "open", "memory"}
+# PostgreSQL's own: its URL (never with a password) and the sweep's grace.
+POSTGRES_ONLY = {"path", "state_dir", "url", "open", "dead_after"}
 
 
 def protocol_members() -> dict[str, inspect.Signature]:
@@ -38,10 +40,18 @@ def test_old_imports_still_work():
     assert set(storage.__all__) >= {"Store", "DB_NAME", "role_to_spec", "role_from_spec"}
 
 
+def _postgres_store():
+    from bastion.storage.postgres import PostgresStore
+
+    return PostgresStore
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 @pytest.mark.parametrize("name", sorted(protocol_members()))
-def test_sqlite_store_has_every_protocol_member_with_its_signature(name):
+def test_each_store_has_every_protocol_member_with_its_signature(name, backend):
     want = protocol_members()[name]
-    have = inspect.signature(getattr(SQLiteStore, name))
+    cls = SQLiteStore if backend == "sqlite" else _postgres_store()
+    have = inspect.signature(getattr(cls, name))
 
     def shape(sig: inspect.Signature) -> list[tuple]:
         return [(p.name, p.kind, p.default, p.annotation) for p in sig.parameters.values()]
@@ -54,8 +64,8 @@ def test_sqlite_store_has_every_protocol_member_with_its_signature(name):
         assert have.return_annotation == want.return_annotation, name
 
 
-def test_a_sqlite_store_is_a_state_store(tmp_path):
-    store = Store.open(tmp_path, create=True)
+def test_each_store_is_a_state_store(any_store):
+    store = any_store
     try:
         assert isinstance(store, StateStore)
         with store.transaction(), store.savepoint():
@@ -67,9 +77,12 @@ def test_a_sqlite_store_is_a_state_store(tmp_path):
         store.close()
 
 
-def test_every_public_store_method_is_in_the_protocol():
-    """A method added to the SQLite store without the protocol is one the next store lacks."""
-    public = {n for n in dir(SQLiteStore) if not n.startswith("_")} - SQLITE_ONLY
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_every_public_store_method_is_in_the_protocol(backend):
+    """A method added to one store without the protocol is one the other store lacks."""
+    cls = SQLiteStore if backend == "sqlite" else _postgres_store()
+    own = SQLITE_ONLY if backend == "sqlite" else POSTGRES_ONLY
+    public = {n for n in dir(cls) if not n.startswith("_")} - own
     assert public == set(protocol_members())
 
 

@@ -26,10 +26,9 @@ from bastion.storage import Store
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = Store.open(tmp_path, create=True)
-    yield s
-    s.close()
+def store(any_store):
+    """The tests taking ``store`` run on SQLite and on PostgreSQL."""
+    return any_store
 
 
 def test_open_missing_state_names_the_fix(tmp_path):
@@ -54,9 +53,11 @@ def test_database_and_its_wal_are_private_from_the_start(tmp_path):
         s.close()
 
 
-def test_wal_and_schema_version(store):
+def test_wal_and_schema_version(tmp_path):
+    store = Store.open(tmp_path, create=True)
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store.schema_version() >= 1
+    store.close()
 
 
 def test_corrupt_database_refuses_to_open(tmp_path):
@@ -157,14 +158,13 @@ def test_locks_expire(store):
     assert len(store.list_locks(now=150.0)) == 0
 
 
-def test_token_consumed_once_even_when_racing(tmp_path):
-    Store.open(tmp_path, create=True).add_token(Token("h", "enroll", "SN1", expires=1e12))
+def test_token_consumed_once_even_when_racing(store_factory):
+    store_factory(create=True).add_token(Token("h", "enroll", "SN1", expires=1e12))
     results = []
 
     def worker():
-        s = Store.open(tmp_path)
+        s = store_factory()
         results.append(s.consume_token("h", "enroll", now=1000.0, consumer="x"))
-        s.close()
 
     threads = [threading.Thread(target=worker) for _ in range(8)]
     for t in threads:

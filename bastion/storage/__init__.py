@@ -36,11 +36,56 @@ one connection, which its threads take in turn.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from bastion.storage.codec import role_from_spec, role_to_spec
 from bastion.storage.connection import DB_NAME
 from bastion.storage.interface import StateStore
 from bastion.storage.sqlite import SQLiteStore
 
 Store = SQLiteStore
+DATABASE_ENV = "DT_DATABASE"
 
-__all__ = ["Store", "SQLiteStore", "StateStore", "DB_NAME", "role_to_spec", "role_from_spec"]
+__all__ = [
+    "Store",
+    "SQLiteStore",
+    "StateStore",
+    "DB_NAME",
+    "DATABASE_ENV",
+    "database_url",
+    "open_store",
+    "role_to_spec",
+    "role_from_spec",
+]
+
+
+def database_url(flag: str | None = None, config: str | None = None) -> str | None:
+    """Which database holds the state: a flag (``dtadmin --database``), else
+    ``$DT_DATABASE``, else the bastion config's ``database``; None means SQLite in
+    the state directory. A URL with a password is refused where it is used."""
+    return flag or os.environ.get(DATABASE_ENV) or config or None
+
+
+def open_store(
+    state_dir: Path | str,
+    database: str | None = None,
+    *,
+    create: bool = False,
+    check: bool = True,
+) -> StateStore:
+    """The one way to open the cluster's state: PostgreSQL at ``database`` (a
+    ``postgresql://`` URL; the state directory still holds the keys and run/), or
+    SQLite in ``state_dir``. ``check=False``: no integrity check or migration."""
+    if database:
+        if not database.startswith(("postgresql://", "postgres://")):
+            from bastion.protocol.errors import StateError
+
+            raise StateError(
+                "database must be a postgresql:// URL (leave it unset for SQLite in the "
+                "state directory)"
+            )
+        from bastion.storage.postgres import PostgresStore  # psycopg only when used
+
+        return PostgresStore.open(database, Path(state_dir), create=create, check=check)
+    return SQLiteStore.open(state_dir, create=create, check=check)

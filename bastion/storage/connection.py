@@ -12,14 +12,19 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import sqlite_utils
 
 from bastion.protocol.errors import StateError, StorageUnavailable
-from bastion.storage import files
+from bastion.storage import files, instances
 from bastion.storage.base import Duplicate, StoreBase
 from bastion.storage.migrations import MIGRATIONS
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+    from bastion.storage.interface import InstanceClaim, StateStore
 
 DB_NAME = "cluster.db"
 
@@ -215,6 +220,49 @@ class SQLiteBase(StoreBase):
             self._threads.clear()
         for c in conns:
             c.close()
+
+    def revision(self) -> int:
+        """The number every change bumps (a settings row, moved in its transaction)."""
+        row = self._one("SELECT value FROM settings WHERE key = 'revision'")
+        return int(row["value"]) if row else 0
+
+    def sibling(self, *, timeout: float | None = None) -> StateStore | None:
+        """A store of its own for another pool of threads (workers, the issuer): a
+        cheap second opening of the same file (no check, no migration), with a busy
+        timeout of ``timeout`` seconds if given; None for an in-memory store, whose one
+        connection every thread must share (use this store)."""
+        if self.path is None:
+            return None
+        store = type(self).open(self.path.parent, check=False)
+        if timeout is not None:
+            with contextlib.suppress(sqlite3.Error):  # our own bound, not the 10 s default
+                store._conn.execute(f"PRAGMA busy_timeout = {max(1, int(timeout * 1000))}")
+        return store
+
+    # -- instance liveness: a flock per bastion in the state directory's run/ ---------
+
+    def hold_instance(self) -> InstanceClaim | None:
+        """Claim a fresh instance name as alive until ``release()`` or death (None for
+        an in-memory store: no other process can see it)."""
+        return instances.InstanceLock.acquire(self.state_dir) if self.state_dir else None
+
+    def stale_instances(self, own: str) -> list[str]:
+        """Instances known from lock files left in run/ (a bastion killed holding no
+        session), other than ``own``."""
+        return instances.stale_names(self.state_dir, own) if self.state_dir else []
+
+    def claim_if_dead(self, name: str) -> AbstractContextManager[bool]:
+        """Yield True, holding its lock, if no live process holds instance ``name``."""
+        if self.state_dir is None:
+            return contextlib.nullcontext(False)
+        return instances.claim_if_dead(self.state_dir, name)
+
+    def instance_alive(self, name: str) -> bool:
+        return self.state_dir is not None and instances.is_alive(self.state_dir, name)
+
+    def wait_for_change(self, timeout: float) -> None:
+        """SQLite has no feed to wait on: wait ``timeout``, then the caller polls."""
+        time.sleep(timeout)
 
     def schema_version(self) -> int:
         row = self._conn.execute("SELECT max(version) FROM _migrations").fetchone()

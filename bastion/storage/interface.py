@@ -23,9 +23,22 @@ promises is part of the contract, so both stores keep it:
   (``bastion.storage.audit_chain`` fixes the encoding both stores hash).
 * A state it cannot read raises ``StateError``; one it cannot reach now (locked,
   read-only, unreachable) raises ``StorageUnavailable``.
+* ``revision`` moves with every committed change (``bump``); ``wait_for_change``
+  returns once it may have moved (PostgreSQL: a NOTIFY, or at once after the feed's
+  connection was lost and made again) or after ``timeout`` (SQLite just sleeps), and
+  the caller re-reads ``revision``.
+* Liveness of bastion processes: ``hold_instance`` claims a fresh instance name
+  until its ``release()`` or the process's death (None: nobody else can see this
+  store); ``claim_if_dead(name)`` yields True, holding that claim, only if no live
+  process holds it; ``stale_instances`` are names known from leftovers other than
+  the live_sessions rows (SQLite's lock files).
+* ``sibling`` is a store for another pool of threads, as cheap as the backend allows
+  (SQLite: a second opening of the file; PostgreSQL: the same connection pool); None
+  means share this one (an in-memory store has one connection).
 
-Constructors (``SQLiteStore.open``, ``.memory``) and backend details (``path``, ``db``)
-are not part of it.
+Constructors (``bastion.storage.open_store``, ``SQLiteStore.open``, ``.memory``,
+``PostgresStore.open``) and backend details (``path``, ``db``, ``url``,
+``state_dir``) are not part of it.
 """
 
 from __future__ import annotations
@@ -49,6 +62,14 @@ from bastion.authz.records import (
 from bastion.storage.audit_chain import Checkpoint
 
 
+class InstanceClaim(Protocol):
+    """A bastion process's claim to be alive (``StateStore.hold_instance``)."""
+
+    @property
+    def name(self) -> str: ...
+    def release(self) -> None: ...
+
+
 @runtime_checkable
 class StateStore(Protocol):
     # -- the store itself and its transactions
@@ -59,6 +80,7 @@ class StateStore(Protocol):
     def read_transaction(self) -> AbstractContextManager[None]: ...
     def savepoint(self) -> AbstractContextManager[None]: ...
     def after_commit(self, callback: Callable[[], None]) -> None: ...
+    def sibling(self, *, timeout: float | None = None) -> StateStore | None: ...
     def facts(
         self,
         *,
@@ -70,6 +92,7 @@ class StateStore(Protocol):
 
     # -- settings and revision
     def revision(self) -> int: ...
+    def wait_for_change(self, timeout: float) -> None: ...
     def get_setting(self, key: str, default: Any = None) -> Any: ...
     def set_setting(self, key: str, value: Any) -> None: ...
 
@@ -178,6 +201,12 @@ class StateStore(Protocol):
     def list_open_sessions(self, instance: str | None = None) -> list[OpenSession]: ...
     def open_session_instances(self) -> list[str]: ...
     def take_open_sessions(self, instance: str) -> list[OpenSession]: ...
+
+    # -- liveness of bastion processes
+    def hold_instance(self) -> InstanceClaim | None: ...
+    def stale_instances(self, own: str) -> list[str]: ...
+    def claim_if_dead(self, name: str) -> AbstractContextManager[bool]: ...
+    def instance_alive(self, name: str) -> bool: ...
 
     # -- audit: a hash chain with signed checkpoints
     def append_audit(self, event: AuditEvent) -> int: ...

@@ -18,10 +18,6 @@ from bastion.storage.codec import dumps as _j
 class SettingsStore(StoreBase):
     """Settings and the revision."""
 
-    def revision(self) -> int:
-        row = self._one("SELECT value FROM settings WHERE key = 'revision'")
-        return int(row["value"]) if row else 0
-
     def get_setting(self, key: str, default: Any = None) -> Any:
         row = self._one("SELECT value FROM settings WHERE key = ?", (key,))
         if row is None:

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bastion.storage.connection import SQLiteBase
+from bastion.storage.base import StoreBase
 
 
-class SourceFailureStore(SQLiteBase):
+class SourceFailureStore(StoreBase):
     """The source_failures table. Written with bump=False: a failure is no state change
     every bastion must re-check its sessions for."""
 
@@ -33,7 +33,7 @@ class SourceFailureStore(SQLiteBase):
     def forgive_source_failures(self, instance: str, stamps: Sequence[float]) -> None:
         with self.transaction(bump=False):
             for stamp in stamps:
-                self._conn.execute(
+                self._execute(
                     "DELETE FROM source_failures WHERE instance = ? AND stamp = ?",
                     (instance, stamp),
                 )

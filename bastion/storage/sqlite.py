@@ -1,79 +1,15 @@
-"""The embedded store: every noun's table in one SQLite file, composed into one class.
+"""The embedded store: every noun's table in one SQLite file.
 
-Each noun module adds its own methods to :class:`SQLiteBase`; this class joins them
-and adds what spans nouns (``facts``). It implements :class:`StateStore`.
+Each noun module adds its own methods (joined in :class:`bastion.storage.nouns.Nouns`)
+over :class:`SQLiteBase`'s connection and transactions. It implements
+:class:`StateStore`.
 """
 
 from __future__ import annotations
 
-from bastion.authz.facts import Facts
-from bastion.authz.records import Role
-from bastion.protocol.errors import StateError
-from bastion.storage.audit_log import AuditStore
-from bastion.storage.certs import CertStore
 from bastion.storage.connection import SQLiteBase
-from bastion.storage.devices import DeviceStore
-from bastion.storage.locks import LockStore
-from bastion.storage.logins import LoginStore
-from bastion.storage.nodes import NodeStore
-from bastion.storage.open_sessions import OpenSessionStore
-from bastion.storage.roles import RoleStore
-from bastion.storage.settings import SettingsStore
-from bastion.storage.source_failures import SourceFailureStore
-from bastion.storage.tokens import TokenStore
-from bastion.storage.trust_roots import TrustRootStore
-from bastion.storage.users import UserStore
+from bastion.storage.nouns import Nouns
 
 
-class SQLiteStore(
-    SettingsStore,
-    UserStore,
-    RoleStore,
-    DeviceStore,
-    NodeStore,
-    LockStore,
-    TokenStore,
-    CertStore,
-    TrustRootStore,
-    LoginStore,
-    OpenSessionStore,
-    SourceFailureStore,
-    AuditStore,
-    SQLiteBase,
-):
+class SQLiteStore(Nouns, SQLiteBase):
     """The cluster's state in one SQLite file (WAL), for one host."""
-
-    def facts(
-        self,
-        *,
-        user: str | None,
-        now: float,
-        serial: int | None = None,
-        asset_tag: str | None = None,
-    ) -> Facts:
-        """What the decision core needs about ``user`` (and a certificate serial and a
-        device), read in one snapshot. Anything unreadable comes back as the strictest
-        value: a corrupt setting as no mode (required), a corrupt role as None."""
-        with self.read_transaction():
-            try:
-                mode = self.get_setting("device_trust_mode")
-            except StateError:
-                mode = None
-            ca = self.get_setting("user_ca_fingerprint")
-            record = self.find_user(user) if user else None
-            roles: list[Role | None] = []
-            for name in record.roles if record else ():
-                try:
-                    roles.append(self.find_role(name))
-                except StateError:
-                    roles.append(None)
-            return Facts(
-                cluster_mode=mode,
-                user_ca_fingerprint=ca if isinstance(ca, str) else None,
-                user=record,
-                roles=tuple(roles),
-                user_lock=self.active_lock("user", user, now) if user else None,
-                issued=self.find_cert(serial) if serial is not None else None,
-                device=self.find_device(asset_tag) if asset_tag else None,
-                device_lock=self.active_lock("device", asset_tag, now) if asset_tag else None,
-            )

@@ -1,0 +1,396 @@
+"""The PostgreSQL connection under every noun of the store: pool, transactions, feed.
+
+One :class:`psycopg_pool.ConnectionPool` per process (shared by a store's siblings).
+A thread's transaction holds one pooled connection from its BEGIN to its COMMIT
+(thread-local); outside a transaction a read borrows one for one statement.
+
+Writers serialise cluster-wide, as SQLite's ``BEGIN IMMEDIATE`` makes them: every
+write transaction's first statement is ``pg_advisory_xact_lock(WRITE_KEY)``, so the
+interface's promise "a transaction holds the write lock from its start" holds on
+every bastion at once, and each check-then-write in the shells (a token, a TOTP
+step, a login attempt counted and reserved, an audit row linked to the last one)
+stays correct under READ COMMITTED: every statement after the lock sees every commit
+before it. The bastion's group commit batches writes, so one lock per batch is cheap.
+``read_transaction`` is a REPEATABLE READ READ ONLY snapshot that takes no lock.
+
+The change feed: a transaction that changes state (``bump``) inserts one row into
+``changes`` and ``NOTIFY dt_changes, '<seq>'`` in the same transaction (delivered at
+its commit); ``revision()`` is the newest seq. Because writers are serialised, seqs
+commit in order. :meth:`PostgresBase.wait_for_change` waits on a dedicated LISTEN
+connection; a notification lost while it was disconnected is caught up by the
+caller's next ``revision()`` (it returns at once after any reconnect).
+
+Errors: a lost or refused connection, a cancelled or serialisation-failed statement
+is :class:`StorageUnavailable`; a unique violation is :class:`Duplicate`; anything
+else the database says is :class:`StateError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import errors as pgerrors
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from bastion.protocol.errors import StateError, StorageUnavailable
+from bastion.storage.base import Duplicate, StoreBase
+
+log = logging.getLogger("bastion.storage")
+
+# Advisory lock keys (one bigint space per database): the cluster-wide write lock,
+# and instance liveness keys under their own prefix (see postgres.instance_key).
+WRITE_KEY = 0x4454_5752_4954_4531  # "DTWRITE1"
+CHANNEL = "dt_changes"
+# The feed keeps this many rows (and at least a day); older ones are trimmed every
+# TRIM_EVERY changes. revision() needs only the newest.
+KEEP_CHANGES = 10_000
+TRIM_EVERY = 500
+POOL_MAX = 24
+CONNECT_TIMEOUT = 10
+
+
+def safe_url(url: str) -> str:
+    """The URL without anything secret, for messages and logs: host, port, database."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.Error:
+        return "postgresql://(unparsable URL)"
+    host = info.get("host") or "localhost"
+    port = f":{info['port']}" if info.get("port") else ""
+    return f"postgresql://{host}{port}/{info.get('dbname') or ''}"
+
+
+def check_url(url: str) -> dict[str, Any]:
+    """Parse ``url``; refuse one that carries a password (process listings, logs,
+    config files show it): libpq reads it from a password file instead."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        raise StateError(f"the database URL is not valid: {exc}") from None
+    if info.get("password"):
+        raise StateError(
+            "the database URL carries a password; take it out and give it to libpq in a "
+            "password file instead (PGPASSFILE, ~/.pgpass, or a passfile= parameter, "
+            "e.g. a systemd credential: passfile=%d/pgpass), so it never shows in a "
+            f"process listing or a log ({safe_url(url)})"
+        )
+    return info
+
+
+@functools.lru_cache(maxsize=2048)
+def _pg(sql: str) -> str:
+    """Portable SQL (``?`` placeholders, none inside literals) as psycopg's ``%s``."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+def _unavailable(what: str, exc: BaseException, url: str) -> StorageUnavailable:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return StorageUnavailable(f"cluster database {safe_url(url)} {what}: {text}")
+
+
+def map_error(exc: BaseException, url: str, what: str = "failed") -> BaseException:
+    """A psycopg error as the store's own (non-psycopg errors unchanged)."""
+    if isinstance(exc, pgerrors.UniqueViolation):
+        return Duplicate(str(exc))
+    if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)):
+        return _unavailable(what, exc, url)
+    if isinstance(exc, psycopg.Error):
+        return StateError(f"cluster database error: {exc}")
+    return exc
+
+
+class _Tx:
+    """A transaction open on one thread, and the connection it holds."""
+
+    __slots__ = ("conn", "read_only", "bump", "after_commit")
+
+    def __init__(self, conn: psycopg.Connection[Any], read_only: bool) -> None:
+        self.conn = conn
+        self.read_only = read_only
+        self.bump = False
+        self.after_commit: list[Callable[[], None]] = []
+
+
+class _Shared:
+    """What a store and its siblings share: the pool, the URL, and a count of users."""
+
+    def __init__(self, url: str, pool: ConnectionPool[Any]) -> None:
+        self.url = url
+        self.pool = pool
+        self.users = 1
+        self.lock = threading.Lock()
+        self.origin = f"{socket.gethostname()}:{os.getpid()}"
+
+    def release(self) -> None:
+        with self.lock:
+            self.users -= 1
+            last = self.users == 0
+        if last:
+            self.pool.close()
+
+
+def make_pool(url: str, *, max_size: int = POOL_MAX) -> ConnectionPool[Any]:
+    check_url(url)
+    kwargs = {"autocommit": True, "row_factory": dict_row, "connect_timeout": CONNECT_TIMEOUT}
+    try:  # one direct attempt first: it fails at once, and says why (the pool would not)
+        psycopg.connect(url, **kwargs).close()
+    except psycopg.Error as exc:
+        raise _unavailable("cannot be reached", exc, url) from None
+    pool: ConnectionPool[Any] = ConnectionPool(
+        url, min_size=1, max_size=max_size, kwargs=kwargs, open=False,
+        timeout=CONNECT_TIMEOUT, name="dt-bastion",
+    )  # fmt: skip
+    try:
+        pool.open(wait=True, timeout=CONNECT_TIMEOUT)
+    except PoolTimeout as exc:
+        pool.close()
+        raise _unavailable("cannot be reached", exc, url) from None
+    return pool
+
+
+class PostgresBase(StoreBase):
+    """PostgreSQL connections and their transactions; the noun modules build on it."""
+
+    def __init__(self, shared: _Shared, state_dir: Path | None) -> None:
+        self._shared = shared
+        self.url = shared.url
+        self.state_dir = state_dir
+        self.path = None
+        self._local = threading.local()
+        self._closed = False
+        self._listener: psycopg.Connection[Any] | None = None
+        self._listener_lock = threading.Lock()
+
+    # -- connections -------------------------------------------------------------------
+
+    def _tx(self) -> _Tx | None:
+        return getattr(self._local, "tx", None)
+
+    def _getconn(self) -> psycopg.Connection[Any]:
+        if self._closed:
+            raise StateError(f"cluster database {safe_url(self.url)} was closed")
+        try:
+            return self._shared.pool.getconn()
+        except (PoolTimeout, psycopg.Error) as exc:
+            raise map_error(exc, self.url, "cannot be reached") from None
+
+    def _putconn(self, conn: psycopg.Connection[Any]) -> None:
+        with contextlib.suppress(Exception):
+            self._shared.pool.putconn(conn)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._listener_lock:
+            if self._listener is not None:
+                with contextlib.suppress(Exception):
+                    self._listener.close()
+                self._listener = None
+        self._shared.release()
+
+    # -- statements --------------------------------------------------------------------
+
+    def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        tx = self._tx()
+        if tx is not None:
+            try:
+                return tx.conn.execute(_pg(sql), params).fetchall()
+            except psycopg.Error as exc:
+                raise map_error(exc, self.url, "read failed") from None
+        for attempt in (1, 2):  # a pooled connection the server dropped: once more
+            conn = self._getconn()
+            try:
+                return conn.execute(_pg(sql), params).fetchall()
+            except psycopg.OperationalError as exc:
+                if attempt == 2 or not conn.closed:
+                    raise map_error(exc, self.url, "read failed") from None
+            except psycopg.Error as exc:
+                raise map_error(exc, self.url, "read failed") from None
+            finally:
+                self._putconn(conn)
+        raise AssertionError("unreachable")
+
+    def _execute(self, sql: str, params: tuple[Any, ...] = (), *, unique: bool = False) -> int:
+        tx = self._write_tx()
+        try:
+            if not unique:
+                return tx.conn.execute(_pg(sql), params).rowcount
+            tx.conn.execute("SAVEPOINT dup")
+            try:
+                count = tx.conn.execute(_pg(sql), params).rowcount
+            except pgerrors.UniqueViolation as exc:
+                tx.conn.execute("ROLLBACK TO SAVEPOINT dup")
+                tx.conn.execute("RELEASE SAVEPOINT dup")
+                raise Duplicate(str(exc)) from None
+            tx.conn.execute("RELEASE SAVEPOINT dup")
+            return count
+        except psycopg.Error as exc:
+            raise map_error(exc, self.url, "write failed") from None
+
+    def _insert_returning_id(self, sql: str, params: tuple[Any, ...] = ()) -> int:
+        tx = self._write_tx()
+        try:
+            row = tx.conn.execute(_pg(sql) + " RETURNING id", params).fetchone()
+        except psycopg.Error as exc:
+            raise map_error(exc, self.url, "write failed") from None
+        return int(row["id"]) if row else 0
+
+    def _write_tx(self) -> _Tx:
+        tx = self._tx()
+        if tx is None or tx.read_only:
+            raise RuntimeError("a write needs an open write transaction")
+        return tx
+
+    # -- transactions ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self, *, bump: bool = True) -> Iterator[None]:
+        """One atomic unit holding the cluster-wide write lock from its start. Nested
+        calls join the outer transaction."""
+        tx = self._tx()
+        if tx is not None:
+            if tx.read_only:
+                raise RuntimeError("a write transaction cannot join a read snapshot")
+            tx.bump |= bump
+            yield
+            return
+        conn = self._getconn()
+        tx = _Tx(conn, read_only=False)
+        tx.bump = bump
+        try:
+            try:
+                conn.execute("BEGIN")
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_KEY,))
+            except psycopg.Error as exc:
+                raise map_error(exc, self.url, "is unwritable") from None
+            self._local.tx = tx
+            try:
+                yield
+                if tx.bump:
+                    self._bump(conn)
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                tx.after_commit = []
+                with contextlib.suppress(Exception):
+                    if not conn.closed:
+                        conn.execute("ROLLBACK")
+                mapped = map_error(exc, self.url, "write failed")
+                if mapped is exc:
+                    raise
+                raise mapped from None
+        finally:
+            self._local.tx = None
+            self._putconn(conn)
+        for callback in tx.after_commit:
+            callback()
+
+    def _bump(self, conn: psycopg.Connection[Any]) -> None:
+        row = conn.execute(
+            "WITH c AS (INSERT INTO changes (time, origin) VALUES (%s, %s) RETURNING seq) "
+            f"SELECT seq, pg_notify('{CHANNEL}', seq::text) FROM c",
+            (time.time(), self._shared.origin),
+        ).fetchone()
+        seq = int(row["seq"]) if row else 0
+        if seq % TRIM_EVERY == 0:
+            conn.execute(
+                "DELETE FROM changes WHERE seq < %s AND time < %s",
+                (seq - KEEP_CHANGES, time.time() - 86400),
+            )
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        tx = self._tx()
+        if tx is not None and not tx.read_only:
+            tx.after_commit.append(callback)
+            return
+        callback()
+
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[None]:
+        tx = self._tx()
+        if tx is None or tx.read_only:
+            raise RuntimeError("savepoint() needs an open transaction")
+        try:
+            tx.conn.execute("SAVEPOINT part")
+        except psycopg.Error as exc:
+            raise map_error(exc, self.url, "write failed") from None
+        callbacks = len(tx.after_commit)
+        try:
+            yield
+        except BaseException:
+            del tx.after_commit[callbacks:]
+            with contextlib.suppress(psycopg.Error):
+                tx.conn.execute("ROLLBACK TO SAVEPOINT part")
+                tx.conn.execute("RELEASE SAVEPOINT part")
+            raise
+        try:
+            tx.conn.execute("RELEASE SAVEPOINT part")
+        except psycopg.Error as exc:
+            raise map_error(exc, self.url, "write failed") from None
+
+    @contextlib.contextmanager
+    def read_transaction(self) -> Iterator[None]:
+        """One consistent snapshot (REPEATABLE READ READ ONLY); joins an open one."""
+        if self._tx() is not None:
+            yield
+            return
+        conn = self._getconn()
+        try:
+            try:
+                conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            except psycopg.Error as exc:
+                raise map_error(exc, self.url, "read failed") from None
+            self._local.tx = _Tx(conn, read_only=True)
+            try:
+                yield
+            finally:
+                self._local.tx = None
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("COMMIT")
+        finally:
+            self._putconn(conn)
+
+    # -- the change feed ---------------------------------------------------------------
+
+    def revision(self) -> int:
+        row = self._one("SELECT coalesce(max(seq), 0) AS seq FROM changes")
+        return int(row["seq"]) if row else 0
+
+    def wait_for_change(self, timeout: float) -> None:
+        """Return after a change commits anywhere, or after ``timeout`` seconds; at
+        once after (re)connecting the listener, so the caller catches up on what
+        it missed meanwhile by reading ``revision()``."""
+        with self._listener_lock:
+            conn = self._listener
+            if conn is None or conn.closed:
+                try:
+                    conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+                    conn.execute(f"LISTEN {CHANNEL}")
+                except psycopg.Error as exc:
+                    log.warning("cannot listen for changes on %s: %s", safe_url(self.url), exc)
+                    self._listener = None
+                    time.sleep(timeout)
+                    return
+                self._listener = conn
+                return  # anything may have changed while we were not listening
+            try:
+                for _ in conn.notifies(timeout=timeout, stop_after=1):
+                    break
+                for _ in conn.notifies(timeout=0.001):  # a burst wakes us once
+                    pass
+            except psycopg.Error as exc:
+                log.warning("lost the change feed on %s: %s", safe_url(self.url), exc)
+                with contextlib.suppress(Exception):
+                    conn.close()
+                self._listener = None
