@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import ssh
@@ -38,7 +39,7 @@ from bastion.protocol.files import (
     private_dir,
     user_name,
 )
-from bastion.storage import DB_NAME, Store
+from bastion.storage import DB_NAME, Store, open_store
 
 DEFAULT_STATE_DIR = "/var/lib/dt-bastion"
 BASTION_HOST_CERT = keys.BASTION_HOST_KEY + "-cert.pub"
@@ -59,14 +60,22 @@ class Cluster:
         return str(self.store.get_setting("cluster_name", ""))
 
     @classmethod
-    def open(cls, state_dir: Path | str) -> Cluster:
+    def open(cls, state_dir: Path | str, *, database: str | None = None) -> Cluster:
+        """The cluster whose keys are in ``state_dir`` and whose state is in SQLite
+        there, or in the PostgreSQL ``database`` (see ``storage.open_store``)."""
         state_dir = Path(state_dir)
-        if os.path.lexists(state_dir):  # a missing one: Store.open says how to make it
+        if os.path.lexists(state_dir):  # a missing one: open_store says how to make it
             check_state_dir(state_dir)
-        store = Store.open(state_dir)
+        elif database:
+            raise StateError(
+                f"no cluster state directory {state_dir} (the CA keys live there even "
+                "with a PostgreSQL database; copy it from the first bastion)"
+            )
+        store = _open(state_dir, database)
         if not store.get_setting("cluster_name"):
             store.close()
-            raise StateError(f"{state_dir / DB_NAME} is not an initialised cluster")
+            where = "the database" if database else str(state_dir / DB_NAME)
+            raise StateError(f"{where} is not an initialised cluster")
         kdir = keys.ca_dir(state_dir)
         try:
             user_ca = _load_user_ca(kdir, store)
@@ -198,8 +207,11 @@ class Cluster:
         return cert_path
 
 
-def init_cluster(state_dir: Path | str, name: str, *, actor: str = "dtadmin") -> Cluster:
-    """Create a new cluster; refuses to touch a directory that already holds one."""
+def init_cluster(
+    state_dir: Path | str, name: str, *, actor: str = "dtadmin", database: str | None = None
+) -> Cluster:
+    """Create a new cluster; refuses to touch a directory (or a PostgreSQL
+    ``database``) that already holds one. The keys are made in ``state_dir``."""
     check_name("cluster", name)
     state_dir = Path(state_dir)
     if os.path.lexists(state_dir):
@@ -212,7 +224,10 @@ def init_cluster(state_dir: Path | str, name: str, *, actor: str = "dtadmin") ->
             f"{state_dir} already holds a cluster; refusing to overwrite it "
             "(remove the directory to start over)"
         )
-    store = Store.open(state_dir, create=True)
+    store = _open(state_dir, database, create=True)
+    if database and store.get_setting("cluster_name"):
+        store.close()
+        raise AlreadyExists("the database already holds a cluster; refusing to overwrite it")
     user_ca: ed25519.Ed25519PrivateKey = keys.create_key(kdir, keys.USER_CA, f"user-ca@{name}")
     host_ca = keys.create_key(kdir, keys.HOST_CA, f"host-ca@{name}")
     audit_key = keys.create_key(kdir, keys.AUDIT_KEY, f"audit@{name}")
@@ -227,6 +242,13 @@ def init_cluster(state_dir: Path | str, name: str, *, actor: str = "dtadmin") ->
             store.put_role(role)
         audit.record(store, "cluster.init", message=f'cluster "{name}" created', actor=actor)
     return Cluster(state_dir, store, CertificateAuthority(store, user_ca, host_ca))
+
+
+def _open(state_dir: Path, database: str | None, *, create: bool = False) -> Store:
+    """The store, typed as ``Store`` for the shells: a PostgresStore is not a subclass
+    of SQLiteStore, but the shells use only StateStore members on it (enforced by
+    tests/test_state_store.py), so their ``Store`` annotations hold for both."""
+    return cast(Store, open_store(state_dir, database, create=create))
 
 
 _NEXT = keys.USER_CA + ".next"

@@ -21,6 +21,10 @@ from bastion.protocol.errors import UsageError
 @dataclass(frozen=True, slots=True)
 class BastionConfig:
     state_dir: Path = Path("/var/lib/dt-bastion")
+    # The cluster database when it is not SQLite in state_dir: a postgresql:// URL
+    # (libpq's; never with a password in it: use a passfile). $DT_DATABASE and
+    # `serve --database` win over it. The keys stay in state_dir.
+    database: str = ""
     listen_host: str = "0.0.0.0"
     listen_port: int = 3022
     # Names clients use to reach the bastion: they go into its host certificate.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -43,6 +44,17 @@ def serve(
     config: Annotated[
         Path | None,
         typer.Option("--config", help="TOML file with [bastion] settings (read again on SIGHUP)."),
+    ] = None,
+    database: Annotated[
+        str | None,
+        typer.Option(
+            "--database",
+            metavar="URL",
+            help="PostgreSQL cluster database, postgresql://... with no password in it "
+            "(default: $DT_DATABASE, else the config's database, else SQLite in the state "
+            "directory).",
+            show_default=False,
+        ),
     ] = None,
     host_name: Annotated[
         list[str] | None,
@@ -89,8 +101,10 @@ def serve(
     """
     from bastion.service import logs
     from bastion.service.run import Service
+    from bastion.storage import DATABASE_ENV
 
     explicit: dict[str, Any] = {"state_dir": state, "metrics_listen": metrics_listen}
+    explicit["database"] = database or os.environ.get(DATABASE_ENV) or None
     explicit["log_level"] = logs.check_level(log_level) if log_level is not None else None
     explicit["log_format"] = logs.check_format(log_format) if log_format is not None else None
     if listen:

@@ -43,8 +43,18 @@ def _root(
             "--state", help="Cluster state directory (default: $DT_STATE or /var/lib/dt-bastion)."
         ),
     ] = None,
+    database: Annotated[
+        str | None,
+        typer.Option(
+            "--database",
+            metavar="URL",
+            help="PostgreSQL cluster database, postgresql://... with no password in it "
+            "(default: $DT_DATABASE, else SQLite in the state directory).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    ctx.obj = {"state": str(state) if state else None}
+    ctx.obj = {"state": str(state) if state else None, "database": database}
 
 
 app.command("init")(ca.init)
@@ -73,6 +83,7 @@ app.add_typer(ca.auth_app, name="auth")
 app.add_typer(ca.host_app, name="host")
 app.add_typer(audit_cmd.app, name="audit")
 app.add_typer(cluster_cmd.app, name="cluster")
+
 
 def main() -> None:
     console.run_cli(app, "dtadmin")

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from bastion.admin.common import StateOpt, actor, new_app, open_cluster, state_dir
+from bastion.admin.common import StateOpt, actor, database, new_app, open_cluster, state_dir
 from bastion.ca.certs import load_public_key
 from bastion.ca.keys import atomic_write, fingerprint, public_line
 from bastion.cluster import init_cluster
@@ -17,6 +17,7 @@ from bastion.protocol import console
 from bastion.protocol.console import Format
 from bastion.protocol.durations import parse_duration
 from bastion.protocol.errors import StateError, UsageError
+from bastion.storage import safe_url
 
 ca_app = new_app("Export the cluster's CA keys and revocation list for nodes.")
 auth_app = new_app("Sign bot certificates by hand, on the CA host (like tctl auth sign).")
@@ -33,9 +34,11 @@ def init(
     Example: dtadmin init --cluster example.com --state /var/lib/dt-bastion
     """
     directory = state_dir(ctx, state)
-    created = init_cluster(directory, cluster, actor=actor())
+    url = database(ctx)
+    created = init_cluster(directory, cluster, actor=actor(), database=url)
     try:
-        console.say(f'Cluster "{cluster}" created in {directory}')
+        where = f"{directory} (state in {safe_url(url)})" if url else str(directory)
+        console.say(f'Cluster "{cluster}" created in {where}')
         console.say(f"  user CA {created.ca.user_ca_fingerprint}")
         console.say(f"  host CA {created.ca.host_ca_fingerprint}")
         console.say(

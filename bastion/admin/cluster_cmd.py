@@ -23,8 +23,10 @@ def check_public_addr(value: str) -> str:
     """HOST or HOST:PORT ([IPv6]:PORT) that users' dtclient reaches the bastion at."""
     from bastion.admin.nodes import parse_addr
 
-    explicit = value.startswith("[") and "]:" in value or (
-        not value.startswith("[") and value.count(":") == 1
+    explicit = (
+        value.startswith("[")
+        and "]:" in value
+        or (not value.startswith("[") and value.count(":") == 1)
     )
     host, port = parse_addr(value)
     port = port if explicit else DEFAULT_PORT

@@ -13,7 +13,7 @@ import typer
 
 from bastion import audit
 from bastion.cluster import Cluster, default_state_dir
-from bastion.storage import Store
+from bastion.storage import Store, database_url
 
 StateOpt = Annotated[
     Path | None,
@@ -33,8 +33,15 @@ def state_dir(ctx: typer.Context, override: Path | None = None) -> Path:
     return Path(value) if value else default_state_dir()
 
 
+def database(ctx: typer.Context) -> str | None:
+    """The PostgreSQL URL: ``--database``, else $DT_DATABASE; None: SQLite."""
+    root = ctx.find_root()
+    value = (root.obj or {}).get("database") if isinstance(root.obj, dict) else None
+    return database_url(value)
+
+
 def open_cluster(ctx: typer.Context, override: Path | None = None) -> Cluster:
-    cluster = Cluster.open(state_dir(ctx, override))
+    cluster = Cluster.open(state_dir(ctx, override), database=database(ctx))
     ctx.call_on_close(cluster.close)
     return cluster
 

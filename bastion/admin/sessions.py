@@ -16,7 +16,6 @@ import typer
 from bastion.admin.common import StateOpt, new_app, open_cluster
 from bastion.protocol import console
 from bastion.protocol.console import Format
-from bastion.proxy import instances
 
 app = new_app("List the forwarded sessions open through the bastions right now.")
 
@@ -35,9 +34,7 @@ def ls(
     """
     cluster = open_cluster(ctx, state)
     sessions = [s for s in cluster.store.list_open_sessions() if user is None or s.user == user]
-    alive = {
-        name: instances.is_alive(cluster.state_dir, name) for name in {s.instance for s in sessions}
-    }
+    alive = {name: cluster.store.instance_alive(name) for name in {s.instance for s in sessions}}
     now = time.time()
     docs: list[dict[str, Any]] = [
         {

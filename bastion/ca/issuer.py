@@ -15,7 +15,7 @@ import asyncio
 import logging
 import queue
 import threading
-from typing import Any
+from typing import Any, cast
 
 from bastion.ca.authority import CertificateAuthority, Issued, UserCertRequest
 from bastion.protocol.errors import DTError, StateError
@@ -87,12 +87,13 @@ class GroupCommitIssuer:
         go on: in WAL mode readers do not wait for a writer. A rotated user CA that the
         bastion has loaded is picked up before each batch.
         """
-        path = self.ca.store.path
-        if path is None:  # an in-memory store has only the one connection
-            return self.ca
         if self._own is None:
-            store = Store.open(path.parent, check=False)  # the bastion checked it at start
-            self._own = CertificateAuthority(store, self.ca.user_ca, self.ca.host_ca)
+            # SQLite: the file opened again, unchecked (the bastion checked it at start);
+            # PostgreSQL: the same pool. None: an in-memory store's one connection.
+            store = self.ca.store.sibling()
+            if store is None:
+                return self.ca
+            self._own = CertificateAuthority(cast(Store, store), self.ca.user_ca, self.ca.host_ca)
         if self._own.user_ca is not self.ca.user_ca:
             self._own.set_user_ca(self.ca.user_ca)
         return self._own

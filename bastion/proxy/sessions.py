@@ -16,12 +16,14 @@ Each open session also has a row in ``live_sessions`` under this process's insta
 name, removed with its ``session.end``. A bastion killed outright leaves its rows
 behind; the next bastion to start on the state directory, or a sibling already
 running on it, finds them once the dead process's instance lock is free
-(``instances.claim_if_dead``) and writes the ``session.end`` the dead one could not.
+(``store.claim_if_dead``: a flock in the state directory on SQLite, a session
+advisory lock on PostgreSQL, so a sibling on another host sweeps too) and writes the ``session.end`` the dead one could not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import inspect
 import itertools
@@ -38,9 +40,10 @@ from bastion.authz import decide, freshness
 from bastion.authz.freshness import Freshness
 from bastion.authz.records import Node, OpenSession
 from bastion.protocol.errors import AccessDenied, DTError, StorageUnavailable
-from bastion.proxy import instances, policy
+from bastion.proxy import policy
 from bastion.proxy.workers import Workers
 from bastion.storage import Store
+from bastion.storage.interface import InstanceClaim
 
 log = logging.getLogger("bastion.sessions")
 _ids = itertools.count(1)
@@ -101,7 +104,7 @@ class Registry:
         self._revision = -1
         # Set by start() when the store is on disk; sessions are then also recorded
         # in live_sessions under this name.
-        self._instance: instances.InstanceLock | None = None
+        self._instance: InstanceClaim | None = None
         # Called (before live sessions are decided again) whenever the revision moves;
         # on_poll (with ``now``) on every turn.
         self.on_revision: list[Listener] = []
@@ -112,6 +115,7 @@ class Registry:
         self.freshness = Freshness(stale_after, stale_grace, time.monotonic())
         self.on_blind: list[Listener] = []
         self._guard_task: asyncio.Task[None] | None = None
+        self._feed: concurrent.futures.ThreadPoolExecutor | None = None  # the watcher's wait
 
     @property
     def instance(self) -> str | None:
@@ -235,8 +239,8 @@ class Registry:
     # -- revocation ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.store.path is not None and self._instance is None:
-            self._instance = instances.InstanceLock.acquire(self.store.path.parent)
+        if self._instance is None:  # None again for an in-memory store: nobody to see it
+            self._instance = self.store.hold_instance()
         if self.workers is None:
             self.workers, self._own_workers = Workers(self.store), True
         self._stopping = False
@@ -258,14 +262,13 @@ class Registry:
         """
         if self._instance is None:
             return 0
-        state_dir = self._instance.state_dir
         names = set(self.store.open_session_instances())
         if stale_files:  # lock files of bastions killed while holding no session
-            names.update(instances.stale_names(state_dir, self._instance.name))
+            names.update(self.store.stale_instances(self._instance.name))
         names.discard(self._instance.name)
         ended = 0
         for name in sorted(names):
-            with instances.claim_if_dead(state_dir, name) as dead:
+            with self.store.claim_if_dead(name) as dead:
                 if dead:
                     ended += self._end_orphans(name)
         return ended
@@ -330,6 +333,9 @@ class Registry:
         else:
             for session, why in doomed:
                 self._terminate(session, why, audit_it=False)
+        if self._feed is not None:
+            self._feed.shutdown(wait=False)
+            self._feed = None
         if self._instance is not None:
             # Any row left (its end could not be written) is swept by the next bastion.
             self._instance.release()
@@ -358,7 +364,17 @@ class Registry:
                     await _maybe_await(listener(time.time()))
             except Exception:
                 log.exception("re-checking live sessions failed; trying again")
-            await asyncio.sleep(self.poll_interval)
+            await self._wait_for_change()
+
+    async def _wait_for_change(self) -> None:
+        """Until the next turn: ``poll_interval``, or less when the store's change feed
+        says something committed (PostgreSQL's NOTIFY: a lock on another bastion cuts
+        here in milliseconds, not a poll later). The wait runs on a thread of its own,
+        never on the loop; SQLite has no feed and just sleeps."""
+        if self._feed is None:
+            self._feed = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dt-feed")
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._feed, self.store.wait_for_change, self.poll_interval)
 
     async def _follow_revision(self, workers: Workers) -> None:
         asked = time.monotonic()

@@ -31,15 +31,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from bastion import audit
 from bastion.protocol.errors import DTError, StorageUnavailable
@@ -152,13 +150,18 @@ class Workers:
         self._writes: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._threads: list[tuple[threading.Thread, queue.SimpleQueue[Any]]] = []
         self._ready = threading.Semaphore(0)
-        if store.path is None:  # one connection: one thread does everything, in order
+        # Each lane thread opens its own sibling store in its own thread (below); this
+        # first one only tells whether siblings exist (None: an in-memory store's one
+        # connection), and is closed at once.
+        first = store.sibling(timeout=timeout)
+        if first is None:  # one connection: one thread does everything, in order
             self._reads = self._calls = self._writes
             self._spawn("dt-store", self._writes, self._write_loop, self._shared)
         else:
+            first.close()
             self._reads = queue.SimpleQueue()
             self._calls = queue.SimpleQueue()
-            own = functools.partial(self._open_own, store.path)
+            own = self._open_own
             self._spawn("dt-write", self._writes, self._write_loop, own)
             for i in range(readers):
                 self._spawn(f"dt-read-{i}", self._reads, self._serve_loop, own)
@@ -317,10 +320,10 @@ class Workers:
     def _shared(self) -> Store:
         return self.store
 
-    def _open_own(self, path: Path) -> Store:
-        store = Store.open(path.parent, check=False)
-        with contextlib.suppress(Exception):  # our own bound, not the 10 s default
-            store.db.execute(f"PRAGMA busy_timeout = {max(1, int(self.timeout * 1000))}")
+    def _open_own(self) -> Store:
+        # A sibling: SQLite opens the file again (no check: the bastion did it at start)
+        # with our own busy timeout, not the 10 s default; PostgreSQL shares the pool.
+        store = cast(Store, self.store.sibling(timeout=self.timeout))
         with self._lock:
             self._own.append(store)
         return store

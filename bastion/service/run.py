@@ -58,7 +58,7 @@ class Service:
 
         cfg = self.config
         _tune_socket_reads(cfg.socket_read_size)
-        cluster = Cluster.open(cfg.state_dir)
+        cluster = Cluster.open(cfg.state_dir, database=cfg.database or None)
         try:
             # Once, before anyone is let in: the open-time check skips indexes, and a
             # broken index answers "no lock", "no such serial" wrongly.

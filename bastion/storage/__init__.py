@@ -43,6 +43,7 @@ from bastion.storage.codec import role_from_spec, role_to_spec
 from bastion.storage.connection import DB_NAME
 from bastion.storage.interface import StateStore
 from bastion.storage.sqlite import SQLiteStore
+from bastion.storage.urls import check_url, safe_url
 
 Store = SQLiteStore
 DATABASE_ENV = "DT_DATABASE"
@@ -55,6 +56,7 @@ __all__ = [
     "DATABASE_ENV",
     "database_url",
     "open_store",
+    "safe_url",
     "role_to_spec",
     "role_from_spec",
 ]
@@ -78,13 +80,7 @@ def open_store(
     ``postgresql://`` URL; the state directory still holds the keys and run/), or
     SQLite in ``state_dir``. ``check=False``: no integrity check or migration."""
     if database:
-        if not database.startswith(("postgresql://", "postgres://")):
-            from bastion.protocol.errors import StateError
-
-            raise StateError(
-                "database must be a postgresql:// URL (leave it unset for SQLite in the "
-                "state directory)"
-            )
+        check_url(database)  # before psycopg is even imported
         from bastion.storage.postgres import PostgresStore  # psycopg only when used
 
         return PostgresStore.open(database, Path(state_dir), create=create, check=check)

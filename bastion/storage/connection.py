@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, cast
 
 import sqlite_utils
 
@@ -237,7 +237,7 @@ class SQLiteBase(StoreBase):
         if timeout is not None:
             with contextlib.suppress(sqlite3.Error):  # our own bound, not the 10 s default
                 store._conn.execute(f"PRAGMA busy_timeout = {max(1, int(timeout * 1000))}")
-        return store
+        return cast("StateStore", store)  # a SQLiteStore: the nouns are its subclass
 
     # -- instance liveness: a flock per bastion in the state directory's run/ ---------
 

@@ -44,7 +44,9 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from bastion.protocol.errors import StateError, StorageUnavailable
+from bastion.storage import urls
 from bastion.storage.base import Duplicate, StoreBase
+from bastion.storage.urls import safe_url
 
 log = logging.getLogger("bastion.storage")
 
@@ -58,33 +60,19 @@ KEEP_CHANGES = 10_000
 TRIM_EVERY = 500
 POOL_MAX = 24
 CONNECT_TIMEOUT = 10
-
-
-def safe_url(url: str) -> str:
-    """The URL without anything secret, for messages and logs: host, port, database."""
-    try:
-        info = psycopg.conninfo.conninfo_to_dict(url)
-    except psycopg.Error:
-        return "postgresql://(unparsable URL)"
-    host = info.get("host") or "localhost"
-    port = f":{info['port']}" if info.get("port") else ""
-    return f"postgresql://{host}{port}/{info.get('dbname') or ''}"
+RETRIES = 4  # stale pooled connections tried before an error is the database's
 
 
 def check_url(url: str) -> dict[str, Any]:
-    """Parse ``url``; refuse one that carries a password (process listings, logs,
-    config files show it): libpq reads it from a password file instead."""
+    """:func:`urls.check_url`, then libpq's own parse (a password given as a
+    keyword/value string is refused too)."""
+    urls.check_url(url)
     try:
         info = psycopg.conninfo.conninfo_to_dict(url)
     except psycopg.ProgrammingError as exc:
         raise StateError(f"the database URL is not valid: {exc}") from None
     if info.get("password"):
-        raise StateError(
-            "the database URL carries a password; take it out and give it to libpq in a "
-            "password file instead (PGPASSFILE, ~/.pgpass, or a passfile= parameter, "
-            "e.g. a systemd credential: passfile=%d/pgpass), so it never shows in a "
-            f"process listing or a log ({safe_url(url)})"
-        )
+        raise urls.password_refused(url)
     return info
 
 
@@ -131,6 +119,24 @@ class _Shared:
         self.users = 1
         self.lock = threading.Lock()
         self.origin = f"{socket.gethostname()}:{os.getpid()}"
+        # Set when a connection was found dead: until one direct connect works again,
+        # callers are told at once (the pool would make each wait its full timeout).
+        self.down = False
+
+    def getconn(self) -> psycopg.Connection[Any]:
+        if self.down:
+            try:
+                psycopg.connect(self.url, connect_timeout=2).close()
+            except psycopg.Error as exc:
+                raise _unavailable("cannot be reached", exc, self.url) from None
+            self.down = False
+            with contextlib.suppress(Exception):
+                self.pool.check()  # throw away the connections that died meanwhile
+        try:
+            return self.pool.getconn()
+        except PoolTimeout as exc:
+            self.down = True
+            raise _unavailable("cannot be reached", exc, self.url) from None
 
     def release(self) -> None:
         with self.lock:
@@ -142,7 +148,11 @@ class _Shared:
 
 def make_pool(url: str, *, max_size: int = POOL_MAX) -> ConnectionPool[Any]:
     check_url(url)
-    kwargs = {"autocommit": True, "row_factory": dict_row, "connect_timeout": CONNECT_TIMEOUT}
+    kwargs: dict[str, Any] = {
+        "autocommit": True,
+        "row_factory": dict_row,
+        "connect_timeout": CONNECT_TIMEOUT,
+    }
     try:  # one direct attempt first: it fails at once, and says why (the pool would not)
         psycopg.connect(url, **kwargs).close()
     except psycopg.Error as exc:
@@ -181,11 +191,13 @@ class PostgresBase(StoreBase):
         if self._closed:
             raise StateError(f"cluster database {safe_url(self.url)} was closed")
         try:
-            return self._shared.pool.getconn()
-        except (PoolTimeout, psycopg.Error) as exc:
+            return self._shared.getconn()
+        except psycopg.Error as exc:
             raise map_error(exc, self.url, "cannot be reached") from None
 
     def _putconn(self, conn: psycopg.Connection[Any]) -> None:
+        if conn.closed:
+            self._shared.down = True  # the next caller checks before it waits
         with contextlib.suppress(Exception):
             self._shared.pool.putconn(conn)
 
@@ -209,12 +221,12 @@ class PostgresBase(StoreBase):
                 return tx.conn.execute(_pg(sql), params).fetchall()
             except psycopg.Error as exc:
                 raise map_error(exc, self.url, "read failed") from None
-        for attempt in (1, 2):  # a pooled connection the server dropped: once more
+        for attempt in range(RETRIES):  # pooled connections the server dropped: again
             conn = self._getconn()
             try:
                 return conn.execute(_pg(sql), params).fetchall()
             except psycopg.OperationalError as exc:
-                if attempt == 2 or not conn.closed:
+                if attempt == RETRIES - 1 or not conn.closed:
                     raise map_error(exc, self.url, "read failed") from None
             except psycopg.Error as exc:
                 raise map_error(exc, self.url, "read failed") from None
@@ -255,6 +267,29 @@ class PostgresBase(StoreBase):
 
     # -- transactions ------------------------------------------------------------------
 
+    def _begin(self, begin: str, *, lock: bool) -> psycopg.Connection[Any]:
+        """A pooled connection with a transaction begun on it (and, for a write, the
+        cluster-wide write lock taken). A connection the server dropped while it sat
+        in the pool (a restart) is thrown away and another tried."""
+        for attempt in range(RETRIES):
+            conn = self._getconn()
+            try:
+                conn.execute(begin)
+                if lock:
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_KEY,))
+                return conn
+            except psycopg.Error as exc:
+                closed = conn.closed
+                if not closed:
+                    with contextlib.suppress(psycopg.Error):
+                        conn.execute("ROLLBACK")
+                self._putconn(conn)
+                if attempt == RETRIES - 1 or not closed:
+                    raise map_error(
+                        exc, self.url, "is unwritable" if lock else "read failed"
+                    ) from None
+        raise AssertionError("unreachable")
+
     @contextlib.contextmanager
     def transaction(self, *, bump: bool = True) -> Iterator[None]:
         """One atomic unit holding the cluster-wide write lock from its start. Nested
@@ -266,15 +301,10 @@ class PostgresBase(StoreBase):
             tx.bump |= bump
             yield
             return
-        conn = self._getconn()
+        conn = self._begin("BEGIN", lock=True)
         tx = _Tx(conn, read_only=False)
         tx.bump = bump
         try:
-            try:
-                conn.execute("BEGIN")
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_KEY,))
-            except psycopg.Error as exc:
-                raise map_error(exc, self.url, "is unwritable") from None
             self._local.tx = tx
             try:
                 yield
@@ -345,12 +375,8 @@ class PostgresBase(StoreBase):
         if self._tx() is not None:
             yield
             return
-        conn = self._getconn()
+        conn = self._begin("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", lock=False)
         try:
-            try:
-                conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            except psycopg.Error as exc:
-                raise map_error(exc, self.url, "read failed") from None
             self._local.tx = _Tx(conn, read_only=True)
             try:
                 yield
@@ -375,7 +401,8 @@ class PostgresBase(StoreBase):
             conn = self._listener
             if conn is None or conn.closed:
                 try:
-                    conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+                    # 2 s: libpq's least; a refused connection fails at once.
+                    conn = psycopg.connect(self.url, autocommit=True, connect_timeout=2)
                     conn.execute(f"LISTEN {CHANNEL}")
                 except psycopg.Error as exc:
                     log.warning("cannot listen for changes on %s: %s", safe_url(self.url), exc)
