@@ -12,6 +12,7 @@ import sys
 import time
 
 import asyncssh
+import pytest
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
 from bastion.cluster import Cluster
@@ -110,8 +111,8 @@ APPENDER = """
 import os, sys, time
 from pathlib import Path
 from bastion import audit
-from bastion.storage import Store
-store = Store.open(sys.argv[1])
+from bastion.storage import database_url, open_store
+store = open_store(sys.argv[1], database_url())  # $DT_DATABASE: PostgreSQL
 store.revision()
 Path(sys.argv[1]).parent.joinpath(f"ready-{sys.argv[3]}").touch()
 while not Path(sys.argv[1]).parent.joinpath("go").exists():  # all start together
@@ -123,9 +124,18 @@ store.close()
 """
 
 
-def test_processes_appending_in_a_tight_loop_never_fork_the_chain(tmp_path):
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_processes_appending_in_a_tight_loop_never_fork_the_chain(
+    tmp_path, backend, monkeypatch, request
+):
     """Harder than dtadmin's pace: four processes each append as fast as they can,
-    every row its own write transaction, racing for the lock the whole time."""
+    every row its own write transaction, racing for the lock the whole time (on
+    PostgreSQL: the cluster-wide advisory lock every write transaction takes)."""
+    if backend == "postgres":
+        from tests.postgres import fresh_database
+
+        pg_server = request.getfixturevalue("pg_server")
+        monkeypatch.setenv("DT_DATABASE", fresh_database(pg_server))
     state = tmp_path / "state"
     dtadmin(state, "init", "--cluster", "race")
     writers, each = 4, 150
