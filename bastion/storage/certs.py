@@ -123,10 +123,8 @@ class CertStore(StoreBase):
         where = f"cert_type = 'user' AND revoked IS NULL AND ({' OR '.join(clauses)})"
         with self.transaction():
             rows = self._all(f"SELECT * FROM issued_certs WHERE {where}", tuple(params))  # nosec B608
-            self._execute(
-                f"UPDATE issued_certs SET revoked = ? WHERE {where}",
-                (now, *params),  # nosec B608
-            )
+            update = f"UPDATE issued_certs SET revoked = ? WHERE {where}"  # nosec B608
+            self._execute(update, (now, *params))
         return [self._cert(r) for r in rows]
 
     def revoke_cert(self, serial: int, now: float) -> None:

@@ -329,8 +329,8 @@ class PostgresBase(StoreBase):
     def _bump(self, conn: psycopg.Connection[Any]) -> None:
         row = conn.execute(
             "WITH c AS (INSERT INTO changes (time, origin) VALUES (%s, %s) RETURNING seq) "
-            f"SELECT seq, pg_notify('{CHANNEL}', seq::text) FROM c",
-            (time.time(), self._shared.origin),
+            "SELECT seq, pg_notify(%s, seq::text) FROM c",
+            (time.time(), self._shared.origin, CHANNEL),
         ).fetchone()
         seq = int(row["seq"]) if row else 0
         if seq % TRIM_EVERY == 0:
