@@ -29,6 +29,7 @@ from bastion.authz.limits import SlotLimits
 from bastion.config import BastionConfig
 from bastion.protocol.errors import DTError
 from bastion.service import logs
+from bastion.storage.urls import safe_url
 
 if TYPE_CHECKING:
     from bastion.proxy.server import Bastion
@@ -85,7 +86,10 @@ def shown(value: Any) -> str:
 
 
 def described(changed: dict[str, tuple[Any, Any]]) -> str:
-    return "; ".join(f"{name} {shown(a)} -> {shown(b)}" for name, (a, b) in changed.items())
+    def one(name: str, value: Any) -> str:  # a database URL: its host and name only
+        return safe_url(value) if name == "database" and value else shown(value)
+
+    return "; ".join(f"{name} {one(name, a)} -> {one(name, b)}" for name, (a, b) in changed.items())
 
 
 class Reloader:

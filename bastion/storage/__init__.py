@@ -1,12 +1,20 @@
-"""Cluster state: one interface (:class:`StateStore`), one SQLite file (WAL) behind it.
+"""Cluster state: one interface (:class:`StateStore`), SQLite or PostgreSQL behind it.
 
 Everything above this package talks to the store and gets typed records back
 (``bastion.authz.records``), never rows. :class:`StateStore` lists every operation the
-shells use; :class:`SQLiteStore` (also ``Store``) implements it for one host, one
-module per noun (``users``, ``roles``, ``devices``, ``nodes``, ``locks``, ``tokens``,
-``certs``, ``trust_roots``, ``logins``, ``source_failures``, ``open_sessions``,
-``audit_log``, ``settings``) over the connection and transactions of ``connection``. A PostgreSQL
-store for several bastions implements the same protocol.
+shells use. One module per noun (``users``, ``roles``, ``devices``, ``nodes``,
+``locks``, ``tokens``, ``certs``, ``trust_roots``, ``logins``, ``source_failures``,
+``open_sessions``, ``audit_log``, ``settings``), written in portable SQL over :class:`base.StoreBase`
+(see there), joined in ``nouns.Nouns``, makes both stores:
+
+* :class:`SQLiteStore` (also ``Store``), over ``connection.SQLiteBase``: one file
+  (WAL) in the state directory, for one host, the embedded default;
+* ``postgres.PostgresStore``, over ``pg_connection.PostgresBase``: one PostgreSQL
+  database for several bastions on several hosts (pool, a cluster-wide advisory
+  write lock, a change feed with NOTIFY, advisory-lock liveness), its own
+  migrations (``pg_migrations``). The state directory still holds the keys.
+
+:func:`open_store` is the one way to open either (``database_url`` says which).
 
 Rules that hold everywhere here:
 
@@ -27,9 +35,9 @@ gets a connection of its own on first use (closed with the store, or once its th
 has ended), so a reader is never queued behind a writer that waits up to the busy
 timeout (10 s) for another process's write lock, and a transaction is its thread's
 alone (another thread sees the last commit, neither joining nor waiting for it). For a
-worker pool, ``Store.open(state_dir, check=False)`` is a cheap store per worker: no
-quick_check, no migration, and no access to the file outside SQLite (the process
-already has it open). The executor that keeps storage work off the event loop is the
+worker pool, ``store.sibling()`` is a cheap store per worker (SQLite: the file opened
+again with no quick_check, no migration, and no access to the file outside SQLite;
+PostgreSQL: the same pool). The executor that keeps storage work off the event loop is the
 proxy's (``bastion/proxy/workers.py``), not this package's. An in-memory store has
 one connection, which its threads take in turn.
 """
