@@ -259,7 +259,10 @@ def test_the_audit_key_is_not_a_ca_key(state):
     assert len(set(pubs.values())) == len(pubs)
 
 
-def test_checkpoints_come_every_256_rows_in_the_writers_batches(tmp_path):
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_checkpoints_come_every_256_rows_in_the_writers_batches(
+    tmp_path, backend, monkeypatch, request
+):
     """The bastion's writer appends in batches of savepoints; a checkpoint is due every
     CHECKPOINT_ROWS rows (and after CHECKPOINT_SECONDS), not at every row of a batch,
     and a row rolled back with its savepoint leaves no hole in the chain."""
@@ -267,7 +270,13 @@ def test_checkpoints_come_every_256_rows_in_the_writers_batches(tmp_path):
     from bastion.cluster import init_cluster
     from bastion.storage.audit_log import CHECKPOINT_ROWS
 
-    cluster = init_cluster(tmp_path / "state", "batch")
+    url = None
+    if backend == "postgres":
+        from tests.postgres import fresh_database
+
+        url = fresh_database(request.getfixturevalue("pg_server"))
+        monkeypatch.setenv("DT_DATABASE", url)  # for the dtadmin below
+    cluster = init_cluster(tmp_path / "state", "batch", database=url)
     store = cluster.store
     try:
         with store.transaction(bump=False):

@@ -100,8 +100,10 @@ def test_reads_go_on_while_a_writer_thread_waits_for_the_write_lock(store, tmp_p
     assert store.get_setting("written") == "after the lock"
 
 
-def test_a_transaction_is_its_threads_own(store):
-    """Another thread neither joins an open transaction nor waits for it to end."""
+def test_a_transaction_is_its_threads_own(any_store):
+    """Another thread neither joins an open transaction nor waits for it to end (on
+    SQLite and on PostgreSQL)."""
+    store = any_store
     inside, done = threading.Event(), threading.Event()
 
     def write() -> None:
