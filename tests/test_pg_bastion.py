@@ -1,9 +1,10 @@
 """The product on PostgreSQL: `dtadmin --database URL init`, two real `dt-bastion serve`
 on one database from two state directories (two "hosts"), a real sshd node, stock ssh.
 
-A user added by dtadmin logs in through either bastion, and a lock written anywhere
+A user added by dtadmin logs in through either bastion, a lock written anywhere
 cuts a live session on the other bastion through the change feed (NOTIFY), not a poll
-later.
+later, and a bastion killed with SIGKILL has its open session ended in the audit log
+by the other one (PostgreSQL session advisory locks as liveness).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def test_two_bastions_on_one_postgresql(pg_server, tmp_path):
     try:
         with sshd_node(tmp_path / "node", cluster) as node:
             cluster.store.add_node(Node("node-1", "127.0.0.1", node.port, {"env": "test"}))
-            args = ("--database", url)
+            args = ("--database", url, "--set", "session_sweep_interval=0.5")
             with (
                 bastion_server(state_a, extra_args=args) as a,
                 bastion_server(state_b, extra_args=args) as b,
@@ -87,5 +88,33 @@ def test_two_bastions_on_one_postgresql(pg_server, tmp_path):
                 terminated = cluster.store.list_audit(type="session.terminated")
                 assert terminated and terminated[-1].user == "alice"
                 assert "left the company" in terminated[-1].message
+
+                # B is killed outright with a session open: A, on another "host" (its
+                # own state directory), ends that session in the audit log for it.
+                cluster.store.remove_locks_for("user", "alice")
+                live = subprocess.Popen(
+                    ["ssh", "-F", str(config_b), f"{LOGIN}@node-1", "echo started; sleep 60"],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                    stdin=subprocess.DEVNULL,
+                )  # fmt: skip
+                try:
+                    assert live.stdout.readline().strip() == "started", b.log()
+                    (row,) = cluster.store.list_open_sessions()
+                    b.proc.kill()
+                    b.proc.wait(10)
+                    # DEAD_AFTER (5 s): a lock seen free twice, that far apart.
+                    deadline = time.monotonic() + 30
+                    while cluster.store.list_open_sessions() and time.monotonic() < deadline:
+                        time.sleep(0.1)
+                    assert cluster.store.list_open_sessions() == [], a.log()
+                finally:
+                    live.kill()
+                    live.wait()
+                ends = [
+                    e for e in cluster.store.list_audit(type="session.end")
+                    if e.fields.get("recovered")
+                ]  # fmt: skip
+                assert ends and ends[-1].fields["bastion"] == row.instance
+                assert ends[-1].user == "alice"
     finally:
         cluster.close()
