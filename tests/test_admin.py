@@ -364,9 +364,7 @@ def test_nodes_devices_locks_and_audit(cluster, run):
         "cluster.update",
     } <= kinds
     tokens = json.loads(run("audit", "ls", "--type", "token.create", "--format", "json").output)
-    assert [t["message"] for t in tokens if t["kind"] == "enroll"] == [
-        "Device Enroll Token Created"
-    ]
+    assert [t["message"] for t in tokens if t["kind"] == "enroll"] == ["Device Enroll Token Created"]
     # the name it had before the one naming style still finds it
     old = json.loads(run("audit", "ls", "--type", "device.token.create", "--format", "json").output)
     assert old == tokens

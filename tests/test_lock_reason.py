@@ -113,12 +113,7 @@ def test_guessing_a_locked_account_locks_the_password_out_as_on_any_account(stor
     later = now + 700  # past the window, within the lockout
     with pytest.raises(AuthenticationFailed) as after:
         accounts.check_password_login(
-            store,
-            "dan",
-            PASSWORD,
-            credentials.totp_now(secret, now=later),
-            policy=policy,
-            now=later,
+            store, "dan", PASSWORD, credentials.totp_now(secret, now=later), policy=policy, now=later
         )
     assert not after.value.disclose and "laptop" not in after.value.message
 

@@ -138,9 +138,7 @@ def test_published_modes_decide_as_the_bastion_does(cluster):
     store.set_setting("device_trust_mode", "off")
     assert decide("root", plain, state=publish(cluster), **kw).principals == ("root",)
     store.set_setting("device_trust_mode", "required")
-    assert (
-        "trusted device is required" in decide("root", plain, state=publish(cluster), **kw).reason
-    )
+    assert "trusted device is required" in decide("root", plain, state=publish(cluster), **kw).reason
     store.set_setting("device_trust_mode", "optional")
     store.set_user_roles("alice", ("access", "require-trusted-device"))
     assert decide("root", plain, state=publish(cluster), **kw).principals == ()

@@ -380,7 +380,9 @@ def test_a_refused_rsa_or_ecdsa_certificate_is_proven_and_told_too(env, key_type
     env.cluster.store.add_user(User("erin", ("access",), (LOGIN,)))
     d = env.tmp / "erin"
     d.mkdir()
-    subprocess.run(["ssh-keygen", "-q", "-t", *key_type, "-N", "", "-f", str(d / "id")], check=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", *key_type, "-N", "", "-f", str(d / "id")], check=True
+    )
     issued = env.cluster.ca.sign_user("erin", load_public_key((d / "id.pub").read_bytes()))
     (d / "id-cert.pub").write_text(issued.openssh + "\n")
     config = write_ssh_config(

@@ -266,7 +266,9 @@ class EnrollmentCeremony:
             # Decided again under the write lock: an owner assigned, an enrollment by
             # someone else or a role removed during the TPM round trip counts.
             if current is not None:
-                decide.check_enrollment_by(current, self.user, by_token=pending.token is not None)
+                decide.check_enrollment_by(
+                    current, self.user, by_token=pending.token is not None
+                )
                 self._check_ek_identity(current, pending.ek_hash)
             if pending.token is None and pending.self_enroll:
                 if not decide.may_self_enroll(self.store.facts(user=self.user, now=now)):
