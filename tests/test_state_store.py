@@ -18,9 +18,9 @@ from bastion.storage import DB_NAME, SQLiteStore, StateStore, Store, role_from_s
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXT_MANAGERS = {"transaction", "read_transaction", "savepoint"}
-# SQLite's own, outside the protocol: the file a second connection opens (and the
-# directory of the keys beside it), the
-# sqlite-utils handle migrations and a few tests use.
+# SQLite's own, outside the protocol: the file a second connection opens, the
+# directory of the keys beside it, and the sqlite-utils handle migrations and a few
+# tests use.
 SQLITE_ONLY = {"path", "state_dir", "db", "open", "memory"}
 # PostgreSQL's own: its URL (never with a password) and the sweep's grace.
 POSTGRES_ONLY = {"path", "state_dir", "url", "open", "dead_after"}

@@ -17,7 +17,8 @@ name, removed with its ``session.end``. A bastion killed outright leaves its row
 behind; the next bastion to start on the state directory, or a sibling already
 running on it, finds them once the dead process's instance lock is free
 (``store.claim_if_dead``: a flock in the state directory on SQLite, a session
-advisory lock on PostgreSQL, so a sibling on another host sweeps too) and writes the ``session.end`` the dead one could not.
+advisory lock on PostgreSQL, so a sibling on another host sweeps too) and writes the
+``session.end`` the dead one could not.
 """
 
 from __future__ import annotations

@@ -152,13 +152,19 @@ class Workers:
         self._ready = threading.Semaphore(0)
         # Each lane thread opens its own sibling store in its own thread (below); this
         # first one only tells whether siblings exist (None: an in-memory store's one
-        # connection), and is closed at once.
-        first = store.sibling(timeout=timeout)
+        # connection), and is closed at once. One that cannot be opened now (a
+        # read-only disk) exists all the same: each thread tries again at each job.
+        try:
+            first = store.sibling(timeout=timeout)
+        except DTError:
+            first = store
+        else:
+            if first is not None:
+                first.close()
         if first is None:  # one connection: one thread does everything, in order
             self._reads = self._calls = self._writes
             self._spawn("dt-store", self._writes, self._write_loop, self._shared)
         else:
-            first.close()
             self._reads = queue.SimpleQueue()
             self._calls = queue.SimpleQueue()
             own = self._open_own
