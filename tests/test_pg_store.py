@@ -383,3 +383,21 @@ def test_postgresql_stopped_is_storage_unavailable_then_back(tmp_path):
         assert store.find_user("alice") is not None  # the pool reconnects
         store.add_user(User("bob", (), ()))
         store.close()
+
+
+def test_which_database_flag_then_env_then_config(monkeypatch, tmp_path):
+    from bastion.config import load_config
+    from bastion.storage import database_url
+
+    conf = tmp_path / "bastion.toml"
+    conf.write_text('[bastion]\ndatabase = "postgresql://dt@db-config/dt"\n')
+    cfg = load_config(conf)
+    assert cfg.database == "postgresql://dt@db-config/dt"
+    monkeypatch.delenv("DT_DATABASE", raising=False)
+    assert database_url(None, cfg.database) == cfg.database
+    assert database_url(None, None) is None  # SQLite in the state directory
+    monkeypatch.setenv("DT_DATABASE", "postgresql://dt@db-env/dt")
+    assert database_url(None, cfg.database) == "postgresql://dt@db-env/dt"
+    assert database_url("postgresql://dt@db-flag/dt", cfg.database).endswith("db-flag/dt")
+    with pytest.raises(StateError, match="postgresql:// URL"):
+        open_store(tmp_path, "mysql://dt@db/dt")
