@@ -82,6 +82,17 @@ def _pg(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
+def _nul_free(params: tuple[Any, ...]) -> tuple[Any, ...]:
+    """PostgreSQL text cannot hold NUL; SQLite's can. A NUL in a value (only ever from
+    a client: a user name tried at login, a jump target; stored names are checked) is
+    written and looked up as the four characters ``\\x00``, the escape the audit log
+    uses: the statement goes through, and matches no name a name check lets in."""
+    for p in params:
+        if p.__class__ is str and "\x00" in p:
+            return tuple(v.replace("\x00", "\\x00") if isinstance(v, str) else v for v in params)
+    return params
+
+
 def _unavailable(what: str, exc: BaseException, url: str) -> StorageUnavailable:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return StorageUnavailable(f"cluster database {safe_url(url)} {what}: {text}")
@@ -218,9 +229,10 @@ class PostgresBase(StoreBase):
         tx = self._tx()
         if tx is not None:
             try:
-                return tx.conn.execute(_pg(sql), params).fetchall()
+                return tx.conn.execute(_pg(sql), _nul_free(params)).fetchall()
             except psycopg.Error as exc:
                 raise map_error(exc, self.url, "read failed") from None
+        params = _nul_free(params)
         for attempt in range(RETRIES):  # pooled connections the server dropped: again
             conn = self._getconn()
             try:
@@ -236,6 +248,7 @@ class PostgresBase(StoreBase):
 
     def _execute(self, sql: str, params: tuple[Any, ...] = (), *, unique: bool = False) -> int:
         tx = self._write_tx()
+        params = _nul_free(params)
         try:
             if not unique:
                 return tx.conn.execute(_pg(sql), params).rowcount
@@ -254,7 +267,7 @@ class PostgresBase(StoreBase):
     def _insert_returning_id(self, sql: str, params: tuple[Any, ...] = ()) -> int:
         tx = self._write_tx()
         try:
-            row = tx.conn.execute(_pg(sql) + " RETURNING id", params).fetchone()
+            row = tx.conn.execute(_pg(sql) + " RETURNING id", _nul_free(params)).fetchone()
         except psycopg.Error as exc:
             raise map_error(exc, self.url, "write failed") from None
         return int(row["id"]) if row else 0
