@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import figures  # noqa: E402
 from bench.client import client  # noqa: E402
+from bench.ha import ha  # noqa: E402
 from bench.interactive import interactive  # noqa: E402
 from bench.lab import Lab  # noqa: E402
 
@@ -36,11 +37,13 @@ FIGURES = (
     "login",
     "client",
     "concurrency",
+    "ha",  # several bastions: PostgreSQL, HAProxy (bench/ha.py)
 )
 
 FIGURE_FUNCTIONS = {name: getattr(figures, name, None) for name in FIGURES}
 FIGURE_FUNCTIONS["interactive"] = interactive
 FIGURE_FUNCTIONS["client"] = client
+FIGURE_FUNCTIONS["ha"] = ha
 
 
 def summarise(samples: list[float]) -> dict[str, float]:
