@@ -295,7 +295,9 @@ def _ssh_true(config: Path) -> float:
     return elapsed
 
 
-def connect(lab: Lab, pg_cluster, serves, pg_node_port: int, quick: bool) -> tuple[list[dict], dict]:
+def connect(
+    lab: Lab, pg_cluster, serves, pg_node_port: int, quick: bool
+) -> tuple[list[dict], dict]:
     from bastion.ca.certs import load_public_key
     from tests.haproxy import config_text
 
