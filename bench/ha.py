@@ -34,6 +34,7 @@ from pathlib import Path
 
 from bench.figures import _group_commit_rate
 from bench.lab import CIPHER, Lab
+from tests.postgres import Server
 from tests.sshd import LOGIN, free_port, keygen, stop, user_client, wait_for_port
 
 N_CALLERS = 50
@@ -57,7 +58,7 @@ def _load() -> str:
 
 
 @contextlib.contextmanager
-def durable_postgres() -> Iterator[object]:
+def durable_postgres() -> Iterator[Server]:
     """The tests' PostgreSQL (initdb in a temp dir, Unix socket), made durable: the
     tests turn fsync off, a benchmark against SQLite's synchronous=FULL must not."""
     from tests.postgres import available, postgres_server
@@ -328,6 +329,7 @@ def connect(
             d / "dt-direct", serves[0].port, "dt", key, cert, pg_ca, pg_node_port
         ),
         "openssh_direct": lab.ossh_config,
+        "dt_sqlite_direct": lab.dt_config,  # the lab's bastion: SQLite, no PROXY listener
     }
     samples: dict[str, list[float]] = {k: [] for k in configs}
     with _haproxy(d / "dt", dt_text, dt_port), _haproxy(d / "ossh", ossh_text, ossh_port):
@@ -348,7 +350,8 @@ def connect(
             "(tests/haproxy.py config: TCP, roundrobin, send-proxy-v2 to the bastions; the "
             "same without send-proxy-v2 and with a TCP check for sshd); whole command wall time",
             "note": "the same runs without HAProxy (client straight to the jump host): "
-            f"dt-bastion A {_pp(samples['dt_direct'])}, OpenSSH {_pp(samples['openssh_direct'])}; "
+            f"dt-bastion A {_pp(samples['dt_direct'])}, OpenSSH {_pp(samples['openssh_direct'])}, "
+            f"the lab's dt-bastion on SQLite {_pp(samples['dt_sqlite_direct'])}; "
             f"HAProxy adds {(p50['dt'] - p50['dt_direct']) * 1000:.0f} ms (dt-bastion) and "
             f"{(p50['openssh'] - p50['openssh_direct']) * 1000:.0f} ms (OpenSSH) at p50",
         },
@@ -371,7 +374,7 @@ def ha(lab: Lab, quick: bool = False) -> dict:
     d = lab.dir / "ha"
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(durable_postgres())
-        url = server.url("dt_bench")  # type: ignore[attr-defined]
+        url = server.url("dt_bench")
         state_a, state_b = d / "host-a" / "state", d / "host-b" / "state"
         state_a.parent.mkdir(parents=True)
         state_b.parent.mkdir(parents=True)
