@@ -107,7 +107,8 @@ def issuance(lab: Lab, pg_cluster, quick: bool) -> tuple[list[dict], dict]:
 
     common = (
         "PostgreSQL 15 on a Unix socket, fsync + synchronous_commit on; SQLite WAL, "
-        f"synchronous=FULL; same disk; {reps} reps alternating; ratio = PostgreSQL / SQLite"
+        f"synchronous=FULL; same disk; {reps} reps alternating; ratio = PostgreSQL / SQLite; "
+        "the lab's SQLite bastion runs meanwhile, the PostgreSQL bastions start after this"
     )
     rows = [
         {
