@@ -38,6 +38,7 @@ EVENT_CODES: dict[str, str] = {
     "bastion.drain": "DT0004",
     "state.stale": "DT0005",
     "state.confirmed": "DT0006",
+    "bastion.restart": "DT0007",
     "user.create": "DT1001",
     "user.update": "DT1002",
     "user.delete": "DT1003",

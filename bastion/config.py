@@ -104,6 +104,10 @@ class BastionConfig:
     # HOST:PORT (or PORT: on 127.0.0.1) of the plain-HTTP /metrics and /healthz
     # listener, never the SSH port. Empty: no such listener.
     metrics_listen: str = ""
+    # Processes serving the one SSH port (``--workers``), each a whole bastion
+    # coordinated through the state (bastion/service/supervisor.py); 0: one per core.
+    # With N > 1 worker i serves metrics on metrics_listen's port + i.
+    workers: int = 0
     log_level: str = "info"  # one of LOG_LEVELS
     log_format: str = "text"  # "text" (one line per record) or "json" (one object per line)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -191,6 +195,8 @@ def load_config(
     for name in _AT_LEAST_ONE:  # 0 would refuse everyone, not lift the limit
         if values.get(name, 1) < 1:
             raise UsageError(f"config: {name} must be at least 1")
+    if values.get("workers", 0) < 0:
+        raise UsageError("config: workers must be 0 (one per core) or more")
     _check_service_settings(values)
     return BastionConfig(**values)
 

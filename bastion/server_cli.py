@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -78,6 +79,15 @@ def serve(
             "127.0.0.1). Off unless set.",
         ),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            min=0,
+            help="Processes sharing the SSH port, each a whole bastion (default: one per "
+            "core; 1: this process alone, no supervisor).",
+        ),
+    ] = None,
     log_level: Annotated[
         str | None,
         typer.Option("--log-level", help=f"One of: {', '.join(LOG_LEVELS)} (default info)."),
@@ -99,11 +109,17 @@ def serve(
 
     Example: dt-bastion serve --state /var/lib/dt-bastion --listen 0.0.0.0:3022
     """
-    from bastion.service import logs
+    from bastion.service import logs, supervisor
     from bastion.service.run import Service
     from bastion.storage import DATABASE_ENV
 
-    explicit: dict[str, Any] = {"state_dir": state, "metrics_listen": metrics_listen}
+    worker = supervisor.as_worker()  # set when started by a supervisor (--workers N)
+
+    explicit: dict[str, Any] = {
+        "state_dir": state,
+        "metrics_listen": metrics_listen,
+        "workers": workers,
+    }
     explicit["database"] = database or os.environ.get(DATABASE_ENV) or None
     explicit["log_level"] = logs.check_level(log_level) if log_level is not None else None
     explicit["log_format"] = logs.check_format(log_format) if log_format is not None else None
@@ -118,13 +134,16 @@ def serve(
 
     cfg = load()
     logs.configure(cfg.log_level, cfg.log_format)
+    count = supervisor.worker_count(cfg)
+    if worker is None and count > 1:
+        raise SystemExit(supervisor.Supervisor(cfg, count, sys.argv[1:]).run())
     try:
         import uvloop  # optional: faster event loop when installed
 
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(Service(load, cfg).run())
+    asyncio.run(Service(load, cfg, worker).run())
 
 
 def _tune_socket_reads(size: int) -> None:

@@ -172,6 +172,10 @@ def bastion_server(
                 # after the 30 s default (a test asks for more with extra_args).
                 "--set",
                 "drain_timeout=2",
+                # One process, no supervisor: the default (one worker per core) would
+                # double every test's processes (tests/test_serve_workers.py: N > 1).
+                "--workers",
+                "1",
                 *extra_args,
             ],
             stdin=subprocess.DEVNULL,

@@ -39,7 +39,15 @@ log = logging.getLogger("bastion.service")
 # Settings that take effect only at start: the listeners, where the state is, which
 # balancers are believed. A change is logged and waits for a restart.
 RESTART = frozenset(
-    {"state_dir", "database", "listen_host", "listen_port", "proxy_protocol_from", "metrics_listen"}
+    {
+        "state_dir",
+        "database",
+        "listen_host",
+        "listen_port",
+        "proxy_protocol_from",
+        "metrics_listen",
+        "workers",
+    }
 )
 # Settings handed to asyncssh for each new connection (its acceptor's options).
 SSH_OPTIONS = frozenset(

@@ -18,10 +18,11 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
@@ -32,6 +33,10 @@ from bastion.service import reload
 from bastion.service.metrics import HEALTH_TIMEOUT, Metrics, MetricsServer
 from bastion.service.notify import Notifier
 
+if TYPE_CHECKING:
+    from bastion.proxy.server import Bastion
+    from bastion.service.supervisor import WorkerSetup
+
 log = logging.getLogger("bastion")
 SHUTDOWN = "the bastion is shutting down"
 STOPPED = "bastion shutting down"  # a session's end at shutdown (Registry.stop)
@@ -39,9 +44,15 @@ DRAIN_POLL = 0.2
 
 
 class Service:
-    def __init__(self, load: Callable[[], BastionConfig], config: BastionConfig) -> None:
+    def __init__(
+        self,
+        load: Callable[[], BastionConfig],
+        config: BastionConfig,
+        worker: WorkerSetup | None = None,
+    ) -> None:
         self.load = load  # the configuration as at start: file, --set, options
         self.config = config
+        self.worker = worker  # one of a supervisor's (bastion.service.supervisor)
         self.notifier = Notifier()
         self.metrics = Metrics()
         self.draining = False
@@ -71,10 +82,15 @@ class Service:
         key_path = str(cluster.bastion_host_key_path())
         acceptor = None
         try:
-            acceptor = await _listening(
-                f"{cfg.listen_host}:{cfg.listen_port}",
-                start_server(bastion, key_path, str(cert_path)),
-            )
+            if self.worker is not None:  # the supervisor's socket, bound already
+                acceptor = await _serve_on(
+                    bastion, self.worker.sockets, _options(bastion, key_path, str(cert_path))
+                )
+            else:
+                acceptor = await _listening(
+                    f"{cfg.listen_host}:{cfg.listen_port}",
+                    start_server(bastion, key_path, str(cert_path)),
+                )
             self.acceptor = acceptor
             metrics_server = await self._start_metrics()
         except BaseException:
@@ -99,8 +115,23 @@ class Service:
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         addrs = ", ".join(_addr(s.getsockname()) for s in acceptor.sockets)
-        log.info("dt-bastion serving cluster %s on %s", cluster.name, addrs)
-        print(f"dt-bastion ready on {addrs}", flush=True)
+        if self.worker is not None:
+            log.info(
+                "dt-bastion worker %d (instance %s, pid %d) serving cluster %s on %s",
+                self.worker.index,
+                bastion.registry.instance,
+                os.getpid(),
+                cluster.name,
+                addrs,
+            )
+            if self.worker.restarted:
+                await bastion.workers.audit(
+                    "bastion.restart",
+                    message=f"{self.worker.restarted} as bastion {bastion.registry.instance}",
+                )
+        else:
+            log.info("dt-bastion serving cluster %s on %s", cluster.name, addrs)
+            print(f"dt-bastion ready on {addrs}", flush=True)
         self.notifier.ready(f"serving cluster {cluster.name} on {addrs}")
         try:
             await self._stop.wait()
@@ -120,6 +151,8 @@ class Service:
         if not self.config.metrics_listen:
             return None
         host, port = metrics_address(self.config.metrics_listen)
+        if self.worker is not None and port:  # worker i on port + i
+            port += self.worker.index
         server = MetricsServer(self.metrics, self.health)
         where = await _listening(f"{host}:{port}", server.start(host, port))
         log.info("metrics: /metrics and /healthz on http://%s", where)
@@ -297,6 +330,45 @@ async def _listening(where: str, starting: Any) -> Any:
                 "sshd or service holds that port; pick another with --listen)"
             ) from None
         raise UsageError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+
+
+async def _serve_on(bastion: Bastion, sockets: list[Any], options: dict[str, Any]) -> Any:
+    """Accept on sockets a supervisor bound (every worker on the same ones)."""
+    from bastion.proxy.server import BastionServer
+
+    if bastion.config.proxy_protocol_from:
+        from bastion.proxy.proxied import ProxyProtocolAcceptor
+
+        (sock,) = sockets  # the supervisor binds one, as ProxyProtocolAcceptor.start
+        sock.setblocking(False)
+        proxied = ProxyProtocolAcceptor(bastion, options, sock)
+        proxied._task = asyncio.get_running_loop().create_task(proxied._accept())
+        return proxied
+    acceptors = [
+        await asyncssh.create_server(lambda: BastionServer(bastion), sock=sock, **options)
+        for sock in sockets
+    ]
+    return acceptors[0] if len(acceptors) == 1 else _Acceptors(acceptors)
+
+
+class _Acceptors:
+    """Several asyncssh acceptors (one per address) as the one the service expects."""
+
+    def __init__(self, acceptors: list[Any]) -> None:
+        self.acceptors = acceptors
+        self.sockets = [s for a in acceptors for s in a.sockets]
+
+    def update(self, **options: Any) -> None:
+        for acceptor in self.acceptors:
+            acceptor.update(**options)
+
+    def close(self) -> None:
+        for acceptor in self.acceptors:
+            acceptor.close()
+
+    async def wait_closed(self) -> None:
+        for acceptor in self.acceptors:
+            await acceptor.wait_closed()
 
 
 async def _closed(acceptor: Any) -> None:

@@ -213,7 +213,8 @@ class Deployment(contextlib.ExitStack):
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 [str(BIN / "dt-bastion"), "serve", "--state", str(self.state),
-                 "--listen", f"127.0.0.1:{port}", "--set", "drain_timeout=2", *extra_args],
+                 "--listen", f"127.0.0.1:{port}", "--set", "drain_timeout=2", "--workers", "1",
+                 *extra_args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env={**self.env, "PYTHONUNBUFFERED": "1", **(env or {})},
             )  # fmt: skip
