@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import figures  # noqa: E402
 from bench.client import client  # noqa: E402
+from bench.forwarding import cpu, parallel  # noqa: E402
 from bench.ha import ha  # noqa: E402
 from bench.interactive import interactive  # noqa: E402
 from bench.lab import Lab  # noqa: E402
@@ -31,6 +32,8 @@ from bench.lab import Lab  # noqa: E402
 FIGURES = (
     "connect",
     "throughput",
+    "cpu",
+    "parallel",
     "interactive",
     "ca",
     "revocation",
@@ -44,6 +47,8 @@ FIGURE_FUNCTIONS = {name: getattr(figures, name, None) for name in FIGURES}
 FIGURE_FUNCTIONS["interactive"] = interactive
 FIGURE_FUNCTIONS["client"] = client
 FIGURE_FUNCTIONS["ha"] = ha
+FIGURE_FUNCTIONS["cpu"] = cpu
+FIGURE_FUNCTIONS["parallel"] = parallel
 
 
 def summarise(samples: list[float]) -> dict[str, float]:

@@ -11,6 +11,7 @@ import os
 import resource
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,6 +73,25 @@ class Lab(contextlib.ExitStack):
         self.ossh_config = self._config("openssh", self.jump, LOGIN)
         self.direct_config = self._config("direct", None, LOGIN)
         return self
+
+    def start_workers_bastion(self, workers: int) -> None:
+        """A second dt-bastion on the same state, with ``workers`` processes
+        (``self.workers_bastion``, ``self.workers_config``); once per lab."""
+        if getattr(self, "workers_bastion", None) is not None:
+            return
+        d = self.dir
+        self.workers_bastion = self.enter_context(
+            bastion_server(
+                d / "state",
+                extra_args=("--config", str(d / "bastion.toml"), "--workers", str(workers)),
+            )
+        )
+        deadline = time.monotonic() + 30  # the port opens before every worker is up
+        while f"{workers} workers serving on" not in self.workers_bastion.log():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"dt-bastion --workers {workers} never said it was ready")
+            time.sleep(0.1)
+        self.workers_config = self._config("dt-workers", self.workers_bastion.port, "dt")
 
     def _stock_jump(self) -> int:
         """A stock sshd used only as a jump host, accepting the same key."""

@@ -180,8 +180,22 @@ class Supervisor:
                     f"{self.config.listen_port}; pick another"
                 )
 
+    def preflight(self) -> None:
+        """What a single bastion checks before it listens, once, here: a cluster that
+        cannot be served is refused with the one clear error it always had (not one
+        per worker), and the workers do not race to make the host certificate."""
+        from bastion.cluster import Cluster
+
+        cluster = Cluster.open(self.config.state_dir)
+        try:
+            cluster.store.integrity_check()
+            cluster.ensure_bastion_host_cert(self.config.names())
+        finally:
+            cluster.close()
+
     def run(self) -> int:
         self.check()
+        self.preflight()
         self.sockets = bind(self.config)
         tmp = tempfile.mkdtemp(prefix="dt-bastion-workers-")
         try:
@@ -208,11 +222,12 @@ class Supervisor:
         try:
             for worker in self.workers:
                 await self._start(worker)
-            if not await self._all_ready():
-                return 1
+            failed = await self._all_ready()
+            if failed is not None:
+                return failed
             addrs = ", ".join(_addr(s.getsockname()) for s in self.sockets)
             log.info("dt-bastion: %d workers serving on %s", self.count, addrs)
-            print(f"dt-bastion ready on {addrs} ({self.count} workers)", flush=True)
+            print(f"dt-bastion ready on {addrs}", flush=True)
             self.notifier.ready(f"{self.count} workers serving on {addrs}")
             return await self._supervise()
         finally:
@@ -244,7 +259,7 @@ class Supervisor:
             pass_fds=[s.fileno() for s in self.sockets],
             process_group=0,
         )
-        log.info("worker %d started (pid %d)", worker.index, worker.proc.pid)
+        log.debug("worker %d started (pid %d)", worker.index, worker.proc.pid)
         asyncio.get_running_loop().create_task(self._watch(worker, worker.proc))
 
     async def _watch(self, worker: Worker, proc: asyncio.subprocess.Process) -> None:
@@ -268,9 +283,9 @@ class Supervisor:
             elif lines.get("RELOADING") == "1":
                 worker.ready.clear()
 
-    async def _all_ready(self) -> bool:
-        """At start: True once every worker listens; False (the others stopped) as soon
-        as one exits first (its own message on stderr says why)."""
+    async def _all_ready(self) -> int | None:
+        """At start: None once every worker listens; as soon as one exits first, its
+        exit code (the others stopped; its own message on stderr says why)."""
         while True:
             self._changed.clear()
             for worker in self.workers:
@@ -282,13 +297,13 @@ class Supervisor:
                         _how(worker.proc.returncode),
                     )
                     self.stopping = True
-                    await self._signal_all(signal.SIGTERM)
+                    self._forward(signal.SIGTERM)
                     await self._wait_all()
-                    return False
+                    return worker.proc.returncode if worker.proc.returncode > 0 else 1
             if self.stopping:  # SIGTERM while starting: drain what started
-                return True
+                return None
             if all(w.ready.is_set() for w in self.workers):
-                return True
+                return None
             await self._changed.wait()
 
     async def _supervise(self) -> int:
@@ -376,9 +391,6 @@ class Supervisor:
             if proc is not None and proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(sig)
-
-    async def _signal_all(self, sig: int) -> None:
-        self._forward(sig)
 
     async def _wait_all(self) -> None:
         for worker in self.workers:
