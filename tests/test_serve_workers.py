@@ -126,7 +126,8 @@ def test_two_workers_share_the_port_the_state_and_the_signals(
             for name in names[batch : batch + 4]:
                 clients.append(_session(dt_cluster, tmp_path, name, bastion.port))
             batch += 4
-            _wait(lambda: len(_audit(store, "session.start")) == batch, "the sessions")
+            want = batch
+            _wait(lambda: len(_audit(store, "session.start")) == want, "the sessions")  # noqa: B023
             starts = {e.user: e for e in _audit(store, "session.start")}
             held = {user: e.fields["bastion"] for user, e in starts.items()}
             if len(set(held.values())) == 2 or batch == len(names):
@@ -165,12 +166,14 @@ def test_two_workers_share_the_port_the_state_and_the_signals(
         os.kill(pids[first], signal.SIGKILL)
         orphans = set(by_instance[first])
         recovered = _wait(
-            lambda: {
-                e.user
-                for e in _audit(store, "session.end")
-                if e.fields.get("recovered") and e.fields.get("bastion") == first
-            }
-            == orphans,
+            lambda: (
+                {
+                    e.user
+                    for e in _audit(store, "session.end")
+                    if e.fields.get("recovered") and e.fields.get("bastion") == first
+                }
+                == orphans
+            ),
             "the dead worker's sessions ended by a sibling",
         )
         assert recovered
@@ -191,7 +194,9 @@ def test_two_workers_share_the_port_the_state_and_the_signals(
     assert list(instances.run_dir(state).iterdir()) == []
     assert len(_audit(store, "bastion.drain")) == 2
     for pid in now:
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        assert (
+            not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        )
 
 
 def test_one_worker_runs_no_supervisor(dt_cluster, tmp_path):

@@ -64,11 +64,13 @@ class Service:
     # -- 1. start ------------------------------------------------------------------------
 
     async def run(self) -> None:
+        from bastion.proxy import fastpath
         from bastion.proxy.server import Bastion, _options, start_server
         from bastion.server_cli import _tune_socket_reads
 
         cfg = self.config
         _tune_socket_reads(cfg.socket_read_size)
+        fastpath.install()  # asyncssh's per-packet work, cut (bastion/proxy/fastpath.py)
         cluster = Cluster.open(cfg.state_dir, database=cfg.database or None)
         try:
             # Once, before anyone is let in: the open-time check skips indexes, and a

@@ -142,7 +142,7 @@ async def _bind_like_asyncio(host: str, port: int) -> list[socket.socket]:
         asyncio.Protocol, host, port, reuse_address=True, start_serving=False
     )
     try:
-        return [s.dup() for s in server.sockets]  # type: ignore[attr-defined]
+        return [s.dup() for s in server.sockets]
     finally:
         server.close()
 
