@@ -225,6 +225,8 @@ class Supervisor:
             failed = await self._all_ready()
             if failed is not None:
                 return failed
+            if self.stopping:  # stopped while starting: never READY=1 after STOPPING=1
+                return await self._supervise()
             addrs = ", ".join(_addr(s.getsockname()) for s in self.sockets)
             log.info("dt-bastion: %d workers serving on %s", self.count, addrs)
             print(f"dt-bastion ready on {addrs}", flush=True)
