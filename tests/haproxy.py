@@ -181,7 +181,7 @@ class Serve:
                 [str(VENV_BIN / "dt-bastion"), "serve", "--state", str(self.state),
                  "--listen", f"127.0.0.1:{self.port}",
                  "--set", f"metrics_listen=127.0.0.1:{self.health_port}",
-                 "--set", "drain_timeout=2", *self.args],
+                 "--set", "drain_timeout=2", "--workers", "1", *self.args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )  # fmt: skip

@@ -186,7 +186,7 @@ class Supervisor:
         per worker), and the workers do not race to make the host certificate."""
         from bastion.cluster import Cluster
 
-        cluster = Cluster.open(self.config.state_dir)
+        cluster = Cluster.open(self.config.state_dir, database=self.config.database or None)
         try:
             cluster.store.integrity_check()
             cluster.ensure_bastion_host_cert(self.config.names())
