@@ -3,7 +3,8 @@
 Each step runs a real command (dtadmin, dtclient, ssh-keygen, ssh), prints it and
 what it printed, and checks that it behaved as the guide says. The demo exits 0
 only if every step did. Everything lives in one temporary folder and every process it
-starts is stopped at the end. With --keep, the folder is ./demo-state (or --dir) and the
+starts is stopped at the end. With --ha, the story of several bastions on PostgreSQL
+behind HAProxy instead (scripts/demo_ha.py). With --keep, the folder is ./demo-state (or --dir) and the
 node, the bastion and the software TPM keep running, each in a session of its own, so
 the story can be continued by hand; the demo prints their PIDs and how to stop them.
 """
@@ -39,6 +40,8 @@ class DemoFailed(Exception):
 
 
 class Demo:
+    password = PASSWORD  # alice's, as signup answers it
+
     def __init__(self, workdir: Path, *, keep: bool = False) -> None:
         self.workdir = workdir
         self.keep = keep
@@ -68,6 +71,15 @@ class Demo:
         if self.keep:  # written as each starts: --stop also cleans up after a killed demo
             self._write_pids()
         return server
+
+    def defer(self, stop: Callable[[], object]) -> None:
+        """Call ``stop`` at the end, in reverse order with the servers entered."""
+        self._stack.callback(stop)
+
+    def check(self, ok: object, what: str) -> None:
+        """A step's claim that no command's exit code shows: the demo fails without it."""
+        if not ok:
+            raise DemoFailed(what)
 
     def _write_pids(self) -> None:
         (self.workdir / "demo.pids").write_text("".join(f"{pid}\n" for pid in self.pids))
@@ -325,9 +337,20 @@ def main() -> int:
     parser.add_argument(
         "--stop", action="store_true", help="stop the servers a --keep run left running"
     )
+    parser.add_argument(
+        "--ha",
+        action="store_true",
+        help="several bastions on PostgreSQL behind HAProxy (no --keep)",
+    )
     args = parser.parse_args()
     if args.stop:
         return stop_kept(args.dir.resolve())
+    if args.ha:
+        if args.keep:
+            parser.error("--keep is not supported with --ha: the HA demo stops everything")
+        import demo_ha  # scripts/, this file's own folder
+
+        return demo_ha.main(Demo, DemoFailed)
     if args.keep:
         workdir = args.dir.resolve()
         refuse_running(workdir)
