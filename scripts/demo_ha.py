@@ -12,7 +12,8 @@ bastion killed with `kill -9` leaves her still getting in while its sibling ends
 dead one's session on record.
 
 Run by scripts/demo.py --ha. Everything is stopped at the end (no --keep) and the
-demo checks that no process it started is left.
+demo checks that no process it started is left. DT_DEMO_TIMES=1 adds the seconds
+since the start to each heading.
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ def holder(demo: Any, hosts: list[Host], cluster: Any) -> tuple[Host, Any]:
         f"the session is from alice's own address {CLIENT}, not the balancer's ({row.remote_addr})",
     )
     print(f"  from {CLIENT}, alice's own address (the PROXY header's), not the balancer's")
-    print("$ curl -sf http://127.0.0.1:PORT/metrics    # each host's metrics_listen")
+    print("  each bastion's /metrics (metrics_listen) counts the sessions it holds:")
     holding = [h for h in hosts if h.serve.alive() and open_sessions(demo, h) == 1]
     demo.check(len(holding) == 1, "exactly one bastion counts the session open")
     print(f"  so bastion {row.instance} is {holding[0].name}")
