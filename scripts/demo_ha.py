@@ -86,7 +86,7 @@ class Host:
                 "--set", "drain_timeout=2", *s.args]  # fmt: skip
 
 
-def start_postgres(demo: Any) -> tuple[list[str], Path, int]:
+def start_postgres(demo: Any) -> tuple[Path, int]:
     """initdb and pg_ctl in the demo's folder; stopped at the end of the demo."""
     from tests.postgres import PG_BIN, _free_port, _runner
 
@@ -119,7 +119,7 @@ def start_postgres(demo: Any) -> tuple[list[str], Path, int]:
         )
     )
     demo.run([*pg_ctl, "-l", str(root / "log"), "-w", "-t", "30", "start"], expect="server started")
-    return run_as, root, port
+    return root, port
 
 
 def audit(cluster: Any, *types: str) -> list[Any]:
@@ -202,7 +202,7 @@ def story(demo: Any) -> None:  # noqa: PLR0915 - one story, step by step
     from tests.tokens import printed_token
 
     demo.heading("A PostgreSQL for the cluster: initdb and pg_ctl, in this folder")
-    _, pg_dir, pg_port = start_postgres(demo)
+    pg_dir, pg_port = start_postgres(demo)
 
     demo.heading("The database and its role; the password only in each host's passfile")
     password = secrets.token_urlsafe(18)
@@ -227,7 +227,7 @@ def story(demo: Any) -> None:  # noqa: PLR0915 - one story, step by step
     print(f"  {a.state}/ca: {' '.join(keys)} (the keys; the state is in the database)")
     print("  and a URL with a password in it is refused, wherever it comes from:")
     demo.run(
-        ["dtadmin", "--database", f"postgresql://dt:{password[:4]}...@127.0.0.1/dt",
+        ["dtadmin", "--database", "postgresql://dt:hunter2@127.0.0.1/dt",
          "--state", str(a.state), "users", "ls"],
         expect_rc=5, expect="carries a password",
     )  # fmt: skip
