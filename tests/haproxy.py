@@ -137,6 +137,11 @@ def haproxy(directory: Path, backends: Sequence[Backend]) -> Iterator[HAProxy]:
         )
     try:
         wait_for_port(port, proc)
+        # The frontend may answer before the runtime API's socket exists.
+        admin, deadline = directory / "admin.sock", time.monotonic() + 15
+        while not admin.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "haproxy has no admin.sock"
+            time.sleep(0.02)
         yield HAProxy(port, proc, config, log_path)
     finally:
         stop(proc)
