@@ -401,3 +401,47 @@ def test_which_database_flag_then_env_then_config(monkeypatch, tmp_path):
     assert database_url("postgresql://dt@db-flag/dt", cfg.database).endswith("db-flag/dt")
     with pytest.raises(StateError, match="postgresql:// URL"):
         open_store(tmp_path, "mysql://dt@db/dt")
+
+
+# -- the schema ----------------------------------------------------------------------------
+
+
+def test_the_postgresql_schema_has_every_table_and_column_sqlite_has(pg_url, tmp_path):
+    """The noun modules speak one SQL to both stores: a column SQLite's migrations add
+    without a PostgreSQL twin (bastion/storage/pg_migrations.py) would fail there only,
+    at the first bastion that uses it. Types differ by design; names must not."""
+    import sqlite3
+
+    from bastion.storage import Store
+
+    lite = Store.open(tmp_path / "lite", create=True)
+    lite.close()
+    db = sqlite3.connect(tmp_path / "lite" / "cluster.db")
+    try:
+        tables = [
+            r[0]
+            for r in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' "
+                "AND name NOT LIKE 'sqlite_%' AND name != '_migrations'"
+            )
+        ]
+        sqlite_cols = {
+            t: {r[1] for r in db.execute(f"PRAGMA table_info({t})")}  # noqa: S608 (names from sqlite_master)
+            for t in tables
+        }
+    finally:
+        db.close()
+    pg = PostgresStore.open(pg_url, tmp_path / "pg")
+    try:
+        rows = pg._all(
+            "SELECT table_name, column_name FROM information_schema.columns "
+            "WHERE table_schema = current_schema()"
+        )
+    finally:
+        pg.close()
+    pg_cols: dict[str, set[str]] = {}
+    for row in rows:
+        pg_cols.setdefault(row["table_name"], set()).add(row["column_name"])
+    for table, columns in sqlite_cols.items():
+        assert table in pg_cols, f"no PostgreSQL table {table}"
+        assert columns <= pg_cols[table], f"{table}: missing {columns - pg_cols[table]}"

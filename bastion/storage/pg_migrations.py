@@ -8,7 +8,11 @@ after its steps up to 5 (every table, column and index, the audit chain's
 ``bigint`` for its 64-bit integers, ``bigserial`` where SQLite had a rowid alias.
 
 A later SQLite step gets its PostgreSQL twin appended here (the next number), in the
-same portable SQL the noun modules speak. A step is never edited once released.
+same portable SQL the noun modules speak (tests/test_pg_store.py checks that every
+SQLite table and column has one here). A step is never edited once released, and
+during a rolling upgrade the bastions of the previous release still read the
+database: a step only adds (tables, columns with defaults, indexes), never renames or
+drops what that release reads.
 Applied steps are recorded in ``_migrations``; a database made by a newer release is
 refused.
 """
