@@ -214,20 +214,27 @@ def init_cluster(
     ``database``) that already holds one. The keys are made in ``state_dir``."""
     check_name("cluster", name)
     state_dir = Path(state_dir)
-    if os.path.lexists(state_dir):
-        check_state_dir(state_dir)
-    else:
+    made = not os.path.lexists(state_dir)
+    if made:
         private_dir(state_dir, STATE_WHAT)
+    else:
+        check_state_dir(state_dir)
     kdir = keys.ca_dir(state_dir)
     if (state_dir / DB_NAME).exists() or (kdir / keys.USER_CA).exists():
         raise AlreadyExists(
             f"{state_dir} already holds a cluster; refusing to overwrite it "
             "(remove the directory to start over)"
         )
-    store = _open(state_dir, database, create=True)
-    if database and store.get_setting("cluster_name"):
-        store.close()
-        raise AlreadyExists("the database already holds a cluster; refusing to overwrite it")
+    try:
+        store = _open(state_dir, database, create=True)
+        if database and store.get_setting("cluster_name"):
+            store.close()
+            raise AlreadyExists("the database already holds a cluster; refusing to overwrite it")
+    except BaseException:
+        if made:  # a refused init leaves nothing behind (only what it made, if empty)
+            with contextlib.suppress(OSError):
+                state_dir.rmdir()
+        raise
     user_ca: ed25519.Ed25519PrivateKey = keys.create_key(kdir, keys.USER_CA, f"user-ca@{name}")
     host_ca = keys.create_key(kdir, keys.HOST_CA, f"host-ca@{name}")
     audit_key = keys.create_key(kdir, keys.AUDIT_KEY, f"audit@{name}")

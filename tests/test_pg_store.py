@@ -340,6 +340,17 @@ def test_dtadmin_refuses_a_password_url_without_a_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_a_refused_init_leaves_no_state_directory_behind(tmp_path):
+    state = tmp_path / "new-state"
+    result = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "dtadmin"), "--state", str(state),
+         "--database", "postgresql://dt:s3cret@127.0.0.1:1/dt", "init", "--cluster", "x"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert not state.exists()
+
+
 def test_an_empty_database_is_refused_unless_created(pg_server, tmp_path):
     pg_server.admin("CREATE DATABASE dt_empty")
     with pytest.raises(StateError, match="no cluster state in the database"):
