@@ -18,6 +18,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import pytest
 _VERSIONS = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), reverse=True)
 PG_BIN = _VERSIONS[0].parent if _VERSIONS else None
 TEMPLATE = "dt_template"
+DTADMIN = os.path.join(os.path.dirname(sys.executable), "dtadmin")
 _names = itertools.count(1)
 
 
@@ -124,6 +126,16 @@ def fresh_database(server: Server) -> str:
     name = f"dt_test_{os.getpid()}_{next(_names)}"
     server.admin(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
     return server.url(name)
+
+
+def dtadmin(url: str, state: Path, *args: str) -> str:
+    """The real `dtadmin --database URL --state DIR ...`; its stdout (it must succeed)."""
+    result = subprocess.run(
+        [DTADMIN, "--database", url, "--state", str(state), *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 @pytest.fixture(scope="session")

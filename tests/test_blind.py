@@ -23,7 +23,7 @@ import pytest
 
 from bastion.authz import freshness
 from bastion.authz.records import User
-from tests.sshd import LOGIN, bastion_server, ssh, user_client
+from tests.sshd import LOGIN, bastion_server, ssh, user_client, wait
 
 pytestmark = pytest.mark.integration
 
@@ -41,14 +41,6 @@ FAST = (
     "--set", "state_stale_grace=3",
     "--set", "storage_timeout=1",
 )  # fmt: skip
-
-
-def wait(predicate, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-    return value
 
 
 def blind(state: Path) -> subprocess.Popen:

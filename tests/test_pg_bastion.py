@@ -12,30 +12,19 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
 
 from bastion.authz.records import Lock, Node
 from bastion.cluster import Cluster
-from tests.postgres import available, fresh_database
+from tests.postgres import available, dtadmin, fresh_database
 from tests.sshd import LOGIN, SSHD, bastion_server, ssh, sshd_node, user_client
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(not available(), reason="PostgreSQL is not installed"),
 ]
-DTADMIN = os.path.join(os.path.dirname(sys.executable), "dtadmin")
-
-
-def dtadmin(url, state, *args):
-    result = subprocess.run(
-        [DTADMIN, "--database", url, "--state", str(state), *args],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 def test_two_bastions_on_one_postgresql(pg_server, tmp_path):
