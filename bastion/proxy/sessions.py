@@ -103,6 +103,7 @@ class Registry:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False  # set by stop(): the watcher ends at its next turn
         self._revision = -1
+        self._unread = False  # the last revision read failed (logged once, not each turn)
         # Set by start() when the store is on disk; sessions are then also recorded
         # in live_sessions under this name.
         self._instance: InstanceClaim | None = None
@@ -382,8 +383,11 @@ class Registry:
         try:
             revision = await workers.read(lambda store: store.revision())
         except DTError:
-            log.exception("cannot read the cluster revision; live sessions go on")
+            if not self._unread:  # once per outage: a turn is every poll_interval
+                log.exception("cannot read the cluster revision; live sessions go on")
+            self._unread = True
             return
+        self._unread = False
         self._confirm(asked)
         if revision == self._revision:
             return

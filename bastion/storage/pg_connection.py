@@ -192,6 +192,7 @@ class PostgresBase(StoreBase):
         self._closed = False
         self._listener: psycopg.Connection[Any] | None = None
         self._listener_lock = threading.Lock()
+        self._unheard = False  # the listener could not connect (said once per outage)
 
     # -- connections -------------------------------------------------------------------
 
@@ -418,11 +419,17 @@ class PostgresBase(StoreBase):
                     conn = psycopg.connect(self.url, autocommit=True, connect_timeout=2)
                     conn.execute(f"LISTEN {CHANNEL}")
                 except psycopg.Error as exc:
-                    log.warning("cannot listen for changes on %s: %s", safe_url(self.url), exc)
-                    self._listener = None
+                    if conn is not None:  # connected but LISTEN failed: not left open
+                        with contextlib.suppress(Exception):
+                            conn.close()
+                    if not self._unheard:  # once, not at every wait of the outage
+                        log.warning("cannot listen for changes on %s: %s", safe_url(self.url), exc)
+                    self._unheard, self._listener = True, None
                     time.sleep(timeout)
                     return
-                self._listener = conn
+                if self._unheard:
+                    log.info("listening for changes on %s again", safe_url(self.url))
+                self._unheard, self._listener = False, conn
                 return  # anything may have changed while we were not listening
             try:
                 for _ in conn.notifies(timeout=timeout, stop_after=1):
