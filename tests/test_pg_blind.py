@@ -11,6 +11,10 @@ and ``state.confirmed`` counting the refused connection are all in the database,
 ``dtadmin audit verify`` checks the chain across it. Its pool, its LISTEN connection
 and its instance lock come back too: a lock written after recovery cuts a new session
 through the change feed, and the bastion is seen alive by a sibling's probe.
+
+The store alone, too: its pool comes back at once after an outage longer than the
+pool's own retries (psycopg_pool backs off 1, 2, 4, 8 ... s and, while its one
+"growing" attempt waits, makes no other).
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ import pytest
 from bastion.authz import freshness
 from bastion.authz.records import Lock, Node
 from bastion.cluster import Cluster
+from bastion.protocol.errors import StorageUnavailable
+from bastion.storage import pg_connection
+from bastion.storage.postgres import PostgresStore
 from tests.postgres import available, dtadmin, postgres_server
 from tests.sshd import LOGIN, SSHD, bastion_server, ssh, sshd_node, user_client, wait
 
@@ -165,3 +172,36 @@ def test_postgresql_stopped_mid_session_fails_closed_and_recovers(own_pg, tmp_pa
     verified = dtadmin(url, state, "audit", "verify")
     print(verified.strip().splitlines()[-1] if verified.strip() else "")
 
+
+def test_the_pool_comes_back_at_once_after_an_outage_longer_than_its_retries(own_pg, monkeypatch):
+    monkeypatch.setattr(pg_connection, "CONNECT_TIMEOUT", 1)  # a waiting caller's bound
+    own_pg.admin("CREATE DATABASE pool")
+    store = PostgresStore.open(own_pg.url("pool"), create=True)
+    sibling = store.sibling()  # another thread's store on the same pool
+    try:
+        with store.read_transaction():  # holds the pool's one connection
+            store.revision()
+            own_pg.stop("fast")
+            stopped = time.monotonic()
+            # Asked while the pool has nothing idle: its growing attempt fails and waits.
+            with pytest.raises(StorageUnavailable):
+                sibling.revision()
+        time.sleep(max(0.0, 8.0 - (time.monotonic() - stopped)))  # past 1 + 2 + 4 s
+        own_pg.start()
+        restarted = time.monotonic()
+        wait(lambda: _answers(sibling), "the pool to answer again", 20)
+        took = time.monotonic() - restarted
+        print(f"the pool answered {took:.1f} s after PostgreSQL was back")
+        # Before the fix: ~7 s (the pool's next attempt, 15 s into the outage).
+        assert took < 3.0
+    finally:
+        sibling.close()
+        store.close()
+
+
+def _answers(store) -> bool:
+    try:
+        store.revision()
+    except StorageUnavailable:
+        return False
+    return True

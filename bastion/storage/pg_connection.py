@@ -61,6 +61,12 @@ TRIM_EVERY = 500
 POOL_MAX = 24
 CONNECT_TIMEOUT = 10
 RETRIES = 4  # stale pooled connections tried before an error is the database's
+# How long the pool's own attempt to add a connection retries before it gives up. Its
+# backoff doubles (1, 2, 4 ... s, for up to 5 min by default), and while its one
+# "growing" attempt waits, no other is made: a bastion blind for a minute would stay
+# blind up to a minute more after the database is back. Given up sooner, the next
+# caller (see _Shared.getconn: one direct connect first) makes a fresh attempt at once.
+RECONNECT_TIMEOUT = 5.0
 
 
 def check_url(url: str) -> dict[str, Any]:
@@ -170,7 +176,7 @@ def make_pool(url: str, *, max_size: int = POOL_MAX) -> ConnectionPool[Any]:
         raise _unavailable("cannot be reached", exc, url) from None
     pool: ConnectionPool[Any] = ConnectionPool(
         url, min_size=1, max_size=max_size, kwargs=kwargs, open=False,
-        timeout=CONNECT_TIMEOUT, name="dt-bastion",
+        timeout=CONNECT_TIMEOUT, reconnect_timeout=RECONNECT_TIMEOUT, name="dt-bastion",
     )  # fmt: skip
     try:
         pool.open(wait=True, timeout=CONNECT_TIMEOUT)
