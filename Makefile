@@ -16,8 +16,15 @@ lint: setup
 	$(PY) -m bandit -q -c pyproject.toml -r bastion client
 	$(PY) -m mypy
 
+# Most of the suite's wall time is spent waiting on real ssh, sshd and swtpm processes, so
+# TEST_WORKERS pytest processes (pytest-xdist) share it; each test file goes whole to one
+# worker (loadfile), so a module's shared servers start once. The floods come after, alone:
+# the sockets they churn must not disturb other tests' servers (tests/conftest.py).
+TEST_WORKERS ?= 3
+
 test: setup lint
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile -m "not flood"
+	$(PY) -m pytest -q -p no:cacheprovider -m flood
 
 unit: setup
 	$(PY) -m pytest -q -m "not integration"
