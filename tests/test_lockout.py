@@ -46,10 +46,12 @@ def test_guessing_a_password_does_not_cut_or_refuse_certificate_sessions(env, tm
     config.write_text(run(env, home, "dtclient", "config").stdout)
     ssh = ["ssh", "-F", str(config), "-o", "BatchMode=yes"]
     live = subprocess.Popen(
-        [*ssh, f"{LOGIN}@node-1", "echo started; sleep 20; echo survived"],
+        # it lasts until we end it (a line on its stdin), however long a loaded machine
+        # takes over the six logins below: a `sleep` could end it first
+        [*ssh, f"{LOGIN}@node-1", "echo started; read -r _; echo survived"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.PIPE,
         text=True,
     )
     try:
@@ -74,9 +76,12 @@ def test_guessing_a_password_does_not_cut_or_refuse_certificate_sessions(env, tm
             stdin=subprocess.DEVNULL,
         )
         assert again.returncode == 0 and again.stdout.strip() == "new-session", again.stderr
+        out, err = live.communicate("\n", timeout=30)
+        assert out.strip() == "survived" and live.returncode == 0, err  # never cut
     finally:
-        live.kill()
-        live.communicate(timeout=10)
+        if live.poll() is None:
+            live.kill()
+            live.communicate(timeout=10)
     # ...while the password itself stays locked, and the lock says what it is
     refused = login(env, home, name, PASSWORD, next_code(secret), "--password")
     assert refused.returncode == 6 and "locked" in refused.stderr
