@@ -89,6 +89,16 @@ class Person:
         self.last_step = step
         return totp.at(step * 30)
 
+    def forget_spent_codes(self) -> None:
+        """Clear the step the bastion last spent, as if no code had been used yet. The
+        bastion takes a code of the step before, this or the next 30 s step and never one
+        at or below the last it spent, so code() yields two codes, then waits for the
+        clock: a test that needs more codes calls this instead of waiting up to 60 s."""
+        store = self.env.cluster.store
+        user = store.get_user(self.name)
+        store.set_user_secrets(self.name, user.password_hash, user.totp_secret, None)
+        self.last_step = 0
+
     def dtclient(self, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
             [str(BIN / "dtclient"), *args],
@@ -215,6 +225,7 @@ def test_a_plain_sshd_at_the_proxy_address_is_not_a_bastion(env, tmp_path):
 def test_login_remembers_proxy_and_user_per_cluster_side_by_side(env, tmp_path):
     person = new_user(env, tmp_path)
     person.login("--proxy", env.proxy, "--user", person.name, "--password")
+    person.forget_spent_codes()  # a third code, without waiting for the clock
     out = person.login("--password")  # neither --proxy nor --user: the profile has them
     assert f"Logged in as: {person.name}" in out
 
@@ -432,6 +443,7 @@ def test_an_unreachable_tpm_never_costs_the_device_certificate(tmp_path, swtpm):
             assert before["device_trusted"], before
 
             gone = f"swtpm:host=127.0.0.1,port={free_port()}"  # DT_TPM_TCTI beats the saved one
+            person.forget_spent_codes()  # two more codes below, without waiting a minute
             for args in ((), ("--password",)):
                 term = person.terminal("login", *me, *args, DT_TPM_TCTI=gone)
                 if args:
