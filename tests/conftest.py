@@ -12,7 +12,10 @@ from tests.swtpm import provision, run_swtpm
 
 
 def pytest_collection_modifyitems(config, items):
-    """Floods run last: the sockets they churn must not disturb other tests' servers."""
+    """Floods run last: the sockets they churn must not disturb other tests' servers.
+
+    Under pytest-xdist (-n) this order holds only inside each worker, so `make test` runs
+    ``-m "not flood"`` on its workers first, then ``-m flood`` in one process, alone."""
     items.sort(key=lambda item: item.get_closest_marker("flood") is not None)
 
 
