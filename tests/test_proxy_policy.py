@@ -380,6 +380,32 @@ def _live(cluster, identity, node="node-1"):
     return session, closed
 
 
+def test_a_session_ending_as_its_bastion_stops_removes_its_own_row(cluster):
+    """A drain: a session ends on its own and the bastion stops at once. Its end is
+    queued on the shared writer and may run after the registry let go of its claim;
+    it must still remove the session's live_sessions row (under the instance it was
+    filed under), or a sibling would later end it again as "killed or crashed"."""
+    from bastion.proxy.workers import Workers
+
+    async def drain_and_stop():
+        workers = Workers(cluster.store)
+        registry = Registry(cluster.store, workers=workers)
+        registry.start()
+        name = registry.instance
+        session, _ = _live(cluster, admit(cluster, make_cert(cluster)))
+        registry.add(session)
+        workers.write_soon(lambda _store: time.sleep(1.5))  # the writer is busy
+        registry.end(session)  # queued behind it
+        await registry.stop()
+        await asyncio.to_thread(workers.close)
+        return name
+
+    name = asyncio.run(drain_and_stop())
+    assert cluster.store.list_open_sessions() == []
+    end = cluster.store.list_audit(type="session.end")[-1]
+    assert end.message == "session closed" and end.fields["bastion"] == name
+
+
 def test_recheck_closes_only_sessions_no_longer_allowed(cluster):
     registry = Registry(cluster.store)
     device = enrolled(cluster)

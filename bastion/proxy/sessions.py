@@ -68,6 +68,10 @@ class LiveSession:
     terminated_reason: str | None = None
     owner: object | None = None  # the SSH connection it belongs to
     recorded: bool = False  # its start is on record; until then it is only tracked
+    # The instance its live_sessions row is filed under, fixed when the start is
+    # recorded: its end may be written after this bastion has let go of its claim
+    # (a drain), and must still remove that row, not leave it for a sibling to sweep.
+    instance: str | None = None
 
 
 def audit_fields(session: LiveSession) -> dict[str, Any]:
@@ -191,9 +195,10 @@ class Registry:
     def _record_start(self, store: Store, session: LiveSession) -> None:
         with store.transaction(bump=False):
             if self._instance is not None:
+                session.instance = self._instance.name
                 store.add_open_session(
                     OpenSession(
-                        instance=self._instance.name,
+                        instance=session.instance,
                         session_id=session.id,
                         started=session.started_wall,
                         user=session.identity.user,
@@ -225,14 +230,14 @@ class Registry:
                     message=terminated,
                     **audit_fields(session),
                 )
-            if self._instance is not None:
-                store.remove_open_session(self._instance.name, session.id)
+            if session.instance is not None:
+                store.remove_open_session(session.instance, session.id)
             audit.record(
                 store,
                 "session.end",
                 message=session.terminated_reason or "session closed",
                 **audit_fields(session),
-                bastion=self.instance,
+                bastion=session.instance or self.instance,
                 bytes_up=session.bytes_up,
                 bytes_down=session.bytes_down,
                 duration=duration or round(time.monotonic() - session.started, 3),
@@ -338,6 +343,11 @@ class Registry:
         if self._feed is not None:
             self._feed.shutdown(wait=False)
             self._feed = None
+        if self.workers is not None:
+            # The ends of sessions that closed on their own are queued on the shared
+            # writer: let them land (in order, so behind this no-op) before giving up
+            # the claim, or a sibling sweeping meanwhile ends them "killed or crashed".
+            await self.workers.persist(lambda _store: None, wait=5.0)
         if self._instance is not None:
             # Any row left (its end could not be written) is swept by the next bastion.
             self._instance.release()
