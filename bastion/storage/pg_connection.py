@@ -67,6 +67,12 @@ RETRIES = 4  # stale pooled connections tried before an error is the database's
 # blind up to a minute more after the database is back. Given up sooner, the next
 # caller (see _Shared.getconn: one direct connect first) makes a fresh attempt at once.
 RECONNECT_TIMEOUT = 5.0
+# A session of ours idle inside a transaction this long is ended by the server, and
+# the write lock with it. A bastion frozen or cut off mid-write (power, partition,
+# SIGSTOP) sends no FIN: without this its session holds the cluster-wide write lock
+# until TCP keepalive gives up (hours) and every bastion's writes wait behind it. No
+# transaction of ours waits between statements for anything but Python.
+IDLE_IN_TRANSACTION_TIMEOUT = 30.0
 
 
 def check_url(url: str) -> dict[str, Any]:
@@ -163,6 +169,11 @@ class _Shared:
             self.pool.close()
 
 
+def _configure(conn: psycopg.Connection[Any]) -> None:
+    ms = str(int(IDLE_IN_TRANSACTION_TIMEOUT * 1000))
+    conn.execute("SELECT set_config('idle_in_transaction_session_timeout', %s, false)", (ms,))
+
+
 def make_pool(url: str, *, max_size: int = POOL_MAX) -> ConnectionPool[Any]:
     check_url(url)
     kwargs: dict[str, Any] = {
@@ -177,6 +188,7 @@ def make_pool(url: str, *, max_size: int = POOL_MAX) -> ConnectionPool[Any]:
     pool: ConnectionPool[Any] = ConnectionPool(
         url, min_size=1, max_size=max_size, kwargs=kwargs, open=False,
         timeout=CONNECT_TIMEOUT, reconnect_timeout=RECONNECT_TIMEOUT, name="dt-bastion",
+        configure=_configure,
     )  # fmt: skip
     try:
         pool.open(wait=True, timeout=CONNECT_TIMEOUT)
