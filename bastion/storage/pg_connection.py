@@ -83,7 +83,7 @@ def check_url(url: str) -> dict[str, Any]:
         info = psycopg.conninfo.conninfo_to_dict(url)
     except psycopg.ProgrammingError as exc:
         raise StateError(f"the database URL is not valid: {exc}") from None
-    if info.get("password"):
+    if any(info.get(key) for key in urls.SECRET_PARAMS):
         raise urls.password_refused(url)
     return info
 

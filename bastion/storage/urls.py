@@ -10,6 +10,8 @@ import urllib.parse
 from bastion.protocol.errors import StateError
 
 SCHEMES = ("postgresql", "postgres")
+# libpq parameters that are secrets: the password, and the passphrase of the TLS key.
+SECRET_PARAMS = ("password", "sslpassword")
 
 
 def safe_url(url: str | None) -> str:
@@ -47,7 +49,7 @@ def check_url(url: str) -> None:
             "database must be a postgresql:// URL (leave it unset for SQLite in the "
             "state directory)"
         )
-    if password or query.get("password"):
+    if password or any(key.lower() in SECRET_PARAMS for key in query):
         raise password_refused(url)
 
 
@@ -56,5 +58,6 @@ def password_refused(url: str) -> StateError:
         "the database URL carries a password; take it out and give it to libpq in a "
         "password file instead (PGPASSFILE, ~/.pgpass, or a passfile= parameter, "
         "e.g. a systemd credential: passfile=$CREDENTIALS_DIRECTORY/pgpass), so it "
-        f"never shows in a process listing or a log ({safe_url(url)})"
+        "never shows in a process listing or a log; a TLS key's passphrase "
+        f"(sslpassword) likewise stays out of it ({safe_url(url)})"
     )
