@@ -246,6 +246,16 @@ class PostgresStore(Nouns, PostgresBase):
                 raise map_error(exc, self.url, "cannot be reached") from None
             return True
 
+    def open_session_instances(self) -> list[str]:
+        """As every store's; a sweep starts here, so an instance it does not look at
+        (no open session now) is forgotten: a free lock seen at an earlier look says
+        nothing of what the lock did while nobody looked (taken again, lost again)."""
+        names = super().open_session_instances()
+        with self._probe_lock:
+            for name in set(self._free_since) - set(names):
+                del self._free_since[name]
+        return names
+
     def claim_if_dead(self, name: str) -> AbstractContextManager[bool]:
         return self._claim_if_dead(name)
 
