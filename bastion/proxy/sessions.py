@@ -51,6 +51,10 @@ _ids = itertools.count(1)
 # How long a cut waits for its session.end to commit before closing anyway: the audit
 # log says so before the client sees it, unless the database is locked.
 CUT_WAIT = 0.5
+SWEPT = (
+    "another bastion took this one for dead (its liveness lock was lost) and ended "
+    "this session on its behalf; connect again"
+)
 
 
 @dataclass(eq=False)
@@ -318,6 +322,29 @@ class Registry:
             log.warning("ended %d session(s) left open by bastion %s", len(orphans), name)
         return len(orphans)
 
+    async def _cut_swept(self, workers: Workers) -> None:
+        """Cut the live sessions whose rows a sibling took: it called this bastion dead
+        (its liveness lock was free at two looks: a connection dropped, and it could
+        not take the lock again in time) and wrote their ``session.end``; a session the
+        audit log says has ended must not go on."""
+        if self._instance is None:
+            return
+        name = self._instance.name
+        recorded = [
+            s for s in self.live.values() if s.recorded and not s.ended and s.instance == name
+        ]
+        if not recorded:
+            return
+        try:
+            rows = await workers.read(lambda store: store.list_open_sessions(name))
+        except DTError:
+            return  # a database that does not answer: the blind guard decides
+        have = {row.session_id for row in rows}
+        swept = [(s, SWEPT) for s in recorded if s.id not in have and not s.ended]
+        if swept:
+            log.error("%d live session(s) ended on this bastion's behalf: cutting", len(swept))
+            await self.cut(swept)
+
     async def stop(self, reason: str = "bastion shutting down") -> None:
         self._stopping = True
         if self._guard_task is not None:
@@ -371,6 +398,7 @@ class Registry:
                     )
                     sweeping.add_done_callback(_log_failure)
                     stale_files = False
+                    await self._cut_swept(workers)
                 await self._follow_revision(workers)
                 for listener in self.on_poll:
                     await _maybe_await(listener(time.time()))
