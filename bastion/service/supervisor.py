@@ -221,6 +221,8 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         try:
             for worker in self.workers:
+                if self.stopping:  # SIGTERM while starting: start no more
+                    break
                 await self._start(worker)
             failed = await self._all_ready()
             if failed is not None:
@@ -261,6 +263,9 @@ class Supervisor:
             pass_fds=[s.fileno() for s in self.sockets],
             process_group=0,
         )
+        if self.stopping:  # the stop signal came while it was being started
+            with contextlib.suppress(ProcessLookupError):
+                worker.proc.send_signal(signal.SIGTERM)
         log.debug("worker %d started (pid %d)", worker.index, worker.proc.pid)
         asyncio.get_running_loop().create_task(self._watch(worker, worker.proc))
 
@@ -291,7 +296,8 @@ class Supervisor:
         while True:
             self._changed.clear()
             for worker in self.workers:
-                assert worker.proc is not None
+                if worker.proc is None:  # never started: a stop signal came first
+                    continue
                 if worker.proc.returncode is not None:
                     log.error(
                         "worker %d exited (%s) before it was ready; stopping",
