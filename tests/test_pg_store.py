@@ -456,3 +456,36 @@ def test_the_postgresql_schema_has_every_table_and_column_sqlite_has(pg_url, tmp
     for table, columns in sqlite_cols.items():
         assert table in pg_cols, f"no PostgreSQL table {table}"
         assert columns <= pg_cols[table], f"{table}: missing {columns - pg_cols[table]}"
+
+
+def test_every_connection_notices_a_vanished_peer_within_a_minute(pg_server, tmp_path):
+    """Over TCP, a bastion that loses power sends no FIN: without keepalives on the
+    server's side its instance lock stays held (its sessions unswept) for hours, and
+    without them on ours a read hangs for the 15 min of TCP retransmissions. Every
+    connection the store makes has both; a URL's own setting wins."""
+    from urllib.parse import urlparse
+
+    from bastion.storage.pg_connection import keepalive_kwargs
+
+    name = urlparse(fresh_database(pg_server)).path.lstrip("/")
+    store = PostgresStore.open(pg_server.url(name, tcp=True), tmp_path)
+    try:
+        claim = store.hold_instance()
+        rows = store._all(
+            "SELECT name, setting FROM pg_settings WHERE name IN "
+            "('tcp_keepalives_idle', 'tcp_user_timeout')"
+        )
+        assert {r["name"]: r["setting"] for r in rows} == {
+            "tcp_keepalives_idle": "10",
+            "tcp_user_timeout": "30000",
+        }
+        seen = store._all(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() "
+            "AND client_port IS NOT NULL AND backend_type = 'client backend'"
+        )
+        assert seen[0]["n"] >= 2  # the pool's and the instance claim's, both over TCP
+        claim.release()
+    finally:
+        store.close()
+    own = keepalive_kwargs("postgresql:///dt?keepalives_idle=60")
+    assert "keepalives_idle" not in own and own["keepalives_count"] == "3"

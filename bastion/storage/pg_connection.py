@@ -40,6 +40,7 @@ from typing import Any
 
 import psycopg
 from psycopg import errors as pgerrors
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -73,6 +74,49 @@ RECONNECT_TIMEOUT = 5.0
 # until TCP keepalive gives up (hours) and every bastion's writes wait behind it. No
 # transaction of ours waits between statements for anything but Python.
 IDLE_IN_TRANSACTION_TIMEOUT = 30.0
+# A peer that vanishes without a FIN (power, partition, failover) is noticed in about
+# half a minute on both ends, not after the kernel's hours of keepalive or 15 min of
+# retransmissions: on our side a read would hang that long (the bastion would stay
+# blind after the database came back); on the server's, a powered-off bastion's
+# instance lock would stay held and its sessions unswept. libpq's client settings
+# are defaults the URL may override; the server's are set per session. Both are
+# ignored on Unix sockets.
+CLIENT_KEEPALIVES = {
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "30000",
+}
+SERVER_KEEPALIVES = (
+    ("tcp_keepalives_idle", "10"),
+    ("tcp_keepalives_interval", "5"),
+    ("tcp_keepalives_count", "3"),
+    ("tcp_user_timeout", "30000"),
+)
+
+
+def keepalive_kwargs(url: str) -> dict[str, Any]:
+    """libpq's keepalive settings for ``url``, except those the URL sets itself."""
+    given = conninfo_to_dict(url)
+    return {k: v for k, v in CLIENT_KEEPALIVES.items() if k not in given}
+
+
+def connect(url: str, **kwargs: Any) -> psycopg.Connection[Any]:
+    """A connection of its own (listener, instance claim, probe), with the keepalives
+    every pooled connection has too."""
+    conn = psycopg.connect(url, **keepalive_kwargs(url), **kwargs)
+    try:
+        server_keepalives(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def server_keepalives(conn: psycopg.Connection[Any]) -> None:
+    for name, value in SERVER_KEEPALIVES:
+        conn.execute("SELECT set_config(%s, %s, false)", (name, value))
 
 
 def check_url(url: str) -> dict[str, Any]:
@@ -172,6 +216,7 @@ class _Shared:
 def _configure(conn: psycopg.Connection[Any]) -> None:
     ms = str(int(IDLE_IN_TRANSACTION_TIMEOUT * 1000))
     conn.execute("SELECT set_config('idle_in_transaction_session_timeout', %s, false)", (ms,))
+    server_keepalives(conn)
 
 
 def make_pool(url: str, *, max_size: int = POOL_MAX) -> ConnectionPool[Any]:
@@ -180,6 +225,7 @@ def make_pool(url: str, *, max_size: int = POOL_MAX) -> ConnectionPool[Any]:
         "autocommit": True,
         "row_factory": dict_row,
         "connect_timeout": CONNECT_TIMEOUT,
+        **keepalive_kwargs(url),
     }
     try:  # one direct attempt first: it fails at once, and says why (the pool would not)
         psycopg.connect(url, **kwargs).close()
@@ -434,7 +480,7 @@ class PostgresBase(StoreBase):
             if conn is None or conn.closed:
                 try:
                     # 2 s: libpq's least; a refused connection fails at once.
-                    conn = psycopg.connect(self.url, autocommit=True, connect_timeout=2)
+                    conn = connect(self.url, autocommit=True, connect_timeout=2)
                     conn.execute(f"LISTEN {CHANNEL}")
                 except psycopg.Error as exc:
                     if conn is not None:  # connected but LISTEN failed: not left open

@@ -36,6 +36,7 @@ from bastion.storage.pg_connection import (
     PostgresBase,
     _Shared,
     check_url,
+    connect,
     make_pool,
     map_error,
     safe_url,
@@ -79,7 +80,7 @@ class PgInstanceClaim:
     @classmethod
     def acquire(cls, url: str) -> PgInstanceClaim:
         try:
-            conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+            conn = connect(url, autocommit=True, connect_timeout=10)
         except psycopg.Error as exc:
             raise map_error(exc, url, "cannot be reached") from None
         for _ in range(100):
@@ -105,7 +106,7 @@ class PgInstanceClaim:
                     conn.close()
             self._conn = None
             try:
-                conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+                conn = connect(self.url, autocommit=True, connect_timeout=5)
                 row = conn.execute(
                     "SELECT pg_try_advisory_lock(%s)", (instance_key(self.name),)
                 ).fetchone()
@@ -295,7 +296,7 @@ class PostgresStore(Nouns, PostgresBase):
         conn = self._probe
         if conn is None or conn.closed:
             try:
-                conn = self._probe = psycopg.connect(
+                conn = self._probe = connect(
                     self.url, autocommit=True, connect_timeout=10, row_factory=dict_row
                 )
             except psycopg.Error as exc:
