@@ -72,12 +72,14 @@ from bastion.proxy.admission import ConnectionSlots, RefusalDigest
 from bastion.proxy.api import ApiIdentity, ApiSession
 from bastion.proxy.connections import Connections, Credential, CredentialRevoked
 from bastion.proxy.forwarding import open_forward
+from bastion.proxy.refused import refuse_before_kex
 from bastion.proxy.sessions import CUT_WAIT, LiveSession, Registry
 from bastion.proxy.workers import Workers
 
 log = logging.getLogger("bastion.server")
 SIGNUP_USER = "-dt-signup"
 BOT_USER = "-dt-bot"  # a bot's job presenting a bot token (dtclient login --bot-token)
+SERVER_VERSION = "dt-bastion"  # the version line: SSH-2.0-dt-bastion
 # Connections whose refused keys are audited in full, per address (and user the
 # certificate claims) and minute; the rest are counted into one row (a flood of
 # refused keys is not a flood of rows).
@@ -337,8 +339,8 @@ class BastionServer(asyncssh.SSHServer):
                 b.recent_failures(self.remote_addr, time.monotonic()),
                 b.config.max_auth_failures_per_source,
             )
-        except DTError as exc:
-            self._refuse(conn, exc.message)
+        except DTError as exc:  # told before any key exchange: see bastion.proxy.refused
+            self._refuse(conn, exc.message, before_kex=True)
             return
         if isinstance(victim, BastionServer):
             victim.evict()
@@ -430,10 +432,15 @@ class BastionServer(asyncssh.SSHServer):
         if self.bastion.should_audit_refusal(self.remote_addr or "?", time.monotonic(), kind):
             self._audit_once("auth.failed", reason)
 
-    def _refuse(self, conn: asyncssh.SSHServerConnection, reason: str) -> None:
+    def _refuse(
+        self, conn: asyncssh.SSHServerConnection, reason: str, *, before_kex: bool = False
+    ) -> None:
         if self.bastion.should_audit_refusal(self.remote_addr or "?", time.monotonic()):
             self._audit_once("auth.failed", reason)
-        conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS, reason)
+        if before_kex:
+            refuse_before_kex(conn, SERVER_VERSION, asyncssh.DISC_TOO_MANY_CONNECTIONS, reason)
+        else:
+            conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS, reason)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.bastion.authenticated.discard(self.registered)
@@ -1117,7 +1124,7 @@ def _options(bastion: Bastion, host_key_path: str, host_cert_path: str) -> dict[
         "allow_pty": True,
         "line_editor": False,
         "encoding": None,
-        "server_version": "dt-bastion",
+        "server_version": SERVER_VERSION,
         "config": None,
     }
 
