@@ -273,6 +273,42 @@ def test_a_node_cannot_pad_its_way_past_the_host_key_check():
     assert scan_node_handshake(flood)[0] == "bad"
 
 
+def test_the_handshake_watch_holds_when_the_loop_keeps_calling_its_wrapper():
+    """uvloop keeps the ``data_received`` it was given: after NEWKEYS the watch's
+    wrapper is still called, with encrypted bytes. Those pass untouched (no second
+    verdict, no AttributeError, no session cut); after a refused certificate nothing
+    more passes. (With uvloop installed, every session lost its banner.)"""
+    from bastion.proxy.node_handshake import watch
+
+    class Forwarder:
+        def __init__(self) -> None:
+            self.got: list[bytes] = []
+            self.closed = False
+
+        def data_received(self, data: bytes, datatype=None) -> None:
+            self.got.append(data)
+
+        def close(self) -> None:
+            self.closed = True
+
+    plain, _ = _node_handshake(_string(b"ssh-ed25519") + _string(os.urandom(32)))
+    cert = _string(b"ssh-ed25519-cert-v01@openssh.com") + os.urandom(200)
+    for key, refused in ((None, False), (cert, True)):
+        data = plain if key is None else _node_handshake(key)[0]
+        side, told = Forwarder(), []
+        watch(side, lambda blob: True, told.append)
+        cached = side.data_received  # what the loop holds on to
+        cached(data)
+        encrypted = os.urandom(64)  # framed as nonsense: the scanner would call it "bad"
+        cached(encrypted)
+        assert side.closed is refused and not told
+        if refused:
+            assert b"".join(side.got) == data[: len(b"".join(side.got))]
+            assert encrypted not in side.got
+        else:
+            assert side.got == [data, encrypted]
+
+
 # -- #8 force-command after a jump ----------------------------------------------------------------
 
 

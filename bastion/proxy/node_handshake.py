@@ -10,6 +10,7 @@ The scanner is pure; :func:`watch` hooks it onto a forwarder until NEWKEYS.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -33,14 +34,26 @@ def watch(
     """
     scanner = Scanner()
     forward = node_side.data_received
+    # Decided once: None while watching, then True (pass everything) or False (the
+    # session is over). An event loop that keeps the method it was given (uvloop
+    # caches ``protocol.data_received``) goes on calling this wrapper after the
+    # plain method is back on the forwarder, so it must answer for itself.
+    verdict: bool | None = None
 
     def data_received(data: bytes, datatype: Any = None) -> None:
+        nonlocal verdict
+        if verdict is not None:
+            if verdict:
+                forward(data, datatype)
+            return
         state, blob, end = scanner.feed(data)
         if state == "more":
             forward(data, datatype)
             return
-        del node_side.data_received
-        if state == "done" or (state == "cert" and not refuse(blob)):
+        verdict = state == "done" or (state == "cert" and not refuse(blob))
+        with contextlib.suppress(AttributeError):
+            del node_side.data_received
+        if verdict:
             forward(data, datatype)
             return
         if state == "cert":
