@@ -285,9 +285,7 @@ class Bastion:
         pruned). A database that does not answer leaves the last view in place."""
         try:
             self.other_failures = await self.workers.read(
-                lambda store: store.count_source_failures(
-                    since=now - 60, exclude=self.failure_id
-                )
+                lambda store: store.count_source_failures(since=now - 60, exclude=self.failure_id)
             )
         except DTError:
             return
@@ -332,6 +330,17 @@ class BastionServer(asyncssh.SSHServer):
         peer = conn.get_extra_info("peername") or ("?", 0)
         self.remote_addr = self.client_addr or str(peer[0])
         b = self.bastion
+        if b.registry.freshness.stale:
+            # Blind: nothing can be decided, so no key exchange is spent on it (a
+            # flood of them while the database is away costs next to nothing). The
+            # client is told why; audited once per blind period (state.stale, and
+            # state.confirmed counts these), not once per connection.
+            b.registry.freshness.refused += 1
+            self._audited.add("blind")
+            refuse_before_kex(
+                conn, SERVER_VERSION, asyncssh.DISC_SERVICE_NOT_AVAILABLE, freshness.BLIND
+            )
+            return
         try:  # limits.admit_connection: failures, per address, pre-login slots
             victim = b.slots.admit(
                 self,
@@ -651,9 +660,8 @@ class BastionServer(asyncssh.SSHServer):
                 "CVE-2023-48795); upgrade it (OpenSSH 9.6 or later, or a patched build)"
             )
         if self.bastion.registry.freshness.stale:
-            # After the key exchange, so the client prints the reason. Audited once per
-            # blind period (state.stale; state.confirmed counts these), not once per
-            # connection of a flood.
+            # Blind since this connection was let in (newcomers are refused at
+            # connection_made). Audited once per blind period, as there.
             self.bastion.registry.freshness.refused += 1
             self._audited.add("blind")
             raise asyncssh.ServiceNotAvailable(freshness.BLIND)
