@@ -1,6 +1,6 @@
 """Accounts: signup with a one-time token, and password + TOTP login with lockout.
 
-Pure decisions over the Store, no sockets. The SSH layer asks ``check_password_login``
+Pure decisions over the store, no sockets. The SSH layer asks ``check_password_login``
 during keyboard-interactive auth and ``Signup`` serves the dt-api signup messages.
 
 Lockout: ``max_failures`` failed logins within ``window`` lock the account's password
@@ -27,7 +27,7 @@ from bastion.protocol.errors import (
     UsageError,
 )
 from bastion.protocol.wire import Ok, SignupBegin, SignupFinish, SignupInfo
-from bastion.storage import Store
+from bastion.storage import StateStore
 
 SIGNUP_TTL = 3600
 # The lock kind a lockout writes: it blocks password logins only.
@@ -42,7 +42,12 @@ class LockoutPolicy:
 
 
 def issue_signup_token(
-    store: Store, user: str, *, ttl: int = SIGNUP_TTL, actor: str = "", now: float | None = None
+    store: StateStore,
+    user: str,
+    *,
+    ttl: int = SIGNUP_TTL,
+    actor: str = "",
+    now: float | None = None,
 ) -> str:
     now = time.time() if now is None else now
     secret = credentials.new_token()
@@ -71,7 +76,7 @@ def issue_signup_token(
     return secret
 
 
-def signup_token_user(store: Store, token: str, now: float | None = None) -> str:
+def signup_token_user(store: StateStore, token: str, now: float | None = None) -> str:
     """The user a live signup token belongs to (used to authenticate signup connections)."""
     now = time.time() if now is None else now
     credentials.check_token_format(token)
@@ -97,7 +102,7 @@ def signup_token_user(store: Store, token: str, now: float | None = None) -> str
 class Signup:
     """Serves signup_begin / signup_finish on a connection authenticated by a token."""
 
-    def __init__(self, store: Store, cluster_name: str, min_password_length: int = 12) -> None:
+    def __init__(self, store: StateStore, cluster_name: str, min_password_length: int = 12) -> None:
         self.store = store
         self.cluster_name = cluster_name
         self.min_password_length = min_password_length
@@ -152,7 +157,7 @@ class Signup:
 
 
 def check_password_login(
-    store: Store,
+    store: StateStore,
     user_name: str,
     password: str,
     code: str,
@@ -208,7 +213,7 @@ def check_password_login(
 
 
 def _refuse_locked(
-    store: Store,
+    store: StateStore,
     user: User,
     lock: Lock,
     password: str,
@@ -264,7 +269,7 @@ def _refuse_locked(
     )
 
 
-def password_lock(store: Store, user: str, now: float) -> Lock | None:
+def password_lock(store: StateStore, user: str, now: float) -> Lock | None:
     """What stops a password login: an admin's lock on the user, or a lockout.
 
     A lockout is a lock on the user's *password* (``target_kind`` "password"): anyone
@@ -275,7 +280,7 @@ def password_lock(store: Store, user: str, now: float) -> Lock | None:
 
 
 def _reserve_attempt(
-    store: Store, user: User, remote_addr: str | None, policy: LockoutPolicy, now: float
+    store: StateStore, user: User, remote_addr: str | None, policy: LockoutPolicy, now: float
 ) -> tuple[int | None, Lock | None]:
     """The lock check, the failure count and the reservation, in one write transaction:
     a lockout committing meanwhile is seen, and at most ``max_failures`` are checked."""
@@ -307,7 +312,7 @@ def _check_factors(user: User, password: str, code: str, now: float) -> tuple[st
 
 
 def _spend_step(
-    store: Store, user: User, step: int, attempt: int, remote_addr: str | None, now: float
+    store: StateStore, user: User, step: int, attempt: int, remote_addr: str | None, now: float
 ) -> tuple[User | None, str]:
     """Admit the login if, right now, the user is unlocked, the password is still the
     one checked and the code's step unused; else say which changed."""
@@ -338,7 +343,7 @@ def _spend_step(
 
 
 def _failed_attempt(
-    store: Store,
+    store: StateStore,
     user: str,
     attempt: int,
     reason: str,
@@ -368,7 +373,7 @@ def _failed_attempt(
 
 
 def _fail(
-    store: Store, user: str, remote_addr: str | None, reason: str, now: float, *, count: bool
+    store: StateStore, user: str, remote_addr: str | None, reason: str, now: float, *, count: bool
 ) -> int:
     audit.record(
         store,
@@ -384,7 +389,7 @@ def _fail(
 
 
 def _lock_out(
-    store: Store, user: str, remote_addr: str | None, policy: LockoutPolicy, now: float
+    store: StateStore, user: str, remote_addr: str | None, policy: LockoutPolicy, now: float
 ) -> None:
     with store.transaction():
         store.add_lock(
@@ -421,7 +426,12 @@ def bot_token_id(token_hash: str) -> str:
 
 
 def issue_bot_token(
-    store: Store, bot: str, *, ttl: int = BOT_TOKEN_TTL, actor: str = "", now: float | None = None
+    store: StateStore,
+    bot: str,
+    *,
+    ttl: int = BOT_TOKEN_TTL,
+    actor: str = "",
+    now: float | None = None,
 ) -> tuple[str, Token]:
     """A secret a bot's job presents (`dtclient login --bot-token FILE`) to get a
     short-lived certificate for its own key, until it expires or is removed. Only its
@@ -450,7 +460,7 @@ def issue_bot_token(
 
 
 def bot_token_user(
-    store: Store, secret: str, *, remote_addr: str | None = None, now: float | None = None
+    store: StateStore, secret: str, *, remote_addr: str | None = None, now: float | None = None
 ) -> tuple[str, str]:
     """The bot a presented bot token stands for, and the token's hash (to decide again
     later); every use, and every refusal, audited. A refusal is TokenInvalid, whose
@@ -486,7 +496,7 @@ def bot_token_user(
     return token.subject, digest
 
 
-def recheck_bot_token(store: Store, bot: str, token_hash: str, now: float) -> None:
+def recheck_bot_token(store: StateStore, bot: str, token_hash: str, now: float) -> None:
     """A connection that authenticated with a bot token may go on: the token is still
     there, unexpired, for this bot, which is still an unlocked bot."""
     facts = store.facts(user=bot, now=now)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bastion.authz.records import AuditEvent
-from bastion.storage import Store
+from bastion.storage import StateStore
 from bastion.storage.migrations import RENAMED_EVENT_TYPES
 
 log = logging.getLogger("bastion.audit")
@@ -134,7 +134,7 @@ def event_code(event_type: str, success: bool) -> str:
 
 
 def record(
-    store: Store,
+    store: StateStore,
     event_type: str,
     *,
     success: bool = True,

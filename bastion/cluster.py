@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import ssh
@@ -39,7 +38,7 @@ from bastion.protocol.files import (
     private_dir,
     user_name,
 )
-from bastion.storage import DB_NAME, Store, open_store
+from bastion.storage import DB_NAME, StateStore, open_store
 
 DEFAULT_STATE_DIR = "/var/lib/dt-bastion"
 BASTION_HOST_CERT = keys.BASTION_HOST_KEY + "-cert.pub"
@@ -52,7 +51,7 @@ def default_state_dir() -> Path:
 @dataclass
 class Cluster:
     state_dir: Path
-    store: Store
+    store: StateStore
     ca: CertificateAuthority
 
     @property
@@ -251,11 +250,10 @@ def init_cluster(
     return Cluster(state_dir, store, CertificateAuthority(store, user_ca, host_ca))
 
 
-def _open(state_dir: Path, database: str | None, *, create: bool = False) -> Store:
-    """The store, typed as ``Store`` for the shells: a PostgresStore is not a subclass
-    of SQLiteStore, but the shells use only StateStore members on it (enforced by
-    tests/test_state_store.py), so their ``Store`` annotations hold for both."""
-    return cast(Store, open_store(state_dir, database, create=create))
+def _open(state_dir: Path, database: str | None, *, create: bool = False) -> StateStore:
+    """The store, SQLite or PostgreSQL: the shells see only the StateStore interface
+    (tests/test_state_store.py checks they use nothing else)."""
+    return open_store(state_dir, database, create=create)
 
 
 _NEXT = keys.USER_CA + ".next"
@@ -343,7 +341,9 @@ def _install_next(kdir: Path, stamp: float) -> None:
         os.close(fd)
 
 
-def _load_user_ca(kdir: Path, store: Store, *, repair: bool = True) -> ed25519.Ed25519PrivateKey:
+def _load_user_ca(
+    kdir: Path, store: StateStore, *, repair: bool = True
+) -> ed25519.Ed25519PrivateKey:
     """The user CA the database names, finishing an interrupted rotation.
 
     A key file that does not match the database's fingerprint is refused: the bastion
@@ -381,7 +381,7 @@ _COPY_HINT = (
 
 
 def _check_in_force(
-    store: Store, setting: str, path: Path, key: ed25519.Ed25519PrivateKey, what: str
+    store: StateStore, setting: str, path: Path, key: ed25519.Ed25519PrivateKey, what: str
 ) -> None:
     """The key file is the one the database names (a cluster from before keys were
     named gets this host's named now); another host's or a stale copy is refused."""
@@ -401,7 +401,7 @@ def _check_in_force(
         )
 
 
-def _ensure_audit_key(kdir: Path, store: Store) -> None:
+def _ensure_audit_key(kdir: Path, store: StateStore) -> None:
     """Make the audit key of a cluster created before there was one (under the
     rotation lock: two processes opening at once make one key, not two), check that
     it loads, and sign a first checkpoint over rows that have none yet."""

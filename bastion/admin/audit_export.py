@@ -29,7 +29,7 @@ from typing import IO, Any
 from bastion.authz.records import AuditEvent
 from bastion.protocol import console
 from bastion.protocol.errors import UsageError
-from bastion.storage import Store
+from bastion.storage import StateStore
 from bastion.storage.audit_chain import Checkpoint
 
 POLL_SECONDS = 0.25
@@ -90,7 +90,7 @@ class Position:
 
 
 def batches(
-    store: Store,
+    store: StateStore,
     position: Position,
     *,
     types: tuple[str, ...] | None,

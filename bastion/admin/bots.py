@@ -27,7 +27,7 @@ from bastion.authz.records import User
 from bastion.protocol import console
 from bastion.protocol.console import Format
 from bastion.protocol.errors import NotFound, UsageError
-from bastion.storage import Store
+from bastion.storage import StateStore
 
 app = new_app(
     "Manage bot users for CI and automation: no password or device; short-lived "
@@ -47,7 +47,7 @@ def _create_secret_file(path: Path) -> int:
         raise UsageError(f"cannot create {path}: {exc.strerror}") from None
 
 
-def get_bot(store: Store, name: str) -> User:
+def get_bot(store: StateStore, name: str) -> User:
     user = store.find_user(name)
     if user is None or not user.bot:
         hint = " (it is a person: see dtadmin users)" if user is not None else ""

@@ -12,7 +12,7 @@ from bastion.authz.rbac import check_trust_mode
 from bastion.protocol import console
 from bastion.protocol.console import Format
 from bastion.protocol.errors import UsageError
-from bastion.storage import Store
+from bastion.storage import StateStore
 
 app = new_app("Cluster-wide settings.")
 
@@ -33,7 +33,7 @@ def check_public_addr(value: str) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def public_addr(store: Store) -> str | None:
+def public_addr(store: StateStore) -> str | None:
     """The address users reach the bastion at (``dtadmin cluster set public-addr``)."""
     value = store.get_setting("public_addr")
     return value if isinstance(value, str) and value else None

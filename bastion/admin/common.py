@@ -13,7 +13,7 @@ import typer
 
 from bastion import audit
 from bastion.cluster import Cluster, default_state_dir
-from bastion.storage import Store, database_url
+from bastion.storage import StateStore, database_url
 
 StateOpt = Annotated[
     Path | None,
@@ -47,7 +47,7 @@ def open_cluster(ctx: typer.Context, override: Path | None = None) -> Cluster:
 
 
 @contextlib.contextmanager
-def audited(store: Store, event: str, **fields: Any) -> Iterator[None]:
+def audited(store: StateStore, event: str, **fields: Any) -> Iterator[None]:
     """A change and its audit event, committed together or not at all."""
     with store.transaction():
         yield

@@ -17,7 +17,7 @@ from bastion.protocol import console
 from bastion.protocol.console import Format
 from bastion.protocol.durations import parse_duration
 from bastion.protocol.errors import UsageError
-from bastion.storage import Store
+from bastion.storage import StateStore
 
 app = new_app("Manage the device inventory, enrollment tokens and EK trust roots.")
 roots_app = new_app(
@@ -31,7 +31,7 @@ app.add_typer(roots_app, name="trust-root")
 OS_TYPES = ("linux", "macos", "windows")
 
 
-def unenroll(store: Store, tag: str, who: str, reason: str = "") -> bool:
+def unenroll(store: StateStore, tag: str, who: str, reason: str = "") -> bool:
     """Mark a device not enrolled and drop its credential; False if it already was.
 
     Read and written in one transaction: an owner or profile change committing between

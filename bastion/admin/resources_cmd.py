@@ -20,7 +20,7 @@ from bastion.authz.records import Device
 from bastion.protocol import console
 from bastion.protocol.console import Format
 from bastion.protocol.errors import DTError, StateError, UsageError
-from bastion.storage import Store
+from bastion.storage import StateStore
 
 KINDS = {
     "users": "user",
@@ -53,7 +53,7 @@ def _parse_ref(ref: str) -> tuple[str, str]:
     return KINDS[kind], name
 
 
-def _document(store: Store, kind: str, name: str) -> dict:
+def _document(store: StateStore, kind: str, name: str) -> dict:
     if kind == "user":
         locked = store.active_lock("user", name, time.time()) is not None
         return resources.user_doc(store.get_user(name), locked)
@@ -69,7 +69,7 @@ def _document(store: Store, kind: str, name: str) -> dict:
     return resources.node_doc(node)
 
 
-def _all_names(store: Store, kind: str) -> list[str]:
+def _all_names(store: StateStore, kind: str) -> list[str]:
     if kind == "user":
         return [u.name for u in store.list_users()]
     if kind == "role":
@@ -159,7 +159,7 @@ def edit(ctx: typer.Context, ref: RefArg, state: StateOpt = None) -> None:
     console.say(f'{kind} "{name}" has been updated')
 
 
-def _apply(store: Store, kind: str, name: str, doc: dict) -> None:
+def _apply(store: StateStore, kind: str, name: str, doc: dict) -> None:
     who = actor()
     if kind == "user":
         roles = {r.name for r in store.list_roles()}

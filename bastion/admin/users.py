@@ -14,12 +14,12 @@ from bastion.cluster import Cluster
 from bastion.protocol import console
 from bastion.protocol.console import Format
 from bastion.protocol.errors import NotFound, UsageError
-from bastion.storage import Store
+from bastion.storage import StateStore
 
 app = new_app("Manage users: who may log in, with which roles and Unix logins.")
 
 
-def check_roles(store: Store, roles: list[str]) -> tuple[str, ...]:
+def check_roles(store: StateStore, roles: list[str]) -> tuple[str, ...]:
     for role in roles:
         if store.find_role(role) is None:
             raise NotFound(f'role "{role}" not found (see: dtadmin roles ls)')

@@ -34,7 +34,7 @@ from bastion.protocol.errors import (
     StateError,
     StorageUnavailable,
 )
-from bastion.storage import Store
+from bastion.storage import StateStore
 
 _SERIAL_ATTEMPTS = 8
 # The database names the one user CA in force; a process still holding a rotated-out
@@ -97,7 +97,7 @@ class Issued:
 class CertificateAuthority:
     def __init__(
         self,
-        store: Store,
+        store: StateStore,
         user_ca: ed25519.Ed25519PrivateKey,
         host_ca: ed25519.Ed25519PrivateKey,
     ) -> None:

@@ -15,11 +15,10 @@ import asyncio
 import logging
 import queue
 import threading
-from typing import Any, cast
+from typing import Any
 
 from bastion.ca.authority import CertificateAuthority, Issued, UserCertRequest
 from bastion.protocol.errors import DTError, StateError
-from bastion.storage import Store
 
 log = logging.getLogger("bastion.issuer")
 MAX_BATCH = 256
@@ -81,7 +80,7 @@ class GroupCommitIssuer:
     def _authority(self) -> CertificateAuthority:
         """The CA on this thread's own database connection.
 
-        The Store serialises its one connection with a lock; a batch holds it from BEGIN
+        The store serialises its one connection with a lock; a batch holds it from BEGIN
         to the fsync at COMMIT, and the event loop would wait on every read meanwhile
         (the revision poll, auth checks). With a connection of its own, the loop's reads
         go on: in WAL mode readers do not wait for a writer. A rotated user CA that the
@@ -93,7 +92,7 @@ class GroupCommitIssuer:
             store = self.ca.store.sibling()
             if store is None:
                 return self.ca
-            self._own = CertificateAuthority(cast(Store, store), self.ca.user_ca, self.ca.host_ca)
+            self._own = CertificateAuthority(store, self.ca.user_ca, self.ca.host_ca)
         if self._own.user_ca is not self.ca.user_ca:
             self._own.set_user_ca(self.ca.user_ca)
         return self._own

@@ -22,7 +22,7 @@ from bastion.authz.records import Device
 from bastion.enroll import attest
 from bastion.protocol.errors import DeviceNotTrusted, DTError, NonceExpired, ProtocolError
 from bastion.protocol.wire import DeviceResponse
-from bastion.storage import Store
+from bastion.storage import StateStore
 
 NONCE_TTL = 60.0
 
@@ -36,7 +36,7 @@ class _Challenge:
 class DeviceAuthentication:
     """One device-authentication ceremony per certificate request."""
 
-    def __init__(self, store: Store, user: str, *, remote_addr: str | None = None) -> None:
+    def __init__(self, store: StateStore, user: str, *, remote_addr: str | None = None) -> None:
         self.store = store
         self.user = user
         self.remote_addr = remote_addr

@@ -39,7 +39,7 @@ from bastion.protocol.errors import (
     TokenInvalid,
 )
 from bastion.protocol.wire import EnrollBegin, EnrollChallenge, EnrollFinish
-from bastion.storage import Store
+from bastion.storage import StateStore
 
 STEP_DEADLINE = 30.0  # real TPMs are slow: an RSA EK can take seconds
 SUPPORTED_OS = ("linux", "macos", "windows")
@@ -55,7 +55,7 @@ class EnrollPolicy:
     require_trusted_ek: bool = False
 
 
-def load_policy(store: Store) -> EnrollPolicy:
+def load_policy(store: StateStore) -> EnrollPolicy:
     """The cluster's policy: the TPM vendors' roots shipped in the package plus the
     roots an admin added; an EK that rests on neither (nor on an admin's registration
     of it) is refused, so a stolen password cannot enroll the attacker's own TPM."""
@@ -97,7 +97,7 @@ class EnrollmentCeremony:
 
     def __init__(
         self,
-        store: Store,
+        store: StateStore,
         user: str,
         *,
         remote_addr: str | None = None,
@@ -266,9 +266,7 @@ class EnrollmentCeremony:
             # Decided again under the write lock: an owner assigned, an enrollment by
             # someone else or a role removed during the TPM round trip counts.
             if current is not None:
-                decide.check_enrollment_by(
-                    current, self.user, by_token=pending.token is not None
-                )
+                decide.check_enrollment_by(current, self.user, by_token=pending.token is not None)
                 self._check_ek_identity(current, pending.ek_hash)
             if pending.token is None and pending.self_enroll:
                 if not decide.may_self_enroll(self.store.facts(user=self.user, now=now)):

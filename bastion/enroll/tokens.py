@@ -13,7 +13,7 @@ from bastion import audit
 from bastion.authz.records import Token
 from bastion.credentials import check_token_format, new_token, token_hash
 from bastion.protocol.errors import RateLimited, TokenInvalid
-from bastion.storage import Store
+from bastion.storage import StateStore
 
 DEFAULT_TTL = 3600
 MAX_TTL = 7 * 86400
@@ -22,7 +22,7 @@ MAX_TOKEN_FAILURES = 10
 
 
 def issue_enroll_token(
-    store: Store,
+    store: StateStore,
     asset_tag: str,
     *,
     ttl: int = DEFAULT_TTL,
@@ -52,7 +52,7 @@ def issue_enroll_token(
     return secret
 
 
-def check_enroll_token(store: Store, secret: str, user: str, now: float) -> Token:
+def check_enroll_token(store: StateStore, secret: str, user: str, now: float) -> Token:
     """Look a token up without spending it; every refusal says which check failed."""
     key = f"enroll-token:{user}"
     if store.count_login_failures(key, since=now - 3600) >= MAX_TOKEN_FAILURES:

@@ -29,7 +29,7 @@ from bastion.authz.decide import CertClaims
 from bastion.protocol.errors import AccessDenied, StorageUnavailable
 from bastion.proxy import policy
 from bastion.proxy.workers import Workers
-from bastion.storage import Store
+from bastion.storage import StateStore
 
 log = logging.getLogger("bastion.connections")
 _ids = itertools.count(1)
@@ -51,7 +51,7 @@ class Credential:
     token_hash: str | None = None  # for "bot-token": the hash of the bot token presented
 
 
-def recheck(store: Store, credential: Credential, now: float) -> None:
+def recheck(store: StateStore, credential: Credential, now: float) -> None:
     """Raise CredentialRevoked if a connection with this credential may not go on.
 
     A signup connection has nothing to re-check: its token is single use, and all it
@@ -134,7 +134,7 @@ class Connections:
         return len(doomed)
 
 
-def _doomed(store: Store, conns: list[Connection], now: float) -> list[tuple[Connection, str]]:
+def _doomed(store: StateStore, conns: list[Connection], now: float) -> list[tuple[Connection, str]]:
     """The connections that must end, and why: one read per distinct credential. A
     database that does not answer raises (tried again at the next turn); one that
     answers garbage ends them (fail closed)."""

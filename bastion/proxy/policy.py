@@ -17,7 +17,7 @@ from bastion.authz.facts import Facts
 from bastion.authz.records import Node
 from bastion.protocol.certs import EXT_ASSET_TAG, ParsedCert
 from bastion.protocol.errors import AccessDenied
-from bastion.storage import Store
+from bastion.storage import StateStore
 
 # What a connection that authenticated with a certificate is, for its whole life.
 Identity = CertClaims
@@ -42,7 +42,7 @@ __all__ = [
 
 
 def check_certificate(
-    cert: ParsedCert, store: Store, user_ca_fingerprint: str, now: float
+    cert: ParsedCert, store: StateStore, user_ca_fingerprint: str, now: float
 ) -> CertClaims:
     """May this certificate authenticate at all? Raises AccessDenied with the reason.
 
@@ -56,36 +56,38 @@ def check_certificate(
     return decide.check_certificate(cert, facts, now)
 
 
-def recheck_live_connection(store: Store, claims: CertClaims, now: float) -> None:
+def recheck_live_connection(store: StateStore, claims: CertClaims, now: float) -> None:
     """The certificate a connection authenticated with still stands, and an expired
     one ends the connection where a role says so (``disconnect_expired_cert``)."""
     facts = store.facts(user=claims.user, serial=claims.serial, now=now)
     decide.check_live_connection(claims, facts, now)
 
 
-def recheck_password(store: Store, user: str, password_hash: str | None, now: float) -> None:
+def recheck_password(store: StateStore, user: str, password_hash: str | None, now: float) -> None:
     """A password connection's user still exists, is unlocked, and has the password
     the connection authenticated with."""
     decide.check_password_connection(user, password_hash, store.facts(user=user, now=now), now)
 
 
-def trust_mode(store: Store, user: str) -> str:
+def trust_mode(store: StateStore, user: str) -> str:
     return decide.trust_mode(store.facts(user=user, now=time.time()))
 
 
-def check_device(store: Store, identity: CertClaims, now: float) -> str:
+def check_device(store: StateStore, identity: CertClaims, now: float) -> str:
     """Device trust, decided now. Returns the effective mode; raises DeviceNotTrusted."""
     facts = store.facts(user=identity.user, asset_tag=identity.asset_tag, now=now)
     return decide.check_device(identity, facts, now)
 
 
-def check_node_access(store: Store, identity: CertClaims, node: Node | None, now: float) -> None:
+def check_node_access(
+    store: StateStore, identity: CertClaims, node: Node | None, now: float
+) -> None:
     """Everything at once, phrased for the user: `access denied to node-1: <reason>`."""
     decide.check_node_access(identity, _facts_for(store, identity, now), node, now)
 
 
 def open_channel(
-    store: Store, identity: CertClaims, dest_host: str, dest_port: int, now: float
+    store: StateStore, identity: CertClaims, dest_host: str, dest_port: int, now: float
 ) -> Node:
     """The node a new direct-tcpip channel may go to, or AccessDenied: an inventory
     node, everything :func:`check_node_access` asks, and a certificate not expired."""
@@ -96,7 +98,7 @@ def open_channel(
     return node
 
 
-def check_live_session(store: Store, identity: CertClaims, node: Node, now: float) -> None:
+def check_live_session(store: StateStore, identity: CertClaims, node: Node, now: float) -> None:
     """A forwarded session may go on (its node still the same inventory entry),
     decided whenever the state moves and again once its node connect returned."""
     with store.read_transaction():
@@ -107,7 +109,7 @@ def check_live_session(store: Store, identity: CertClaims, node: Node, now: floa
     decide.check_live_session(identity, facts, current, now)
 
 
-def _facts_for(store: Store, identity: CertClaims, now: float) -> Facts:
+def _facts_for(store: StateStore, identity: CertClaims, now: float) -> Facts:
     return store.facts(
         user=identity.user, serial=identity.serial, asset_tag=identity.asset_tag, now=now
     )
@@ -120,7 +122,7 @@ def openssh_line(key_data: bytes) -> bytes:
     return name + b" " + base64.b64encode(key_data)
 
 
-def resolve_node(store: Store, dest_host: str, dest_port: int) -> Node:
+def resolve_node(store: StateStore, dest_host: str, dest_port: int) -> Node:
     """The inventory node a direct-tcpip request means, or AccessDenied: no open relay.
 
     A node is named by its inventory name (port 22, what `ssh -J` sends, or its real
@@ -141,7 +143,7 @@ def resolve_node(store: Store, dest_host: str, dest_port: int) -> Node:
 
 
 def explain_certificate(
-    store: Store, cert: ParsedCert, reason: str, now: float
+    store: StateStore, cert: ParsedCert, reason: str, now: float
 ) -> refusals.Refusal | None:
     """What the holder of this refused certificate may be told (once it proved the
     key), or None: not a certificate this cluster issued, so nothing is said."""
@@ -152,7 +154,7 @@ def explain_certificate(
     return refusals.reason_for_holder(cert, facts, now) or refusals.Refusal(reason)
 
 
-def device_warning(store: Store, identity: CertClaims, now: float) -> str | None:
+def device_warning(store: StateStore, identity: CertClaims, now: float) -> str | None:
     """Said at login when this accepted certificate reaches no node for want of a
     trusted device (see :func:`refusals.device_warning`)."""
     facts = store.facts(user=identity.user, asset_tag=identity.asset_tag, now=now)

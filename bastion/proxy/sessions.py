@@ -43,7 +43,7 @@ from bastion.authz.records import Node, OpenSession
 from bastion.protocol.errors import AccessDenied, DTError, StorageUnavailable
 from bastion.proxy import policy
 from bastion.proxy.workers import Workers
-from bastion.storage import Store
+from bastion.storage import StateStore
 from bastion.storage.interface import InstanceClaim
 
 log = logging.getLogger("bastion.sessions")
@@ -95,7 +95,7 @@ Listener = Callable[..., Awaitable[Any] | None]
 class Registry:
     def __init__(
         self,
-        store: Store,
+        store: StateStore,
         poll_interval: float = 0.2,
         sweep_interval: float = 10.0,
         workers: Workers | None = None,
@@ -196,7 +196,7 @@ class Registry:
             # process is gone.
             log.exception("could not audit the end of session %s", session.id)
 
-    def _record_start(self, store: Store, session: LiveSession) -> None:
+    def _record_start(self, store: StateStore, session: LiveSession) -> None:
         with store.transaction(bump=False):
             if self._instance is not None:
                 session.instance = self._instance.name
@@ -222,7 +222,7 @@ class Registry:
             )
 
     def _record_end(
-        self, store: Store, session: LiveSession, terminated: str | None, duration: float = 0.0
+        self, store: StateStore, session: LiveSession, terminated: str | None, duration: float = 0.0
     ) -> None:
         """``session.terminated`` (if it was cut) and ``session.end``, in one commit."""
         with store.transaction(bump=False):
@@ -509,7 +509,7 @@ class Registry:
 
     @staticmethod
     def _doomed(
-        store: Store, sessions: list[LiveSession], now: float
+        store: StateStore, sessions: list[LiveSession], now: float
     ) -> list[tuple[LiveSession, str]]:
         """The sessions the state no longer allows, and why. A database that does not
         answer raises (the watcher tries again); one that answers garbage cuts."""

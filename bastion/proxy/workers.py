@@ -4,7 +4,7 @@ The bastion is one asyncio process. A SQLite call made on the loop waits for the
 disk, and for another process's write lock for up to the busy timeout, and every
 connection waits with it: one audit write behind a ``BEGIN IMMEDIATE`` held for 12 s
 froze the loop for 11.6 s (a read-only request included) and dropped a user's live
-session. So the shell never calls the Store itself. It hands the work to one of
+session. So the shell never calls the StateStore itself. It hands the work to one of
 three lanes and awaits the answer:
 
 * ``read``: a small pool of threads, each with a connection of its own. In WAL mode
@@ -41,7 +41,7 @@ from typing import Any, TypeVar, cast
 
 from bastion import audit
 from bastion.protocol.errors import DTError, StorageUnavailable
-from bastion.storage import Store
+from bastion.storage import StateStore
 
 log = logging.getLogger("bastion.workers")
 T = TypeVar("T")
@@ -64,7 +64,7 @@ class _Job:
 
     def __init__(
         self,
-        fn: Callable[[Store], Any],
+        fn: Callable[[StateStore], Any],
         *,
         write: bool,
         retry: bool = False,
@@ -104,7 +104,7 @@ class _Job:
         with contextlib.suppress(RuntimeError):  # the caller's loop is gone
             self.loop.call_soon_threadsafe(_settle, self.future, ok, value)
 
-    def run_alone(self, store: Store) -> None:
+    def run_alone(self, store: StateStore) -> None:
         if not self.start():
             return
         try:
@@ -129,7 +129,7 @@ class Workers:
 
     def __init__(
         self,
-        store: Store,
+        store: StateStore,
         *,
         readers: int = READERS,
         callers: int = CALLERS,
@@ -141,7 +141,7 @@ class Workers:
         self.max_pending = max_pending
         self.batches = 0  # write transactions committed, for tests
         self._lock = threading.Lock()
-        self._own: list[Store] = []
+        self._own: list[StateStore] = []
         self._pending = 0  # fire-and-forget jobs not yet landed
         self._dropped = 0
         self._closed = False
@@ -273,7 +273,7 @@ class Workers:
             job.withdraw()
             raise
 
-    async def _landed(self, fn: Callable[[Store], Any], wait: float) -> bool:
+    async def _landed(self, fn: Callable[[StateStore], Any], wait: float) -> bool:
         if self._closed:
             return False
         loop = asyncio.get_running_loop()
@@ -288,7 +288,7 @@ class Workers:
 
     def _enqueue_retried(
         self,
-        fn: Callable[[Store], Any],
+        fn: Callable[[StateStore], Any],
         loop: asyncio.AbstractEventLoop | None,
         future: asyncio.Future[Any] | None,
     ) -> bool:
@@ -317,24 +317,24 @@ class Workers:
         name: str,
         lane: queue.SimpleQueue[Any],
         target: Callable[..., None],
-        opener: Callable[[], Store],
+        opener: Callable[[], StateStore],
     ) -> None:
         thread = threading.Thread(target=target, args=(lane, opener), name=name, daemon=True)
         self._threads.append((thread, lane))
         thread.start()
 
-    def _shared(self) -> Store:
+    def _shared(self) -> StateStore:
         return self.store
 
-    def _open_own(self) -> Store:
+    def _open_own(self) -> StateStore:
         # A sibling: SQLite opens the file again (no check: the bastion did it at start)
         # with our own busy timeout, not the 10 s default; PostgreSQL shares the pool.
-        store = cast(Store, self.store.sibling(timeout=self.timeout))
+        store = cast(StateStore, self.store.sibling(timeout=self.timeout))
         with self._lock:
             self._own.append(store)
         return store
 
-    def _serve_loop(self, lane: queue.SimpleQueue[Any], opener: Callable[[], Store]) -> None:
+    def _serve_loop(self, lane: queue.SimpleQueue[Any], opener: Callable[[], StateStore]) -> None:
         store = _try_open(opener)
         self._ready.release()
         while (job := lane.get()) is not _STOP:
@@ -347,7 +347,7 @@ class Workers:
                     continue
             job.run_alone(store)
 
-    def _write_loop(self, lane: queue.SimpleQueue[Any], opener: Callable[[], Store]) -> None:
+    def _write_loop(self, lane: queue.SimpleQueue[Any], opener: Callable[[], StateStore]) -> None:
         store = _try_open(opener)
         self._ready.release()
         retry: list[_Job] = []
@@ -375,7 +375,7 @@ class Workers:
             time.sleep(backoff)
             backoff = min(backoff * 2, _RETRY_MAX)
 
-    def _run_in_order(self, store: Store, jobs: list[_Job]) -> list[_Job]:
+    def _run_in_order(self, store: StateStore, jobs: list[_Job]) -> list[_Job]:
         """Consecutive writes share one transaction; a read or a call (the one-thread
         in-memory mode) runs alone, in its place. Returns what must be retried."""
         retry: list[_Job] = []
@@ -389,7 +389,7 @@ class Workers:
             job.run_alone(store)
         return retry + self._commit(store, batch)
 
-    def _commit(self, store: Store, jobs: list[_Job]) -> list[_Job]:
+    def _commit(self, store: StateStore, jobs: list[_Job]) -> list[_Job]:
         jobs = [job for job in jobs if job.start()]
         if not jobs:
             return []
@@ -417,7 +417,7 @@ class Workers:
         return []
 
 
-def _try_open(opener: Callable[[], Store]) -> Store | None:
+def _try_open(opener: Callable[[], StateStore]) -> StateStore | None:
     """This thread's store, its connection made now (a store makes one per thread on
     first use): a pool holds the same descriptors from its start to its end."""
     try:
@@ -460,5 +460,5 @@ def _fail(jobs: list[_Job], exc: DTError) -> list[_Job]:
     return kept
 
 
-def _record(store: Store, event_type: str, fields: dict[str, Any]) -> None:
+def _record(store: StateStore, event_type: str, fields: dict[str, Any]) -> None:
     audit.record(store, event_type, **fields)
