@@ -18,6 +18,7 @@ from bastion.admin import (
     certs,
     cluster_cmd,
     devices,
+    eventlog_cmd,
     host_key_cmd,
     locks,
     nodes,
@@ -83,6 +84,7 @@ app.add_typer(ca.auth_app, name="auth")
 app.add_typer(ca.host_app, name="host")
 app.add_typer(audit_cmd.app, name="audit")
 app.add_typer(cluster_cmd.app, name="cluster")
+app.add_typer(eventlog_cmd.app, name="eventlog")
 
 
 def main() -> None:

@@ -140,6 +140,12 @@ class MalformedTPMData(AttestationError):
     code = "tpm_data_malformed"
 
 
+class EventLogMalformed(MalformedTPMData):
+    """A TCG boot event log is truncated, oversized or not in the TCG PC Client format."""
+
+    code = "eventlog_malformed"
+
+
 class EKUntrusted(AttestationError):
     """The EK certificate does not chain to a trust root, or the EK is not the one registered."""
 
