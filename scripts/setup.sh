@@ -14,8 +14,10 @@ cd "$(dirname "$0")/.."
 # they start their own on a free loopback port, never the package's service.
 # postgresql: the server binaries the PostgreSQL store's tests start in a temp dir
 # (tests/postgres.py); the service the package enables is not needed and not used.
+# tpm2-tools: tpm2_eventlog, the independent reference the boot event log parser's
+# tests (tests/test_eventlog.py) compare events and replayed PCR values with.
 PACKAGES=(swtpm swtpm-tools libtss2-dev pkg-config gcc openssh-client openssh-server systemd
-    sqlite3 putty-tools haproxy postgresql)
+    sqlite3 putty-tools haproxy postgresql tpm2-tools)
 
 need_python_pkgs() {
     python3 -c 'import venv, ensurepip' 2>/dev/null || echo python3-venv

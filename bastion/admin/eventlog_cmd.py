@@ -35,8 +35,12 @@ def _read(path: Path) -> bytes:
 
 @app.command("show")
 def show(
-    file: Annotated[Path, typer.Argument(help="The log, e.g. a copy of "
-                                         "/sys/kernel/security/tpm0/binary_bios_measurements.")],
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="The log, e.g. a copy of /sys/kernel/security/tpm0/binary_bios_measurements."
+        ),
+    ],
     fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.text,
 ) -> None:
     """Print a boot event log's events and the PCR values it replays to.
@@ -57,12 +61,15 @@ def show(
         }
         for e in log.events
     ]
-    doc = {
+    pcr_hex = {
+        bank: {str(pcr): v.hex() for pcr, v in sorted(values.items())}
+        for bank, values in pcrs.items()
+    }
+    doc: dict[str, Any] = {
         "format": "crypto-agile" if log.spec_id is not None else "sha1",
         "banks": list(log.banks),
         "events": events,
-        "pcrs": {bank: {str(pcr): v.hex() for pcr, v in sorted(values.items())}
-                 for bank, values in pcrs.items()},
+        "pcrs": pcr_hex,
     }
     if fmt is Format.json:
         console.print_json(doc)
@@ -84,7 +91,7 @@ def show(
     )
     console.print_table(
         ["Bank", "PCR", "Value"],
-        [(bank, pcr, value) for bank, values in doc["pcrs"].items() for pcr, value in values.items()],
+        [(bank, pcr, value) for bank, values in pcr_hex.items() for pcr, value in values.items()],
         title="PCR values the log replays to",
         empty="(no PCR extended)",
     )

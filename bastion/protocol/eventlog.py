@@ -226,7 +226,9 @@ def _spec_id(data: bytes) -> SpecID:
     vendor_info = r.take(r.u8("vendor info size"), "vendor info")
     if r.remaining():
         raise _bad("trailing bytes after the Spec ID event", r.pos)
-    return SpecID(platform_class, (major, minor, errata), uintn_size, tuple(algorithms), vendor_info)
+    return SpecID(
+        platform_class, (major, minor, errata), uintn_size, tuple(algorithms), vendor_info
+    )
 
 
 def _agile_event(r: _Reader, index: int, spec: SpecID) -> Event:
