@@ -134,6 +134,9 @@ def _event2(pcr: int, etype: int, digests, data: bytes) -> bytes:
 
 
 def test_startup_locality_sets_pcr0_and_no_action_is_not_extended():
+    """Checked against the spec, not the tool: the shipped logs have no StartupLocality
+    event, and Debian 12's tpm2_eventlog (5.4) extends a later EV_NO_ACTION's zero digest
+    into PCR 0 and ignores the locality (upstream tpm2-tools now replays as here)."""
     digest = hashlib.sha256(b"crtm").digest()
     log = (
         _spec_event()
@@ -143,6 +146,10 @@ def test_startup_locality_sets_pcr0_and_no_action_is_not_extended():
     )
     start = bytes(31) + b"\x03"
     assert eventlog.replay(log) == {"sha256": {0: hashlib.sha256(start + digest).digest()}}
+    # an H-CRTM sequence starts PCR 0 at 4 (TPM 2.0 Library part 1, 34.3)
+    hcrtm = _spec_event() + _event2(0, eventlog.EV_EFI_HCRTM_EVENT, [(0x000B, digest)], b"HCRTM")
+    start = bytes(31) + b"\x04"
+    assert eventlog.replay(hcrtm) == {"sha256": {0: hashlib.sha256(start + digest).digest()}}
 
 
 def test_legacy_sha1_log_replays_the_sha1_bank():

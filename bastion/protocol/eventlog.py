@@ -33,6 +33,7 @@ MAX_ALGORITHMS = 8
 NUM_PCRS = 24
 
 EV_NO_ACTION = 0x00000003
+EV_EFI_HCRTM_EVENT = 0x80000010
 SPEC_ID_SIGNATURE = b"Spec ID Event03\x00"
 STARTUP_LOCALITY_SIGNATURE = b"StartupLocality\x00"
 
@@ -277,24 +278,31 @@ def parse(log: bytes) -> EventLog:
 
 
 def startup_locality(log: EventLog) -> int:
-    """The locality the TPM was started from (the StartupLocality EV_NO_ACTION event), 0 if none."""
+    """The last byte of PCR 0's initial value: 4 after an H-CRTM sequence (an
+    EV_EFI_HCRTM_EVENT in PCR 0; TPM 2.0 Library part 1, 34.3), else the locality of the
+    StartupLocality EV_NO_ACTION event (PC Client PFP 10.4.5.3), else 0."""
+    locality = 0
     for event in log.events:
+        if event.pcr != 0:
+            continue
+        if event.event_type == EV_EFI_HCRTM_EVENT:
+            return 4
         if (
             event.event_type == EV_NO_ACTION
-            and event.pcr == 0
             and event.data.startswith(STARTUP_LOCALITY_SIGNATURE)
             and len(event.data) == len(STARTUP_LOCALITY_SIGNATURE) + 1
         ):
-            return event.data[-1]
-    return 0
+            locality = event.data[-1]
+    return locality
 
 
 def replay(log: EventLog | bytes) -> dict[str, dict[int, bytes]]:
     """The PCR values the log extends to, per bank: ``{"sha256": {0: b"...", ...}}``.
 
     Each PCR starts at zero, except PCR 0's last byte, which is the startup locality
-    (as the TPM does, and as tpm2_eventlog replays). EV_NO_ACTION events are not
-    extended. Only PCRs that some event extends are listed.
+    (:func:`startup_locality`), as the TPM does. EV_NO_ACTION events are never extended
+    (Debian 12's tpm2_eventlog 5.4 wrongly extends those after the first; upstream
+    tpm2-tools now replays as here). Only PCRs that some event extends are listed.
     """
     parsed = log if isinstance(log, EventLog) else parse(log)
     locality = startup_locality(parsed)
