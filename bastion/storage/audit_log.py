@@ -51,7 +51,13 @@ class AuditStore(StoreBase):
 
     def append_audit(self, event: AuditEvent) -> int:
         with self.transaction(bump=False):
-            last = self._one("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1")
+            # The tail read under the write lock, or the row this transaction appended
+            # last: nobody else appends before it commits, and a savepoint rolled back
+            # forgets it (it may have taken that row out).
+            cache = self._tx_cache()
+            last = cache.get("audit_tail") if cache is not None else None
+            if last is None:
+                last = self._one("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1")
             row_id = (last["id"] + 1) if last else 1
             row: dict[str, Any] = {
                 "id": row_id,
@@ -72,6 +78,8 @@ class AuditStore(StoreBase):
                 "remote_addr, fields, hash) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (*row.values(), row_hash),
             )
+            if cache is not None:
+                cache["audit_tail"] = {"id": row_id, "hash": row_hash}
             self._checkpoint_if_due(row_id, row_hash)
             return int(row_id)
 

@@ -48,6 +48,13 @@ class StoreBase:
     def after_commit(self, callback: Callable[[], None]) -> None:
         raise NotImplementedError
 
+    def _tx_cache(self) -> dict[str, Any] | None:
+        """A dict kept for the write transaction open on this thread, emptied when a
+        savepoint in it rolls back and gone with it; None where there is none (no write
+        transaction, or a backend whose statements are too cheap to save). What is kept
+        must have been read or written under the write lock, so nobody else changes it."""
+        return None
+
     # -- statements
     def _one(self, sql: str, params: tuple[Any, ...] = ()) -> dict[str, Any] | None:
         rows = self._all(sql, params)

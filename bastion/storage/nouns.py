@@ -17,7 +17,7 @@ from bastion.storage.logins import LoginStore
 from bastion.storage.nodes import NodeStore
 from bastion.storage.open_sessions import OpenSessionStore
 from bastion.storage.roles import RoleStore
-from bastion.storage.settings import SettingsStore
+from bastion.storage.settings import SettingsStore, parse_setting
 from bastion.storage.source_failures import SourceFailureStore
 from bastion.storage.tokens import TokenStore
 from bastion.storage.trust_roots import TrustRootStore
@@ -53,11 +53,12 @@ class Nouns(
         device), read in one snapshot. Anything unreadable comes back as the strictest
         value: a corrupt setting as no mode (required), a corrupt role as None."""
         with self.read_transaction():
+            raw = self._raw_settings("device_trust_mode", "user_ca_fingerprint")  # one read
             try:
-                mode = self.get_setting("device_trust_mode")
+                mode = parse_setting("device_trust_mode", raw.get("device_trust_mode", "null"))
             except StateError:
                 mode = None
-            ca = self.get_setting("user_ca_fingerprint")
+            ca = parse_setting("user_ca_fingerprint", raw.get("user_ca_fingerprint", "null"))
             record = self.find_user(user) if user else None
             roles: list[Role | None] = []
             for name in record.roles if record else ():

@@ -138,6 +138,19 @@ def _pg(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
+@functools.lru_cache(maxsize=256)
+def _one_row_insert(sql: str) -> bool:
+    """``INSERT ... VALUES (...)`` of one row, with no conflict clause or RETURNING of
+    its own: ``ON CONFLICT DO NOTHING`` writing no row says it broke a unique index."""
+    upper = sql.upper()
+    if not upper.lstrip().startswith("INSERT INTO") or "ON CONFLICT" in upper:
+        return False
+    if "RETURNING" in upper or " SELECT " in upper or upper.count(" VALUES ") != 1:
+        return False
+    values = upper.split(" VALUES ", 1)[1].strip()
+    return values.startswith("(") and values.endswith(")") and values.count("(") == 1
+
+
 def _nul_free(params: tuple[Any, ...]) -> tuple[Any, ...]:
     """PostgreSQL text cannot hold NUL; SQLite's can. A NUL in a value (only ever from
     a client: a user name tried at login, a jump target; stored names are checked) is
@@ -168,13 +181,16 @@ def map_error(exc: BaseException, url: str, what: str = "failed") -> BaseExcepti
 class _Tx:
     """A transaction open on one thread, and the connection it holds."""
 
-    __slots__ = ("conn", "read_only", "bump", "after_commit")
+    __slots__ = ("conn", "read_only", "bump", "after_commit", "cache")
 
     def __init__(self, conn: psycopg.Connection[Any], read_only: bool) -> None:
         self.conn = conn
         self.read_only = read_only
         self.bump = False
         self.after_commit: list[Callable[[], None]] = []
+        # What a noun learnt under this transaction's write lock (the audit tail):
+        # emptied when a savepoint rolls back (see StoreBase._tx_cache).
+        self.cache: dict[str, Any] = {}
 
 
 class _Shared:
@@ -317,10 +333,19 @@ class PostgresBase(StoreBase):
         try:
             if not unique:
                 return tx.conn.execute(_pg(sql), params).rowcount
+            if _one_row_insert(sql):
+                # One round trip, not three (SAVEPOINT, INSERT, RELEASE): the row either
+                # goes in or conflicts with a unique index, and then nothing is written
+                # and the transaction stays usable, as a rolled-back savepoint leaves it.
+                count = tx.conn.execute(_pg(sql) + " ON CONFLICT DO NOTHING", params).rowcount
+                if count == 0:
+                    raise Duplicate(f"a unique constraint refused: {sql.split('(', 1)[0]}")
+                return count
             tx.conn.execute("SAVEPOINT dup")
             try:
                 count = tx.conn.execute(_pg(sql), params).rowcount
             except pgerrors.UniqueViolation as exc:
+                tx.cache.clear()
                 tx.conn.execute("ROLLBACK TO SAVEPOINT dup")
                 tx.conn.execute("RELEASE SAVEPOINT dup")
                 raise Duplicate(str(exc)) from None
@@ -337,6 +362,10 @@ class PostgresBase(StoreBase):
             raise map_error(exc, self.url, "write failed") from None
         return int(row["id"]) if row else 0
 
+    def _tx_cache(self) -> dict[str, Any] | None:
+        tx = self._tx()
+        return tx.cache if tx is not None and not tx.read_only else None
+
     def _write_tx(self) -> _Tx:
         tx = self._tx()
         if tx is None or tx.read_only:
@@ -352,9 +381,10 @@ class PostgresBase(StoreBase):
         for attempt in range(RETRIES):
             conn = self._getconn()
             try:
-                conn.execute(begin)
-                if lock:
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_KEY,))
+                # One round trip: with no parameters psycopg sends the simple-query
+                # protocol, which runs both statements in order; the lock is still the
+                # transaction's first statement.
+                conn.execute(f"{begin}; SELECT pg_advisory_xact_lock({WRITE_KEY})" if lock else begin)
                 return conn
             except psycopg.Error as exc:
                 closed = conn.closed
@@ -438,6 +468,7 @@ class PostgresBase(StoreBase):
             yield
         except BaseException:
             del tx.after_commit[callbacks:]
+            tx.cache.clear()
             with contextlib.suppress(psycopg.Error):
                 tx.conn.execute("ROLLBACK TO SAVEPOINT part")
                 tx.conn.execute("RELEASE SAVEPOINT part")

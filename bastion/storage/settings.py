@@ -20,12 +20,13 @@ class SettingsStore(StoreBase):
 
     def get_setting(self, key: str, default: Any = None) -> Any:
         row = self._one("SELECT value FROM settings WHERE key = ?", (key,))
-        if row is None:
-            return default
-        try:
-            return json.loads(row["value"])
-        except ValueError:
-            raise StateError(f"cluster setting {key!r} is corrupt") from None
+        return default if row is None else parse_setting(key, row["value"])
+
+    def _raw_settings(self, *keys: str) -> dict[str, str]:
+        """Several settings' stored text in one statement (``parse_setting`` each)."""
+        sql = f"SELECT key, value FROM settings WHERE key IN ({','.join('?' * len(keys))})"  # nosec B608
+        rows = self._all(sql, keys)
+        return {r["key"]: r["value"] for r in rows}
 
     def set_setting(self, key: str, value: Any) -> None:
         self._exec(
@@ -33,3 +34,10 @@ class SettingsStore(StoreBase):
             "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             (key, _j(value)),
         )
+
+
+def parse_setting(key: str, value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        raise StateError(f"cluster setting {key!r} is corrupt") from None
