@@ -181,7 +181,7 @@ def map_error(exc: BaseException, url: str, what: str = "failed") -> BaseExcepti
 class _Tx:
     """A transaction open on one thread, and the connection it holds."""
 
-    __slots__ = ("conn", "read_only", "bump", "after_commit", "cache")
+    __slots__ = ("conn", "read_only", "bump", "after_commit", "cache", "pending", "sent")
 
     def __init__(self, conn: psycopg.Connection[Any], read_only: bool) -> None:
         self.conn = conn
@@ -191,6 +191,28 @@ class _Tx:
         # What a noun learnt under this transaction's write lock (the audit tail):
         # emptied when a savepoint rolls back (see StoreBase._tx_cache).
         self.cache: dict[str, Any] = {}
+        # Statements with no result anyone reads (a savepoint begun or released), sent
+        # in the same round trip as the next statement, before it; and how many round
+        # trips have sent such statements (see PostgresBase.savepoint).
+        self.pending: list[str] = []
+        self.sent = 0
+
+    def run(self, sql: str, params: tuple[Any, ...] | None = None) -> psycopg.Cursor[Any]:
+        """``sql`` on this transaction's connection, after what was deferred to it, in
+        one round trip: parameterless statements as one simple query, others in
+        pipeline mode. The server runs them in order, as if sent one by one; the first
+        error is raised and the transaction is then aborted, as it would be."""
+        if not self.pending:
+            return self.conn.execute(sql, params)
+        pending, self.pending = self.pending, []
+        self.sent += 1
+        if params is None:
+            return self.conn.execute("; ".join([*pending, sql]))
+        with self.conn.pipeline():
+            for statement in pending:
+                self.conn.execute(statement)
+            cursor = self.conn.execute(sql, params)
+        return cursor
 
 
 class _Shared:
@@ -310,7 +332,7 @@ class PostgresBase(StoreBase):
         tx = self._tx()
         if tx is not None:
             try:
-                return tx.conn.execute(_pg(sql), _nul_free(params)).fetchall()
+                return tx.run(_pg(sql), _nul_free(params)).fetchall()
             except psycopg.Error as exc:
                 raise map_error(exc, self.url, "read failed") from None
         params = _nul_free(params)
@@ -332,16 +354,16 @@ class PostgresBase(StoreBase):
         params = _nul_free(params)
         try:
             if not unique:
-                return tx.conn.execute(_pg(sql), params).rowcount
+                return tx.run(_pg(sql), params).rowcount
             if _one_row_insert(sql):
                 # One round trip, not three (SAVEPOINT, INSERT, RELEASE): the row either
                 # goes in or conflicts with a unique index, and then nothing is written
                 # and the transaction stays usable, as a rolled-back savepoint leaves it.
-                count = tx.conn.execute(_pg(sql) + " ON CONFLICT DO NOTHING", params).rowcount
+                count = tx.run(_pg(sql) + " ON CONFLICT DO NOTHING", params).rowcount
                 if count == 0:
                     raise Duplicate(f"a unique constraint refused: {sql.split('(', 1)[0]}")
                 return count
-            tx.conn.execute("SAVEPOINT dup")
+            tx.run("SAVEPOINT dup")
             try:
                 count = tx.conn.execute(_pg(sql), params).rowcount
             except pgerrors.UniqueViolation as exc:
@@ -357,7 +379,7 @@ class PostgresBase(StoreBase):
     def _insert_returning_id(self, sql: str, params: tuple[Any, ...] = ()) -> int:
         tx = self._write_tx()
         try:
-            row = tx.conn.execute(_pg(sql) + " RETURNING id", _nul_free(params)).fetchone()
+            row = tx.run(_pg(sql) + " RETURNING id", _nul_free(params)).fetchone()
         except psycopg.Error as exc:
             raise map_error(exc, self.url, "write failed") from None
         return int(row["id"]) if row else 0
@@ -417,8 +439,8 @@ class PostgresBase(StoreBase):
             try:
                 yield
                 if tx.bump:
-                    self._bump(conn)
-                conn.execute("COMMIT")
+                    self._bump(tx)
+                tx.run("COMMIT")
             except BaseException as exc:
                 tx.after_commit = []
                 with contextlib.suppress(Exception):
@@ -434,15 +456,15 @@ class PostgresBase(StoreBase):
         for callback in tx.after_commit:
             callback()
 
-    def _bump(self, conn: psycopg.Connection[Any]) -> None:
-        row = conn.execute(
+    def _bump(self, tx: _Tx) -> None:
+        row = tx.run(
             "WITH c AS (INSERT INTO changes (time, origin) VALUES (%s, %s) RETURNING seq) "
             "SELECT seq, pg_notify(%s, seq::text) FROM c",
             (time.time(), self._shared.origin, CHANNEL),
         ).fetchone()
         seq = int(row["seq"]) if row else 0
         if seq % TRIM_EVERY == 0:
-            conn.execute(
+            tx.run(
                 "DELETE FROM changes WHERE seq < %s AND time < %s",
                 (seq - KEEP_CHANGES, time.time() - 86400),
             )
@@ -459,24 +481,28 @@ class PostgresBase(StoreBase):
         tx = self._tx()
         if tx is None or tx.read_only:
             raise RuntimeError("savepoint() needs an open transaction")
-        try:
-            tx.conn.execute("SAVEPOINT part")
-        except psycopg.Error as exc:
-            raise map_error(exc, self.url, "write failed") from None
+        # SAVEPOINT and RELEASE go with the statement after them (see _Tx.run): a
+        # savepoint costs no round trip of its own, and one nothing ran in is never
+        # sent. Every statement in it still runs after its SAVEPOINT, and every one
+        # after it after its RELEASE (or ROLLBACK TO, sent at once).
+        tx.pending.append("SAVEPOINT part")
+        sent = tx.sent
         callbacks = len(tx.after_commit)
         try:
             yield
         except BaseException:
             del tx.after_commit[callbacks:]
             tx.cache.clear()
+            if tx.sent == sent:  # never sent: nothing to undo (inner ones took theirs out)
+                tx.pending.pop()
+                raise
             with contextlib.suppress(psycopg.Error):
-                tx.conn.execute("ROLLBACK TO SAVEPOINT part")
-                tx.conn.execute("RELEASE SAVEPOINT part")
+                tx.run("ROLLBACK TO SAVEPOINT part; RELEASE SAVEPOINT part")
             raise
-        try:
-            tx.conn.execute("RELEASE SAVEPOINT part")
-        except psycopg.Error as exc:
-            raise map_error(exc, self.url, "write failed") from None
+        if tx.sent == sent:
+            tx.pending.pop()
+        else:
+            tx.pending.append("RELEASE SAVEPOINT part")
 
     @contextlib.contextmanager
     def read_transaction(self) -> Iterator[None]:
