@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import ipaddress
 import logging
 import os
@@ -28,10 +27,11 @@ import asyncssh
 
 from bastion.cluster import Cluster
 from bastion.config import BastionConfig, metrics_address
-from bastion.protocol.errors import DTError, StorageUnavailable, UsageError
+from bastion.protocol.errors import DTError, StorageUnavailable
 from bastion.service import reload
 from bastion.service.metrics import HEALTH_TIMEOUT, Metrics, MetricsServer
 from bastion.service.notify import Notifier
+from bastion.service.supervisor import listen_error
 
 if TYPE_CHECKING:
     from bastion.proxy.server import Bastion
@@ -326,12 +326,7 @@ async def _listening(where: str, starting: Any) -> Any:
     try:
         return await starting
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise UsageError(
-                f"cannot listen on {where}: address already in use (another dt-bastion, "
-                "sshd or service holds that port; pick another with --listen)"
-            ) from None
-        raise UsageError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+        raise listen_error(where, exc) from None
 
 
 async def _serve_on(bastion: Bastion, sockets: list[Any], options: dict[str, Any]) -> Any:

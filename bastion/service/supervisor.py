@@ -128,12 +128,18 @@ def bind(config: BastionConfig) -> list[socket.socket]:
             return [sock]
         return asyncio.run(_bind_like_asyncio(host, port))
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise UsageError(
-                f"cannot listen on {where}: address already in use (another dt-bastion, "
-                "sshd or service holds that port; pick another with --listen)"
-            ) from None
-        raise UsageError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+        raise listen_error(where, exc) from None
+
+
+def listen_error(where: str, exc: OSError) -> UsageError:
+    """"Address already in use" and its kin, said so an admin knows what to change:
+    the one wording for a worker's parent and a single bastion alike."""
+    if exc.errno == errno.EADDRINUSE:
+        return UsageError(
+            f"cannot listen on {where}: address already in use (another dt-bastion, "
+            "sshd or service holds that port; pick another with --listen)"
+        )
+    return UsageError(f"cannot listen on {where}: {exc.strerror or exc}")
 
 
 async def _bind_like_asyncio(host: str, port: int) -> list[socket.socket]:
