@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion.authz.records import Device
+from bastion.authz.records import Device, User
 from bastion.ca.certs import load_public_key
 from bastion.ca.keys import atomic_write
 from bastion.cluster import Cluster
@@ -267,6 +267,32 @@ def user_client(
         cert=directory / "id-cert.pub",
         cluster=cluster,
     )
+
+
+def held_session(cluster: Cluster, tmp_path: Path, name: str, port: int) -> subprocess.Popen:
+    """A user's `ssh -J` session through the bastion on ``port``, holding a node shell
+    open until killed (the user is added with the access role if new)."""
+    if cluster.store.find_user(name) is None:
+        cluster.store.add_user(User(name, ("access",), (LOGIN,)))
+    config = user_client(cluster, tmp_path / f"{name}-{port}", name, bastion_port=port)
+    return subprocess.Popen(
+        ["ssh", "-F", str(config), f"{LOGIN}@node-1", "sleep", "120"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.fixture
+def clients():
+    """Client processes a test starts; killed and reaped at its end."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
 
 
 def ssh(config: Path, target: str, *cmd: str, timeout: float = 30) -> subprocess.CompletedProcess:

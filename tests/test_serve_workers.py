@@ -14,24 +14,15 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from bastion.authz.records import User
 from bastion.proxy import instances
-from tests.sshd import LOGIN, VENV_BIN, bastion_server, user_client
+from tests.sshd import VENV_BIN, bastion_server, held_session, wait
 
 pytestmark = pytest.mark.integration
 
-
-def _wait(predicate, what, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
 
 
 def _children(pid: int) -> set[int]:
@@ -75,27 +66,6 @@ def _notice(sock: socket.socket) -> dict[str, str]:
     return dict(line.split("=", 1) for line in text.splitlines())
 
 
-@pytest.fixture
-def clients():
-    procs: list[subprocess.Popen] = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-
-
-def _session(cluster, tmp_path, name, port):
-    if cluster.store.find_user(name) is None:
-        cluster.store.add_user(User(name, ("access",), (LOGIN,)))
-    config = user_client(cluster, tmp_path / name, name, bastion_port=port)
-    return subprocess.Popen(
-        ["ssh", "-F", str(config), f"{LOGIN}@node-1", "sleep", "120"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def test_two_workers_share_the_port_the_state_and_the_signals(
@@ -114,7 +84,7 @@ def test_two_workers_share_the_port_the_state_and_the_signals(
         parent = bastion.proc.pid
         ready = _notice(notify)  # once, from the parent, when both workers listen
         assert ready.get("READY") == "1" and ready.get("MAINPID") == str(parent), ready
-        _wait(lambda: "2 workers serving on" in bastion.log(), "the ready line")
+        wait(lambda: "2 workers serving on" in bastion.log(), "the ready line")
         workers = _children(parent)
         assert len(workers) == 2
 
@@ -124,10 +94,10 @@ def test_two_workers_share_the_port_the_state_and_the_signals(
         batch = 0
         while True:
             for name in names[batch : batch + 4]:
-                clients.append(_session(dt_cluster, tmp_path, name, bastion.port))
+                clients.append(held_session(dt_cluster, tmp_path, name, bastion.port))
             batch += 4
             want = batch
-            _wait(lambda: len(_audit(store, "session.start")) == want, "the sessions")  # noqa: B023
+            wait(lambda: len(_audit(store, "session.start")) == want, "the sessions")  # noqa: B023
             starts = {e.user: e for e in _audit(store, "session.start")}
             held = {user: e.fields["bastion"] for user, e in starts.items()}
             if len(set(held.values())) == 2 or batch == len(names):
@@ -149,7 +119,7 @@ def test_two_workers_share_the_port_the_state_and_the_signals(
             capture_output=True,
             timeout=60,
         )
-        cut = _wait(lambda: _audit(store, "session.terminated", locked), "the cut")
+        cut = wait(lambda: _audit(store, "session.terminated", locked), "the cut")
         assert cut[0].fields["session_id"] == starts[locked].fields["session_id"]
         client = clients[names.index(locked)]
         assert client.wait(30) != 0
@@ -165,7 +135,7 @@ def test_two_workers_share_the_port_the_state_and_the_signals(
         # ends the dead one's sessions in the audit (recovered).
         os.kill(pids[first], signal.SIGKILL)
         orphans = set(by_instance[first])
-        recovered = _wait(
+        recovered = wait(
             lambda: (
                 {
                     e.user
@@ -177,13 +147,13 @@ def test_two_workers_share_the_port_the_state_and_the_signals(
             "the dead worker's sessions ended by a sibling",
         )
         assert recovered
-        restart = _wait(lambda: _audit(store, "bastion.restart"), "the restart audited")
+        restart = wait(lambda: _audit(store, "bastion.restart"), "the restart audited")
         assert f"pid {pids[first]}" in restart[0].message
         assert "SIGKILL" in restart[0].message
-        now = _wait(lambda: len(_children(parent)) == 2 and _children(parent), "a new worker")
+        now = wait(lambda: len(_children(parent)) == 2 and _children(parent), "a new worker")
         assert pids[first] not in now and pids[second] in now
-        clients.append(_session(dt_cluster, tmp_path, "late", bastion.port))
-        _wait(lambda: _audit(store, "session.start", "late"), "a session after the restart")
+        clients.append(held_session(dt_cluster, tmp_path, "late", bastion.port))
+        wait(lambda: _audit(store, "session.start", "late"), "a session after the restart")
 
         # SIGTERM: STOPPING=1, both workers drain (sessions cut after drain_timeout)
         # and the supervisor exits 0 with nothing left behind.
@@ -201,6 +171,6 @@ def test_two_workers_share_the_port_the_state_and_the_signals(
 
 def test_one_worker_runs_no_supervisor(dt_cluster, tmp_path):
     with bastion_server(dt_cluster.state_dir) as bastion:  # the fixture: --workers 1
-        _wait(lambda: "dt-bastion ready on" in bastion.log(), "the ready line")
+        wait(lambda: "dt-bastion ready on" in bastion.log(), "the ready line")
         assert _children(bastion.proc.pid) == set()
         assert "workers" not in bastion.log()

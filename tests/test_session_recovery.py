@@ -12,38 +12,16 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from contextlib import ExitStack
 
 import pytest
 
-from bastion.authz.records import User
 from bastion.proxy import instances
-from tests.sshd import LOGIN, VENV_BIN, bastion_server, user_client
+from tests.sshd import VENV_BIN, bastion_server, held_session, wait
 
 pytestmark = pytest.mark.integration
 
 
-def _wait(predicate, what, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
-
-
-def _session(cluster, tmp_path, name, port):
-    """A user's `ssh -J` session holding a node shell open until killed."""
-    if cluster.store.find_user(name) is None:
-        cluster.store.add_user(User(name, ("access",), (LOGIN,)))
-    config = user_client(cluster, tmp_path / f"{name}-{port}", name, bastion_port=port)
-    return subprocess.Popen(
-        ["ssh", "-F", str(config), f"{LOGIN}@node-1", "sleep", "120"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def _started(store, user):
@@ -72,21 +50,12 @@ def _kill9(bastion):
     bastion.proc.wait(10)
 
 
-@pytest.fixture
-def clients():
-    procs: list[subprocess.Popen] = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-
 
 def test_the_next_bastion_ends_what_a_killed_one_left_open(dt_cluster, dt_node, tmp_path, clients):
     store = dt_cluster.store
     with bastion_server(dt_cluster.state_dir) as first:
-        clients.append(_session(dt_cluster, tmp_path, "alice", first.port))
-        start = _wait(lambda: _started(store, "alice"), "session.start")[0]
+        clients.append(held_session(dt_cluster, tmp_path, "alice", first.port))
+        start = wait(lambda: _started(store, "alice"), "session.start")[0]
         [row] = store.list_open_sessions()
         assert (row.user, row.node, row.session_id) == (
             "alice",
@@ -105,7 +74,7 @@ def test_the_next_bastion_ends_what_a_killed_one_left_open(dt_cluster, dt_node, 
         assert _sessions_ls(dt_cluster) == {("alice", "orphaned")}
 
     with bastion_server(dt_cluster.state_dir) as second:
-        end = _wait(lambda: _ended(store, "alice"), "the recovered session.end")
+        end = wait(lambda: _ended(store, "alice"), "the recovered session.end")
         assert len(end) == 1
         end = end[0]
         assert end.fields["recovered"] is True
@@ -117,8 +86,8 @@ def test_the_next_bastion_ends_what_a_killed_one_left_open(dt_cluster, dt_node, 
         assert _sessions_ls(dt_cluster) == set()
         assert not lock.exists()
         # The new bastion serves, and its own sessions are recorded under its name.
-        clients.append(_session(dt_cluster, tmp_path, "bob", second.port))
-        _wait(lambda: _started(store, "bob"), "bob's session.start")
+        clients.append(held_session(dt_cluster, tmp_path, "bob", second.port))
+        wait(lambda: _started(store, "bob"), "bob's session.start")
         [mine] = store.list_open_sessions()
         assert mine.user == "bob" and mine.instance != row.instance
         assert (instances.run_dir(dt_cluster.state_dir) / f"{mine.instance}.lock").exists()
@@ -142,20 +111,20 @@ def test_a_sibling_ends_a_killed_bastions_sessions_and_no_live_ones(
     with ExitStack() as stack:
         a = stack.enter_context(bastion_server(dt_cluster.state_dir, extra_args=fast))
         b = stack.enter_context(bastion_server(dt_cluster.state_dir, extra_args=fast))
-        clients.append(_session(dt_cluster, tmp_path, "alice", a.port))
-        clients.append(_session(dt_cluster, tmp_path, "bob", b.port))
-        _wait(lambda: _started(store, "alice") and _started(store, "bob"), "both sessions")
+        clients.append(held_session(dt_cluster, tmp_path, "alice", a.port))
+        clients.append(held_session(dt_cluster, tmp_path, "bob", b.port))
+        wait(lambda: _started(store, "alice") and _started(store, "bob"), "both sessions")
         assert len(store.list_open_sessions()) == 2
 
         _kill9(a)
-        [end] = _wait(lambda: _ended(store, "alice"), "alice's recovered session.end")
+        [end] = wait(lambda: _ended(store, "alice"), "alice's recovered session.end")
         assert end.fields["recovered"] is True
 
         # A third bastion starting now sweeps too: bob's bastion is alive, so
         # bob's session is left alone, in the audit and on the wire.
         c = stack.enter_context(bastion_server(dt_cluster.state_dir, extra_args=fast))
         # Its start-up sweep runs before it says it is ready.
-        _wait(lambda: "dt-bastion ready" in c.log(), "the third bastion to be ready")
+        wait(lambda: "dt-bastion ready" in c.log(), "the third bastion to be ready")
         assert len(list(instances.run_dir(dt_cluster.state_dir).iterdir())) == 2
         [open_now] = store.list_open_sessions()
         assert open_now.user == "bob"
