@@ -78,6 +78,19 @@ def rows(state: Path) -> int:
     return int(sql(state, "SELECT count(*) FROM audit").strip())
 
 
+def _rewrite_row_3_and_relink(db: sqlite3.Connection) -> None:
+    """What an attacker with the database file does: change a row, then recompute
+    every hash after it so the chain holds again (only a signed checkpoint can tell)."""
+    db.execute("UPDATE audit SET message = 'nothing happened' WHERE id = 3")
+    prev = audit_chain.GENESIS
+    cur = db.execute("SELECT * FROM audit ORDER BY id")
+    names = [d[0] for d in cur.description]
+    for values in cur.fetchall():
+        row = dict(zip(names, values, strict=True))
+        prev = audit_chain.link(prev, row)
+        db.execute("UPDATE audit SET hash = ? WHERE id = ?", (prev.hex(), row["id"]))
+
+
 def test_an_untouched_log_verifies_and_says_what_it_cannot_see(state):
     proc = verify(state)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -176,14 +189,7 @@ def test_a_rewrite_with_hashes_recomputed_is_caught_by_the_checkpoint(state):
     dtadmin(state, "audit", "verify", "--checkpoint")
     db = sqlite3.connect(state / "cluster.db")  # the attacker's own connection
     try:
-        db.execute("UPDATE audit SET message = 'nothing happened' WHERE id = 3")
-        prev = audit_chain.GENESIS
-        cur = db.execute("SELECT * FROM audit ORDER BY id")
-        names = [d[0] for d in cur.description]
-        for values in cur.fetchall():
-            row = dict(zip(names, values, strict=True))
-            prev = audit_chain.link(prev, row)
-            db.execute("UPDATE audit SET hash = ? WHERE id = ?", (prev.hex(), row["id"]))
+        _rewrite_row_3_and_relink(db)
         db.commit()
     finally:
         db.close()
@@ -327,14 +333,7 @@ def test_a_rewrite_with_every_checkpoint_removed_is_not_signed_over(state):
     dtadmin(state, "audit", "verify", "--checkpoint")
     db = sqlite3.connect(state / "cluster.db")
     try:
-        db.execute("UPDATE audit SET message = 'nothing happened' WHERE id = 3")
-        prev = audit_chain.GENESIS
-        cur = db.execute("SELECT * FROM audit ORDER BY id")
-        names = [d[0] for d in cur.description]
-        for values in cur.fetchall():
-            row = dict(zip(names, values, strict=True))
-            prev = audit_chain.link(prev, row)
-            db.execute("UPDATE audit SET hash = ? WHERE id = ?", (prev.hex(), row["id"]))
+        _rewrite_row_3_and_relink(db)
         db.execute("DELETE FROM audit_checkpoints")
         db.commit()
     finally:
