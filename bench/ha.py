@@ -35,7 +35,7 @@ from pathlib import Path
 from bench.figures import _group_commit_rate
 from bench.lab import CIPHER, Lab
 from tests.postgres import Server
-from tests.sshd import LOGIN, free_port, keygen, stop, user_client, wait_for_port
+from tests.sshd import LOGIN, free_port, keygen, user_client
 
 N_CALLERS = 50
 
@@ -234,26 +234,10 @@ def revocation(lab: Lab, pg_cluster, b_port: int, quick: bool) -> tuple[list[dic
 
 @contextlib.contextmanager
 def _haproxy(directory: Path, text: str, port: int) -> Iterator[int]:
-    from tests.haproxy import HAPROXY
+    from tests.haproxy import run_haproxy
 
-    directory.mkdir(parents=True, exist_ok=True)
-    config = directory / "haproxy.cfg"
-    config.write_text(text)
-    check = subprocess.run([HAPROXY, "-c", "-f", str(config)], capture_output=True, text=True)
-    if check.returncode != 0:
-        raise RuntimeError(f"haproxy refused {config}: {check.stdout}{check.stderr}")
-    with open(directory / "haproxy.log", "wb") as log:
-        proc = subprocess.Popen(
-            [HAPROXY, "-db", "-f", str(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_for_port(port, proc)
+    with run_haproxy(directory, text, port):
         yield port
-    finally:
-        stop(proc)
 
 
 def _stock_config(text: str) -> str:

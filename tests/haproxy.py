@@ -119,16 +119,29 @@ def haproxy(directory: Path, backends: Sequence[Backend]) -> Iterator[HAProxy]:
     """``haproxy -db`` (foreground) with :func:`config_text`; stopped on exit."""
     if not Path(HAPROXY).exists():
         pytest.skip("haproxy is not installed (run scripts/setup.sh)")
-    directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
+    text = config_text(port, backends, stats_socket=directory / "admin.sock")
+    with run_haproxy(directory, text, port) as proc:
+        # The frontend may answer before the runtime API's socket exists.
+        admin, deadline = directory / "admin.sock", time.monotonic() + 15
+        while not admin.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "haproxy has no admin.sock"
+            time.sleep(0.02)
+        yield HAProxy(port, proc, directory / "haproxy.cfg", directory / "haproxy.log")
+
+
+@contextlib.contextmanager
+def run_haproxy(directory: Path, text: str, port: int) -> Iterator[subprocess.Popen]:
+    """``haproxy -db`` with the configuration ``text`` (checked first) in
+    ``directory``, once its frontend on ``port`` answers; stopped on exit."""
+    directory.mkdir(parents=True, exist_ok=True)
     config = directory / "haproxy.cfg"
-    config.write_text(config_text(port, backends, stats_socket=directory / "admin.sock"))
+    config.write_text(text)
     check = subprocess.run(
         [HAPROXY, "-c", "-f", str(config)], capture_output=True, text=True, timeout=30
     )
     assert check.returncode == 0, f"haproxy refused its config:\n{check.stdout}{check.stderr}"
-    log_path = directory / "haproxy.log"
-    with open(log_path, "wb") as log:
+    with open(directory / "haproxy.log", "wb") as log:
         proc = subprocess.Popen(
             [HAPROXY, "-db", "-f", str(config)],
             stdin=subprocess.DEVNULL,
@@ -137,12 +150,7 @@ def haproxy(directory: Path, backends: Sequence[Backend]) -> Iterator[HAProxy]:
         )
     try:
         wait_for_port(port, proc)
-        # The frontend may answer before the runtime API's socket exists.
-        admin, deadline = directory / "admin.sock", time.monotonic() + 15
-        while not admin.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "haproxy has no admin.sock"
-            time.sleep(0.02)
-        yield HAProxy(port, proc, config, log_path)
+        yield proc
     finally:
         stop(proc)
 
