@@ -40,8 +40,6 @@ class DemoFailed(Exception):
 
 
 class Demo:
-    password = PASSWORD  # alice's, as signup answers it
-
     def __init__(self, workdir: Path, *, keep: bool = False) -> None:
         self.workdir = workdir
         self.keep = keep
@@ -161,6 +159,19 @@ class Demo:
             raise DemoFailed("signup failed")
         return secret
 
+    def first_login(self, proxy: str, secret: str, pin: str) -> Path:
+        """alice's first `dtclient login` (password and the next code), the ssh_config
+        `dtclient config` writes, and a plain `ssh -J` through it; that config."""
+        self.run(
+            ["dtclient", "login", "--proxy", proxy, "--user", "alice", "--ca-pin", pin],
+            input=f"{PASSWORD}\n{totp_now(secret, time.time() + 30)}\n",
+            expect="Logged in as",
+        )
+        config = self.workdir / "ssh_config"
+        config.write_text(self.run(["dtclient", "config"], show=False).stdout)
+        self.ssh(config, expect_ok=True)
+        return config
+
     def ssh(self, config: Path, *, expect_ok: bool, expect: str | None = None) -> None:
         from tests.sshd import LOGIN
 
@@ -236,14 +247,7 @@ def story(demo: Demo) -> None:
     secret = demo.signup(proxy, token, pin)
 
     demo.heading("alice logs in and reaches the node with plain `ssh -J`")
-    demo.run(
-        ["dtclient", "login", "--proxy", proxy, "--user", "alice", "--ca-pin", pin],
-        input=f"{PASSWORD}\n{totp_now(secret, time.time() + 30)}\n",
-        expect="Logged in as",
-    )
-    config = demo.workdir / "ssh_config"
-    config.write_text(demo.run(["dtclient", "config"], show=False).stdout)
-    demo.ssh(config, expect_ok=True)
+    config = demo.first_login(proxy, secret, pin)
 
     demo.heading("The admin requires a trusted device for alice (dtadmin edit users/alice)")
     editor = demo.workdir / "add-role.sh"

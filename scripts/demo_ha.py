@@ -33,7 +33,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bastion.credentials import totp_now  # noqa: E402
 
 CLUSTER = "demo.ha"
 BALANCER = "127.0.0.3"  # the address HAProxy connects to the bastions from (tests/haproxy.py)
@@ -288,14 +287,7 @@ def story(demo: Any) -> None:  # noqa: PLR0915 - one story, step by step
 
     demo.heading("alice signs up and logs in through HAProxy, then plain `ssh -J`")
     secret = demo.signup(proxy, token, pin)
-    demo.run(
-        ["dtclient", "login", "--proxy", proxy, "--user", "alice", "--ca-pin", pin],
-        input=f"{demo.password}\n{totp_now(secret, time.time() + 30)}\n",
-        expect="Logged in as",
-    )
-    config = demo.workdir / "ssh_config"
-    config.write_text(demo.run(["dtclient", "config"], show=False).stdout)
-    demo.ssh(config, expect_ok=True)
+    config = demo.first_login(proxy, secret, pin)
 
     demo.heading("A session held open through HAProxy: which bastion holds it?")
     held = hold(demo, config)
