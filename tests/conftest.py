@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from tests.postgres import any_store, pg_server, pg_url, store_factory  # noqa: F401
-from tests.sshd import clients, sshd_runnable  # noqa: F401 (fixtures for every test file)
+from tests.sshd import clients, notify_socket, sshd_runnable  # noqa: F401 (fixtures for every test file)
 from tests.swtpm import provision, run_swtpm
 
 

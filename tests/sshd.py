@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -282,6 +283,30 @@ def held_session(cluster: Cluster, tmp_path: Path, name: str, port: int) -> subp
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[socket.socket]:
+    """A unix datagram socket standing in for systemd's NOTIFY_SOCKET (its address:
+    ``getsockname()``; a short path under /tmp, as sun_path is short)."""
+    folder = tempfile.mkdtemp(prefix="dtn-", dir="/tmp")
+    path = os.path.join(folder, "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(30)
+    try:
+        yield sock
+    finally:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+            os.rmdir(folder)
+
+
+def notice(sock: socket.socket) -> dict[str, str]:
+    """One sd_notify datagram as its KEY=VALUE fields."""
+    data = sock.recv(4096).decode()
+    return dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
 
 
 @pytest.fixture

@@ -11,15 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from bastion.proxy import instances
-from tests.sshd import VENV_BIN, bastion_server, held_session, wait
+from tests.sshd import VENV_BIN, bastion_server, held_session, notice, wait
 
 pytestmark = pytest.mark.integration
 
@@ -45,35 +43,14 @@ def _audit(store, type_, user=None):
     return [e for e in store.list_audit(type=type_) if user is None or e.user == user]
 
 
-@contextlib.contextmanager
-def _notify_socket():
-    folder = tempfile.mkdtemp(prefix="dtw-", dir="/tmp")
-    path = os.path.join(folder, "notify")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.settimeout(30)
-    try:
-        yield sock, path
-    finally:
-        sock.close()
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-            os.rmdir(folder)
-
-
-def _notice(sock: socket.socket) -> dict[str, str]:
-    text = sock.recv(4096).decode()
-    return dict(line.split("=", 1) for line in text.splitlines())
-
-
 
 
 def test_two_workers_share_the_port_the_state_and_the_signals(
-    dt_cluster, dt_node, tmp_path, clients, monkeypatch
+    dt_cluster, dt_node, tmp_path, clients, monkeypatch, notify_socket
 ):
-    store, state = dt_cluster.store, dt_cluster.state_dir
-    with _notify_socket() as (notify, address), contextlib.ExitStack() as stack:
-        monkeypatch.setenv("NOTIFY_SOCKET", address)
+    store, state, notify = dt_cluster.store, dt_cluster.state_dir, notify_socket
+    with contextlib.ExitStack() as stack:
+        monkeypatch.setenv("NOTIFY_SOCKET", notify.getsockname())
         bastion = stack.enter_context(
             bastion_server(
                 state,
@@ -82,7 +59,7 @@ def test_two_workers_share_the_port_the_state_and_the_signals(
         )
         monkeypatch.delenv("NOTIFY_SOCKET")
         parent = bastion.proc.pid
-        ready = _notice(notify)  # once, from the parent, when both workers listen
+        ready = notice(notify)  # once, from the parent, when both workers listen
         assert ready.get("READY") == "1" and ready.get("MAINPID") == str(parent), ready
         wait(lambda: "2 workers serving on" in bastion.log(), "the ready line")
         workers = _children(parent)
@@ -127,8 +104,8 @@ def test_two_workers_share_the_port_the_state_and_the_signals(
 
         # SIGHUP: every worker reloads; the parent says READY=1 again after both.
         bastion.proc.send_signal(signal.SIGHUP)
-        assert _notice(notify).get("RELOADING") == "1"
-        assert _notice(notify).get("READY") == "1"
+        assert notice(notify).get("RELOADING") == "1"
+        assert notice(notify).get("READY") == "1"
         assert len(_audit(store, "bastion.reload")) == 2
 
         # kill -9 of the first worker: the supervisor starts another, and a sibling
@@ -158,7 +135,7 @@ def test_two_workers_share_the_port_the_state_and_the_signals(
         # SIGTERM: STOPPING=1, both workers drain (sessions cut after drain_timeout)
         # and the supervisor exits 0 with nothing left behind.
         bastion.proc.send_signal(signal.SIGTERM)
-        assert _notice(notify).get("STOPPING") == "1"
+        assert notice(notify).get("STOPPING") == "1"
         assert bastion.proc.wait(30) == 0, bastion.log()
     assert store.list_open_sessions() == []
     assert list(instances.run_dir(state).iterdir()) == []

@@ -8,23 +8,20 @@ users hold real `ssh -J` sessions through it to the stock sshd node.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import signal
 import socket
 import subprocess
-import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.deployed.deployment import Bastion, Deployment
 from tests.deployed.processes import free_port, listening, wait_for
+from tests.sshd import notice
 
 pytestmark = pytest.mark.integration
 
@@ -58,28 +55,6 @@ def sample(text: str, name: str, **labels: str) -> float:
             if have == labels:
                 return float(match.group(3))
     return 0.0
-
-
-@pytest.fixture
-def notify_socket() -> Iterator[socket.socket]:
-    """A unix datagram socket as systemd's NOTIFY_SOCKET (a short path: sun_path)."""
-    folder = tempfile.mkdtemp(prefix="dtn-", dir="/tmp")
-    path = os.path.join(folder, "notify")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.settimeout(20)
-    try:
-        yield sock
-    finally:
-        sock.close()
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-            os.rmdir(folder)
-
-
-def notice(sock: socket.socket) -> dict[str, str]:
-    data = sock.recv(4096).decode()
-    return dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
 
 
 # -- SIGTERM: drain ------------------------------------------------------------------------------
