@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bastion.authz.records import Device, IssuedCert, Lock, Role, User
+from bastion.authz.records import Device, DevicePosture, IssuedCert, Lock, Role, User
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,3 +30,7 @@ class Facts:
     issued: IssuedCert | None = None  # the record of the serial presented, if any
     device: Device | None = None  # the device named (by asset tag), as stored now
     device_lock: Lock | None = None
+    # The cluster's posture policy (setting ``posture_policy``), raw: a value that does
+    # not parse means the strictest policy (bastion.authz.posture).
+    cluster_posture: object = None
+    device_posture: DevicePosture | None = None  # the named device's posture as stored

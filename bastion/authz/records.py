@@ -57,6 +57,102 @@ class Rule:
         )
 
 
+# Posture: what a failed check means, weakest first. ``warn``: the certificate keeps its
+# device extensions and says so; ``withhold``: a certificate without device extensions;
+# ``deny``: no certificate at all.
+POSTURE_ACTIONS = ("warn", "withhold", "deny")
+# The SHA-256 PCRs a device quotes by default: firmware (0-3), boot loader and its
+# configuration (4, 5), platform (6), Secure Boot (7), grub's command lines and files
+# (8, 9) and shim's MOK list (14). Never 16 (debug) or 23 (application): software
+# resets those, so they prove nothing about the boot.
+POSTURE_PCRS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 14)
+RESETTABLE_PCRS = (16, 23)
+
+
+@dataclass(frozen=True, slots=True)
+class BootChain:
+    """One allowed boot: SHA-256 digests (lowercase hex) of the shim, the boot loader
+    and the kernel, as the firmware measured them into PCR 4 (EV_EFI_BOOT_SERVICES_
+    APPLICATION). A field left None matches anything."""
+
+    name: str = ""
+    shim: str | None = None
+    bootloader: str | None = None
+    kernel: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PosturePolicy:
+    """What a device's measured boot must show (the cluster's, or a role's). Every
+    check left unset is not made; a policy with no check passes every device."""
+
+    secure_boot: bool = False  # Secure Boot must have been on (PCR 7's SecureBoot variable)
+    boot_chains: tuple[BootChain, ...] = ()  # empty: any
+    kernel_cmdline: str | None = None  # a regular expression every kernel command line matches
+    pcrs: dict[int, str] = field(default_factory=dict)  # exact SHA-256 values, hex
+    baseline: bool = False  # the quoted PCRs must equal the baseline recorded at enrollment
+    baseline_pcrs: tuple[int, ...] = POSTURE_PCRS  # which PCRs the baseline compares
+    on_failure: str = "withhold"  # one of POSTURE_ACTIONS
+    # Continuous attestation during the session: the client agent answers a fresh quote
+    # every ``attest_interval`` seconds, or the device's sessions end ``attest_grace``
+    # seconds after the last good one. 0: not asked.
+    attest_interval: int = 0
+    attest_grace: int = 0
+
+    @property
+    def checks(self) -> bool:
+        """Does this policy look at the boot at all (a log or PCR values)?"""
+        return bool(
+            self.secure_boot or self.boot_chains or self.kernel_cmdline or self.pcrs or self.baseline
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """What one quote (and the boot event log sent with it) showed about a boot.
+
+    ``pcrs`` are the quoted values, which the AK's signature vouches for. The facts
+    read from the log (``secure_boot``, ``boot_chain``, ``cmdlines``) are believed only
+    when ``log`` is ``"replayed"``: the log replays to exactly the quoted PCRs."""
+
+    pcrs: dict[int, str]  # PCR index -> SHA-256 value (lowercase hex), as quoted
+    log: str = "absent"  # "replayed" | "absent" | "mismatch" | "malformed"
+    log_note: str = ""  # why the log is absent, malformed or does not match
+    secure_boot: bool | None = None  # None: the log does not say
+    boot_chain: tuple[str, ...] = ()  # PCR 4 boot applications' SHA-256 digests, in order
+    cmdlines: tuple[str, ...] = ()  # kernel command lines the boot loader measured
+    time: float = 0.0
+
+    @property
+    def trusted_log(self) -> bool:
+        return self.log == "replayed"
+
+
+@dataclass(frozen=True, slots=True)
+class DevicePosture:
+    """A device's posture as stored: the baseline it is compared with, what it last
+    measured and what that meant, and (continuous attestation) until when its live
+    sessions stand."""
+
+    device_id: str
+    baseline: Measurement | None = None
+    baseline_time: float = 0.0
+    baseline_by: str = ""  # "enrollment", or the admin who approved it
+    measured: Measurement | None = None
+    verdict: str = "unchecked"  # "pass" | "warn" | "withhold" | "deny" | "unchecked"
+    reasons: tuple[str, ...] = ()
+    # Continuous attestation: the device's sessions stand until this wall time (0:
+    # not attesting); ``attest_failure`` says why it ended early.
+    attested_until: float = 0.0
+    attest_failure: str = ""
+
+    @property
+    def failed(self) -> bool:
+        """The last measurement withholds trust from the device (until it measures
+        well again, or an admin approves a new baseline)."""
+        return self.verdict in ("withhold", "deny")
+
+
 @dataclass(frozen=True, slots=True)
 class Role:
     name: str
@@ -81,6 +177,9 @@ class Role:
     # The least a trusted device's TPM attestation must be for this role (one of
     # ATTESTATION_TYPES, weakest first); None: any enrolled device will do.
     device_attestation: str | None = None
+    # What this role asks of a device's boot (measured-boot posture); None: nothing
+    # beyond the cluster's own posture policy.
+    posture: PosturePolicy | None = None
 
     def allows(self, resource: str, verb: str) -> bool:
         return any(rule.allows(resource, verb) for rule in self.rules)
