@@ -121,6 +121,9 @@ class Measurement:
     secure_boot: bool | None = None  # None: the log does not say
     boot_chain: tuple[str, ...] = ()  # PCR 4 boot applications' SHA-256 digests, in order
     cmdlines: tuple[str, ...] = ()  # kernel command lines the boot loader measured
+    # SHA-256 of kernel files grub measured into PCR 9 (its data names a vmlinuz): a
+    # boot chain's kernel matches these or the third PCR 4 application.
+    kernel_files: tuple[str, ...] = ()
     time: float = 0.0
 
     @property
