@@ -351,7 +351,7 @@ def _failures(
         if have != wanted:
             out.append(
                 f"PCR {index} is not the value the policy requires: "
-                f"{PCR_MEANING.get(index, 'its measurements')} differ"
+                f"{_differ(PCR_MEANING.get(index, 'its measurements'))}"
             )
     if policy.baseline:
         if baseline is not None:
@@ -426,7 +426,7 @@ def drift(
             continue
         detail = _detail(index, baseline, measured)
         meaning = PCR_MEANING.get(index, "its measurements")
-        out.append(f"PCR {index} changed {since}: {detail or meaning + ' differs'}")
+        out.append(f"PCR {index} changed {since}: {detail or _differ(meaning)}")
     return out
 
 
@@ -451,6 +451,11 @@ def _detail(index: int, was: Measurement, now: Measurement) -> str:
     return ""
 
 
+def _differ(meaning: str) -> str:
+    """ "boot loader differs", "firmware settings differ"."""
+    return f"{meaning} {'differ' if meaning.endswith('s') else 'differs'}"
+
+
 def _on(state: bool | None) -> str:
     return "unknown" if state is None else ("on" if state else "off")
 
@@ -464,7 +469,8 @@ def continuous(facts: Facts) -> tuple[int, int] | None:
     asked = [p for _, p in applicable(facts) if p.attest_interval]
     if not asked:
         return None
-    return min(p.attest_interval for p in asked), min(p.attest_grace for p in asked)
+    interval = min(p.attest_interval for p in asked)
+    return interval, min(p.attest_grace or 2 * p.attest_interval for p in asked)
 
 
 def attestation_deadline(facts: Facts) -> float | None:
