@@ -2,9 +2,9 @@
 
 Everything above this package talks to the store and gets typed records back
 (``bastion.authz.records``), never rows. :class:`StateStore` lists every operation the
-shells use. One module per noun (``users``, ``roles``, ``devices``, ``nodes``,
-``locks``, ``tokens``, ``certs``, ``trust_roots``, ``logins``, ``source_failures``,
-``open_sessions``, ``audit_log``, ``settings``), written in portable SQL over
+shells use. One module per noun (``users``, ``roles``, ``devices``, ``posture``,
+``nodes``, ``locks``, ``tokens``, ``certs``, ``trust_roots``, ``logins``,
+``source_failures``, ``open_sessions``, ``audit_log``, ``settings``), written in portable SQL over
 :class:`base.StoreBase` (see there), joined in ``nouns.Nouns``, makes both stores:
 
 * :class:`SQLiteStore` (also ``Store``), over ``connection.SQLiteBase``: one file

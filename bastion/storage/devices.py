@@ -121,5 +121,12 @@ class DeviceStore(StoreBase):
         return device
 
     def remove_device(self, asset_tag: str) -> None:
-        if self._exec("DELETE FROM devices WHERE asset_tag = ?", (asset_tag,)) != 1:
-            raise NotFound(f'device "{asset_tag}" not found')
+        """The device and its posture record (``bastion.storage.posture``)."""
+        with self.transaction():
+            self._execute(
+                "DELETE FROM device_posture WHERE device_id IN "
+                "(SELECT id FROM devices WHERE asset_tag = ?)",
+                (asset_tag,),
+            )
+            if self._execute("DELETE FROM devices WHERE asset_tag = ?", (asset_tag,)) != 1:
+                raise NotFound(f'device "{asset_tag}" not found')

@@ -253,3 +253,18 @@ def _source_failures(db: sqlite_utils.Database) -> None:
     )
     db.execute("CREATE INDEX source_failures_time ON source_failures (failed_at)")
     db.execute("CREATE INDEX source_failures_stamp ON source_failures (instance, stamp)")
+
+
+@migration(7, "device posture")
+def _device_posture(db: sqlite_utils.Database) -> None:
+    """Each device's measured-boot posture (``bastion.storage.posture``): the baseline
+    it is compared with (recorded at enrollment or approved by an admin), what it
+    measured last, the verdict and its reasons, and (continuous attestation) until
+    when its live sessions stand. Keyed by device id, one row per device; the
+    measurements are JSON."""
+    db.execute(
+        "CREATE TABLE device_posture (device_id TEXT PRIMARY KEY, baseline TEXT, "
+        "baseline_time FLOAT, baseline_by TEXT, measured TEXT, "
+        "verdict TEXT NOT NULL DEFAULT 'unchecked', reasons TEXT, "
+        "attested_until REAL NOT NULL DEFAULT 0, attest_failure TEXT, updated FLOAT)"
+    )

@@ -95,7 +95,18 @@ PG_MIGRATIONS: list[tuple[int, str, tuple[str, ...]]] = [
             "CREATE INDEX source_failures_stamp ON source_failures (instance, stamp)",
         ),
     ),
-    # The next SQLite migration (7) gets its twin here as step 3.
+    (
+        3,
+        "device posture (SQLite's migration 7)",
+        (
+            """CREATE TABLE device_posture (
+                device_id text PRIMARY KEY, baseline text, baseline_time double precision,
+                baseline_by text, measured text, verdict text NOT NULL DEFAULT 'unchecked',
+                reasons text, attested_until double precision NOT NULL DEFAULT 0,
+                attest_failure text, updated double precision)""",
+        ),
+    ),
+    # The next SQLite migration (8) gets its twin here as step 4.
 ]
 
 

@@ -201,7 +201,8 @@ class PostgresStore(Nouns, PostgresBase):
         release's (every table there)."""
         want = {"_migrations", "settings", "users", "roles", "devices", "tokens", "nodes",
                 "locks", "issued_certs", "audit", "audit_checkpoints", "trust_roots",
-                "login_failures", "live_sessions", "changes", "source_failures"}  # fmt: skip
+                "login_failures", "live_sessions", "changes", "source_failures",
+                "device_posture"}  # fmt: skip
         rows = self._all(
             "SELECT table_name AS t FROM information_schema.tables "
             "WHERE table_schema = current_schema()"
