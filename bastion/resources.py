@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from bastion.authz import rbac
-from bastion.authz.records import ENROLL_STATUSES, Device, Node, Role, Rule, User
+from bastion.authz import posture, rbac
+from bastion.authz.records import ENROLL_STATUSES, Device, Node, PosturePolicy, Role, Rule, User
 from bastion.protocol.durations import format_duration, parse_duration
 from bastion.protocol.errors import UsageError
 
@@ -132,9 +132,16 @@ _OPTIONS = {
     "permit_user_rc",
     "disconnect_expired_cert",
     "device_attestation",
+    "posture",
 }
 # Options a role may leave unsaid (None): written out only when set.
-_UNSAID = {"max_session_ttl", "device_trust_mode", "disconnect_expired_cert", "device_attestation"}
+_UNSAID = {
+    "max_session_ttl",
+    "device_trust_mode",
+    "disconnect_expired_cert",
+    "device_attestation",
+    "posture",
+}
 
 
 def role_doc(role: Role) -> dict[str, Any]:
@@ -145,6 +152,8 @@ def role_doc(role: Role) -> dict[str, Any]:
         options["disconnect_expired_cert"] = role.disconnect_expired_cert
     if role.device_attestation is not None:
         options["device_attestation"] = role.device_attestation
+    if role.posture is not None:
+        options["posture"] = posture.policy_doc(role.posture)
     for name in sorted(_OPTIONS - _UNSAID):
         options[name] = getattr(role, name)
     return {
@@ -175,8 +184,14 @@ def role_from_doc(doc: dict[str, Any], name: str | None = None) -> Role:
         raise UsageError("spec.options.max_session_ttl must be a duration such as 8h")
     mode = options.get("device_trust_mode")
     attestation = options.get("device_attestation")
+    policy = options.get("posture")
     flags = {}
-    for flag in _OPTIONS - {"max_session_ttl", "device_trust_mode", "device_attestation"}:
+    for flag in _OPTIONS - {
+        "max_session_ttl",
+        "device_trust_mode",
+        "device_attestation",
+        "posture",
+    }:
         if flag in options:
             if not isinstance(options[flag], bool):
                 raise UsageError(f"spec.options.{flag} must be true or false")
@@ -190,6 +205,7 @@ def role_from_doc(doc: dict[str, Any], name: str | None = None) -> Role:
         device_trust_mode=None if mode is None else rbac.check_trust_mode(mode),
         device_attestation=None if attestation is None else rbac.check_attestation(attestation),
         description=str(spec.get("description") or ""),
+        posture=None if policy is None else posture.policy_from_doc(policy, "spec.options.posture"),
         **flags,
     )
 
@@ -295,3 +311,32 @@ def node_doc(node: Node) -> dict[str, Any]:
         "metadata": {"name": node.name},
         "spec": {"addr": node.addr, "labels": dict(node.labels)},
     }
+
+
+# -- the cluster's posture policy ----------------------------------------------------------------
+
+
+def posture_doc(policy: PosturePolicy | None) -> dict[str, Any]:
+    """The cluster's posture policy as `dtadmin posture show` prints it (``spec`` None:
+    no policy is set)."""
+    return {
+        "kind": "posture",
+        "version": "v1",
+        "spec": None if policy is None else posture.policy_doc(policy),
+    }
+
+
+def posture_from_doc(doc: dict[str, Any]) -> PosturePolicy:
+    """A ``kind: posture`` document (`dtadmin posture set -f`): its spec is the policy,
+    checked field by field (bastion.authz.posture.policy_from_doc)."""
+    doc = _keys("document", doc, {"kind", "version", "metadata", "spec"})
+    if doc.get("kind") != "posture":
+        raise UsageError(f"kind must be 'posture' (found {doc.get('kind')!r})")
+    if doc.get("version", "v1") != "v1":
+        raise UsageError(f"unknown posture document version {doc.get('version')!r} (use v1)")
+    if doc.get("spec") is None:
+        raise UsageError(
+            "the document has no spec: give the policy's checks under spec "
+            "(to remove the policy: dtadmin posture clear)"
+        )
+    return posture.policy_from_doc(doc["spec"], "spec")

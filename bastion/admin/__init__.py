@@ -22,6 +22,7 @@ from bastion.admin import (
     host_key_cmd,
     locks,
     nodes,
+    posture_cmd,
     resources_cmd,
     roles,
     sessions,
@@ -85,6 +86,7 @@ app.add_typer(ca.host_app, name="host")
 app.add_typer(audit_cmd.app, name="audit")
 app.add_typer(cluster_cmd.app, name="cluster")
 app.add_typer(eventlog_cmd.app, name="eventlog")
+app.add_typer(posture_cmd.app, name="posture")
 
 
 def main() -> None:

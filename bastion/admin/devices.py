@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from bastion import audit
+from bastion.admin import posture_cmd
 from bastion.admin.common import StateOpt, actor, audited, new_app, open_cluster
 from bastion.authz.rbac import check_name
 from bastion.authz.records import Device
@@ -27,6 +28,7 @@ roots_app = new_app(
 )
 _EK_HASH_RE = re.compile(r"[0-9a-fA-F]{64}")
 app.add_typer(roots_app, name="trust-root")
+app.command("posture")(posture_cmd.device_posture)
 
 OS_TYPES = ("linux", "macos", "windows")
 
