@@ -119,9 +119,6 @@ class PostureStore(StoreBase):
             bump=bool(failure),
         )
 
-    def remove_device_posture(self, device_id: str) -> None:
-        self._exec("DELETE FROM device_posture WHERE device_id = ?", (device_id,))
-
     def _device_and_posture(self, asset_tag: str) -> tuple[Device | None, DevicePosture | None]:
         """The device named and its posture, in one statement (``facts`` sends no more
         round trips for it than before). A posture record that does not read comes
