@@ -316,3 +316,24 @@ def test_facts_read_the_posture_with_no_round_trip_of_its_own(pg_store, monkeypa
 
 def _fields(record: DevicePosture) -> dict:
     return {f: getattr(record, f) for f in record.__slots__}
+
+
+# -- the migration ---------------------------------------------------------------------------------
+
+
+def test_a_cluster_from_before_posture_gains_the_table_and_keeps_its_devices(store_factory):
+    """SQLite's migration 7 / PostgreSQL's step 3, run on a database of the previous
+    schema: only adds, so the devices (and everything else) are as they were."""
+    store = store_factory(create=True)
+    device = _device(store)
+    version = store.schema_version()
+    with store.transaction(bump=False):
+        store._execute("DROP TABLE device_posture")
+        store._execute("DELETE FROM _migrations WHERE version = ?", (version,))
+    store.close()
+    again = store_factory()
+    assert again.schema_version() == version
+    assert again.find_device("LAPTOP-1") == device
+    assert again.find_device_posture(device.id) is None
+    again.put_device_posture(_record(device.id))
+    assert again.find_device_posture(device.id) == _record(device.id)
