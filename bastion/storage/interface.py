@@ -16,6 +16,11 @@ promises is part of the contract, so both stores keep it:
 * Field-level writes (``set_user_*``) change only what they name. ``update_user``
   writes the whole record and is kept for callers that just read it in the same
   transaction; nothing after a slow step uses it.
+* ``put_device_posture`` writes a device's whole posture record (bumps);
+  ``set_attestation`` only its two continuous-attestation fields, bumping only for a
+  failure (a good quote every few seconds changes nothing any bastion decided).
+  ``facts`` reads the named device's posture with the device, and the cluster's
+  policy (setting ``posture_policy``) raw with the other settings.
 * ``append_audit`` links the row into the audit hash chain inside the write
   transaction that appends it (reading the last row's hash under the write lock, so
   concurrent appenders never fork the chain; a PostgreSQL store takes a lock, e.g. an
