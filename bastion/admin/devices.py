@@ -28,7 +28,6 @@ roots_app = new_app(
 )
 _EK_HASH_RE = re.compile(r"[0-9a-fA-F]{64}")
 app.add_typer(roots_app, name="trust-root")
-app.command("posture")(posture_cmd.device_posture)
 
 OS_TYPES = ("linux", "macos", "windows")
 
@@ -278,6 +277,10 @@ def rm(
     ):
         store.remove_device(asset_tag)
     console.say(f'Device "{asset_tag}" removed')
+
+
+# dtadmin device posture [show|approve] TAG (bastion.admin.posture_cmd)
+app.command("posture")(posture_cmd.device_posture)
 
 
 @roots_app.command("add")

@@ -31,13 +31,6 @@ app = new_app(
 )
 
 SETTING = "posture_policy"
-EXAMPLE = """kind: posture
-version: v1
-spec:
-  secure_boot: true
-  baseline: true
-  on_failure: withhold
-"""
 
 
 def cluster_policy(store: StateStore) -> PosturePolicy | None:
