@@ -96,7 +96,7 @@ def test_a_policy_round_trips_through_its_document():
         ({"kernel_cmdline": "("}, "not a valid regular expression"),
         ({"boot_chains": [{"name": "x"}]}, "names no digest"),
         ({"boot_chains": [{"initrd": A}]}, "unknown field(s) initrd"),
-        ({"attest_interval": "soon"}, "invalid duration"),
+        ({"attest_interval": "soon"}, "spec.attest_interval: invalid duration"),
         ({"attest_grace": "10s"}, "attest_grace needs attest_interval"),
     ],
 )

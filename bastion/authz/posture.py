@@ -174,7 +174,10 @@ def _seconds(where: str, value: object) -> int:
             raise UsageError(f"{where} must not be negative")
         return value
     if isinstance(value, str):
-        return parse_duration(value)
+        try:
+            return parse_duration(value)
+        except UsageError as exc:
+            raise UsageError(f"{where}: {exc.message}") from None
     raise UsageError(f"{where} must be a duration such as 30s")
 
 
