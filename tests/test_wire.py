@@ -125,7 +125,7 @@ def test_oversized_messages_refused_both_ways():
     with pytest.raises(ProtocolError, match="larger"):
         wire.decode(b"x" * (wire.MAX_MESSAGE + 1))
     with pytest.raises(ProtocolError, match="larger"):
-        wire.encode(wire.Nodes(nodes=[{"n": "x" * 1000}] * 100))
+        wire.encode(wire.Nodes(nodes=[{"n": "x" * 10_000}] * (wire.MAX_MESSAGE // 10_000 + 1)))
 
 
 def test_line_buffer_is_bounded():
@@ -133,7 +133,7 @@ def test_line_buffer_is_bounded():
     assert buf.feed(b"a\nb") == [b"a"]
     assert buf.feed(b"c\n") == [b"bc"]
     with pytest.raises(ProtocolError):
-        for _ in range(100):
+        for _ in range(wire.MAX_MESSAGE // 4096 + 2):
             buf.feed(b"x" * 4096)
 
 
@@ -164,3 +164,35 @@ def test_line_reader_over_a_stream():
             await wire.read_message(wire.LineReader(silent), 0.05)
 
     asyncio.run(go())
+
+
+# -- what issue 15 added: posture fields that older peers never see ---------------------------
+
+
+def test_fields_at_their_default_stay_off_the_line():
+    """An older peer refuses fields it does not know: a challenge that asks for no PCR
+    selection and no event log is the line it always was."""
+    line = wire.encode(wire.DeviceChallenge(nonce=b"\x01" * 32))
+    assert set(json.loads(line)) == {"type", "nonce"}
+    issued = wire.CertIssued(certificate="c", host_ca_keys=[], cluster="x", roles=[], logins=[])
+    assert set(json.loads(wire.encode(issued))) == {
+        "type", "certificate", "host_ca_keys", "cluster", "roles", "logins"
+    }  # fmt: skip
+    asked = wire.DeviceChallenge(nonce=b"n", pcr_select=[0, 7], event_log=True)
+    assert json.loads(wire.encode(asked))["pcr_select"] == [0, 7]
+    assert wire.decode(wire.encode(asked)) == asked
+
+
+def test_a_boot_event_log_may_fill_the_message_but_text_may_not():
+    log = bytes(range(256)) * 200  # 51 KB: its base64 is over MAX_STRING
+    msg = wire.EnrollFinish(
+        secret=b"s", attest=b"a", signature=b"g", pcr_select=[0], pcr_values=[b"\0" * 32],
+        event_log=log,
+    )  # fmt: skip
+    assert wire.decode(wire.encode(msg)).event_log == log
+    body = json.loads(wire.encode(msg))
+    body["event_log_error"] = "x" * (wire.MAX_STRING + 1)
+    with pytest.raises(ProtocolError, match="too long"):
+        wire.decode(json.dumps(body).encode())
+    with pytest.raises(ProtocolError, match="larger"):
+        wire.encode(dataclasses.replace(msg, event_log=b"\0" * wire.MAX_MESSAGE))

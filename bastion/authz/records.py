@@ -11,6 +11,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from bastion.protocol.quote import POSTURE_PCRS as POSTURE_PCRS
+from bastion.protocol.quote import RESETTABLE_PCRS as RESETTABLE_PCRS
+
 # Names that end up in certificates, SSH user names, YAML and file names. The same
 # alphabet as certificate extension values (DESIGN.md, Security rules).
 NAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,128}$")
@@ -61,12 +64,9 @@ class Rule:
 # device extensions and says so; ``withhold``: a certificate without device extensions;
 # ``deny``: no certificate at all.
 POSTURE_ACTIONS = ("warn", "withhold", "deny")
-# The SHA-256 PCRs a device quotes by default: firmware (0-3), boot loader and its
-# configuration (4, 5), platform (6), Secure Boot (7), grub's command lines and files
-# (8, 9) and shim's MOK list (14). Never 16 (debug) or 23 (application): software
-# resets those, so they prove nothing about the boot.
-POSTURE_PCRS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 14)
-RESETTABLE_PCRS = (16, 23)
+# The SHA-256 PCRs a device quotes by default (POSTURE_PCRS) and the ones software can
+# reset (RESETTABLE_PCRS): defined in the contract, bastion.protocol.quote, which the
+# client quotes from too.
 
 
 @dataclass(frozen=True, slots=True)

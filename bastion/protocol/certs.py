@@ -22,6 +22,11 @@ EXT_DEVICE_ID = "device-id@dt-bastion"
 EXT_ASSET_TAG = "device-asset-tag@dt-bastion"
 EXT_CREDENTIAL_ID = "device-credential-id@dt-bastion"
 DEVICE_EXTENSIONS = (EXT_DEVICE_ID, EXT_ASSET_TAG, EXT_CREDENTIAL_ID)
+# The posture verdict on the device's measured boot when the certificate was issued
+# ("pass", "warn", or "unchecked" where no posture policy looks at the boot): only on
+# certificates with the device extensions, so a node-side check can require it too.
+EXT_POSTURE = "device-posture@dt-bastion"
+POSTURE_VALUES = ("pass", "warn", "unchecked")
 # On a bot user's certificate, its value the bot's name (the key id starts "bot-" too).
 EXT_BOT = "dt-bot@dt-bastion"
 # A principal no Unix account can have: the bastion trusts the user CA only for it,
@@ -82,6 +87,15 @@ class ParsedCert:
         if all(name in self.extensions for name in DEVICE_EXTENSIONS):
             return {name: self.extensions[name] for name in DEVICE_EXTENSIONS}
         return None
+
+    @property
+    def posture(self) -> str | None:
+        """The posture verdict of a certificate with device extensions; None without
+        them, or when it names no verdict this version knows."""
+        value = self.extensions.get(EXT_POSTURE)
+        if self.device_extensions is None or value not in POSTURE_VALUES:
+            return None
+        return value
 
     def valid_at(self, now: float) -> bool:
         return self.valid_after <= now < self.valid_before

@@ -103,6 +103,15 @@ class DeviceNotTrusted(AccessDenied):
     code = "device_not_trusted"
 
 
+class PostureDenied(AccessDenied):
+    """The device's measured boot fails a posture policy whose ``on_failure`` is
+    ``deny``: no certificate at all (``withhold`` is DeviceNotTrusted: one without the
+    device extensions)."""
+
+    code = "posture_denied"
+    exit_code = 17
+
+
 class TokenInvalid(DTError):
     """An enrollment or signup token is unknown, expired, used, or bound elsewhere."""
 

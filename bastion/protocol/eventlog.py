@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import zlib
 from dataclasses import dataclass
 
 from bastion.protocol.errors import EventLogMalformed
@@ -354,3 +355,35 @@ def summary(event: Event, limit: int = 64) -> str:
     text = " ".join(text.split())
     text = "".join(c if c.isprintable() else "?" for c in text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# -- on the wire -----------------------------------------------------------------------------
+
+
+def compress_log(log: bytes) -> bytes:
+    """The log as dt-api carries it (``event_log``): zlib, so a 40 KB log costs ~25 KB
+    (its digests do not compress; its zero padding and repeated text do)."""
+    if len(log) > MAX_LOG_SIZE:
+        raise EventLogMalformed(
+            f"the boot event log is {len(log)} bytes (at most {MAX_LOG_SIZE} accepted)"
+        )
+    return zlib.compress(bytes(log), 9)
+
+
+def decompress_log(data: bytes) -> bytes:
+    """The log a peer sent, never more than MAX_LOG_SIZE bytes of it: a small message
+    that inflates without end (a zlib bomb) is refused before it costs the memory."""
+    inflater = zlib.decompressobj()
+    try:
+        log = inflater.decompress(bytes(data), MAX_LOG_SIZE + 1)
+    except zlib.error as exc:
+        raise EventLogMalformed(f"the boot event log is not zlib-compressed data ({exc})") from None
+    if len(log) > MAX_LOG_SIZE or inflater.unconsumed_tail:
+        raise EventLogMalformed(
+            f"the boot event log inflates to more than {MAX_LOG_SIZE} bytes, the most accepted"
+        )
+    if not inflater.eof:
+        raise EventLogMalformed("the boot event log's compressed data is cut short")
+    if inflater.unused_data:
+        raise EventLogMalformed("the boot event log's compressed data has trailing bytes")
+    return log

@@ -4,8 +4,12 @@ Each message is a frozen dataclass registered under its ``type``. ``encode`` giv
 one compact line; ``decode`` refuses anything that is not exactly a known message:
 non-UTF-8, non-JSON, unknown types or fields, missing fields, wrong types (a bool is
 not an int; no floats; NaN refused), over-long strings, deep nesting, lines over
-64 KiB. Bytes travel as standard base64, one encoding only. Every refusal is a
+1 MiB. Bytes travel as standard base64, one encoding only. Every refusal is a
 :class:`ProtocolError` with a message for people — never another exception.
+
+A field at its default is left out of the line: an older peer, which refuses fields
+it does not know, then reads a message of this version as long as it uses nothing
+new (a bastion with no posture policy asks no PCR selection or event log).
 """
 
 from __future__ import annotations
@@ -23,8 +27,13 @@ from typing import Any, TypeVar, Union
 from bastion.protocol.errors import DTError, ProtocolError, from_code
 
 PROTOCOL_VERSION = 1
-MAX_MESSAGE = 64 * 1024
-MAX_STRING = 16 * 1024
+# One line. A device's answer carries its boot event log (zlib, then base64): real logs
+# are 15-40 KB (the ones the tests replay) and up to ~250 KB on laptops with many Secure Boot
+# certificates; zlib saves only a third (digests do not compress) and base64 adds a
+# third, so 1 MiB takes a log of ~700 KB. Held once per dt-api channel, which only an
+# authenticated connection opens.
+MAX_MESSAGE = 1024 * 1024
+MAX_STRING = 16 * 1024  # a text field; a bytes field (base64) may fill the message
 MAX_DEPTH = 6
 MAX_ITEMS = 256
 
@@ -79,12 +88,23 @@ def encode(msg: Any) -> bytes:
     name = _TYPE_NAMES.get(type(msg))
     if name is None:
         raise TypeError(f"{type(msg).__name__} is not a dt-api message")
-    body = {f.name: _to_json(getattr(msg, f.name)) for f in dataclasses.fields(msg)}
+    body = {
+        f.name: _to_json(getattr(msg, f.name))
+        for f in dataclasses.fields(msg)
+        if not _at_default(f, getattr(msg, f.name))
+    }
     body["type"] = name
     line = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
     if len(line) + 1 > MAX_MESSAGE:
         raise ProtocolError(f"dt-api: message {name} is larger than {MAX_MESSAGE} bytes")
     return line + b"\n"
+
+
+def _at_default(f: dataclasses.Field[Any], value: Any) -> bool:
+    """Left out of the line: decode gives the same value back (see the module docstring)."""
+    if f.default is not dataclasses.MISSING:
+        return bool(value == f.default and type(value) is type(f.default))
+    return False
 
 
 # -- strict decoding ------------------------------------------------------------------------
@@ -108,7 +128,11 @@ def _text(value: str) -> None:
         ) from None
 
 
-def _depth(value: Any, level: int = 0) -> None:
+def _depth(value: Any, level: int = 0, blob: bool = False) -> None:
+    """Nesting, sizes and text of a decoded value. ``blob``: a bytes field's base64,
+    bounded by the message size alone."""
+    if blob and isinstance(value, str):
+        return
     if level > MAX_DEPTH:
         raise ProtocolError("dt-api: message is nested too deeply")
     if isinstance(value, dict):
@@ -173,6 +197,12 @@ def _check(field: str, hint: Any, value: Any) -> Any:
     raise TypeError(f"unsupported annotation {hint!r} on {field}")  # a bug in this module
 
 
+def _is_bytes(hint: Any) -> bool:
+    return hint is bytes or (
+        typing.get_origin(hint) in (Union, types.UnionType) and bytes in typing.get_args(hint)
+    )
+
+
 def decode(line: bytes) -> Any:
     """Decode one line (with or without its newline) into a message, strictly."""
     if len(line) > MAX_MESSAGE:
@@ -184,12 +214,17 @@ def decode(line: bytes) -> Any:
         raise ProtocolError("dt-api: message is not valid JSON") from None
     if not isinstance(body, dict):
         raise ProtocolError("dt-api: message must be a JSON object")
-    _depth(body)
-    name = body.pop("type", None)
+    name = body.get("type")
     cls = REGISTRY.get(name) if isinstance(name, str) else None
+    hints = typing.get_type_hints(cls) if cls is not None else {}
+    if len(body) > MAX_ITEMS:
+        raise ProtocolError("dt-api: object has too many fields")
+    for key, value in body.items():
+        _text(key)
+        _depth(value, 1, blob=_is_bytes(hints.get(key)))
+    body.pop("type", None)
     if cls is None:
         raise ProtocolError(f"dt-api: unknown message type {str(name)[:64]!r}")
-    hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(body) - set(fields)
     if unknown:
@@ -211,15 +246,24 @@ class LineBuffer:
     """Splits a byte stream into lines, never holding more than MAX_MESSAGE bytes."""
 
     def __init__(self) -> None:
-        self._partial = b""
+        self._partial = bytearray()
 
     def feed(self, data: bytes) -> list[bytes]:
-        buf = self._partial + data
-        *lines, self._partial = buf.split(b"\n")
-        if len(self._partial) > MAX_MESSAGE or any(len(x) > MAX_MESSAGE for x in lines):
-            self._partial = b""
-            raise ProtocolError(f"dt-api: message is larger than {MAX_MESSAGE} bytes")
-        return lines
+        """Appends to the partial line in place: a line of MAX_MESSAGE bytes that comes
+        in 8 KiB reads is copied once, not once per read."""
+        lines: list[bytes] = []
+        start = 0
+        while True:
+            end = data.find(b"\n", start)
+            self._partial += data[start:] if end < 0 else data[start:end]
+            if len(self._partial) > MAX_MESSAGE:
+                self._partial = bytearray()
+                raise ProtocolError(f"dt-api: message is larger than {MAX_MESSAGE} bytes")
+            if end < 0:
+                return lines
+            lines.append(bytes(self._partial))
+            self._partial = bytearray()
+            start = end + 1
 
 
 class LineReader:
@@ -325,12 +369,18 @@ class CertRequest:
 
 @message("device_challenge")
 class DeviceChallenge:
+    """``pcr_select``: the SHA-256 PCRs to quote, exactly (None: the bastion names none;
+    quote bastion.protocol.quote.POSTURE_PCRS). ``event_log``: send the boot event log."""
+
     nonce: bytes
+    pcr_select: list[int] | None = None
+    event_log: bool = False
 
 
 @message("device_response")
 class DeviceResponse:
-    """A quote by the device's AK over sha256(nonce || user public key blob)."""
+    """A quote by the device's AK over sha256(nonce || user public key blob), and the
+    boot event log when asked: zlib-compressed (eventlog.compress_log), or why not."""
 
     asset_tag: str
     credential_id: str
@@ -338,16 +388,24 @@ class DeviceResponse:
     signature: bytes
     pcr_select: list[int]
     pcr_values: list[bytes]
+    event_log: bytes | None = None
+    event_log_error: str | None = None
 
 
 @message("cert_issued")
 class CertIssued:
+    """``posture``: the verdict on the device's boot where a posture policy applies
+    (pass, warn, withhold); ``attest_interval``: seconds between the quotes the client
+    agent must answer during the session (continuous attestation), None: not asked."""
+
     certificate: str
     host_ca_keys: list[str]
     cluster: str
     roles: list[str]
     logins: list[str]
     device_warning: str | None = None
+    attest_interval: int | None = None
+    posture: str | None = None
 
 
 @message("list_nodes")
@@ -410,20 +468,27 @@ class EnrollBegin:
 
 @message("enroll_challenge")
 class EnrollChallenge:
+    """``pcr_select`` and ``event_log`` as in device_challenge."""
+
     credential_blob: bytes
     encrypted_secret: bytes
     nonce: bytes
+    pcr_select: list[int] | None = None
+    event_log: bool = False
 
 
 @message("enroll_finish")
 class EnrollFinish:
-    """Step 2: the activated secret and a quote by the AK over the nonce."""
+    """Step 2: the activated secret and a quote by the AK over the nonce (and the boot
+    event log, as in device_response)."""
 
     secret: bytes
     attest: bytes
     signature: bytes
     pcr_select: list[int]
     pcr_values: list[bytes]
+    event_log: bytes | None = None
+    event_log_error: str | None = None
 
 
 @message("enrolled")
