@@ -13,20 +13,59 @@ Enrollment:
   4. ``enroll_finish``; the bastion stores the AK as the device credential.
 
 Authentication at login: the AK quotes over sha256(nonce || user public key blob).
+
+Both quotes cover exactly the SHA-256 PCRs the bastion's challenge names (its posture
+policy's selection; POSTURE_PCRS when it names none), and when the challenge asks for
+it the boot event log goes along, compressed, or the reason it could not be read (the
+person is told on stderr how to fix that).
 """
 
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bastion.protocol import wire
-from bastion.protocol.quote import login_quote_data
+from bastion.protocol import console, wire
+from bastion.protocol.errors import ProtocolError
+from bastion.protocol.eventlog import compress_log
+from bastion.protocol.quote import NUM_PCRS, POSTURE_PCRS, RESETTABLE_PCRS, login_quote_data
 from client.device import collect
+from client.eventlog_source import EventLogRead, read_event_log
 from client.profile import DeviceState
 
-PCRS = tuple(range(8))
+PCRS = POSTURE_PCRS
+
+
+def pcr_selection(asked: Sequence[int] | None) -> tuple[int, ...]:
+    """The PCRs to quote: exactly those the bastion asks for, refusing what no bastion
+    of ours asks (a PCR software can reset, a PCR that does not exist)."""
+    if asked is None:
+        return PCRS
+    wanted = tuple(sorted(set(asked)))
+    if not wanted or len(wanted) != len(asked):
+        raise ProtocolError("dt-api: the bastion asked for an empty or repeated PCR selection")
+    odd = [p for p in wanted if not 0 <= p < NUM_PCRS or p in RESETTABLE_PCRS]
+    if odd:
+        raise ProtocolError(
+            f"dt-api: the bastion asked to quote PCR {odd[0]}, which proves nothing"
+        )
+    return wanted
+
+
+def event_log_fields(
+    wanted: bool, read: Callable[[], EventLogRead] = read_event_log
+) -> dict[str, Any]:
+    """``event_log`` / ``event_log_error`` for the answer: nothing when not asked."""
+    if not wanted:
+        return {}
+    found = read()
+    if found.log is None:
+        if found.advice:
+            console.note(f"warning: {found.advice}")
+        return {"event_log_error": found.reason or "the boot event log could not be read"}
+    return {"event_log": compress_log(found.log)}
 
 
 async def enroll(
@@ -57,8 +96,8 @@ async def enroll(
     )
     # 3. Prove the AK lives in this TPM, and quote over the nonce.
     secret = tpm.activate_credential(ak_dir, challenge.credential_blob, challenge.encrypted_secret)
-    quote = tpm.quote(ak_dir, challenge.nonce, PCRS)
-    # 4. Finish.
+    quote = tpm.quote(ak_dir, challenge.nonce, pcr_selection(challenge.pcr_select))
+    # 4. Finish, with the boot event log where the bastion's posture policy reads it.
     done = await session.call(
         wire.EnrollFinish(
             secret=secret,
@@ -66,6 +105,7 @@ async def enroll(
             signature=quote.signature,
             pcr_select=list(quote.pcr_select),
             pcr_values=list(quote.pcr_values),
+            **event_log_fields(challenge.event_log),
         ),
         wire.Enrolled,
     )
@@ -73,10 +113,18 @@ async def enroll(
 
 
 def device_response(
-    tpm: Any, ak_dir: Path, nonce: bytes, public_key_line: str, state: DeviceState
+    tpm: Any,
+    ak_dir: Path,
+    nonce: bytes,
+    public_key_line: str,
+    state: DeviceState,
+    *,
+    pcr_select: Sequence[int] | None = None,
+    event_log: bool = False,
 ) -> wire.DeviceResponse:
+    """The answer to a device_challenge (its ``nonce``, ``pcr_select`` and ``event_log``)."""
     blob = base64.b64decode(public_key_line.split()[1])
-    quote = tpm.quote(ak_dir, login_quote_data(nonce, blob), PCRS)
+    quote = tpm.quote(ak_dir, login_quote_data(nonce, blob), pcr_selection(pcr_select))
     return wire.DeviceResponse(
         asset_tag=state.asset_tag,
         credential_id=state.credential_id,
@@ -84,4 +132,15 @@ def device_response(
         signature=quote.signature,
         pcr_select=list(quote.pcr_select),
         pcr_values=list(quote.pcr_values),
+        **event_log_fields(event_log),
     )
+
+
+def answer_challenge(
+    tpm: Any, ak_dir: Path, challenge: wire.DeviceChallenge, public_key_line: str,
+    state: DeviceState,
+) -> wire.DeviceResponse:  # fmt: skip
+    return device_response(
+        tpm, ak_dir, challenge.nonce, public_key_line, state,
+        pcr_select=challenge.pcr_select, event_log=challenge.event_log,
+    )  # fmt: skip

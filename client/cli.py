@@ -503,7 +503,7 @@ async def _request_cert(
     chosen = tcti or os.environ.get("DT_TPM_TCTI") or device.tpm or None
     try:
         with console.spinner("Asking this device's TPM to prove it is here"):
-            response = _device_response(device, chosen, answer.nonce, public_line, home)
+            response = _device_response(device, chosen, answer, public_line, home)
     except TPMError as exc:
         return await _without_tpm(session, home, exc)
     return await session.call(response, wire.CertIssued)
@@ -548,13 +548,17 @@ def _has_device(cert: Any) -> bool:
 
 
 def _device_response(
-    device: DeviceState, tcti: str | None, nonce: bytes, public_line: str, home: Home
+    device: DeviceState,
+    tcti: str | None,
+    challenge: wire.DeviceChallenge,
+    public_line: str,
+    home: Home,
 ) -> wire.DeviceResponse:
     from client import ceremony
     from client.tpm import TPM
 
     with TPM.open(tcti) as tpm:
-        return ceremony.device_response(tpm, home.tpm_dir, nonce, public_line, device)
+        return ceremony.answer_challenge(tpm, home.tpm_dir, challenge, public_line, device)
 
 
 # -- status, ls, config, ssh, logout -----------------------------------------------------------

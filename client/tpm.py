@@ -11,7 +11,8 @@
   login's quote loads it directly instead of re-deriving the EK (an RSA primary, the
   slowest step of a login); after a reboot, or if it is not the enrolled AK, the
   full path runs again.
-* ActivateCredential and Quote (sha256 bank, PCRs 0-7).
+* ActivateCredential and Quote (sha256 bank, the PCRs the bastion names; by default
+  bastion.protocol.quote.POSTURE_PCRS, 0-9 and 14).
 
 TCTI: ``--tpm`` / ``DT_TPM_TCTI`` / ``device:/dev/tpmrm0``; ``swtpm:host=...,port=N``
 for a software TPM. The TSS logs errors while probing absent NV indexes; TSS2_LOG is
@@ -58,6 +59,7 @@ from bastion.protocol.errors import (  # noqa: E402
     TPMPermissionDenied,
 )
 from bastion.protocol.files import atomic_write, private_dir  # noqa: E402
+from bastion.protocol.quote import POSTURE_PCRS  # noqa: E402
 
 DEFAULT_TCTI = "device:/dev/tpmrm0"
 EK_TEMPLATES = ("EK-RSA2048", "EK-ECC256", "EK-HIGH-RSA2048", "EK-HIGH-ECC256", "EK-HIGH-ECC384")
@@ -309,8 +311,11 @@ class TPM:
         return bytes(cert_info)
 
     def quote(
-        self, directory: Path, nonce: bytes, pcrs: Sequence[int] = tuple(range(8))
+        self, directory: Path, nonce: bytes, pcrs: Sequence[int] = POSTURE_PCRS
     ) -> QuoteResult:
+        pcrs = sorted(set(pcrs))
+        if not pcrs:
+            raise TPMError("a quote needs at least one PCR")
         selection = TPML_PCR_SELECTION.parse("sha256:" + ",".join(str(p) for p in pcrs))
         with self._ak(directory) as ak:
             try:
