@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, replace
 
-from bastion.authz import rbac
+from bastion.authz import posture, rbac
 from bastion.authz.facts import Facts
 from bastion.authz.records import Device, Node, Role, Token, User
 from bastion.protocol.certs import (
@@ -47,6 +47,9 @@ class CertClaims:
     permit_port_forwarding: bool = False
     force_command: str | None = None
     bot: bool = False  # the certificate says it is a bot user's (EXT_BOT)
+    # The posture verdict the certificate was issued with (EXT_POSTURE; only beside the
+    # device extensions), None: none.
+    posture: str | None = None
 
     @property
     def has_device(self) -> bool:
@@ -68,6 +71,7 @@ def claims_of(cert: ParsedCert) -> CertClaims:
         permit_port_forwarding="permit-port-forwarding" in cert.extensions,
         force_command=cert.critical_options.get("force-command"),
         bot=cert.is_bot,
+        posture=cert.posture,
     )
 
 
@@ -341,7 +345,10 @@ def check_device(claims: CertClaims, facts: Facts, now: float) -> str:
     A certificate that names a device stands only while that device is enrolled, to
     this user, unlocked, whatever the mode: `dtadmin device unenroll` of a stolen
     laptop ends its certificates in optional mode too (and the node helper has always
-    held such a certificate to its device)."""
+    held such a certificate to its device). And only while its posture stands
+    (:func:`posture.check_device_posture`): its last measured boot did not fail, the
+    certificate carries a verdict where a posture policy checks the boot, and the
+    device keeps attesting where a policy asks it to."""
     mode = trust_mode(facts)
     if claims.has_device and facts.device_lock is not None and facts.device_lock.active(now):
         raise DeviceNotTrusted(f'device "{claims.asset_tag}" is locked')
@@ -353,6 +360,7 @@ def check_device(claims: CertClaims, facts: Facts, now: float) -> str:
     if device is None or device.id != claims.device_id or device.asset_tag != claims.asset_tag:
         raise DeviceNotTrusted(f'device "{claims.asset_tag}" is not in the inventory {ENROLL_HINT}')
     _check_enrolled_for(device, claims.user, claims.credential_id, facts, now)
+    posture.check_device_posture(claims.posture, facts, now)
     return mode
 
 

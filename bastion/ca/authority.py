@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import ssh
 
 from bastion import audit
-from bastion.authz import decide, limits, rbac
+from bastion.authz import decide, limits, posture, rbac
+from bastion.authz.facts import Facts
 from bastion.authz.records import Device, IssuedCert, User
 from bastion.ca.certs import (
     BACKDATE_SECONDS,
@@ -29,7 +30,9 @@ from bastion.ca.keys import fingerprint
 from bastion.protocol.errors import (
     AccessDenied,
     CertificateError,
+    DeviceNotTrusted,
     DTError,
+    PostureDenied,
     RateLimited,
     StateError,
     StorageUnavailable,
@@ -82,12 +85,18 @@ class UserCertRequest:
     # token a request came with (its hash), decided again under the write lock.
     bot_only: bool = False
     bot_token_hash: str | None = None
+    # The posture verdict device authentication gave ``device`` (Verdict.extension:
+    # pass, warn, unchecked): the certificate's EXT_POSTURE, decided again here.
+    posture: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Issued:
     certificate: ssh.SSHCertificate
     record: IssuedCert
+    # Why the certificate carries no device extensions though the request named a
+    # device: its posture, decided again in the signing transaction, withholds them.
+    device_warning: str | None = None
 
     @property
     def openssh(self) -> str:
@@ -200,6 +209,11 @@ class CertificateAuthority:
             # not count for it.
             credential = device.credential.id if device.credential else None
             device = decide.check_device_login(device, request.user, credential, facts, now)
+        withheld = None
+        if device is not None:
+            withheld = self._check_posture(request, facts, now)
+            if withheld is not None:
+                device = None
         perms = decide.permissions(facts)
         ttl = request.ttl
         if token is not None:
@@ -207,7 +221,11 @@ class CertificateAuthority:
             # hour gives an hour of access, not an hour plus a certificate's lifetime.
             left = int(token.expires - now)
             ttl = min(perms.default_ttl or perms.max_ttl, left) if ttl is None else min(ttl, left)
-        issued = self._sign_and_record(request.user, request.public_key, perms, ttl, device, now)
+        issued = self._sign_and_record(
+            request.user, request.public_key, perms, ttl, device, now, request.posture
+        )
+        if withheld is not None:
+            issued = Issued(issued.certificate, issued.record, device_warning=withheld)
         audit.record(
             self.store,
             "cert.create",
@@ -226,6 +244,20 @@ class CertificateAuthority:
         )
         return issued
 
+    @staticmethod
+    def _check_posture(request: UserCertRequest, facts: Facts, now: float) -> str | None:
+        """The device's posture as stored now (the check every later connection makes,
+        :func:`posture.check_device_posture`): None when it stands; else why the device
+        extensions are withheld, or PostureDenied where the stored verdict denies."""
+        try:
+            posture.check_device_posture(request.posture, facts, now)
+        except DeviceNotTrusted as exc:
+            stored = facts.device_posture
+            if stored is not None and stored.verdict == "deny":
+                raise PostureDenied(exc.message) from None
+            return f"{exc.message}; this certificate carries no device extensions"
+        return None
+
     def _sign_and_record(
         self,
         user_name: str,
@@ -234,6 +266,7 @@ class CertificateAuthority:
         ttl: int | None,
         device: Device | None,
         now: float,
+        posture_verdict: str | None = None,
     ) -> Issued:
         for _ in range(_SERIAL_ATTEMPTS):
             spec = user_cert_spec(
@@ -243,6 +276,7 @@ class CertificateAuthority:
                 now=int(now),
                 ttl=ttl,
                 device=device,
+                posture=posture_verdict if device is not None else None,
             )
             record = IssuedCert(
                 serial=spec.serial,

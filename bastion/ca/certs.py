@@ -23,10 +23,12 @@ from bastion.protocol.certs import (
     EXT_BOT,
     EXT_CREDENTIAL_ID,
     EXT_DEVICE_ID,
+    EXT_POSTURE,
     EXT_USER,
     EXT_VALUE_RE,
     JUMP_PRINCIPAL,
     MAX_CERT_BYTES,
+    POSTURE_VALUES,
     ParsedCert,
     PublicKey,
     fingerprint,
@@ -63,6 +65,7 @@ def user_cert_spec(
     now: int,
     ttl: int | None = None,
     device: Device | None = None,
+    posture: str | None = None,
 ) -> UserCertSpec:
     """The signing policy for one user certificate (see module docstring)."""
     check_extension_value(EXT_USER, user)
@@ -92,6 +95,12 @@ def user_cert_spec(
         extensions[EXT_CREDENTIAL_ID] = check_extension_value(
             EXT_CREDENTIAL_ID, device.credential.id
         )
+        if posture is not None:
+            if posture not in POSTURE_VALUES:
+                raise CertificateError(f"refusing posture verdict {posture!r} in {EXT_POSTURE}")
+            extensions[EXT_POSTURE] = posture
+    elif posture is not None:
+        raise CertificateError("a posture verdict goes only on a certificate with a device")
     return UserCertSpec(
         key_id=f"bot-{user}-{serial}" if perms.bot else f"{user}-{serial}",
         serial=serial,
@@ -152,6 +161,7 @@ __all__ = [
     "EXT_BOT",
     "EXT_CREDENTIAL_ID",
     "EXT_DEVICE_ID",
+    "EXT_POSTURE",
     "EXT_USER",
     "EXT_VALUE_RE",
     "JUMP_PRINCIPAL",

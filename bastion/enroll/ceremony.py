@@ -6,9 +6,13 @@
    credential-activation challenge for (EK, AK name) and a fresh nonce. Nothing is
    written yet.
 2. ``finish``: within the deadline, the activation secret and a quote by the AK over
-   the nonce; then, in ONE transaction: spend the token, store the AK as the device
-   credential, mark the device enrolled and audit. A crash anywhere before the commit
-   leaves no half-enrolled device and no burnt token.
+   the nonce, covering exactly the PCRs the challenge named (the posture policies'
+   selection), with the boot event log where a policy reads it; the boot is measured
+   and judged (``boot_posture``): a ``deny`` verdict refuses the enrollment. Then, in
+   ONE transaction: spend the token, store the AK as the device credential, mark the
+   device enrolled, record its posture (this measurement is its baseline) and audit.
+   A crash anywhere before the commit leaves no half-enrolled device and no burnt
+   token.
 
 Every refusal raises a DTError subclass and leaves an audit event with its reason.
 """
@@ -25,9 +29,9 @@ from typing import Any
 from cryptography import x509
 
 from bastion import audit
-from bastion.authz import decide, rbac
-from bastion.authz.records import Device, DeviceCredential, Token
-from bastion.enroll import attest
+from bastion.authz import decide, posture, rbac
+from bastion.authz.records import Device, DeviceCredential, DevicePosture, Measurement, Token
+from bastion.enroll import attest, boot_posture
 from bastion.enroll.tokens import check_enroll_token
 from bastion.protocol.errors import (
     AccessDenied,
@@ -35,6 +39,7 @@ from bastion.protocol.errors import (
     DTError,
     EKUntrusted,
     NonceExpired,
+    PostureDenied,
     ProtocolError,
     TokenInvalid,
 )
@@ -77,6 +82,16 @@ def device_view(device: Device) -> dict[str, Any]:
     }
 
 
+def enrolled_view(device: Device, verdict: posture.Verdict | None) -> dict[str, Any]:
+    """:func:`device_view`, and what the posture policy made of the device's boot
+    where one looked at it (``posture``, ``posture_reasons``)."""
+    view = device_view(device)
+    if verdict is not None and verdict.status != "unchecked":
+        view["posture"] = verdict.status
+        view["posture_reasons"] = list(verdict.reasons)
+    return view
+
+
 @dataclass
 class _Pending:
     device: Device
@@ -90,6 +105,7 @@ class _Pending:
     deadline: float
     collected: dict[str, Any] = field(default_factory=dict)
     self_enroll: bool = False  # --current-device: the role's right is decided again at commit
+    asked: boot_posture.Asked = field(default_factory=boot_posture.Asked)
 
 
 class EnrollmentCeremony:
@@ -110,6 +126,7 @@ class EnrollmentCeremony:
         self.policy = policy if policy is not None else load_policy(store)
         self.step_deadline = step_deadline
         self._pending: _Pending | None = None
+        self.verdict: posture.Verdict | None = None  # the posture verdict at finish
 
     # -- 1. begin -------------------------------------------------------------------------
 
@@ -134,6 +151,7 @@ class EnrollmentCeremony:
             ak = attest.check_ak(msg.ak_public)
             secret = secrets.token_bytes(32)
             blob, encrypted = attest.make_activation_challenge(msg.ek_public, msg.ak_public, secret)
+            asked = boot_posture.asked(self.store.facts(user=self.user, now=now))
         except DTError as exc:
             self._deny(exc, tag, now)
             raise
@@ -149,9 +167,14 @@ class EnrollmentCeremony:
             deadline=now + self.step_deadline,
             collected=dict(msg.device_data),
             self_enroll=bool(msg.current_device) and token is None,
+            asked=asked,
         )
         return EnrollChallenge(
-            credential_blob=blob, encrypted_secret=encrypted, nonce=self._pending.nonce
+            credential_blob=blob,
+            encrypted_secret=encrypted,
+            nonce=self._pending.nonce,
+            pcr_select=asked.wire_pcr_select,
+            event_log=asked.event_log,
         )
 
     @staticmethod
@@ -243,13 +266,47 @@ class EnrollmentCeremony:
                 list(msg.pcr_values),
                 list(msg.pcr_select),
             )
-            device = self._commit(pending, now)
+            boot_posture.check_selection(pending.asked, list(msg.pcr_select))
+            measurement, verdict = self._judge(pending, msg, now)
+            device = self._commit(pending, now, measurement, verdict)
         except DTError as exc:
             self._deny(exc, tag, now)
             raise
+        self.verdict = verdict
         return device
 
-    def _commit(self, pending: _Pending, now: float) -> Device:
+    def _judge(
+        self, pending: _Pending, msg: EnrollFinish, now: float
+    ) -> tuple[Measurement, posture.Verdict]:
+        """The boot the quote shows, judged with no baseline (this one becomes it); a
+        ``deny`` verdict ends the enrollment here, audited with its reasons."""
+        measurement = boot_posture.measure_answer(
+            list(msg.pcr_select),
+            list(msg.pcr_values),
+            msg.event_log,
+            msg.event_log_error,
+            pending.asked,
+            now,
+        )
+        verdict = posture.evaluate(self.store.facts(user=self.user, now=now), measurement, None)
+        if verdict.status == "deny":
+            tag = pending.device.asset_tag
+            boot_posture.audit_verdict(
+                self.store,
+                measurement,
+                verdict,
+                user=self.user,
+                tag=tag,
+                remote_addr=self.remote_addr,
+                at="enrollment",
+                now=now,
+            )
+            raise PostureDenied(boot_posture.denied_message(tag, verdict, enrolling=True))
+        return measurement, verdict
+
+    def _commit(
+        self, pending: _Pending, now: float, measurement: Measurement, verdict: posture.Verdict
+    ) -> Device:
         credential = DeviceCredential(
             id=str(uuid.uuid4()),
             public_key_der=pending.ak_public_der,
@@ -281,6 +338,25 @@ class EnrollmentCeremony:
                 collected_data=(*base.collected_data[-9:], {**pending.collected, "time": now}),
             )
             device = self.store.update_device(device) if current else self.store.add_device(device)
+            record = DevicePosture(
+                device_id=device.id,
+                baseline=measurement,
+                baseline_time=now,
+                baseline_by="enrollment",
+                measured=measurement,
+                verdict=verdict.status,
+                reasons=verdict.reasons,
+            )
+            boot_posture.record_verdict(
+                self.store,
+                record,
+                verdict,
+                user=self.user,
+                tag=device.asset_tag,
+                remote_addr=self.remote_addr,
+                at="enrollment",
+                now=now,
+            )
             audit.record(
                 self.store,
                 "device.enroll",
@@ -330,4 +406,11 @@ def _asset_tag(device_data: dict[str, Any]) -> str:
     return tag
 
 
-__all__ = ["EnrollmentCeremony", "EnrollPolicy", "AttestationError", "device_view", "load_policy"]
+__all__ = [
+    "AttestationError",
+    "EnrollmentCeremony",
+    "EnrollPolicy",
+    "device_view",
+    "enrolled_view",
+    "load_policy",
+]

@@ -42,12 +42,13 @@ from bastion.ca.issuer import GroupCommitIssuer
 from bastion.ca.keys import public_line
 from bastion.cluster import Cluster
 from bastion.enroll.authn import DeviceAuthentication
-from bastion.enroll.ceremony import EnrollmentCeremony, device_view
+from bastion.enroll.ceremony import EnrollmentCeremony, device_view, enrolled_view
 from bastion.protocol import wire
 from bastion.protocol.errors import (
     AccessDenied,
     DeviceUnavailable,
     DTError,
+    PostureDenied,
     ProtocolError,
     RateLimited,
 )
@@ -242,16 +243,22 @@ class ApiSession:
         perms = decide.permissions(facts)
         device: Device | None = None
         warning = None
+        proof: DeviceAuthentication | None = None
         if msg.device and perms.trust_mode != "off" and not perms.bot:
+            proof = DeviceAuthentication(
+                self.store, self.identity.user, remote_addr=self.identity.remote_addr
+            )
             try:
-                device = await self._authenticate_device(msg, reader, writer)
-            except ProtocolError:
-                raise
+                device = await self._authenticate_device(proof, msg, reader, writer)
+            except (ProtocolError, PostureDenied):
+                raise  # a posture that denies: no certificate at all (audited)
             except DTError as exc:  # audited by the ceremony; the user gets a plain cert
                 warning = (
                     f"device authentication failed: {exc.message}; "
                     "this certificate carries no device extensions"
                 )
+            else:
+                warning = proof.warning
         if device is None and perms.trust_mode == "required" and perms.bot:
             warning = (
                 "device trust is required for everyone here, bots included: this bot's "
@@ -278,6 +285,7 @@ class ApiSession:
             password_hash=self.identity.password_hash if self.identity.auth == "password" else None,
             rate_limit=self.max_certs_per_minute or None,
             bot_token_hash=self.identity.token_hash if self.identity.auth == "bot-token" else None,
+            posture=proof.verdict.extension if device and proof and proof.verdict else None,
         )
         # Again: the device round trip took as long as the client liked.
         await self._recheck()
@@ -286,6 +294,9 @@ class ApiSession:
         else:
             issued = await self._call(self.cluster.ca.sign, request)
         assert facts.user is not None
+        verdict = proof.verdict if proof is not None else None
+        if issued.device_warning is not None:  # the CA withheld the device after all
+            device, warning, verdict = None, issued.device_warning, None
         return wire.CertIssued(
             certificate=issued.openssh,
             host_ca_keys=[self._host_ca_line()],
@@ -293,6 +304,10 @@ class ApiSession:
             roles=list(facts.user.roles),
             logins=list(perms.logins),
             device_warning=warning,
+            # What the client agent needs to keep a device-trusted session attested,
+            # and the verdict a posture policy gave (None where none looked).
+            attest_interval=proof.attest_interval if device and proof else None,
+            posture=verdict.status if verdict and verdict.status != "unchecked" else None,
         )
 
     async def _check_issuance_rate(self) -> None:
@@ -322,11 +337,11 @@ class ApiSession:
                 )
             raise
 
-    async def _authenticate_device(self, msg: Any, reader: Any, writer: Any) -> Device | None:
-        ceremony = DeviceAuthentication(
-            self.store, self.identity.user, remote_addr=self.identity.remote_addr
-        )
-        await wire.write_message(writer, wire.DeviceChallenge(nonce=ceremony.challenge()))
+    async def _authenticate_device(
+        self, ceremony: DeviceAuthentication, msg: Any, reader: Any, writer: Any
+    ) -> Device | None:
+        challenge = await self._call(ceremony.challenge_message)  # reads the posture policies
+        await wire.write_message(writer, challenge)
         response = await wire.read_message(reader, self.step_timeout)
         if isinstance(response, wire.Error):  # the client could not use its TPM
             self.workers.audit_soon(
@@ -405,7 +420,7 @@ class ApiSession:
             raise ProtocolError("dt-api: enroll_finish without enroll_begin")
         ceremony, self._enrollment = self._enrollment, None
         device = await self._call(ceremony.finish, msg)
-        return wire.Enrolled(device=device_view(device))
+        return wire.Enrolled(device=enrolled_view(device, ceremony.verdict))
 
     # -- signup ---------------------------------------------------------------------------------
 
