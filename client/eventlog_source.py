@@ -25,14 +25,15 @@ DEFAULT_PATH = Path("/sys/kernel/security/tpm0/binary_bios_measurements")
 ENV = "DT_EVENT_LOG"
 
 PERMISSION_FIX = (
-    "The kernel lets only root read it. To let dtclient send it, have the tss group read "
-    "it at every boot, with a tmpfiles.d line (/etc/tmpfiles.d/dt-eventlog.conf):\n"
+    "The kernel lets only root read it. Have the tss group read it at every boot, with a "
+    "tmpfiles.d line (/etc/tmpfiles.d/tpm-eventlog.conf):\n"
     "    z /sys/kernel/security/tpm0/binary_bios_measurements 0440 root tss -\n"
-    "or a udev rule (/etc/udev/rules.d/70-dt-eventlog.rules):\n"
-    '    ACTION=="add", SUBSYSTEM=="tpm", KERNEL=="tpm0", '
-    'RUN+="/bin/chgrp tss /sys/kernel/security/tpm0/binary_bios_measurements", '
-    'RUN+="/bin/chmod 0440 /sys/kernel/security/tpm0/binary_bios_measurements"\n'
-    "and add yourself to the tss group (sudo usermod -aG tss $USER, then log in again)."
+    "or a udev rule (/etc/udev/rules.d/70-tpm-eventlog.rules):\n"
+    '    SUBSYSTEM=="tpm", KERNEL=="tpm0", ACTION=="add", RUN+="/bin/sh -c \'chgrp tss '
+    "/sys/kernel/security/tpm0/binary_bios_measurements && chmod 0440 "
+    "/sys/kernel/security/tpm0/binary_bios_measurements'\"\n"
+    "then sudo systemd-tmpfiles --create (or sudo udevadm trigger -s tpm), and add yourself "
+    "to the tss group (sudo usermod -aG tss $USER, then log in again). See docs/posture.md."
 )
 MISSING_FIX = (
     "The kernel exports no TPM boot event log here: the firmware is not UEFI with a "

@@ -17,6 +17,7 @@ import pytest
 from bastion.authz.records import Node
 from bastion.cluster import init_cluster
 from bastion.credentials import totp_now
+from bastion.protocol.wire import MAX_MESSAGE
 from tests.sshd import LOGIN, bastion_server, sshd_node
 from tests.tokens import printed_token
 
@@ -301,7 +302,7 @@ def test_malformed_and_oversized_messages(env, user):
             [
                 hello + b'{"type":"list_nodes","extra":1}\n',
                 hello + b"\xff\xfe not json\n",
-                hello + b"x" * (70 * 1024) + b"\n",
+                hello + b"x" * (MAX_MESSAGE + 1024) + b"\n",
                 b'{"type":"hello","version":99,"client":"t"}\n',
             ],
         )

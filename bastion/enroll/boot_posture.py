@@ -137,7 +137,10 @@ def audit_verdict(
     now: float,
 ) -> None:
     """``device.posture``: every measured verdict (``at`` enrollment or login), a
-    failure when it withholds or denies trust."""
+    failure when it withholds or denies trust. Where no policy looks at the boot
+    (``unchecked``) there is no verdict to record."""
+    if verdict.status == "unchecked":
+        return
     audit.record(
         store,
         "device.posture",
