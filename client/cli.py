@@ -25,6 +25,7 @@ from bastion.protocol.errors import (
     ConnectionFailed,
     DTError,
     NotLoggedIn,
+    PostureDenied,
     TPMError,
     UsageError,
 )
@@ -368,6 +369,8 @@ def login(
         try:
             profile = _run(_login(home, host, port, creds, trust, ttl_seconds, tpm))
         except (AuthenticationFailed, AccessDenied) as exc:
+            if isinstance(exc, PostureDenied):
+                raise  # the device's boot, not the certificate: a password changes nothing
             console.note(f"renewal refused: {exc.message}")
             console.note("Log in with your password and one-time code instead.")
             profile = _run(_login(home, host, port, fresh, _trust(home, None), ttl_seconds, tpm))
