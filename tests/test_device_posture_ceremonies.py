@@ -106,6 +106,7 @@ class Env:
         """A dt-api session of alice's (authenticated by certificate)."""
         workers = Workers(self.store)
         loop = asyncio.new_event_loop()
+        task = None
         try:
             server_in, client_in = asyncio.StreamReader(loop=loop), asyncio.StreamReader(loop=loop)
             self.to_client = _Pipe(client_in)
@@ -120,6 +121,10 @@ class Env:
             client.writer.write_eof()
             loop.run_until_complete(asyncio.wait_for(task, 30))
         finally:
+            if task is not None and not task.done():  # a refusal raised in the client
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    loop.run_until_complete(task)
             loop.close()
             workers.close()
 
@@ -204,6 +209,7 @@ def test_without_a_posture_policy_the_ceremonies_speak_as_before(env):
         assert "device-id@dt-bastion" in ext and ext[EXT_POSTURE] == "unchecked"
     record = env.posture()
     assert record.verdict == "unchecked" and record.baseline_by == "enrollment"
+    assert record.measured == record.baseline  # logins with no policy write nothing more
     assert record.baseline.log == "absent" and sorted(record.measured.pcrs) == [
         0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 14
     ]  # fmt: skip

@@ -196,3 +196,25 @@ def test_a_boot_event_log_may_fill_the_message_but_text_may_not():
         wire.decode(json.dumps(body).encode())
     with pytest.raises(ProtocolError, match="larger"):
         wire.encode(dataclasses.replace(msg, event_log=b"\0" * wire.MAX_MESSAGE))
+
+
+def test_the_event_log_travels_compressed_and_inflates_bounded():
+    import zlib
+
+    from bastion.protocol.errors import EventLogMalformed
+    from bastion.protocol.eventlog import MAX_LOG_SIZE, compress_log, decompress_log
+
+    log = b"\x00" * 1000 + bytes(range(256)) * 10
+    packed = compress_log(log)
+    assert len(packed) < len(log) and decompress_log(packed) == log
+    bomb = zlib.compress(b"\x00" * (MAX_LOG_SIZE + 1), 9)  # ~4 KiB that inflate to 4 MiB+
+    for data, why in (
+        (bomb, "inflates to more than"),
+        (packed[:-3], "cut short"),
+        (packed + b"x", "trailing bytes"),
+        (b"not zlib", "not zlib-compressed"),
+    ):
+        with pytest.raises(EventLogMalformed, match=why):
+            decompress_log(data)
+    with pytest.raises(EventLogMalformed):
+        compress_log(b"\x00" * (MAX_LOG_SIZE + 1))

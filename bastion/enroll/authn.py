@@ -139,17 +139,21 @@ class DeviceAuthentication:
             refusal = PostureDenied(boot_posture.denied_message(tag, verdict))
         elif verdict.failed:
             refusal = DeviceNotTrusted(boot_posture.withheld_message(tag, verdict))
+        # Where no policy applies and none did last time, the record stays as it is:
+        # a cluster without posture writes (and bumps) nothing more per login than before.
+        unchanged = old is not None and old.verdict == "unchecked" and not posture.applicable(facts)
         with self.store.transaction(bump=boot_posture.changes_trust(old, record)):
-            boot_posture.record_verdict(
-                self.store,
-                record,
-                verdict,
-                user=self.user,
-                tag=tag,
-                remote_addr=self.remote_addr,
-                at="login",
-                now=now,
-            )
+            if not unchanged:
+                boot_posture.record_verdict(
+                    self.store,
+                    record,
+                    verdict,
+                    user=self.user,
+                    tag=tag,
+                    remote_addr=self.remote_addr,
+                    at="login",
+                    now=now,
+                )
             self._record(
                 refusal is None,
                 refusal.message if refusal else "device authenticated",
