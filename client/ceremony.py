@@ -109,7 +109,22 @@ async def enroll(
         ),
         wire.Enrolled,
     )
-    return dict(done.device)
+    view = dict(done.device)
+    _say_posture(view)
+    return view
+
+
+def _say_posture(view: dict[str, Any]) -> None:
+    """What the posture policy made of the boot at enrollment, when it did not pass."""
+    reasons = "; ".join(str(r) for r in view.get("posture_reasons") or ())
+    if view.get("posture") == "warn":
+        console.note(f"warning: this device's boot passed with a posture warning: {reasons}")
+    elif view.get("posture") == "withhold":
+        console.note(
+            f"warning: this device is enrolled, but its boot fails the posture policy "
+            f"({reasons}): its certificates carry no device extensions until it boots as "
+            "the policy allows or an admin accepts its boot (dtadmin device posture approve)"
+        )
 
 
 def device_response(

@@ -422,3 +422,20 @@ def test_the_ca_decides_the_stored_posture_again(env):
     env.store.put_device_posture(replace(record, verdict="deny", reasons=("Secure Boot is off",)))
     with pytest.raises(PostureDenied, match="Secure Boot is off"):
         env.cluster.ca.sign(request)
+
+
+def test_a_withheld_posture_at_enrollment_enrolls_and_says_what_it_costs(env, capsys):
+    env.boot(logs.SyntheticBoot(secure_boot=False).log())
+    env.policy({"secure_boot": True})  # on_failure: withhold (the default)
+    view = env.enroll()
+    assert view["enroll_status"] == "enrolled" and view["posture"] == "withhold"
+    assert "its certificates carry no device extensions" in capsys.readouterr().err
+    record = env.posture()
+    assert record.verdict == "withhold" and record.baseline_by == "enrollment"
+    _, issued = env.login()
+    assert issued.posture == "withhold" and "device-id@dt-bastion" not in extensions(issued)
+    # Booting with Secure Boot on again is all it takes: the next login passes.
+    env.boot(GOOD.log())
+    _, issued = env.login()
+    assert issued.posture == "pass" and "device-id@dt-bastion" in extensions(issued)
+    assert not env.posture().failed
