@@ -38,6 +38,7 @@ from client.eventlog_source import read_event_log
 from client.profile import DeviceState
 from client.tpm import TPM
 from tests import tpm_eventlog as logs
+from tests.postgres import fresh_database
 from tests.swtpm import trust_test_tpms
 
 pytestmark = pytest.mark.integration
@@ -168,9 +169,13 @@ class Env:
         return self.store.list_audit(type=kind)
 
 
-@pytest.fixture
-def env(tmp_path, swtpm, monkeypatch) -> Iterator[Env]:
-    cluster = init_cluster(tmp_path / "state", "posture")
+@pytest.fixture(params=["sqlite", "postgres"])
+def env(request, tmp_path, swtpm, monkeypatch) -> Iterator[Env]:
+    """alice (access, editor) and her device's TPM, on SQLite and on PostgreSQL."""
+    database = None
+    if request.param == "postgres":
+        database = fresh_database(request.getfixturevalue("pg_server"))
+    cluster = init_cluster(tmp_path / "state", "posture", database=database)
     try:
         trust_test_tpms(cluster.store, swtpm.provisioned)
         cluster.store.add_user(User("alice", ("access", "editor"), ("root",)))
