@@ -218,3 +218,20 @@ def test_the_event_log_travels_compressed_and_inflates_bounded():
             decompress_log(data)
     with pytest.raises(EventLogMalformed):
         compress_log(b"\x00" * (MAX_LOG_SIZE + 1))
+
+
+def test_a_real_boot_log_with_its_quote_fits_one_message():
+    from pathlib import Path
+
+    from bastion.protocol.eventlog import compress_log
+
+    shipped = Path(__file__).resolve().parents[2] / "shared" / "eventlogs"
+    biggest = max((p.read_bytes() for p in shipped.glob("*.bin")), key=len)
+    answer = wire.DeviceResponse(
+        asset_tag="SN1", credential_id="c" * 36, attest=b"a" * 200, signature=b"s" * 80,
+        pcr_select=list(range(24)), pcr_values=[b"\0" * 32] * 24,
+        event_log=compress_log(biggest),
+    )  # fmt: skip
+    line = wire.encode(answer)
+    assert len(line) < 0.9 * len(biggest) + 4096  # what the MAX_MESSAGE comment counts on
+    assert wire.decode(line).event_log == answer.event_log

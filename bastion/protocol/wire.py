@@ -27,11 +27,12 @@ from typing import Any, TypeVar, Union
 from bastion.protocol.errors import DTError, ProtocolError, from_code
 
 PROTOCOL_VERSION = 1
-# One line. A device's answer carries its boot event log (zlib, then base64): real logs
-# are 15-40 KB (the ones the tests replay) and up to ~250 KB on laptops with many Secure Boot
-# certificates; zlib saves only a third (digests do not compress) and base64 adds a
-# third, so 1 MiB takes a log of ~700 KB. Held once per dt-api channel, which only an
-# authenticated connection opens.
+# One line. A device's answer carries its boot event log, zlib-compressed, in base64:
+# the real firmware logs the tests replay are 14-38 KB and keep ~64% of their size in
+# zlib (digests do not compress), and base64 adds a third, so such a log costs ~0.85 of
+# its size on the line, and 1 MiB carries a log of ~1.2 MB: room for laptops whose
+# logs measure many Secure Boot certificates. Held at most once per dt-api channel,
+# which only an authenticated connection opens.
 MAX_MESSAGE = 1024 * 1024
 MAX_STRING = 16 * 1024  # a text field; a bytes field (base64) may fill the message
 MAX_DEPTH = 6
