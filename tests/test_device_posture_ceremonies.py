@@ -444,3 +444,14 @@ def test_a_withheld_posture_at_enrollment_enrolls_and_says_what_it_costs(env, ca
     _, issued = env.login()
     assert issued.posture == "pass" and "device-id@dt-bastion" in extensions(issued)
     assert not env.posture().failed
+
+
+def test_the_client_quotes_exactly_what_is_asked_and_nothing_that_proves_nothing():
+    from bastion.protocol.errors import ProtocolError
+    from bastion.protocol.quote import POSTURE_PCRS
+
+    assert client_ceremony.pcr_selection(None) == POSTURE_PCRS  # an older bastion's challenge
+    assert client_ceremony.pcr_selection([14, 0, 7]) == (0, 7, 14)
+    for odd in ([], [0, 0], [16], [7, 23], [24], [-1]):
+        with pytest.raises(ProtocolError):
+            client_ceremony.pcr_selection(odd)
