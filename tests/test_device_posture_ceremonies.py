@@ -455,3 +455,19 @@ def test_the_client_quotes_exactly_what_is_asked_and_nothing_that_proves_nothing
     for odd in ([], [0, 0], [16], [7, 23], [24], [-1]):
         with pytest.raises(ProtocolError):
             client_ceremony.pcr_selection(odd)
+
+
+def test_a_device_enrolled_before_posture_takes_its_first_measured_login_as_baseline(env):
+    from bastion.authz.records import DevicePosture
+
+    env.enroll()  # no policy yet
+    device_id = env.store.get_device(TAG).id
+    env.store.put_device_posture(DevicePosture(device_id))  # as a device enrolled before it
+    env.policy({"baseline": True, "on_failure": "withhold"})
+    _, issued = env.login()
+    assert issued.posture == "pass"
+    record = env.posture()
+    assert record.baseline_by == "first login" and record.baseline == record.measured
+    env.boot(replace(GOOD, kernel=b"vmlinuz-6.1.0-99-amd64").log())
+    _, issued = env.login()
+    assert issued.posture == "withhold" and "PCR 4 changed" in issued.device_warning
