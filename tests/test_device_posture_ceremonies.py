@@ -14,6 +14,9 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -24,13 +27,14 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from bastion.authz import decide
 from bastion.authz.posture import policy_doc, policy_from_doc
-from bastion.authz.records import Role, User
+from bastion.authz.records import DevicePosture, Role, User
 from bastion.ca.authority import UserCertRequest
 from bastion.ca.keys import public_line
 from bastion.cluster import init_cluster
-from bastion.protocol import wire
+from bastion.protocol import eventlog, wire
 from bastion.protocol.certs import EXT_POSTURE, parse_cert
-from bastion.protocol.errors import DeviceNotTrusted, PostureDenied
+from bastion.protocol.errors import DeviceNotTrusted, PostureDenied, ProtocolError
+from bastion.protocol.quote import POSTURE_PCRS
 from bastion.proxy.api import ApiIdentity, ApiSession
 from bastion.proxy.workers import Workers
 from client import ceremony as client_ceremony
@@ -447,9 +451,6 @@ def test_a_withheld_posture_at_enrollment_enrolls_and_says_what_it_costs(env, ca
 
 
 def test_the_client_quotes_exactly_what_is_asked_and_nothing_that_proves_nothing():
-    from bastion.protocol.errors import ProtocolError
-    from bastion.protocol.quote import POSTURE_PCRS
-
     assert client_ceremony.pcr_selection(None) == POSTURE_PCRS  # an older bastion's challenge
     assert client_ceremony.pcr_selection([14, 0, 7]) == (0, 7, 14)
     for odd in ([], [0, 0], [16], [7, 23], [24], [-1]):
@@ -458,8 +459,6 @@ def test_the_client_quotes_exactly_what_is_asked_and_nothing_that_proves_nothing
 
 
 def test_a_device_enrolled_before_posture_takes_its_first_measured_login_as_baseline(env):
-    from bastion.authz.records import DevicePosture
-
     env.enroll()  # no policy yet
     device_id = env.store.get_device(TAG).id
     env.store.put_device_posture(DevicePosture(device_id))  # as a device enrolled before it
@@ -471,3 +470,36 @@ def test_a_device_enrolled_before_posture_takes_its_first_measured_login_as_base
     env.boot(replace(GOOD, kernel=b"vmlinuz-6.1.0-99-amd64").log())
     _, issued = env.login()
     assert issued.posture == "withhold" and "PCR 4 changed" in issued.device_warning
+
+
+# -- the test helper itself: its logs are real logs, its replay is the TPM's ---------------------
+
+
+@pytest.mark.parametrize(
+    "boot",
+    [GOOD, logs.SyntheticBoot(secure_boot=False), replace(GOOD, cmdline="/vmlinuz x=1")],
+    ids=["secure-boot", "no-secure-boot", "other-cmdline"],
+)
+def test_synthesized_logs_read_the_same_in_tpm2_eventlog(boot, tmp_path):
+
+    if shutil.which("tpm2_eventlog") is None:
+        pytest.skip("tpm2_eventlog (tpm2-tools) is not installed")
+    path = tmp_path / "boot.log"
+    path.write_bytes(boot.log())
+    out = subprocess.run(
+        ["tpm2_eventlog", str(path)], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    theirs = {
+        int(m.group(1)): bytes.fromhex(m.group(2))
+        for m in re.finditer(r"^\s+(\d+)\s*: 0x([0-9a-fA-F]{64})$", out.split("pcrs:")[1], re.M)
+    }
+    assert theirs == logs.expected_pcrs(boot.log()) == eventlog.replay(boot.log())["sha256"]
+
+
+@pytest.mark.parametrize("name", [*logs.NO_SECURE_BOOT_LOGS, "sb_cert_eventlog.bin"])
+def test_a_shipped_log_replays_into_a_swtpm(swtpm, name):
+    log = logs.shipped(name)
+    got = logs.replay_into_tpm(swtpm.tcti, log)
+    assert {i: got[i] for i in eventlog.replay(log)["sha256"]} == eventlog.replay(log)["sha256"]
+    logs.reboot(swtpm.tcti)
+    assert set(logs.read_pcrs(swtpm.tcti, [0, 4, 7]).values()) == {bytes(32)}
