@@ -10,6 +10,7 @@ or edited) counts as no log: a policy that needs it fails, and says why.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import struct
 import uuid
 
@@ -44,7 +45,11 @@ def measure(
         note = "the boot event log has no SHA-256 digests, so it cannot match the quote"
         return Measurement(pcrs=pcrs, log="mismatch", log_note=note, time=now)
     replayed = eventlog.replay(parsed)["sha256"]
-    differ = [i for i, value in sorted(quoted.items()) if replayed.get(i, _initial(i)) != value]
+    differ = [
+        i
+        for i, value in sorted(quoted.items())
+        if not hmac.compare_digest(replayed.get(i, _initial(i)), value)
+    ]
     if differ:
         listed = ", ".join(str(i) for i in differ)
         note = (
@@ -82,7 +87,7 @@ def _secure_boot(log: eventlog.EventLog) -> bool | None:
     for event in log.events:
         if event.pcr != 7 or event.event_type != EV_EFI_VARIABLE_DRIVER_CONFIG:
             continue
-        if _sha256(event) != hashlib.sha256(event.data).digest():
+        if not hmac.compare_digest(_sha256(event), hashlib.sha256(event.data).digest()):
             continue  # the text is not what was measured: believe nothing of it
         variable = _variable(event.data)
         if variable is None:
@@ -129,7 +134,9 @@ def _cmdlines(log: eventlog.EventLog) -> tuple[str, ...]:
         if not event.data.startswith(KERNEL_CMDLINE):
             continue
         value = event.data.rstrip(b"\x00")[len(KERNEL_CMDLINE) :]
-        if _sha256(event) != hashlib.sha256(value).digest() or len(value) > MAX_CMDLINE:
+        if len(value) > MAX_CMDLINE or not hmac.compare_digest(
+            _sha256(event), hashlib.sha256(value).digest()
+        ):
             continue
         lines.append(value.decode("utf-8", errors="replace"))
     return tuple(lines)
