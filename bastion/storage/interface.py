@@ -16,7 +16,8 @@ promises is part of the contract, so both stores keep it:
 * Field-level writes (``set_user_*``) change only what they name. ``update_user``
   writes the whole record and is kept for callers that just read it in the same
   transaction; nothing after a slow step uses it.
-* ``put_device_posture`` writes a device's whole posture record (bumps);
+* ``put_device_posture`` writes a device's whole posture record (the caller's
+  transaction decides whether it bumps);
   ``set_attestation`` only its two continuous-attestation fields, bumping only for a
   failure (a good quote every few seconds changes nothing any bastion decided).
   ``facts`` reads the named device's posture with the device, and the cluster's

@@ -79,8 +79,11 @@ class PostureStore(StoreBase):
         return posture_from_row(row) if row else None
 
     def put_device_posture(self, posture: DevicePosture) -> None:
-        """Write the whole record (insert or replace). Bumps the revision: a verdict
-        that now fails must end the device's live sessions on every bastion."""
+        """Write the whole record (insert or replace), in the caller's transaction,
+        which decides the bump: a verdict that moved must make every bastion re-decide
+        the device's live sessions, but a login measuring as before changes nothing they
+        decided (``boot_posture.changes_trust``), and bumping for it would make every
+        login re-check every session on every bastion."""
         if posture.verdict not in VERDICTS:
             raise ValueError(f"unknown posture verdict {posture.verdict!r}")
         params = (
@@ -101,6 +104,7 @@ class PostureStore(StoreBase):
             f"VALUES ({','.join('?' * (len(COLUMNS) + 1))}) "
             f"ON CONFLICT(device_id) DO UPDATE SET {updates}",
             params,
+            bump=False,
         )
 
     def set_attestation(self, device_id: str, until: float, failure: str = "") -> None:
