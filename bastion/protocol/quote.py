@@ -19,3 +19,10 @@ NUM_PCRS = 24
 def login_quote_data(nonce: bytes, user_public_key_blob: bytes) -> bytes:
     """extraData of a login quote: ``sha256(nonce || user public key blob)``."""
     return hashlib.sha256(nonce + user_public_key_blob).digest()
+
+
+def attest_quote_data(nonce: bytes) -> bytes:
+    """extraData of a continuous-attestation quote: ``sha256("dt-bastion attest\\0" ||
+    nonce)``. Its own prefix, so that no such quote can pass for a login quote (whose
+    extraData binds a user key) or the other way round."""
+    return hashlib.sha256(b"dt-bastion attest\0" + nonce).digest()

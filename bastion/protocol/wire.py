@@ -504,3 +504,45 @@ def error_from(exc: DTError) -> Error:
 def raise_if_error(msg: Any) -> None:
     if isinstance(msg, Error):
         raise from_code(msg.code, msg.message)
+
+
+# -- continuous attestation (dtclient agent) --------------------------------------------------
+
+
+@message("attest_begin")
+class AttestBegin:
+    """The client agent, on a certificate connection with device extensions: this device
+    (the certificate's) answers the bastion's attestation challenges from now on."""
+
+    asset_tag: str
+    credential_id: str
+
+
+@message("attest_challenge")
+class AttestChallenge:
+    """Quote these PCRs (SHA-256 bank) now, over ``quote.attest_quote_data(nonce)``;
+    the answer is due within ``grace`` seconds, the next challenge ``interval`` later."""
+
+    nonce: bytes
+    pcr_select: list[int]
+    interval: int
+    grace: int
+
+
+@message("attest_response")
+class AttestResponse:
+    attest: bytes
+    signature: bytes
+    pcr_select: list[int]
+    pcr_values: list[bytes]
+
+
+@message("attest_result")
+class AttestResult:
+    """``ok`` (the next challenge in ``next_in`` s), ``failed`` (``reason``; the device's
+    sessions are cut and the connection closed) or ``not_required`` (no role asks this
+    device; ask again in ``next_in`` s)."""
+
+    status: str
+    reason: str = ""
+    next_in: int = 0
