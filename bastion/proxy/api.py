@@ -52,6 +52,7 @@ from bastion.protocol.errors import (
     ProtocolError,
     RateLimited,
 )
+from bastion.proxy import attestation
 from bastion.proxy.admission import RefusalDigest
 from bastion.proxy.connections import CredentialRevoked
 from bastion.proxy.workers import Workers
@@ -202,6 +203,7 @@ class ApiSession:
             wire.Whoami: self._whoami,
             wire.EnrollBegin: self._enroll_begin,
             wire.EnrollFinish: self._enroll_finish,
+            wire.AttestBegin: functools.partial(attestation.serve, self),  # dtclient agent
         }
 
     async def _send_error(self, writer: Any, exc: DTError) -> None:

@@ -11,7 +11,7 @@ import base64
 import ipaddress
 import time
 
-from bastion.authz import decide, refusals
+from bastion.authz import decide, posture, refusals
 from bastion.authz.decide import CertClaims, check_node_host_cert, check_source_address
 from bastion.authz.facts import Facts
 from bastion.authz.records import Node
@@ -98,15 +98,22 @@ def open_channel(
     return node
 
 
-def check_live_session(store: StateStore, identity: CertClaims, node: Node, now: float) -> None:
+def check_live_session(
+    store: StateStore, identity: CertClaims, node: Node, now: float
+) -> float | None:
     """A forwarded session may go on (its node still the same inventory entry),
-    decided whenever the state moves and again once its node connect returned."""
+    decided whenever the state moves and again once its node connect returned.
+
+    Returns until when this decision stands without a state change: the device's
+    continuous-attestation deadline (``posture.attestation_deadline``; good quotes move
+    it without moving the revision), or None when no policy asks for one."""
     with store.read_transaction():
         current = store.find_node(node.name)
         if current is None or current.addr != node.addr:
             raise AccessDenied(f"node {node.name} was removed from the inventory")
         facts = _facts_for(store, identity, now)
     decide.check_live_session(identity, facts, current, now)
+    return posture.attestation_deadline(facts) if identity.has_device else None
 
 
 def _facts_for(store: StateStore, identity: CertClaims, now: float) -> Facts:

@@ -9,8 +9,11 @@ A watcher polls the cluster's revision number (one indexed row, not whole tables
 every ``poll_interval`` seconds; when it moves, every live session is decided again
 with the same policy functions that admitted it, and the ones no longer allowed are
 closed and audited as ``session.terminated``. With the default 0.2 s poll, an
-unenrolled device or a lock cuts sessions well within a second. Everything the
-watcher reads or writes goes through :mod:`bastion.proxy.workers`, never the loop.
+unenrolled device or a lock cuts sessions well within a second. Where a policy asks
+for continuous attestation, each session also keeps its device's deadline from its
+last decision, and is decided again on the first turn past it
+(:mod:`bastion.proxy.attestation`). Everything the watcher reads or writes goes
+through :mod:`bastion.proxy.workers`, never the loop.
 
 Each open session also has a row in ``live_sessions`` under this process's instance
 name, removed with its ``session.end``. A bastion killed outright leaves its rows
@@ -76,6 +79,10 @@ class LiveSession:
     # recorded: its end may be written after this bastion has let go of its claim
     # (a drain), and must still remove that row, not leave it for a sibling to sweep.
     instance: str | None = None
+    # Continuous attestation: the device's attested_until when the session was last
+    # decided; past it, the session is decided again (a good quote moves the deadline
+    # without moving the revision). None: no policy asks for it.
+    attest_deadline: float | None = None
 
 
 def audit_fields(session: LiveSession) -> dict[str, Any]:
@@ -169,7 +176,9 @@ class Registry:
         _refuse_if_ended(session)
         now = time.time()
         decide.check_not_expired(session.identity, now)
-        await workers.read(policy.check_live_session, session.identity, session.node, now)
+        session.attest_deadline = await workers.read(
+            policy.check_live_session, session.identity, session.node, now
+        )
         _refuse_if_ended(session)
         await workers.write(self._record_start, session)
         session.recorded = True
@@ -400,6 +409,7 @@ class Registry:
                     stale_files = False
                     await self._cut_swept(workers)
                 await self._follow_revision(workers)
+                await self._check_deadlines(workers)
                 for listener in self.on_poll:
                     await _maybe_await(listener(time.time()))
             except Exception:
@@ -440,6 +450,26 @@ class Registry:
         await self.cut(doomed)
         if settled:
             self._revision = revision  # only now: a re-check that failed is tried again
+
+    async def _check_deadlines(self, workers: Workers) -> None:
+        """On every turn: sessions whose device's attestation deadline passed are
+        decided again, as :meth:`Connections.check_expired` does for certificates. Those
+        whose device attested since go on with the new deadline; the others are cut with
+        the reason (``posture.check_device_posture``). A failed quote needs no turn of
+        its own: it moves the revision, and the sessions are decided again at once."""
+        now = time.time()
+        due = [
+            s
+            for s in self.live.values()
+            if s.attest_deadline is not None and s.attest_deadline <= now and not s.ended
+        ]
+        if not due:
+            return
+        try:
+            doomed = await workers.read(self._doomed, due, now)
+        except DTError:
+            return  # the database did not answer: the next turn asks again
+        await self.cut(doomed)
 
     # -- fail closed when blind ---------------------------------------------------------
 
@@ -516,7 +546,9 @@ class Registry:
         doomed = []
         for session in sessions:
             try:
-                policy.check_live_session(store, session.identity, session.node, now)
+                session.attest_deadline = policy.check_live_session(
+                    store, session.identity, session.node, now
+                )
             except AccessDenied as exc:
                 doomed.append((session, exc.message))
             except StorageUnavailable:
