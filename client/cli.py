@@ -472,7 +472,31 @@ async def _login(
     await agent.replace(cluster, previous, home.key_path, home.cert_path)
     if issued.device_warning:
         console.note(issued.device_warning)
+    _attestation_agent(home, issued, tcti)
     return profile
+
+
+def _attestation_agent(home: Home, issued: Any, tcti: str | None) -> None:
+    """Where a role asks this device to keep attesting, a fresh agent (with the new
+    certificate) answers for it; otherwise none runs."""
+    from client import attest_agent
+
+    interval = getattr(issued, "attest_interval", None)  # CertIssued.attest_interval
+    if not interval or not _has_device(home.load_cert()):
+        if attest_agent.stop(home):
+            console.note("Stopped the attestation agent: no role asks this device for it now.")
+        return
+    log = attest_agent.log_path(home)
+    pid = attest_agent.start(home, tcti)
+    if pid is None:
+        console.note(
+            f"warning: the attestation agent did not start (see {log}); your roles ask this "
+            f"device for a quote every {interval} s, so its sessions end soon: run dtclient agent"
+        )
+        return
+    console.note(
+        f"Continuous attestation: a quote every {interval} s; agent started (pid {pid}, log {log})."
+    )
 
 
 def home_pin(home: Home) -> str:
@@ -589,11 +613,16 @@ def status(cluster: ClusterOpt = None, fmt: FormatOpt = Format.text) -> None:
         if fmt is Format.text and others:
             _print_profiles(others)
         raise
+    from client import attest_agent
+
+    agent_view = attest_agent.read_state(home)
     if fmt is Format.json:
-        console.print_json({**view, "profiles": others})
+        console.print_json({**view, "attest_agent": agent_view, "profiles": others})
     else:
         for line in status_lines(view):
             console.say(line)
+        if agent_view["running"] or agent_view.get("last"):
+            console.say(f"  {'Attestation:':<13} agent {attest_agent.describe(agent_view)}")
         if len(others) > 1:
             console.say("")
             _print_profiles(others)
@@ -782,6 +811,21 @@ def ssh(
 app.command("host-key")(host_key.host_key)
 
 
+@app.command(name="agent")
+def attest_agent_command(cluster: ClusterOpt = None, tpm: TpmOpt = None) -> None:
+    """Answer the bastion's continuous-attestation challenges with this device's TPM.
+
+    Where your roles ask a device to keep attesting during its sessions, `dtclient
+    login` starts this in the background and `dtclient logout` stops it; its log is
+    agent.log in the cluster's profile folder, and `dtclient status` shows it. Run it
+    by hand (it stays in the foreground) only if it stopped: without its answers, the
+    device's sessions end once the policy's grace is over.
+    """
+    from client import attest_agent
+
+    raise typer.Exit(attest_agent.main(Home.open(cluster=cluster), tpm))
+
+
 @app.command()
 def logout(
     cluster: ClusterOpt = None,
@@ -793,13 +837,16 @@ def logout(
 
     The profile's address and user name stay, so `dtclient login` logs in again.
     """
-    from client import agent
+    from client import agent, attest_agent
 
     home = Home.open(cluster=cluster)
     names = home.cluster_names() if everything else ([home.cluster] if home.cluster else [])
     removed_any = False
     for name in names:
         one = Home(home.root, name)
+        stopped = attest_agent.stop(one)
+        if stopped:
+            console.say(f"Stopped the attestation agent (pid {stopped}).")
         known = agent.public_blobs(one.public_key_path, one.cert_path)
         if agent.agent_configured():
             _run(agent.remove(one.current_cluster() or name, known))
