@@ -363,10 +363,10 @@ class Agent:
                     self.log(f"{msg.reason}; asking again in {msg.next_in} s")
                     self.set_state("idle", msg.reason)
                     return float(max(msg.next_in, 1))
-                self.log(f"the bastion says: {msg.reason}")
-                self.set_state("failed", msg.reason)
                 failed = Backoff(FAILED_BACKOFF, MAX_FAILED_BACKOFF, backoff.next)
                 backoff.next = failed()
+                self.log(f"the bastion says: {msg.reason}; connecting again in {backoff.next:g} s")
+                self.set_state("failed", msg.reason)
                 return backoff.next
         finally:
             with contextlib.suppress(Exception):

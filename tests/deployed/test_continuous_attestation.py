@@ -157,6 +157,29 @@ def test_a_killed_agent_cuts_the_session_after_the_grace(
     assert any("disconnected" in m for m in messages), messages
 
 
+def test_an_agent_that_stops_answering_fails_after_the_grace(
+    deployment: Deployment, attested_role: str, new_tpm: str, people: list[Person]
+):
+    """A stopped agent (SIGSTOP: a laptop suspended, a hung TPM) keeps its connection
+    but answers nothing: the bastion gives the challenge the grace, then fails it."""
+    eve = enrolled(deployment, people, "eve", f"access,{attested_role}", new_tpm)
+    pid = attesting(eve)["pid"]
+    held = eve.hold()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        stopped = time.monotonic()
+        took = held.wait_cut(INTERVAL + GRACE + CUT_BOUND)
+        after = time.monotonic() - stopped
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert took is not None, "the session outlived an agent that stopped answering"
+    print(f"\ncontinuous attestation, silent agent: session cut {after:.2f} s after SIGSTOP")
+    said = held.stderr()
+    assert f"did not answer within {GRACE} s" in said, said
+    (failure,) = [r for r in attest_rows(deployment, "eve") if not r["success"]]
+    assert f"did not answer within {GRACE} s" in failure["message"], failure
+
+
 def test_logout_stops_the_agent(
     deployment: Deployment, attested_role: str, new_tpm: str, people: list[Person]
 ):
