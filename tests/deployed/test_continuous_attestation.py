@@ -116,8 +116,8 @@ def test_a_drifted_pcr_cuts_the_held_session_and_says_why(
     said = held.stderr()
     assert "Received disconnect from" in said, said
     assert "PCR 4 changed during the session" in said, said
-    (failure,) = [r for r in attest_rows(deployment, "ann") if not r["success"]]
-    assert "PCR 4 changed during the session" in failure["message"], failure
+    failures = [r["message"] for r in attest_rows(deployment, "ann") if not r["success"]]
+    assert any("PCR 4 changed during the session" in m for m in failures), failures
     seen = logged_at(deployment, 'continuous attestation of device "ANN-LAPTOP" failed')
     print(
         f"\ncontinuous attestation, drift: session cut {ended - changed:.2f} s after the "
@@ -176,8 +176,8 @@ def test_an_agent_that_stops_answering_fails_after_the_grace(
     print(f"\ncontinuous attestation, silent agent: session cut {after:.2f} s after SIGSTOP")
     said = held.stderr()
     assert f"did not answer within {GRACE} s" in said, said
-    (failure,) = [r for r in attest_rows(deployment, "eve") if not r["success"]]
-    assert f"did not answer within {GRACE} s" in failure["message"], failure
+    failures = [r["message"] for r in attest_rows(deployment, "eve") if not r["success"]]
+    assert any(f"did not answer within {GRACE} s" in m for m in failures), failures
 
 
 def test_logout_stops_the_agent(
