@@ -104,6 +104,8 @@ def test_a_drifted_pcr_cuts_the_held_session_and_says_why(
     ann = enrolled(deployment, people, "ann", f"access,{attested_role}", new_tpm)
     view = attesting(ann)
     assert view["interval"] == INTERVAL, view
+    status = ann.dtclient("status").stdout
+    assert f"Attestation:  agent running (pid {view['pid']}), a quote every {INTERVAL} s" in status
     held = ann.hold()
     time.sleep(INTERVAL + GRACE + 1)  # past the login quote's own deadline: the agent's count
     assert held.alive(), f"the session ended while the agent attested:\n{held.stderr()}"
