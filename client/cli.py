@@ -476,12 +476,12 @@ async def _login(
     return profile
 
 
-def _attestation_agent(home: Home, issued: Any, tcti: str | None) -> None:
+def _attestation_agent(home: Home, issued: wire.CertIssued, tcti: str | None) -> None:
     """Where a role asks this device to keep attesting, a fresh agent (with the new
     certificate) answers for it; otherwise none runs."""
     from client import attest_agent
 
-    interval = getattr(issued, "attest_interval", None)  # CertIssued.attest_interval
+    interval = issued.attest_interval
     if not interval or not _has_device(home.load_cert()):
         if attest_agent.stop(home):
             console.note("Stopped the attestation agent: no role asks this device for it now.")
