@@ -257,7 +257,7 @@ class AgentConnection:
             try:
                 fresh = await self._plan()
             except StorageUnavailable:
-                continue  # not the device's fault: the same turn again
+                continue  # not the device's fault: challenge it on what was read last
             except AccessDenied as exc:
                 return await self._fail(turn, exc.message, writer)
             if fresh is None:
