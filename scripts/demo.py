@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -33,6 +34,9 @@ PASSWORD = "correct horse battery staple"
 MARKER = ".dt-demo"  # in a --keep folder: the next --keep may empty it
 
 from bastion.credentials import totp_now  # noqa: E402
+
+if TYPE_CHECKING:
+    from tests.tpm_eventlog import SyntheticBoot
 
 
 class DemoFailed(Exception):
@@ -172,6 +176,26 @@ class Demo:
         self.ssh(config, expect_ok=True)
         return config
 
+    def boot(self, boot: SyntheticBoot, *, first: bool) -> None:
+        """The laptop (re)boots as ``boot`` (a tests.tpm_eventlog.SyntheticBoot) says:
+        firmware, shim and grub extend their digests into the swtpm's PCRs, and the event
+        log that tells so is the file DT_EVENT_LOG names (the kernel's
+        binary_bios_measurements on a real device)."""
+        from tests import tpm_eventlog
+
+        tcti = self.env["DT_TPM_TCTI"]
+        if not first:
+            tpm_eventlog.reboot(tcti)  # PCRs back to zero, the TPM's keys kept
+        log = boot.log()
+        tpm_eventlog.replay_into_tpm(tcti, log)
+        path = self.workdir / "binary_bios_measurements"
+        path.write_bytes(log)
+        self.env["DT_EVENT_LOG"] = str(path)
+        for part in ("shim", "bootloader", "kernel"):
+            name = getattr(boot, part).decode()
+            print(f"  {part:<10} {name:<24} sha256 {boot.digest(part)[:12]}")
+        print(f"  Secure Boot {'on' if boot.secure_boot else 'off'}; the event log: {path}")
+
     def ssh(self, config: Path, *, expect_ok: bool, expect: str | None = None) -> None:
         from tests.sshd import LOGIN
 
@@ -200,6 +224,10 @@ class Demo:
 
 def story(demo: Demo) -> None:
     from bastion.cluster import Cluster
+    from tests.tpm_eventlog import SyntheticBoot
+
+    laptop = SyntheticBoot()  # Secure Boot on; shim 15.8 -> grub 2.12 -> Linux 6.1
+    updated = SyntheticBoot(bootloader=b"grubx64.efi 2.14")  # the same, with a new grub
     from tests.sshd import LOGIN, bastion_server, sshd_node
     from tests.swtpm import provision, run_swtpm
     from tests.tokens import printed_token
@@ -271,6 +299,20 @@ def story(demo: Demo) -> None:
     for pem in (factory.root_pem, factory.issuer_pem):
         demo.run(["dtadmin", "trust-root", "add", str(pem)])
 
+    demo.heading("The laptop boots: firmware, shim and grub measure themselves into its TPM")
+    demo.boot(laptop, first=True)
+
+    demo.heading("The admin sets a posture policy: Secure Boot on, and no change since enrollment")
+    policy = demo.workdir / "posture.yaml"
+    policy.write_text(
+        "kind: posture\nversion: v1\nspec:\n"
+        "  secure_boot: true      # Secure Boot must have been on\n"
+        "  baseline: true         # the PCRs must read as they did at enrollment\n"
+        "  on_failure: withhold   # else: a certificate without device extensions\n"
+    )
+    print("\n".join("  " + line for line in policy.read_text().splitlines()))
+    demo.run(["dtadmin", "posture", "set", "-f", str(policy)])
+
     demo.heading("alice enrolls this device: its TPM answers the bastion's challenge")
     demo.run(
         ["dtclient", "device", "enroll", "--current-device", "--asset-tag", "DEMO-LAPTOP-1"],
@@ -303,6 +345,29 @@ def story(demo: Demo) -> None:
     )
 
     demo.heading("`ssh -J` works again")
+    demo.ssh(config, expect_ok=True)
+
+    demo.heading("The laptop reboots with another boot loader: its boot no longer matches")
+    demo.boot(updated, first=False)
+
+    demo.heading("alice's login is withheld the device extensions, and `ssh -J` is refused")
+    demo.run(
+        ["dtclient", "login", "--proxy", proxy, "--user", "alice"],
+        expect="PCR 4 changed since enrollment: boot loader differs",
+    )
+    demo.ssh(config, expect_ok=False, expect="access denied")
+
+    demo.heading("The admin sees the drift, and approves the new boot as the device's baseline")
+    demo.run(
+        ["dtadmin", "device", "posture", "DEMO-LAPTOP-1"], expect="boot loader differs"
+    )
+    demo.run(["dtadmin", "device", "posture", "approve", "DEMO-LAPTOP-1"])
+
+    demo.heading("alice logs in again and reaches the node")
+    demo.run(
+        ["dtclient", "login", "--proxy", proxy, "--user", "alice"],
+        expect="device-asset-tag@dt-bastion",
+    )
     demo.ssh(config, expect_ok=True)
 
     demo.heading("The admin unenrolls the device: access is refused at once")
