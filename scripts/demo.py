@@ -194,7 +194,8 @@ class Demo:
         for part in ("shim", "bootloader", "kernel"):
             name = getattr(boot, part).decode()
             print(f"  {part:<10} {name:<24} sha256 {boot.digest(part)[:12]}")
-        print(f"  Secure Boot {'on' if boot.secure_boot else 'off'}; the event log: {path}")
+        print(f"  Secure Boot {'on' if boot.secure_boot else 'off'}; dtclient reads the log from")
+        print(f"  DT_EVENT_LOG={path}")
 
     def ssh(self, config: Path, *, expect_ok: bool, expect: str | None = None) -> None:
         from tests.sshd import LOGIN
@@ -299,7 +300,7 @@ def story(demo: Demo) -> None:
     for pem in (factory.root_pem, factory.issuer_pem):
         demo.run(["dtadmin", "trust-root", "add", str(pem)])
 
-    demo.heading("The laptop boots: firmware, shim and grub measure themselves into its TPM")
+    demo.heading("The laptop boots, and each stage measures the next into its TPM")
     demo.boot(laptop, first=True)
 
     demo.heading("The admin sets a posture policy: Secure Boot on, and no change since enrollment")
@@ -320,7 +321,7 @@ def story(demo: Demo) -> None:
     )
     demo.run(["dtadmin", "device", "ls"], expect="enrolled")
 
-    demo.heading("Re-login: the certificate now carries the device extensions")
+    demo.heading("Re-login: the certificate carries the device extensions, posture verdict pass")
     demo.run(
         ["dtclient", "login", "--proxy", proxy, "--user", "alice"],
         expect="device-asset-tag@dt-bastion",
@@ -347,23 +348,21 @@ def story(demo: Demo) -> None:
     demo.heading("`ssh -J` works again")
     demo.ssh(config, expect_ok=True)
 
-    demo.heading("The laptop reboots with another boot loader: its boot no longer matches")
+    demo.heading("The laptop reboots with an updated boot loader (grub 2.14)")
     demo.boot(updated, first=False)
 
-    demo.heading("alice's login is withheld the device extensions, and `ssh -J` is refused")
+    demo.heading("alice logs in: the changed boot costs the device extensions, `ssh -J` is refused")
     demo.run(
         ["dtclient", "login", "--proxy", proxy, "--user", "alice"],
         expect="PCR 4 changed since enrollment: boot loader differs",
     )
     demo.ssh(config, expect_ok=False, expect="access denied")
 
-    demo.heading("The admin sees the drift, and approves the new boot as the device's baseline")
-    demo.run(
-        ["dtadmin", "device", "posture", "DEMO-LAPTOP-1"], expect="boot loader differs"
-    )
+    demo.heading("The admin sees the drift and approves the new boot as the device's baseline")
+    demo.run(["dtadmin", "device", "posture", "DEMO-LAPTOP-1"], expect="boot loader differs")
     demo.run(["dtadmin", "device", "posture", "approve", "DEMO-LAPTOP-1"])
 
-    demo.heading("alice logs in again and reaches the node")
+    demo.heading("With the new baseline, alice logs in again and reaches the node")
     demo.run(
         ["dtclient", "login", "--proxy", proxy, "--user", "alice"],
         expect="device-asset-tag@dt-bastion",
@@ -533,11 +532,12 @@ def print_keep_instructions(demo: Demo) -> None:
 The cluster is still running (state and logs in {demo.workdir}). In another shell:
 
   export PATH={VENV_BIN}:$PATH DT_STATE={env["DT_STATE"]} DT_HOME={env["DT_HOME"]}
-  export DT_TPM_TCTI='{env.get("DT_TPM_TCTI", "")}'
+  export DT_TPM_TCTI='{env.get("DT_TPM_TCTI", "")}' DT_EVENT_LOG={env.get("DT_EVENT_LOG", "")}
   dtclient status                      # alice's profile from the demo
   dtadmin audit ls --since 1h          # everything that happened
   ssh -F {demo.workdir / "ssh_config"} node-1 true    # through the bastion
   dtclient host-key                    # the bastion's key, for clients without host CAs
+  dtadmin device posture DEMO-LAPTOP-1                 # its measured boot and baseline
   dtadmin device unenroll DEMO-LAPTOP-1                # and she is refused again
 
 The node (sshd), dt-bastion and swtpm run as PIDs {pids}.

@@ -27,6 +27,9 @@ def test_demo_walks_the_story():
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "demo passed" in result.stdout
     assert "registered and enrolled" in result.stdout
+    # The posture chapter: a changed boot loader costs the device extensions until approved.
+    assert "PCR 4 changed since enrollment: boot loader differs" in result.stdout
+    assert "its last measurement is now its baseline" in result.stdout
 
 
 def _subreaper(on: bool) -> bool:
