@@ -223,3 +223,82 @@ def test_one_login_with_many_bad_command_lines_costs_a_bounded_audit_row():
     assert len(verdict.message) < 16 * 1024, (
         f"{len(verdict.reasons)} reasons, {len(verdict.message)} chars"
     )
+
+
+# -- the event type and text are the client's: only each PCR's digests are the TPM's ------------
+#
+# The attacker's device extends the PCRs below for real (so the quote is what the log
+# replays to); the log it sends keeps every digest in order and changes the rest: an
+# event's type, or its data where the digest is not the data's own hash. measure()
+# is given exactly the PCRs that log replays to, as the swtpm's quote would be.
+
+
+def _measure(events: list[logs.SynthEvent]) -> measured.Measurement:
+    log = logs.encode_log(events)
+    quoted = eventlog.replay(log)["sha256"]
+    got = measured.measure({i: quoted.get(i, bytes(32)) for i in posture.POSTURE_PCRS}, log)
+    assert got.log == "replayed"
+    return got
+
+
+def _retold(events: list[logs.SynthEvent], index: int, **changes: object) -> list[logs.SynthEvent]:
+    """The same extend (its digest kept), told as another event."""
+    return logs.with_event(events, index, digest=events[index].sha256, **changes)
+
+
+SEPARATOR = logs.SynthEvent(7, logs.EV_SEPARATOR, b"\0\0\0\0")
+
+
+def test_secure_boot_off_retold_and_the_separator_retyped_still_reads_off():
+    """The firmware's SecureBoot=0 event sent with junk data (its digest kept), PCR 7's
+    separator sent as another type; then the OS's own SecureBoot=1 and separator."""
+    boot = logs.SyntheticBoot(secure_boot=False, extra=(_secure_boot_variable(True), SEPARATOR))
+    events = boot.events()
+    sb = boot.index(logs.EV_EFI_VARIABLE_DRIVER_CONFIG, 7)
+    sep = boot.index(logs.EV_SEPARATOR, 7)
+    events = _retold(events, sb, data=b"junk")
+    events = _retold(events, sep, event_type=logs.EV_EFI_ACTION)
+    assert _measure(events).secure_boot is not True
+
+
+def test_a_boot_loader_retyped_is_still_in_the_boot_chain():
+    """An evil grub's PCR 4 extend sent as an EV_EFI_ACTION; then the OS extends the
+    allowed grub's digest as a boot application. The chain must still show the evil
+    grub second."""
+    evil = replace(GOOD, bootloader=b"grubx64.efi evil")
+    events = evil.events()
+    grub = evil.index(logs.EV_EFI_BOOT_SERVICES_APPLICATION, 4, nth=1)
+    kernel = evil.index(logs.EV_EFI_BOOT_SERVICES_APPLICATION, 4, nth=2)
+    events = _retold(events, grub, event_type=logs.EV_EFI_ACTION)
+    events = _retold(events, kernel, event_type=logs.EV_EFI_ACTION)
+    forged = [
+        logs.SynthEvent(4, logs.EV_EFI_BOOT_SERVICES_APPLICATION, b"", measured=GOOD.bootloader),
+        logs.SynthEvent(4, logs.EV_EFI_BOOT_SERVICES_APPLICATION, b"", measured=GOOD.kernel),
+    ]
+    got = _measure(events + forged)
+    policy = posture.policy_from_doc({"boot_chains": [CHAIN], "on_failure": "deny"})
+    assert posture.evaluate(Facts(cluster_posture=policy), got, None).status == "deny"
+
+
+@pytest.mark.parametrize("how", ["junk data", "another type", "another prefix"])
+def test_a_bad_kernel_command_line_cannot_be_retold_away(how):
+    """grub measured ``init=/bin/sh``; the log tells that extend as something else, and
+    the OS extends an allowed line after it."""
+    bad = replace(GOOD, cmdline=GOOD.cmdline + " init=/bin/sh")
+    events = bad.events()
+    at = next(i for i, e in enumerate(events) if e.data.startswith(b"kernel_cmdline: "))
+    line = bad.cmdline.encode()
+    if how == "junk data":
+        events = _retold(events, at, data=b"kernel_cmdline: ok\0")
+    elif how == "another type":
+        events = _retold(events, at, event_type=logs.EV_EFI_ACTION)
+    else:
+        events = _retold(events, at, data=b"grub_cmd: " + line + b"\0")
+    good = GOOD.cmdline.encode()
+    events.append(
+        logs.SynthEvent(8, logs.EV_IPL, b"kernel_cmdline: " + good + b"\0", measured=good)
+    )
+    got = _measure(events)
+    policy = posture.policy_from_doc({"kernel_cmdline": r"\S+ root=/dev/vda1 ro( quiet)?"})
+    verdict = posture.evaluate(Facts(cluster_posture=policy), got, None)
+    assert verdict.failed, got.cmdlines
