@@ -19,12 +19,14 @@ from bastion.protocol import eventlog
 from bastion.protocol.errors import EventLogMalformed
 
 EV_IPL = 0x0000000D
-EV_EFI_VARIABLE_DRIVER_CONFIG = 0x80000001
-EV_EFI_BOOT_SERVICES_APPLICATION = 0x80000003
 EFI_GLOBAL_VARIABLE = uuid.UUID("8be4df61-93ca-11d2-aa0d-00e098032b8c")
 KERNEL_CMDLINE = b"kernel_cmdline: "
 ZERO = bytes(32)
+# EV_SEPARATOR's data is 0 (or 0xFFFFFFFF after an error), as a UINT32: its digest,
+# not its type (the client's word), says which event it is.
+SEPARATOR_DIGESTS = frozenset(hashlib.sha256(v).digest() for v in (bytes(4), b"\xff" * 4))
 MAX_CMDLINE = 4096
+LINUX_COMMANDS = (b"linux", b"linuxefi", b"linux16")
 
 
 def measure(
@@ -78,24 +80,38 @@ def _sha256(event: eventlog.Event) -> bytes:
     return dict(event.digests)["sha256"]
 
 
+def _self_evident(event: eventlog.Event) -> bool:
+    """The event's digest is its data's own hash: its text is what was measured. Of any
+    other event only the digest is the TPM's; its type and data are the client's word."""
+    return hmac.compare_digest(_sha256(event), hashlib.sha256(event.data).digest())
+
+
 def _secure_boot(log: eventlog.EventLog) -> bool | None:
     """The SecureBoot variable as the firmware measured it into PCR 7: one byte, 1 when
     on; empty or 0 when off. None when the log has no such measurement (legacy BIOS or
-    old firmware). The firmware hashes the whole UEFI_VARIABLE_DATA, so an event whose
-    digest is not its data's is skipped."""
+    old firmware).
+
+    Only the firmware's counts: the first SecureBoot UEFI_VARIABLE_DATA (hashed whole,
+    so its text is believed, whatever type the log gives it) before PCR 7's separator,
+    known by its digest, not by its type. The running OS can extend PCR 7 too, but only
+    after that separator (the replay fixes each PCR's order); and a firmware event whose
+    text was replaced hides nothing: with no believable SecureBoot event before the
+    separator the answer is None."""
     state: bool | None = None
     for event in log.events:
-        if event.pcr != 7 or event.event_type != EV_EFI_VARIABLE_DRIVER_CONFIG:
+        if event.pcr != 7 or event.event_type == eventlog.EV_NO_ACTION:
             continue
-        if not hmac.compare_digest(_sha256(event), hashlib.sha256(event.data).digest()):
-            continue  # the text is not what was measured: believe nothing of it
+        if _sha256(event) in SEPARATOR_DIGESTS:
+            return state
+        if state is not None or not _self_evident(event):
+            continue
         variable = _variable(event.data)
         if variable is None:
             continue
         guid, name, value = variable
         if guid == EFI_GLOBAL_VARIABLE and name == "SecureBoot":
             state = value[:1] == b"\x01"
-    return state
+    return None
 
 
 def _variable(data: bytes) -> tuple[uuid.UUID, str, bytes] | None:
@@ -114,31 +130,46 @@ def _variable(data: bytes) -> tuple[uuid.UUID, str, bytes] | None:
 
 def _boot_chain(log: eventlog.EventLog) -> tuple[str, ...]:
     """The UEFI applications the firmware started, in order (shim, boot loader, and a
-    kernel loaded as one), by their PCR 4 SHA-256 digests."""
+    kernel loaded as one), by their PCR 4 SHA-256 digests. Every PCR 4 extend whose
+    digest is not its own text's hash (the firmware's actions and separator are) is
+    an image, whatever type the log gives it: an evil grub told as an EV_EFI_ACTION
+    keeps its place in the chain."""
     return tuple(
         _sha256(e).hex()
         for e in log.events
-        if e.pcr == 4 and e.event_type == EV_EFI_BOOT_SERVICES_APPLICATION
+        if e.pcr == 4 and e.event_type != eventlog.EV_NO_ACTION and not _self_evident(e)
     )
 
 
 def _cmdlines(log: eventlog.EventLog) -> tuple[str, ...]:
     """grub's ``kernel_cmdline:`` measurements in PCR 8: the kernel path, then its
     arguments. The PCR covers only the digest, never the event's text, so a line is
-    believed only when the digest is the text's own (grub hashes the command line
-    without the prefix and the NUL): else the text could say anything."""
+    believed only when the digest is the text's own (grub hashes what follows the
+    ``prefix: `` without the NUL), whatever type or prefix the log gives it: the line
+    of a ``linux`` command counts as much as a ``kernel_cmdline:`` one. And grub explains
+    every PCR 8 extend so: one that is not explained may be the real command line told
+    as something else, so then no line is believed at all (a kernel_cmdline policy
+    fails: none measured)."""
     lines = []
     for event in log.events:
-        if event.pcr != 8 or event.event_type != EV_IPL:
+        if event.pcr != 8 or event.event_type == eventlog.EV_NO_ACTION:
             continue
-        if not event.data.startswith(KERNEL_CMDLINE):
-            continue
-        value = event.data.rstrip(b"\x00")[len(KERNEL_CMDLINE) :]
-        if len(value) > MAX_CMDLINE or not hmac.compare_digest(
-            _sha256(event), hashlib.sha256(value).digest()
-        ):
-            continue
-        lines.append(value.decode("utf-8", errors="replace"))
+        text = event.data.rstrip(b"\x00")
+        prefix, sep, value = text.partition(b": ")
+        if not sep or not hmac.compare_digest(_sha256(event), hashlib.sha256(value).digest()):
+            return ()
+        if prefix + sep != KERNEL_CMDLINE:
+            # grub's own ``linux PATH ARGS`` command: its text is bound by the digest
+            # even where the log's prefix is not, so it is read as a command line too.
+            word, _, rest = value.partition(b" ")
+            if word not in LINUX_COMMANDS:
+                continue
+            value = rest
+        if len(value) > MAX_CMDLINE:
+            return ()  # skipped, it would hide what it says behind the lines after it
+        line = value.decode("utf-8", errors="replace")
+        if line not in lines:
+            lines.append(line)
     return tuple(lines)
 
 
