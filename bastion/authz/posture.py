@@ -43,6 +43,7 @@ FIELDS = {
 CHAIN_FIELDS = ("shim", "bootloader", "kernel")
 CHAIN_NAMES = {"shim": "shim", "bootloader": "boot loader", "kernel": "kernel"}
 MIN_ATTEST_INTERVAL = 1
+MAX_LINES = 3  # command lines named in one verdict's reasons
 # What each PCR measures (TCG PC Client Platform Firmware Profile; shim and grub), for
 # the reasons people read: "PCR 4 changed since enrollment: boot loader differs".
 PCR_MEANING = {
@@ -356,9 +357,16 @@ def _failures(
                 f"PCR {index} is not the value the policy requires: "
                 f"{_differ(PCR_MEANING.get(index, 'its measurements'))}"
             )
-    if policy.baseline:
-        if baseline is not None:
-            out += drift(baseline, measured, policy.baseline_pcrs)
+    if policy.baseline and baseline is not None:
+        # A PCR the baseline lacks (quoted as the client chose, before any policy named
+        # a selection) is not "unchanged": an admin approves a baseline that has it.
+        lacking = [i for i in policy.baseline_pcrs if i not in baseline.pcrs]
+        if lacking:
+            out.append(
+                f"the baseline has no value for PCR {', '.join(map(str, lacking))} "
+                "(an admin approves this boot as the baseline)"
+            )
+        out += drift(baseline, measured, policy.baseline_pcrs)
     return out
 
 
@@ -401,11 +409,11 @@ def _cmdline_failures(pattern: str, measured: Measurement) -> list[str]:
     if not measured.cmdlines:
         return ["no kernel command line was measured (PCR 8), so kernel_cmdline cannot match"]
     regex = re.compile(pattern)
-    return [
-        f"kernel command line not allowed: {_clip(line)!r}"
-        for line in measured.cmdlines
-        if regex.fullmatch(line) is None
-    ]
+    bad = [line for line in measured.cmdlines if regex.fullmatch(line) is None]
+    out = [f"kernel command line not allowed: {_clip(line)!r}" for line in bad[:MAX_LINES]]
+    if len(bad) > MAX_LINES:  # a device's own extends must not make one login cost MBs
+        out.append(f"and {len(bad) - MAX_LINES} more kernel command lines not allowed")
+    return out
 
 
 def _clip(text: str, limit: int = 120) -> str:
@@ -497,6 +505,14 @@ def check_device_posture(claims_posture: str | None, facts: Facts, now: float) -
     if posture is not None and posture.failed:
         why = "; ".join(posture.reasons) or "its boot does not satisfy the posture policy"
         raise DeviceNotTrusted(f'device "{tag}" failed its posture check: {why}')
+    if posture is not None and posture.measured is not None:
+        # Decided again under the policies that apply now: a policy made stricter, a
+        # role gained, a policy that no longer reads reach certificates issued before.
+        now_verdict = evaluate(facts, posture.measured, posture.baseline)
+        if now_verdict.failed:
+            raise DeviceNotTrusted(
+                f'device "{tag}" failed its posture check: {now_verdict.message}'
+            )
     strict = [p for _, p in applicable(facts) if p.checks and p.on_failure != "warn"]
     if strict and claims_posture not in ("pass", "warn"):
         raise DeviceNotTrusted(
