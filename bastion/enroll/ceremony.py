@@ -30,6 +30,7 @@ from cryptography import x509
 
 from bastion import audit
 from bastion.authz import decide, posture, rbac
+from bastion.authz.facts import Facts
 from bastion.authz.records import Device, DeviceCredential, DevicePosture, Measurement, Token
 from bastion.enroll import attest, boot_posture
 from bastion.enroll.tokens import check_enroll_token
@@ -288,7 +289,8 @@ class EnrollmentCeremony:
             pending.asked,
             now,
         )
-        verdict = posture.evaluate(self.store.facts(user=self.user, now=now), measurement, None)
+        facts = self.store.facts(user=self.user, asset_tag=pending.device.asset_tag, now=now)
+        verdict = posture.evaluate(facts, measurement, _kept_baseline(facts, pending.device))
         if verdict.status == "deny":
             tag = pending.device.asset_tag
             boot_posture.audit_verdict(
@@ -338,11 +340,13 @@ class EnrollmentCeremony:
                 collected_data=(*base.collected_data[-9:], {**pending.collected, "time": now}),
             )
             device = self.store.update_device(device) if current else self.store.add_device(device)
+            old = self.store.find_device_posture(device.id) if current else None
+            kept = old if old is not None and old.baseline is not None else None
             record = DevicePosture(
                 device_id=device.id,
-                baseline=measurement,
-                baseline_time=now,
-                baseline_by="enrollment",
+                baseline=kept.baseline if kept else measurement,
+                baseline_time=kept.baseline_time if kept else now,
+                baseline_by=kept.baseline_by if kept else "enrollment",
                 measured=measurement,
                 verdict=verdict.status,
                 reasons=verdict.reasons,
@@ -386,6 +390,16 @@ class EnrollmentCeremony:
             )
         except DTError:
             pass  # the refusal stands even if it cannot be audited
+
+
+def _kept_baseline(facts: Facts, device: Device) -> Measurement | None:
+    """The baseline a device enrolled before keeps when it enrolls again: a new one
+    is an admin's to approve (dtadmin device posture approve), not its owner's to
+    reset by enrolling the tampered boot."""
+    old = facts.device_posture
+    if not device.id or old is None or old.device_id != device.id:
+        return None
+    return old.baseline
 
 
 def _admin_registered_ek(device: Device) -> str | None:
