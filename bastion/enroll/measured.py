@@ -167,10 +167,8 @@ def _cmdlines(log: eventlog.EventLog) -> tuple[str, ...]:
             value = rest
         if len(value) > MAX_CMDLINE:
             return ()  # skipped, it would hide what it says behind the lines after it
-        line = value.decode("utf-8", errors="replace")
-        if line not in lines:
-            lines.append(line)
-    return tuple(lines)
+        lines.append(value.decode("utf-8", errors="replace"))
+    return tuple(dict.fromkeys(lines))  # grub's linux command and its kernel_cmdline: once
 
 
 def _kernel_files(log: eventlog.EventLog) -> tuple[str, ...]:
