@@ -126,3 +126,20 @@ def test_a_log_without_a_sha256_bank_cannot_match():
     event = struct.pack("<II", 0, 1) + hashlib.sha1(data).digest() + struct.pack("<I", 4) + data
     m = measure({0: bytes(32)}, event)
     assert m.log == "mismatch" and "SHA-256" in m.log_note
+
+
+def test_what_a_measurement_keeps_is_bounded_and_starts_with_the_real_boot():
+    """Root on the device can append thousands of PCR 8 extends after boot; the stored
+    measurement (posture row, audit, user message) keeps the first lines, which are the
+    boot's own."""
+    from tests import tpm_eventlog as logs
+
+    line = "/boot/vmlinuz root=/dev/vda1 ro quiet"
+    extra = tuple(
+        logs.SynthEvent(8, logs.EV_IPL, b"kernel_cmdline: x" + str(i).encode(), measured=b"x%d" % i)
+        for i in range(500)
+    )
+    boot = logs.SyntheticBoot(cmdline=line, extra=extra)
+    log = boot.log()
+    m = measure(quoted_for(log), log)
+    assert m.log == "replayed" and len(m.cmdlines) == 32 and m.cmdlines[0] == line

@@ -145,10 +145,20 @@ def test_boot_chains_say_which_part_differs():
     other = replace(allowed, boot_chains=(posture.BootChain("x", shim=shim, bootloader=A),))
     [reason] = posture.evaluate(facts(None, other), m, None).reasons
     assert reason.startswith(f"the boot chain is not an allowed one: boot loader {loader[:12]}")
-    # grub reads the kernel itself: the PCR 9 file digest counts as the kernel
+    # grub reads the kernel itself: a PCR 9 file digest is not bound to its name, so
+    # a kernel digest is never matched there
     u = measured(UBUNTU)
     by_file = PosturePolicy(boot_chains=(posture.BootChain(kernel=u.kernel_files[0]),))
-    assert posture.evaluate(facts(None, by_file), u, None).status == "pass"
+    [reason] = posture.evaluate(facts(None, by_file), u, None).reasons
+    assert reason.startswith("the boot chain cannot be checked: the kernel was not started")
+    # every image after the boot loader must be the kernel: one appended cannot hide it
+    appended = replace(m, boot_chain=(*m.boot_chain, kernel))
+    assert posture.evaluate(facts(None, allowed), appended, None).status == "pass"
+    evil = replace(m, boot_chain=(shim, loader, A, kernel))
+    [reason] = posture.evaluate(facts(None, allowed), evil, None).reasons
+    assert reason.startswith(
+        f"the boot chain is not an allowed one: kernel {A[:12]}, {kernel[:12]} differs"
+    )
 
 
 def test_kernel_command_line_must_match_whole():

@@ -372,13 +372,20 @@ def _failures(
 
 def _chain_failures(chains: tuple[BootChain, ...], measured: Measurement) -> list[str]:
     """None when some allowed chain matches; else which part differs from the closest
-    one (shim, boot loader or kernel), with the measured digest's first hex digits."""
+    one (shim, boot loader or kernel), with the measured digest's first hex digits.
+
+    The kernel is judged by PCR 4 alone: every image started after the boot loader must
+    be the chain's kernel. An image appended after boot (root on the device can extend
+    PCR 4) is one more image that must match, so it cannot hide the one that booted. A
+    kernel grub read itself is only a PCR 9 file measurement, whose name is not covered
+    by its digest: any file there could be the kernel, so no kernel digest is matched
+    there (pin PCR 9 with ``baseline`` or ``pcrs`` instead)."""
     chain = measured.boot_chain
     have = {
         "shim": chain[0] if len(chain) > 0 else None,
         "bootloader": chain[1] if len(chain) > 1 else None,
     }
-    kernels = set(measured.kernel_files) | ({chain[2]} if len(chain) > 2 else set())
+    kernels = chain[2:]
     best: list[str] | None = None
     for allowed in chains:
         differs = []
@@ -386,7 +393,10 @@ def _chain_failures(chains: tuple[BootChain, ...], measured: Measurement) -> lis
             wanted = getattr(allowed, part)
             if wanted is None:
                 continue
-            ok = wanted in kernels if part == "kernel" else have[part] == wanted
+            if part == "kernel":
+                ok = bool(kernels) and all(k == wanted for k in kernels)
+            else:
+                ok = have[part] == wanted
             if not ok:
                 differs.append(part)
         if not differs:
@@ -397,8 +407,14 @@ def _chain_failures(chains: tuple[BootChain, ...], measured: Measurement) -> lis
     parts = []
     for part in best:
         if part == "kernel":
-            seen = sorted(kernels)
-            parts.append(f"kernel {seen[0][:12] if seen else '(not measured)'}")
+            if not kernels:
+                return [
+                    "the boot chain cannot be checked: the kernel was not started as a UEFI "
+                    "application (PCR 4), and a kernel file grub read (PCR 9) is not bound "
+                    "to its name; pin PCR 9 with baseline or pcrs instead"
+                ]
+            shown = ", ".join(k[:12] for k in kernels[:MAX_LINES])
+            parts.append(f"kernel {shown}")
         else:
             value = have[part]
             parts.append(f"{CHAIN_NAMES[part]} {value[:12] if value else '(not measured)'}")

@@ -26,6 +26,11 @@ ZERO = bytes(32)
 # not its type (the client's word), says which event it is.
 SEPARATOR_DIGESTS = frozenset(hashlib.sha256(v).digest() for v in (bytes(4), b"\xff" * 4))
 MAX_CMDLINE = 4096
+# Boot images, command lines and kernel files kept per measurement (stored, shown,
+# audited): a real boot has a handful. The first are the firmware's and grub's own, in
+# the TPM's order; anything root on the device extends after boot comes later, so what
+# is cut is never what booted, and what is kept still fails a policy it breaks.
+MAX_KEPT = 32
 LINUX_COMMANDS = (b"linux", b"linuxefi", b"linux16")
 
 
@@ -63,9 +68,9 @@ def measure(
         pcrs=pcrs,
         log="replayed",
         secure_boot=_secure_boot(parsed),
-        boot_chain=_boot_chain(parsed),
-        cmdlines=_cmdlines(parsed),
-        kernel_files=_kernel_files(parsed),
+        boot_chain=_boot_chain(parsed)[:MAX_KEPT],
+        cmdlines=_cmdlines(parsed)[:MAX_KEPT],
+        kernel_files=_kernel_files(parsed)[:MAX_KEPT],
         time=now,
     )
 
