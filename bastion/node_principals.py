@@ -16,7 +16,9 @@ stderr, which sshd logs.
 with it the cluster's and the user's roles' device-trust modes decide (a certificate
 without device extensions logs in where the effective mode is ``optional`` or ``off``),
 the user must exist and be unlocked, and a certificate naming a device stands only while
-that device is enrolled to the user, with that credential, unlocked. The rules are the
+that device is enrolled to the user, with that credential, unlocked, and its published
+posture stands (the verdict on its boot; a verdict in the certificate where a posture
+policy checks the boot; its continuous attestation, where asked). The rules are the
 bastion's own (:func:`bastion.authz.decide.node_principals`); nothing is copied here.
 Without ``--state`` only the certificate can be checked and a trusted device is
 required (``--allow-untrusted-device`` lifts that where there is no state at all); once

@@ -12,11 +12,21 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from bastion.admin.nodes import node_state
-from bastion.authz import published
-from bastion.authz.records import Device, DeviceCredential, Lock, Role, User
+from bastion.authz import posture, published
+from bastion.authz.records import (
+    Device,
+    DeviceCredential,
+    DevicePosture,
+    Lock,
+    Measurement,
+    Role,
+    User,
+)
+from bastion.ca.authority import UserCertRequest
 from bastion.ca.certs import parse_cert
 from bastion.cluster import init_cluster
 from bastion.node_principals import decide, main
+from bastion.protocol.errors import StateError
 
 CRED = DeviceCredential("cred-1", b"\x30", "tpm_ekcert", "ab" * 32)
 
@@ -138,7 +148,9 @@ def test_published_modes_decide_as_the_bastion_does(cluster):
     store.set_setting("device_trust_mode", "off")
     assert decide("root", plain, state=publish(cluster), **kw).principals == ("root",)
     store.set_setting("device_trust_mode", "required")
-    assert "trusted device is required" in decide("root", plain, state=publish(cluster), **kw).reason
+    assert (
+        "trusted device is required" in decide("root", plain, state=publish(cluster), **kw).reason
+    )
     store.set_setting("device_trust_mode", "optional")
     store.set_user_roles("alice", ("access", "require-trusted-device"))
     assert decide("root", plain, state=publish(cluster), **kw).principals == ()
@@ -229,3 +241,123 @@ def test_an_expired_state_still_holds_its_locks_and_unenrollments(cluster):
     old = publish(cluster, valid_for=60, now=time.time() - 120)
     assert decide("root", cert, state=old, **kw).principals == ("root",)
     assert decide("root", sign(cluster), state=old, **kw).principals == ()
+
+
+# -- measured-boot posture reaches nodes (bastion.authz.posture) --------------------------------
+
+CHECKING = {"secure_boot": True, "on_failure": "withhold"}
+
+
+def sign_with_posture(cluster, device, verdict):
+    key = ed25519.Ed25519PrivateKey.generate().public_key()
+    issued = cluster.ca.sign(UserCertRequest("alice", key, device=device, posture=verdict))
+    return parse_cert(issued.openssh.encode())
+
+
+def test_a_certificate_from_before_a_checking_policy_is_refused_at_the_node(cluster):
+    """The bastion refuses a certificate without a posture verdict once a policy checks
+    the boot; a node reached directly admitted it (its state had no posture policy)."""
+    store = cluster.store
+    device = store.add_device(Device("", "SN1", "linux", "enrolled", "alice", CRED))
+    before, kw = sign(cluster, device), dict(ca_fingerprints=fps(cluster), require_device=True)
+    assert decide("root", before, state=publish(cluster), **kw).principals == ("root",)
+    store.set_setting("posture_policy", posture.policy_doc(posture.policy_from_doc(CHECKING)))
+    doc = node_state(cluster, now=time.time(), valid_for=60)
+    assert doc["posture_policy"] == CHECKING
+    refused = decide("root", before, state=publish(cluster), **kw)
+    assert refused.principals == () and "carries no posture verdict" in refused.reason
+    good = sign_with_posture(cluster, device, "pass")
+    assert decide("root", good, state=publish(cluster), **kw).principals == ("root",)
+    # a policy the bastion cannot read denies every measured device; so it does at the node
+    boot = Measurement(pcrs={7: "bb" * 32}, log="replayed", secure_boot=True)
+    store.put_device_posture(DevicePosture(device.id, baseline=boot, measured=boot, verdict="pass"))
+    assert decide("root", good, state=publish(cluster), **kw).principals == ("root",)
+    store.set_setting("posture_policy", {"secure_boot": "maybe"})
+    assert node_state(cluster, now=time.time(), valid_for=60)["posture_policy"] == "unreadable"
+    assert decide("root", good, state=publish(cluster), **kw).principals == ()
+
+
+def test_a_roles_posture_policy_is_published_and_holds_at_the_node(cluster):
+    store = cluster.store
+    device = store.add_device(Device("", "SN1", "linux", "enrolled", "alice", CRED))
+    store.put_role(Role("booted", posture=posture.policy_from_doc(CHECKING)))
+    store.update_user(User("alice", ("access", "booted"), ("root",)))
+    doc = node_state(cluster, now=time.time(), valid_for=60)
+    assert doc["roles"]["booted"]["posture"] == CHECKING
+    kw = dict(ca_fingerprints=fps(cluster), require_device=True, state=publish(cluster))
+    assert decide("root", sign(cluster, device), **kw).principals == ()
+    assert decide("root", sign_with_posture(cluster, device, "pass"), **kw).principals == ("root",)
+
+
+def test_a_devices_failed_posture_is_published_without_its_measurements(cluster):
+    """The stored verdict decides at the node (no baseline or PCRs travel); a stored
+    boot that passed then but fails the policy of now is published as failing."""
+    store = cluster.store
+    device = store.add_device(Device("", "SN1", "linux", "enrolled", "alice", CRED))
+    cert = sign_with_posture(cluster, device, "pass")
+    kw = dict(ca_fingerprints=fps(cluster), require_device=True)
+    boot = Measurement(pcrs={0: "aa" * 32, 7: "bb" * 32}, log="replayed", secure_boot=False)
+    store.put_device_posture(DevicePosture(device.id, baseline=boot, measured=boot, verdict="pass"))
+    assert decide("root", cert, state=publish(cluster), **kw).principals == ("root",)
+    store.set_setting("posture_policy", CHECKING)  # stricter since the login
+    doc = node_state(cluster, now=time.time(), valid_for=60)
+    entry = doc["devices"]["SN1"]["posture"]
+    assert entry["verdict"] == "withhold" and "Secure Boot" in entry["reasons"][0]
+    assert set(entry) == {"verdict", "reasons"} and "aa" * 32 not in json.dumps(doc)
+    refused = decide("root", cert, state=publish(cluster), **kw)
+    assert refused.principals == () and "failed its posture check" in refused.reason
+    store.set_setting("posture_policy", None)
+    store.put_device_posture(
+        DevicePosture(device.id, verdict="deny", reasons=("PCR 4 changed since enrollment",))
+    )
+    refused = decide("root", cert, state=publish(cluster), **kw)
+    assert "PCR 4 changed since enrollment" in refused.reason
+
+
+def test_continuous_attestation_at_the_node_goes_by_the_published_deadline(cluster):
+    store = cluster.store
+    device = store.add_device(Device("", "SN1", "linux", "enrolled", "alice", CRED))
+    store.set_setting("posture_policy", {"attest_interval": "60s", "on_failure": "withhold"})
+    store.put_device_posture(DevicePosture(device.id, attested_until=time.time() + 300))
+    cert, kw = sign(cluster, device), dict(ca_fingerprints=fps(cluster), require_device=True)
+    assert decide("root", cert, state=publish(cluster), **kw).principals == ("root",)
+    store.set_attestation(device.id, 0, "PCR 4 changed during the session")
+    refused = decide("root", cert, state=publish(cluster), **kw)
+    assert refused.principals == () and "PCR 4 changed during the session" in refused.reason
+
+
+def test_a_state_without_posture_fields_still_reads():
+    """Documents published before posture existed carry none of its fields: they read
+    (and decide) as before; unknown verdicts are refused, not guessed."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    doc = published.build(
+        cluster="c",
+        user_ca_fingerprint="SHA256:x",
+        cluster_mode="optional",
+        users=[],
+        roles=[],
+        devices=[],
+        locks=[],
+        published=0.0,
+        expires=60.0,
+    )
+    assert "posture_policy" not in doc
+    published.sign(doc, "SHA256:x", key.sign)
+    state = published.parse(json.dumps(doc).encode(), {"SHA256:x": key.public_key()})
+    assert state.cluster_posture is None and state.postures == {}
+    doc = published.build(
+        cluster="c",
+        user_ca_fingerprint="SHA256:x",
+        cluster_mode="optional",
+        users=[],
+        roles=[],
+        devices=[Device("d1", "SN1", "linux", "enrolled", "alice", CRED)],
+        locks=[],
+        published=0.0,
+        expires=60.0,
+        postures={"d1": DevicePosture("d1", verdict="pass")},
+    )
+    doc["devices"]["SN1"]["posture"]["verdict"] = "fine"
+    published.sign(doc, "SHA256:x", key.sign)
+    with pytest.raises(StateError, match="verdict"):
+        published.parse(json.dumps(doc).encode(), {"SHA256:x": key.public_key()})

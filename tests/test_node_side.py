@@ -12,7 +12,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from bastion.authz.records import Device, DeviceCredential, User
+from bastion.authz.records import Device, DeviceCredential, DevicePosture, User
 from bastion.ca.certs import load_public_key
 from bastion.cluster import init_cluster
 from bastion.proxy import proxyproto
@@ -225,3 +225,31 @@ def test_proxy_header_from_an_untrusted_sender_is_refused(cluster, tmp_path):
     refused = [e for e in events if "not a trusted load balancer" in e.message]
     assert refused and refused[-1].remote_addr == "127.0.0.1"
     assert not any(e.remote_addr == "203.0.113.7" for e in cluster.store.list_audit())
+
+
+def test_a_device_whose_boot_failed_is_refused_at_the_node(cluster, tmp_path, sshd_runnable):
+    """Reached directly, the node held device certificates only to enrollment: one from
+    a good boot kept working after the device's next login showed a tampered one, and
+    one from before a checking policy kept working after it."""
+    device = cluster.store.add_device(Device("", "SN1", "linux", "enrolled", "alice", CRED))
+    trusted, _ = cert_for(cluster, tmp_path, "trusted", device)
+    dtadmin(cluster, "nodes", "add", "node-1", "--addr", "127.0.0.1:22")
+    extra = printed_sshd_config(cluster, tmp_path, sshd_runnable)
+    dtadmin(cluster, "cluster", "set", "device-trust-mode", "required")
+    publish(cluster, tmp_path)
+    with sshd_node(tmp_path / "node", cluster, extra=extra) as node:
+        assert direct_ssh(node, trusted, tmp_path, cluster).returncode == 0, node.log()
+        cluster.store.put_device_posture(
+            DevicePosture(device.id, verdict="withhold", reasons=("Secure Boot is off",))
+        )
+        publish(cluster, tmp_path)
+        assert direct_ssh(node, trusted, tmp_path, cluster).returncode == 255
+        assert "does not contain an authorized principal" in node.log()
+        cluster.store.put_device_posture(DevicePosture(device.id, verdict="pass"))
+        publish(cluster, tmp_path)
+        assert direct_ssh(node, trusted, tmp_path, cluster).returncode == 0
+        policy = tmp_path / "posture.yaml"
+        policy.write_text("kind: posture\nspec:\n  secure_boot: true\n")
+        dtadmin(cluster, "posture", "set", "-f", str(policy))
+        publish(cluster, tmp_path)
+        assert direct_ssh(node, trusted, tmp_path, cluster).returncode == 255

@@ -19,13 +19,14 @@ from bastion import audit
 from bastion.admin.common import StateOpt, actor, audited, new_app, open_cluster, split_csv
 from bastion.authz import published
 from bastion.authz.rbac import check_name
-from bastion.authz.records import Node, Role
+from bastion.authz.records import DevicePosture, Node, Role
 from bastion.cluster import Cluster
 from bastion.protocol import console
 from bastion.protocol.console import Format
 from bastion.protocol.durations import parse_duration
 from bastion.protocol.errors import NotFound, StateError, UsageError
 from bastion.protocol.files import atomic_write
+from bastion.storage.posture import CORRUPT as CORRUPT_POSTURE
 
 app = new_app("Manage nodes: the only places the bastion forwards to.")
 
@@ -210,6 +211,10 @@ def node_state(cluster: Cluster, *, now: float, valid_for: float) -> dict[str, A
             mode: object = store.get_setting("device_trust_mode")
         except StateError:
             mode = None  # nodes read it as required
+        try:
+            cluster_posture: object = store.get_setting("posture_policy")
+        except StateError:
+            cluster_posture = published.UNREADABLE_POLICY  # nodes read it as denying
         users = store.list_users()
         roles: list[Role] = []
         unreadable: list[str] = []
@@ -221,16 +226,31 @@ def node_state(cluster: Cluster, *, now: float, valid_for: float) -> dict[str, A
                 continue
             if role is not None:
                 roles.append(role)
+        devices = store.list_devices()
+        postures = {}
+        for device in devices:
+            try:
+                record = store.find_device_posture(device.id)
+            except StateError:  # a corrupt record denies, as on the bastion
+                record = DevicePosture(
+                    device.id,
+                    verdict="deny",
+                    reasons=(CORRUPT_POSTURE.format(tag=device.asset_tag),),
+                )
+            if record is not None:
+                postures[device.id] = record
         doc = published.build(
             cluster=cluster.name,
             user_ca_fingerprint=cluster.ca.user_ca_fingerprint,
             cluster_mode=mode,
             users=users,
             roles=roles,
-            devices=store.list_devices(),
+            devices=devices,
             locks=store.list_locks(now=now),
             published=now,
             expires=now + valid_for,
+            cluster_posture=cluster_posture,
+            postures=postures,
         )
     for role_name in unreadable:  # a role nodes cannot read requires a device there
         doc["roles"][role_name] = None
@@ -256,8 +276,9 @@ def publish(
 ) -> None:
     """Write the state nodes decide device trust over (for dt-node-principals --state).
 
-    It holds the cluster's and every role's device-trust mode, users and their roles,
-    devices (no keys) and locks; no secrets. Copy it to each node as
+    It holds the cluster's and every role's device-trust mode and posture policy, users
+    and their roles, devices (no keys) with their posture verdicts (no measurements) and
+    locks; no secrets. Copy it to each node as
     /etc/ssh/dt_node_state.json (root-owned, mode 0644) whenever it changes.
     Example: dtadmin nodes publish --out /var/lib/dt-bastion/node-state.json
     """

@@ -8,6 +8,19 @@ now to that user with that credential. The node has no database, so
 (:func:`build`), and the helper turns it back into the same :class:`Facts` the bastion
 hands to :mod:`bastion.authz.decide` (:func:`parse`, :meth:`NodeState.facts`).
 
+Measured-boot posture (:mod:`bastion.authz.posture`) reaches nodes the same way: the
+cluster's policy (setting ``posture_policy``, in its document form), each role's
+``posture`` and each device's verdict with its reasons and continuous-attestation
+state. Never a baseline or a measurement: ``check_device_posture`` decides again only
+where a measurement exists and otherwise goes by the stored verdict, so :func:`build`
+publishes the verdict the device's stored boot earns under the policies of the moment
+(the worse of the stored one and that). Continuous attestation's deadline is the one of
+the moment published, so where a policy asks for it nodes admit that device's
+certificates only while a recent copy says it attests (publish often, or let those
+devices log in through the bastion). These fields are optional: a document without them
+(published before posture existed) decides as before, and a helper from before them
+ignores them.
+
 The document is signed with the cluster's user CA key (Ed25519, over a payload
 prefixed with the format name, so the signature can never pass for a certificate's or
 anything else's): a node already trusts that key (``TrustedUserCAKeys``), so it can
@@ -36,12 +49,27 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from bastion.authz import posture
 from bastion.authz.facts import Facts
-from bastion.authz.records import Device, DeviceCredential, Lock, Role, User
-from bastion.protocol.errors import StateError
+from bastion.authz.records import (
+    POSTURE_ACTIONS,
+    Device,
+    DeviceCredential,
+    DevicePosture,
+    Lock,
+    PosturePolicy,
+    Role,
+    User,
+)
+from bastion.protocol.errors import StateError, UsageError
 
 FORMAT = "dt-node-state/1"
 MAX_BYTES = 64 * 1024 * 1024
+# What a cluster posture policy that cannot be read is published as: not a mapping, so
+# the node reads it as the bastion reads an unreadable one (a policy denying every device).
+UNREADABLE_POLICY = "unreadable"
+VERDICTS = ("pass", "unchecked", *POSTURE_ACTIONS)
+MAX_REASONS = 16
 
 
 def _rfc3339(ts: float | None) -> str | None:
@@ -114,9 +142,17 @@ def build(
     locks: Iterable[Lock],
     published: float,
     expires: float,
+    cluster_posture: object = None,
+    postures: Mapping[str, DevicePosture] | None = None,
 ) -> dict[str, Any]:
-    """The document for nodes, from records read in one transaction."""
-    return {
+    """The document for nodes, from records read in one transaction.
+
+    ``cluster_posture`` is the raw setting ``posture_policy`` (as ``Facts`` carries it;
+    :data:`UNREADABLE_POLICY` where it could not be read); ``postures`` the devices'
+    posture records by device id."""
+    users, roles, devices = list(users), list(roles), list(devices)
+    policy = _cluster_policy(cluster_posture)
+    doc: dict[str, Any] = {
         "format": FORMAT,
         "cluster": cluster,
         "published": _rfc3339(published),
@@ -128,6 +164,7 @@ def build(
             r.name: {
                 "device_trust_mode": r.device_trust_mode,
                 "device_attestation": r.device_attestation,
+                **({} if r.posture is None else {"posture": posture.policy_doc(r.posture)}),
             }
             for r in roles
         },
@@ -157,6 +194,49 @@ def build(
             if lock.expires is None or lock.expires > published
         ],
     }
+    if policy is not None:
+        doc["posture_policy"] = policy
+    by_name = {r.name: r for r in roles}
+    owners = {u.name: u for u in users}
+    for d in devices:
+        record = (postures or {}).get(d.id)
+        if record is not None:
+            owner = owners.get(d.owner)
+            facts = Facts(
+                cluster_posture=cluster_posture,
+                roles=tuple(by_name.get(n) for n in owner.roles) if owner else (),
+            )
+            doc["devices"][d.asset_tag]["posture"] = _posture_entry(record, facts)
+    return doc
+
+
+def _cluster_policy(raw: object) -> object:
+    """The cluster policy as published: its document form, None when unset, and
+    :data:`UNREADABLE_POLICY` for anything that does not parse."""
+    if raw is None:
+        return None
+    if isinstance(raw, PosturePolicy):
+        return posture.policy_doc(raw)
+    try:
+        return posture.policy_doc(posture.policy_from_doc(raw, "posture_policy"))
+    except UsageError:
+        return UNREADABLE_POLICY
+
+
+def _posture_entry(record: DevicePosture, facts: Facts) -> dict[str, Any]:
+    """A device's verdict for nodes: the stored one, or, where its stored boot fails
+    the policies of now (a policy made stricter since, a role gained), that verdict."""
+    verdict, reasons = record.verdict, record.reasons
+    if not record.failed and record.measured is not None:
+        now = posture.evaluate(facts, record.measured, record.baseline)
+        if now.failed:
+            verdict, reasons = now.status, now.reasons
+    entry: dict[str, Any] = {"verdict": verdict, "reasons": list(reasons[:MAX_REASONS])}
+    if record.attested_until:
+        entry["attested_until"] = _rfc3339(record.attested_until)
+    if record.attest_failure:
+        entry["attest_failure"] = record.attest_failure
+    return entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +250,8 @@ class NodeState:
     roles: Mapping[str, Role | None] = field(default_factory=dict)
     devices: Mapping[str, Device] = field(default_factory=dict)
     locks: Mapping[tuple[str, str], Lock] = field(default_factory=dict)
+    cluster_posture: object = None  # the policy's document form (raw, as Facts has it)
+    postures: Mapping[str, DevicePosture] = field(default_factory=dict)  # by asset tag
 
     def expired(self, now: float) -> bool:
         return now >= self.expires
@@ -187,6 +269,8 @@ class NodeState:
             user_lock=self._lock("user", user, now),
             device=self.devices.get(asset_tag) if asset_tag else None,
             device_lock=self._lock("device", asset_tag, now),
+            cluster_posture=self.cluster_posture,
+            device_posture=self.postures.get(asset_tag) if asset_tag else None,
         )
 
     def _lock(self, kind: str, target: str | None, now: float) -> Lock | None:
@@ -210,7 +294,32 @@ def _role(name: str, raw: object) -> Role | None:
         attestation is None or isinstance(attestation, str)
     ):
         return None
-    return Role(name=name, device_trust_mode=mode, device_attestation=attestation)
+    policy = None
+    if raw.get("posture") is not None:
+        try:
+            policy = posture.policy_from_doc(raw["posture"], f"role {name} posture")
+        except UsageError:
+            return None
+    return Role(name=name, device_trust_mode=mode, device_attestation=attestation, posture=policy)
+
+
+def _device_posture(tag: str, device_id: str, raw: object) -> DevicePosture:
+    what = f"published state: device {tag[:64]!r} posture"
+    if not isinstance(raw, dict):
+        raise StateError(f"{what} is not an object")
+    verdict, reasons = raw.get("verdict"), raw.get("reasons", [])
+    if verdict not in VERDICTS:
+        raise StateError(f"{what}: verdict is not one of {', '.join(VERDICTS)}")
+    if not isinstance(reasons, list) or not all(isinstance(r, str) for r in reasons):
+        raise StateError(f"{what}: reasons is not a list of strings")
+    until = raw.get("attested_until")
+    return DevicePosture(
+        device_id=device_id,
+        verdict=str(verdict),
+        reasons=tuple(reasons[:MAX_REASONS]),
+        attested_until=0.0 if until is None else _epoch(until, "attested_until"),
+        attest_failure=_str(raw.get("attest_failure", ""), "attest failure"),
+    )
 
 
 def _device(tag: str, raw: object) -> Device:
@@ -289,6 +398,12 @@ def parse(data: bytes, keys: Mapping[str, object]) -> NodeState:
         ):
             locks[(kind, target)] = lock
     ca = doc.get("user_ca_fingerprint")
+    devices = {tag: _device(tag, raw) for tag, raw in sections["devices"].items()}
+    postures = {
+        tag: _device_posture(tag, devices[tag].id, raw["posture"])
+        for tag, raw in sections["devices"].items()
+        if raw.get("posture") is not None
+    }
     return NodeState(
         cluster=_str(doc.get("cluster"), "cluster"),
         published=_epoch(doc.get("published"), "published"),
@@ -297,6 +412,8 @@ def parse(data: bytes, keys: Mapping[str, object]) -> NodeState:
         cluster_mode=doc.get("device_trust_mode"),
         users=users,
         roles={name: _role(name, raw) for name, raw in sections["roles"].items()},
-        devices={tag: _device(tag, raw) for tag, raw in sections["devices"].items()},
+        devices=devices,
         locks=locks,
+        cluster_posture=doc.get("posture_policy"),
+        postures=postures,
     )
