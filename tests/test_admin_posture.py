@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -419,3 +419,51 @@ def test_a_roles_posture_option_is_read_shown_and_checked(any_admin: Admin, tmp_
     role.write_text("kind: role\nmetadata: {name: strict}\nspec:\n  options: {posture: on}\n")
     refused = any_admin.run("roles", "create", "-f", str(role))
     assert refused.returncode == 2 and "spec.options.posture must be a mapping" in refused.stderr
+
+
+def test_approve_expect_refuses_a_boot_measured_after_the_review(any_admin: Admin):
+    """approve took whatever the device measured last: a tampered login between the
+    admin's review and the approval became the baseline unseen. The review prints the
+    measurement's fingerprint and the approve command for it; that command refuses a
+    different measurement."""
+    device_id = _measured(any_admin)
+    report = any_admin.json("device", "posture", "LAPTOP-7")
+    reviewed = report["measured"]["fingerprint"]
+    assert len(reviewed) == 32 and reviewed != report["baseline"]["fingerprint"]
+    command = f"dtadmin device posture approve LAPTOP-7 --expect {reviewed}"
+    assert report["approve_command"] == command
+    text = any_admin.ok("device", "posture", "LAPTOP-7")
+    assert f"Fingerprint\t{reviewed}" in text.splitlines() and command in text
+    # the same boot measured again (a later login) keeps its fingerprint
+    again = {**_fields(_record(any_admin, device_id)), "measured": replace(UPDATED, time=1.0)}
+    tampered = replace(UPDATED, pcrs={**UPDATED.pcrs, 4: "66" * 32}, boot_chain=("6" * 64,))
+    with any_admin.store() as store:
+        store.put_device_posture(DevicePosture(**again))
+    assert any_admin.json("device", "posture", "LAPTOP-7")["measured"]["fingerprint"] == reviewed
+    with any_admin.store() as store:  # the attacker's login, just before approve
+        store.put_device_posture(DevicePosture(**{**again, "measured": tampered}))
+    refused = any_admin.run("device", "posture", "approve", "LAPTOP-7", "--expect", reviewed)
+    assert refused.returncode == 4, refused.stderr
+    assert f"not {reviewed}" in refused.stderr and "review it again" in refused.stderr
+    record = _record(any_admin, device_id)
+    assert record.baseline == ENROLLED and record.verdict == "deny"
+    assert any_admin.audit("posture.approve") == []
+    # the measurement now shown is the one approved, and the audit says which
+    now = any_admin.json("device", "posture", "LAPTOP-7")["measured"]["fingerprint"]
+    out = any_admin.ok("device", "posture", "approve", "LAPTOP-7", "--expect", now.upper())
+    assert now in out and _record(any_admin, device_id).baseline == tampered
+    (event,) = any_admin.audit("posture.approve")
+    assert event["fingerprint"] == now and event["expected"] is True
+
+
+def test_expect_is_only_for_approve(admin: Admin):
+    _measured(admin)
+    refused = admin.run("device", "posture", "LAPTOP-7", "--expect", "00")
+    assert refused.returncode == 2 and "--expect is for approve" in refused.stderr
+
+
+def _record(admin: Admin, device_id: str) -> DevicePosture:
+    with admin.store() as store:
+        record = store.find_device_posture(device_id)
+    assert record is not None
+    return record

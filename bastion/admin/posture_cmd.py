@@ -9,6 +9,9 @@ for it, until when its continuous attestation holds.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shlex
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -158,6 +161,17 @@ def device_posture(
         str | None,
         typer.Argument(metavar="TAG", help="The device's asset tag.", show_default=False),
     ] = None,
+    expect: Annotated[
+        str | None,
+        typer.Option(
+            "--expect",
+            metavar="FINGERPRINT",
+            help="approve: only the measurement with this fingerprint (the one "
+            "`dtadmin device posture TAG` showed); refused if the device measured "
+            "anything else since.",
+            show_default=False,
+        ),
+    ] = None,
     fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.text,
     state: StateOpt = None,
 ) -> None:
@@ -167,9 +181,15 @@ def device_posture(
       dtadmin device posture TAG           measured state, baseline, drift, verdict
                                            and continuous attestation
       dtadmin device posture show TAG      the same
-      dtadmin device posture approve TAG   accept what the device measured last as
+      dtadmin device posture approve TAG --expect FINGERPRINT
+                                           accept the measurement you reviewed as
                                            its new baseline (after a legitimate
                                            firmware, boot loader or kernel update)
+
+    show prints the fingerprint of the last measurement and the approve command for
+    it: with --expect, approve refuses (exit 4) if the device has measured a different
+    boot since (a tampered login between your review and the approval). Without
+    --expect it approves whatever was measured last.
 
     Approving is audited (posture.approve) and makes the verdict pass until the
     device's next login measures it again.
@@ -190,13 +210,18 @@ def device_posture(
         raise UsageError(
             f"unknown action {action_or_tag!r}: use dtadmin device posture [show|approve] TAG"
         )
+    if expect is not None and action != "approve":
+        raise UsageError("--expect is for approve: dtadmin device posture approve TAG --expect FP")
     store = open_cluster(ctx, state).store
     if action == "approve":
-        device, approved = approve(store, tag, actor())
+        device, approved = approve(store, tag, actor(), expect=expect)
         if fmt is Format.json:
             console.print_json(posture_report(device, approved, time.time()))
         else:
-            console.say(f'device "{tag}": its last measurement is now its baseline (verdict pass)')
+            fp = measurement_fingerprint(approved.measured) if approved.measured else "?"
+            console.say(
+                f'device "{tag}": its last measurement ({fp}) is now its baseline (verdict pass)'
+            )
         return
     with store.read_transaction():
         device = store.get_device(tag)
@@ -208,9 +233,39 @@ def device_posture(
         _print_report(report)
 
 
-def approve(store: StateStore, tag: str, who: str) -> tuple[Device, DevicePosture]:
+def measurement_fingerprint(m: Measurement) -> str:
+    """A short name for what a measurement shows (its PCRs and what the log proved),
+    for ``approve --expect``: the same boot measured again has the same one; when it
+    was measured, and notes about the log, do not count."""
+    body = {
+        "pcrs": {str(i): v.lower() for i, v in sorted(m.pcrs.items())},
+        "log": m.log,
+        "secure_boot": m.secure_boot,
+        "boot_chain": list(m.boot_chain),
+        "cmdlines": list(m.cmdlines),
+        "kernel_files": list(m.kernel_files),
+    }
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(b"dt-bastion measurement\0" + canonical).hexdigest()[:FINGERPRINT_HEX]
+
+
+FINGERPRINT_HEX = 32  # 128 bits: a boot crafted to share a reviewed one's is out of reach
+
+
+def approve_command(tag: str, m: Measurement) -> str:
+    return (
+        f"dtadmin device posture approve {shlex.quote(tag)} --expect {measurement_fingerprint(m)}"
+    )
+
+
+def approve(
+    store: StateStore, tag: str, who: str, *, expect: str | None = None
+) -> tuple[Device, DevicePosture]:
     """Baseline := the last measurement, verdict pass, in one transaction with its
-    audit event. Conflict when the device has measured nothing yet."""
+    audit event. Conflict when the device has measured nothing yet, or (``expect``)
+    when the last measurement is not the one with that fingerprint: checked in the
+    transaction that writes, so a login measuring a different boot meanwhile is not
+    approved unseen."""
     now = time.time()
     with store.transaction():
         device = store.get_device(tag)
@@ -219,6 +274,13 @@ def approve(store: StateStore, tag: str, who: str) -> tuple[Device, DevicePostur
             raise Conflict(
                 f'device "{tag}" has no measured boot yet: it is measured at enrollment and '
                 "at each device login (dtclient login); approve after that"
+            )
+        fingerprint = measurement_fingerprint(record.measured)
+        if expect is not None and expect.strip().lower() != fingerprint:
+            raise Conflict(
+                f'device "{tag}" last measured a boot with fingerprint {fingerprint}, not '
+                f"{expect.strip()[:80]}: it measured again since you reviewed it; review it "
+                f"again (dtadmin device posture {shlex.quote(tag)}) before approving"
             )
         changed = _drift(record)
         new = replace(
@@ -239,6 +301,8 @@ def approve(store: StateStore, tag: str, who: str) -> tuple[Device, DevicePostur
             actor=who,
             previous=record.verdict,
             drift=changed,
+            fingerprint=fingerprint,
+            expected=expect is not None,
             now=now,
         )
     return device, new
@@ -265,6 +329,7 @@ def _measurement(m: Measurement | None) -> dict[str, Any] | None:
         "kernel_files": list(m.kernel_files),
         "cmdlines": list(m.cmdlines),
         "pcrs": {str(i): v for i, v in sorted(m.pcrs.items())},
+        "fingerprint": measurement_fingerprint(m),
     }
 
 
@@ -285,6 +350,9 @@ def posture_report(device: Device, record: DevicePosture | None, now: float) -> 
         "failed": record.failed,
         "reasons": list(record.reasons),
         "measured": _measurement(record.measured),
+        "approve_command": None
+        if record.measured is None
+        else approve_command(device.asset_tag, record.measured),
         "baseline": baseline,
         "drift": _drift(record),
         "attestation": {
@@ -311,7 +379,8 @@ def _print_report(r: dict[str, Any]) -> None:
         rows.append(("Measured", "never (measured at enrollment and at each device login)"))
     else:
         log = m["log"] + (f": {m['log_note']}" if m["log_note"] else "")
-        rows += [("Measured", m["time"] or "?"), ("Event log", log)]
+        rows += [("Measured", m["time"] or "?"), ("Fingerprint", m["fingerprint"])]
+        rows.append(("Event log", log))
         rows.append(("Secure Boot", _on(m["secure_boot"]) if m["log"] == "replayed" else "-"))
     if b is None:
         rows.append(("Baseline", "none recorded"))
@@ -329,6 +398,8 @@ def _print_report(r: dict[str, Any]) -> None:
     if m is None and b is None:
         return
     _print_boot(m, b)
+    if r["approve_command"]:
+        console.say(f"To make this measurement the baseline: {r['approve_command']}")
 
 
 def _print_boot(m: dict[str, Any] | None, b: dict[str, Any] | None) -> None:
