@@ -278,12 +278,20 @@ def test_a_certificate_from_before_a_checking_policy_is_refused_at_the_node(clus
 
 
 def test_a_roles_posture_policy_is_published_and_holds_at_the_node(cluster):
+    """Exact PCR values too: their keys are numbers that JSON makes strings (14 sorts
+    before 4 then), and the signature still verifies at the node."""
     store = cluster.store
     device = store.add_device(Device("", "SN1", "linux", "enrolled", "alice", CRED))
+    pcrs = {"secure_boot": True, "pcrs": {"4": "aa" * 32, "14": "bb" * 32}}
     store.put_role(Role("booted", posture=posture.policy_from_doc(CHECKING)))
-    store.update_user(User("alice", ("access", "booted"), ("root",)))
+    store.put_role(Role("pinned", posture=posture.policy_from_doc(pcrs)))
+    store.set_setting("posture_policy", pcrs)
+    store.update_user(User("alice", ("access", "booted", "pinned"), ("root",)))
     doc = node_state(cluster, now=time.time(), valid_for=60)
     assert doc["roles"]["booted"]["posture"] == CHECKING
+    assert (
+        doc["roles"]["pinned"]["posture"]["pcrs"] == pcrs["pcrs"] == doc["posture_policy"]["pcrs"]
+    )
     kw = dict(ca_fingerprints=fps(cluster), require_device=True, state=publish(cluster))
     assert decide("root", sign(cluster, device), **kw).principals == ()
     assert decide("root", sign_with_posture(cluster, device, "pass"), **kw).principals == ("root",)

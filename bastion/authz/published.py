@@ -164,7 +164,7 @@ def build(
             r.name: {
                 "device_trust_mode": r.device_trust_mode,
                 "device_attestation": r.device_attestation,
-                **({} if r.posture is None else {"posture": posture.policy_doc(r.posture)}),
+                **({} if r.posture is None else {"posture": _policy_json(r.posture)}),
             }
             for r in roles
         },
@@ -216,11 +216,19 @@ def _cluster_policy(raw: object) -> object:
     if raw is None:
         return None
     if isinstance(raw, PosturePolicy):
-        return posture.policy_doc(raw)
+        return _policy_json(raw)
     try:
-        return posture.policy_doc(posture.policy_from_doc(raw, "posture_policy"))
+        return _policy_json(posture.policy_from_doc(raw, "posture_policy"))
     except UsageError:
         return UNREADABLE_POLICY
+
+
+def _policy_json(policy: PosturePolicy) -> dict[str, Any]:
+    """``policy_doc`` as JSON reads it back: its PCR keys are numbers, which JSON makes
+    strings, and the signature is over the document as the node parses it (sorted
+    keys: 14 sorts before 4 as text, after it as a number)."""
+    doc: dict[str, Any] = json.loads(json.dumps(posture.policy_doc(policy)))
+    return doc
 
 
 def _posture_entry(record: DevicePosture, facts: Facts) -> dict[str, Any]:
