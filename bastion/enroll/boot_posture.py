@@ -91,15 +91,15 @@ def denied_message(tag: str, verdict: posture.Verdict, *, enrolling: bool = Fals
         return f'device "{tag}" was not enrolled: its boot fails the posture policy: {why}'
     return (
         f'device "{tag}" failed its posture check: {why}; the posture policy refuses it a '
-        f"certificate (after a legitimate change an admin accepts the new boot: "
-        f"dtadmin device posture approve {tag})"
+        f"certificate (after a legitimate change an admin reviews the new boot with "
+        f"dtadmin device posture {tag} and approves it with the command that prints)"
     )
 
 
 def withheld_message(tag: str, verdict: posture.Verdict) -> str:
     return (
-        f'device "{tag}" failed its posture check: {verdict.message}; an admin can accept '
-        f"a legitimate change with dtadmin device posture approve {tag}"
+        f'device "{tag}" failed its posture check: {verdict.message}; after a legitimate '
+        f"change an admin reviews it with dtadmin device posture {tag} and approves it"
     )
 
 
