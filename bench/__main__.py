@@ -28,6 +28,7 @@ from bench.forwarding import cpu, parallel  # noqa: E402
 from bench.ha import ha  # noqa: E402
 from bench.interactive import interactive  # noqa: E402
 from bench.lab import Lab  # noqa: E402
+from bench.posture import posture  # noqa: E402
 
 FIGURES = (
     "connect",
@@ -41,6 +42,7 @@ FIGURES = (
     "client",
     "concurrency",
     "ha",  # several bastions: PostgreSQL, HAProxy (bench/ha.py)
+    "posture",  # measured-boot posture at login, continuous attestation (bench/posture.py)
 )
 
 FIGURE_FUNCTIONS = {name: getattr(figures, name, None) for name in FIGURES}
@@ -49,6 +51,7 @@ FIGURE_FUNCTIONS["client"] = client
 FIGURE_FUNCTIONS["ha"] = ha
 FIGURE_FUNCTIONS["cpu"] = cpu
 FIGURE_FUNCTIONS["parallel"] = parallel
+FIGURE_FUNCTIONS["posture"] = posture
 
 
 def summarise(samples: list[float]) -> dict[str, float]:

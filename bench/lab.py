@@ -206,8 +206,12 @@ __all__ = ["Lab", "rss_kib", "tree_rss_kib", "CIPHER", "os"]
 
 
 @contextlib.contextmanager
-def enrolled_user(lab: Lab, name: str, asset_tag: str) -> Iterator[tuple[dict[str, str], str]]:
-    """A signed-up, logged-in user whose device (a swtpm) is enrolled; (env, proxy)."""
+def enrolled_user(
+    lab: Lab, name: str, asset_tag: str, boot_log: bytes | None = None
+) -> Iterator[tuple[dict[str, str], str]]:
+    """A signed-up, logged-in user whose device (a swtpm) is enrolled; (env, proxy).
+    With ``boot_log`` the fresh swtpm's PCRs are that log's replay before enrollment,
+    as firmware would have left them, and dtclient sends the log (DT_EVENT_LOG)."""
     from tests.swtpm import provision, run_swtpm, trust_test_tpms
     from tests.test_login import PASSWORD, next_code, signup
     from tests.tokens import printed_token
@@ -223,6 +227,13 @@ def enrolled_user(lab: Lab, name: str, asset_tag: str) -> Iterator[tuple[dict[st
     trust_test_tpms(lab.cluster.store, factory)
     with run_swtpm(factory, lab.dir / f"{name}-tpm") as tpm:
         env["DT_TPM_TCTI"] = tpm.tcti
+        if boot_log is not None:
+            from tests.tpm_eventlog import replay_into_tpm
+
+            replay_into_tpm(tpm.tcti, boot_log)
+            log_file = lab.dir / f"{name}-boot.log"
+            log_file.write_bytes(boot_log)
+            env["DT_EVENT_LOG"] = str(log_file)
         out = subprocess.run(
             [VENV_BIN / "dtadmin", "users", "add", name, "--roles", "access,editor", "--logins", "root"],
             env=env,
