@@ -360,7 +360,14 @@ def story(demo: Demo) -> None:
 
     demo.heading("The admin sees the drift and approves the new boot as the device's baseline")
     demo.run(["dtadmin", "device", "posture", "DEMO-LAPTOP-1"], expect="boot loader differs")
-    demo.run(["dtadmin", "device", "posture", "approve", "DEMO-LAPTOP-1"])
+    shown = demo.run(
+        ["dtadmin", "device", "posture", "DEMO-LAPTOP-1", "--format", "json"], show=False
+    ).stdout
+    reviewed = json.loads(shown)["measured"]["fingerprint"]  # what the admin just saw
+    demo.run(
+        ["dtadmin", "device", "posture", "approve", "DEMO-LAPTOP-1", "--expect", reviewed],
+        expect="is now its baseline",
+    )
 
     demo.heading("With the new baseline, alice logs in again and reaches the node")
     demo.run(

@@ -29,7 +29,7 @@ def test_demo_walks_the_story():
     assert "registered and enrolled" in result.stdout
     # The posture chapter: a changed boot loader costs the device extensions until approved.
     assert "PCR 4 changed since enrollment: boot loader differs" in result.stdout
-    assert "its last measurement is now its baseline" in result.stdout
+    assert "is now its baseline (verdict pass)" in result.stdout
 
 
 def _subreaper(on: bool) -> bool:
