@@ -66,15 +66,22 @@ class DeviceAuthentication:
         self.warning: str | None = None
         self.attest_interval: int | None = None
 
-    def challenge(self, now: float | None = None) -> bytes:
+    def challenge(self, now: float | None = None, *, facts: Facts | None = None) -> bytes:
+        """A fresh nonce, and what to ask of the boot from ``facts`` (the user's, just
+        read by the caller) or, without them, from a read of the store."""
         now = time.time() if now is None else now
-        asked = boot_posture.asked(self.store.facts(user=self.user, now=now))
+        if facts is None:
+            facts = self.store.facts(user=self.user, now=now)
+        asked = boot_posture.asked(facts)
         self._challenge = _Challenge(secrets.token_bytes(32), now + NONCE_TTL, asked)
         return self._challenge.nonce
 
-    def challenge_message(self, now: float | None = None) -> wire.DeviceChallenge:
-        """:meth:`challenge` as the dt-api message (reads the store: run it on a worker)."""
-        nonce = self.challenge(now)
+    def challenge_message(
+        self, now: float | None = None, *, facts: Facts | None = None
+    ) -> wire.DeviceChallenge:
+        """:meth:`challenge` as the dt-api message (without ``facts`` it reads the
+        store: then run it on a worker)."""
+        nonce = self.challenge(now, facts=facts)
         assert self._challenge is not None
         asked = self._challenge.asked
         return wire.DeviceChallenge(

@@ -251,7 +251,7 @@ class ApiSession:
                 self.store, self.identity.user, remote_addr=self.identity.remote_addr
             )
             try:
-                device = await self._authenticate_device(proof, msg, reader, writer)
+                device = await self._authenticate_device(proof, facts, msg, reader, writer)
             except (ProtocolError, PostureDenied):
                 raise  # a posture that denies: no certificate at all (audited)
             except DTError as exc:  # audited by the ceremony; the user gets a plain cert
@@ -340,9 +340,13 @@ class ApiSession:
             raise
 
     async def _authenticate_device(
-        self, ceremony: DeviceAuthentication, msg: Any, reader: Any, writer: Any
+        self, ceremony: DeviceAuthentication, facts: Facts, msg: Any, reader: Any, writer: Any
     ) -> Device | None:
-        challenge = await self._call(ceremony.challenge_message)  # reads the posture policies
+        # What to quote comes from the user's facts read for this request (no second
+        # read per login); verify decides on facts read again after the TPM answers, so
+        # a policy set in between is applied, and a log it needs but nobody asked for
+        # counts as none (it fails closed).
+        challenge = ceremony.challenge_message(facts=facts)
         await wire.write_message(writer, challenge)
         response = await wire.read_message(reader, self.step_timeout)
         if isinstance(response, wire.Error):  # the client could not use its TPM
