@@ -251,13 +251,17 @@ class AgentConnection:
             if failure is not None:
                 return await self._fail(turn, failure, writer)
             await wire.write_message(writer, wire.AttestResult(status="ok", next_in=turn.interval))
-            await asyncio.sleep(max(0.0, started + turn.interval - time.monotonic()))
+            # The re-check and re-plan read during the interval, not after it: the
+            # deadline just set counts from this answer, so time spent reading after the
+            # sleep (a busy lane, a database round trip) would come out of the agent's
+            # grace, and an agent answering within its budget would see its device's
+            # sessions cut at the deadline meanwhile.
             if self.api.recheck is not None:
                 await self.api.recheck()  # the credential still stands (else: closed)
             try:
                 fresh = await self._plan()
             except StorageUnavailable:
-                continue  # not the device's fault: challenge it on what was read last
+                fresh = turn  # not the device's fault: challenge it on what was read last
             except AccessDenied as exc:
                 return await self._fail(turn, exc.message, writer)
             if fresh is None:
@@ -266,6 +270,7 @@ class AgentConnection:
                     EVENT, message=f"attestation agent ended: {NOT_ASKED}", **self._fields()
                 )
                 return not_required()
+            await asyncio.sleep(max(0.0, started + turn.interval - time.monotonic()))
             turn = fresh
 
     async def _one(self, turn: Turn, reader: Any, writer: Any) -> str | None:
