@@ -500,6 +500,18 @@ def continuous(facts: Facts) -> tuple[int, int] | None:
     return interval, min(p.attest_grace or 2 * p.attest_interval for p in asked)
 
 
+# Room beyond interval + grace for the bastion's own work between two good quotes (its
+# re-check and the write of the next one): an agent that answers within its grace must
+# never see its device's sessions end because the bastion was busy.
+ATTEST_MARGIN = 1.0
+
+
+def attested_until(now: float, interval: int, grace: int) -> float:
+    """Until when a good attestation at ``now`` keeps the device's sessions standing:
+    the next challenge comes ``interval`` later and may be answered within ``grace``."""
+    return now + interval + grace + ATTEST_MARGIN
+
+
 def attestation_deadline(facts: Facts) -> float | None:
     """Until when the named device's sessions stand on its last good attestation
     (None: no policy asks for continuous attestation; 0: never attested)."""

@@ -204,7 +204,11 @@ class DeviceAuthentication:
             if verdict.failed:
                 record = replace(record, attested_until=0.0, attest_failure=verdict.message)
             else:
-                record = replace(record, attested_until=now + interval + grace, attest_failure="")
+                record = replace(
+                    record,
+                    attested_until=posture.attested_until(now, interval, grace),
+                    attest_failure="",
+                )
         return record
 
     def _record(

@@ -15,7 +15,8 @@ agent connection:
 3. checks the quote: signed by the device's stored AK over
    ``quote.attest_quote_data(nonce)``, the PCRs asked for, and their values those
    measured at login (``posture.drift``, "PCR 4 changed during the session: ...");
-4. a good one moves the device's ``attested_until`` to now + interval + grace, with
+4. a good one moves the device's ``attested_until`` to now + interval + grace (and
+   ``posture.ATTEST_MARGIN`` for the bastion's own work), with
    no revision bump and no audit row (the live sessions cache that deadline,
    :mod:`bastion.proxy.sessions`); a failure (bad quote, drift, no answer in time)
    sets it to 0 with the reason, bumping the revision so that every bastion's watcher
@@ -298,7 +299,7 @@ class AgentConnection:
             check_answer(turn, nonce, answer)
         except DTError as exc:
             return exc.message
-        until = time.time() + turn.interval + turn.grace
+        until = posture.attested_until(time.time(), turn.interval, turn.grace)
         try:
             await self.workers.write(record_good, turn.device_id, until)
         except StorageUnavailable:
