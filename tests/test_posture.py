@@ -269,7 +269,7 @@ def test_continuous_attestation_deadline():
     asked = PosturePolicy(attest_interval=10, attest_grace=5)
     slower = PosturePolicy(attest_interval=30)
     f = facts(None, asked, slower)
-    assert posture.continuous(f) == (10, 5) and not posture.checking(f)
+    assert posture.continuous(f) == (10, 5) and not posture.needs_log(f)
     assert posture.attestation_deadline(facts()) is None
     assert posture.attestation_deadline(f) == 0.0
     attested = DevicePosture("d1", verdict="unchecked", attested_until=100.0)

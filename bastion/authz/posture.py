@@ -293,21 +293,22 @@ def needs_log(facts: Facts) -> bool:
     return any(policy.checks for _, policy in applicable(facts))
 
 
-def checking(facts: Facts) -> bool:
-    """Does any policy that applies look at the boot (not only ask for attestation)?"""
-    return any(policy.checks for _, policy in applicable(facts))
-
-
 # -- the verdict -----------------------------------------------------------------------------
 
 
 def evaluate(facts: Facts, measured: Measurement, baseline: Measurement | None) -> Verdict:
     """The verdict on ``measured``. ``baseline`` is the device's recorded baseline (None
     at enrollment, where the measurement becomes the baseline, so it cannot drift)."""
+    return _evaluate(applicable(facts), measured, baseline)
+
+
+def _evaluate(
+    policies: list[tuple[str, PosturePolicy]], measured: Measurement, baseline: Measurement | None
+) -> Verdict:
     worst: str | None = None
     reasons: list[str] = []
     any_check = False
-    for name, policy in applicable(facts):
+    for name, policy in policies:
         if not policy.checks:
             continue
         any_check = True
@@ -493,7 +494,11 @@ def _on(state: bool | None) -> str:
 def continuous(facts: Facts) -> tuple[int, int] | None:
     """(interval, grace) in seconds when a policy that applies asks the device to keep
     attesting during its sessions: the shortest of each. None: nobody asks."""
-    asked = [p for _, p in applicable(facts) if p.attest_interval]
+    return _continuous(applicable(facts))
+
+
+def _continuous(policies: list[tuple[str, PosturePolicy]]) -> tuple[int, int] | None:
+    asked = [p for _, p in policies if p.attest_interval]
     if not asked:
         return None
     interval = min(p.attest_interval for p in asked)
@@ -515,7 +520,11 @@ def attested_until(now: float, interval: int, grace: int) -> float:
 def attestation_deadline(facts: Facts) -> float | None:
     """Until when the named device's sessions stand on its last good attestation
     (None: no policy asks for continuous attestation; 0: never attested)."""
-    if continuous(facts) is None:
+    return _deadline(applicable(facts), facts)
+
+
+def _deadline(policies: list[tuple[str, PosturePolicy]], facts: Facts) -> float | None:
+    if _continuous(policies) is None:
         return None
     posture = facts.device_posture
     return posture.attested_until if posture is not None else 0.0
@@ -526,7 +535,11 @@ def check_device_posture(claims_posture: str | None, facts: Facts, now: float) -
     its last measurement did not fail; it was issued with a posture verdict where a
     policy checks the boot (a certificate from before the policy says nothing about the
     boot); and, where a policy asks for continuous attestation, the device attested
-    recently enough. Raises DeviceNotTrusted with the reason."""
+    recently enough. Raises DeviceNotTrusted with the reason.
+
+    On every connection and every re-check of a live session: the policies are read
+    from the facts once here, not once per rule."""
+    policies = applicable(facts)
     device = facts.device
     tag = device.asset_tag if device is not None else "?"
     posture = facts.device_posture
@@ -536,18 +549,18 @@ def check_device_posture(claims_posture: str | None, facts: Facts, now: float) -
     if posture is not None and posture.measured is not None:
         # Decided again under the policies that apply now: a policy made stricter, a
         # role gained, a policy that no longer reads reach certificates issued before.
-        now_verdict = evaluate(facts, posture.measured, posture.baseline)
+        now_verdict = _evaluate(policies, posture.measured, posture.baseline)
         if now_verdict.failed:
             raise DeviceNotTrusted(
                 f'device "{tag}" failed its posture check: {now_verdict.message}'
             )
-    strict = [p for _, p in applicable(facts) if p.checks and p.on_failure != "warn"]
+    strict = [p for _, p in policies if p.checks and p.on_failure != "warn"]
     if strict and claims_posture not in ("pass", "warn"):
         raise DeviceNotTrusted(
             f'this certificate carries no posture verdict for device "{tag}" and a posture '
             "policy now applies (run: dtclient login)"
         )
-    deadline = attestation_deadline(facts)
+    deadline = _deadline(policies, facts)
     if deadline is not None and deadline <= now:
         failure = posture.attest_failure if posture is not None else ""
         raise DeviceNotTrusted(

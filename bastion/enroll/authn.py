@@ -139,7 +139,8 @@ class DeviceAuthentication:
             old = None  # a record of a device since removed and added again
         baseline = old.baseline if old is not None else None
         verdict = posture.evaluate(facts, measurement, baseline)
-        record = self._record_of(device, old, measurement, verdict, facts, now)
+        asked = posture.continuous(facts)
+        record = self._record_of(device, old, measurement, verdict, asked, now)
         tag = device.asset_tag
         refusal: DTError | None = None
         if verdict.status == "deny":
@@ -173,7 +174,6 @@ class DeviceAuthentication:
             raise refusal
         if verdict.status == "warn":
             self.warning = boot_posture.warning_message(tag, verdict)
-        asked = posture.continuous(facts)
         self.attest_interval = asked[0] if asked is not None else None
         return device
 
@@ -183,7 +183,7 @@ class DeviceAuthentication:
         old: DevicePosture | None,
         measurement: Measurement,
         verdict: posture.Verdict,
-        facts: Facts,
+        asked: tuple[int, int] | None,
         now: float,
     ) -> DevicePosture:
         """The posture record after this login: the baseline kept (or, for a device
@@ -198,7 +198,6 @@ class DeviceAuthentication:
         record = replace(
             record, measured=measurement, verdict=verdict.status, reasons=verdict.reasons
         )
-        asked = posture.continuous(facts)
         if asked is not None:
             interval, grace = asked
             if verdict.failed:
